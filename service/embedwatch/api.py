@@ -1,0 +1,169 @@
+"""HTTP on one port: /metrics, /healthz, /readyz, /api/streams, /api/baselines.
+
+A stdlib threading server: the endpoints are few and cheap, and it keeps the image small. Every
+mutation needs ``Authorization: Bearer <http.admin_token>``: 401 without a token, 403 with a
+wrong one (constant-time comparison); with no token configured, mutations are refused (403).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from embedwatch.events import StreamKey
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Backend:
+    """What the HTTP layer needs from the service; :class:`embedwatch.app.Service` adapts to it."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        healthy: Callable[[], bool],
+        ready: Callable[[], bool],
+        streams: Callable[[], dict[str, Any]],
+        baselines: Callable[[str | None], list[dict[str, Any]]],
+        promote: Callable[[StreamKey, str | None], dict[str, Any]],
+        rollback: Callable[[StreamKey], dict[str, Any]],
+        admin_token: str | None,
+    ) -> None:
+        self.registry = registry
+        self.healthy = healthy
+        self.ready = ready
+        self.streams = streams
+        self.baselines = baselines
+        self.promote = promote
+        self.rollback = rollback
+        self.admin_token = admin_token
+
+
+def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "embedwatch"
+        sys_version = ""
+
+        def log_message(self, format: str, *args: Any) -> None:
+            # Request lines can carry tokens in odd clients; keep access logs at debug level only.
+            log.debug("http %s", self.address_string())
+
+        def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _json(self, status: int, doc: Any) -> None:
+            self._send(status, orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS))
+
+        def do_GET(self) -> None:
+            path = urlsplit(self.path).path.rstrip("/") or "/"
+            try:
+                if path == "/metrics":
+                    self._send(200, generate_latest(backend.registry), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    ok = backend.healthy()
+                    self._json(200 if ok else 503, {"status": "ok" if ok else "unhealthy"})
+                elif path == "/readyz":
+                    ok = backend.ready()
+                    self._json(200 if ok else 503, {"ready": ok})
+                elif path == "/api/streams":
+                    self._json(200, {"streams": backend.streams()})
+                elif path == "/api/baselines":
+                    self._json(200, {"baselines": backend.baselines(None)})
+                elif path.startswith("/api/baselines/"):
+                    stream = unquote(path.removeprefix("/api/baselines/"))
+                    self._json(200, {"baselines": backend.baselines(str(StreamKey.parse(stream)))})
+                else:
+                    self._json(404, {"error": "not found"})
+            except ApiError as e:
+                self._json(e.status, {"error": e.message})
+            except ValueError as e:
+                self._json(400, {"error": str(e)})
+            except Exception:
+                log.exception("GET %s failed", path)
+                self._json(500, {"error": "internal error"})
+
+        def do_POST(self) -> None:
+            path = urlsplit(self.path).path.rstrip("/")
+            try:
+                self._authorize()
+                length = int(self.headers.get("Content-Length") or 0)
+                if length > 65536:
+                    raise ApiError(413, "body too large")
+                body = self.rfile.read(length) if length else b""
+                doc = orjson.loads(body) if body else {}
+                if not isinstance(doc, dict):
+                    raise ApiError(400, "body must be a JSON object")
+                # /api/baselines/<model>/<version>/<segment>/(promote|rollback)
+                rest = path.removeprefix("/api/baselines/")
+                if rest == path or "/" not in rest:
+                    raise ApiError(404, "not found")
+                stream_text, action = unquote(rest).rsplit("/", 1)
+                key = StreamKey.parse(stream_text)
+                if action == "promote":
+                    bid = doc.get("baseline_id")
+                    if bid is not None and not isinstance(bid, str):
+                        raise ApiError(400, "baseline_id must be a string")
+                    self._json(200, backend.promote(key, bid))
+                elif action == "rollback":
+                    self._json(200, backend.rollback(key))
+                else:
+                    raise ApiError(404, "not found")
+            except ApiError as e:
+                self._json(e.status, {"error": e.message})
+            except KeyError as e:
+                self._json(404, {"error": f"not found: {e}"})
+            except (ValueError, orjson.JSONDecodeError) as e:
+                self._json(400, {"error": str(e)})
+            except Exception:
+                log.exception("POST %s failed", path)
+                self._json(500, {"error": "internal error"})
+
+        def _authorize(self) -> None:
+            header = self.headers.get("Authorization")
+            if not header or not header.startswith("Bearer "):
+                raise ApiError(401, "missing bearer token")
+            token = backend.admin_token
+            given = header.removeprefix("Bearer ").strip().encode()
+            if token is None or not hmac.compare_digest(given, token.encode()):
+                raise ApiError(403, "invalid token")
+
+    return Handler
+
+
+class HttpServer:
+    """The HTTP server in a daemon thread."""
+
+    def __init__(self, backend: Backend, host: str, port: int) -> None:
+        self.httpd = ThreadingHTTPServer((host, port), _handler(backend))
+        self.httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

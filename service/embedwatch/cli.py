@@ -1,0 +1,239 @@
+"""The ``embedwatch`` command: run, produce, replay, baseline, watch, config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from embedwatch import __version__
+from embedwatch.config import ConfigError, Settings, load_settings, settings_reference_markdown
+
+log = logging.getLogger("embedwatch")
+
+
+def _settings(path: str | None) -> Settings:
+    try:
+        return load_settings(path)
+    except ConfigError as e:
+        print(f"embedwatch: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The Kafka clients are chatty at INFO during rebalances and reconnects.
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, getattr(logging, level)))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from embedwatch.api import Backend, HttpServer
+    from embedwatch.app import Service
+    from embedwatch.exporter import make_registry
+    from embedwatch.sources import open_dead_letter_sink, open_kafka_source
+
+    settings = _settings(args.config)
+    _setup_logging(settings.log_level)
+    service = Service(settings)
+    token = settings.http.admin_token.get_secret_value() if settings.http.admin_token else None
+    backend = Backend(
+        registry=make_registry(service.exporter),
+        healthy=service.healthy,
+        ready=lambda: service.ready,
+        streams=service.streams_state,
+        baselines=service.list_baselines,
+        promote=service.promote_baseline,
+        rollback=service.rollback_baseline,
+        admin_token=token,
+    )
+    http = HttpServer(backend, settings.http.host, settings.http.port)
+    http.start()
+    log.info("embedwatch %s listening on %s:%d", __version__, settings.http.host, http.port)
+    service.handle_signals()
+    source = open_kafka_source(settings, listener=service)
+    sink = open_dead_letter_sink(settings)
+    try:
+        service.run(source, sink)
+    finally:
+        http.stop()
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from embedwatch.produce import EventGenerator, Fault, GeneratorConfig, produce
+
+    try:
+        faults = [Fault.parse(f) for f in args.fault]
+    except ValueError as e:
+        print(f"embedwatch produce: {e}", file=sys.stderr)
+        return 2
+    gen = EventGenerator(GeneratorConfig(streams=args.streams, dim=args.dim, encoding=args.encoding,
+                                         query_ratio=args.query_ratio, seed=args.seed,
+                                         model_prefix=args.model_prefix, faults=faults))
+    t0 = time.monotonic()
+    last = [t0]
+
+    def progress(sent: int) -> None:
+        now = time.monotonic()
+        if not args.quiet and now - last[0] >= 2:
+            last[0] = now
+            print(f"produced {sent} events ({sent / (now - t0):,.0f}/s)", file=sys.stderr)
+
+    try:
+        sent = produce(args.bootstrap, gen, args.total, args.rate, args.topic, args.queries_topic or None,
+                       on_progress=progress)
+    except KeyboardInterrupt:
+        return 0
+    dt = time.monotonic() - t0
+    print(f"produced {sent} events in {dt:.1f}s ({sent / max(dt, 1e-9):,.0f}/s)", file=sys.stderr)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from embedwatch.replay import run_replay
+
+    settings = _settings(args.config)
+    _setup_logging("WARNING")
+    run_replay(Path(args.events), Path(args.report), settings, reference_size=args.reference_size,
+               progress=not args.quiet)
+    return 0
+
+
+def cmd_baseline_build(args: argparse.Namespace) -> int:
+    from embedwatch.replay import build_baseline
+
+    settings = _settings(args.config)
+    if args.reference_size:
+        settings.detection.reference_size = args.reference_size
+    metas = build_baseline(Path(args.events), Path(args.output), settings, stream=args.stream)
+    for m in metas:
+        print(f"{m['model']}/{m['model_version']}/{m['segment']}  baseline {m['baseline_id']}  "
+              f"dim={m['dim']} count={m['count']}")
+    return 0
+
+
+def _http(method: str, url: str, token: str | None = None) -> Any:
+    import urllib.request
+
+    import orjson
+
+    req = urllib.request.Request(url, method=method, data=b"{}" if method == "POST" else None)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return orjson.loads(r.read())
+
+
+def cmd_baseline_remote(args: argparse.Namespace) -> int:
+    import orjson
+
+    base = args.url.rstrip("/")
+    if args.action == "list":
+        doc = _http("GET", f"{base}/api/baselines")
+    else:
+        import os
+
+        token = os.environ.get("EMBEDWATCH_ADMIN_TOKEN")
+        path = f"{base}/api/baselines/{args.stream}/{args.action}"
+        doc = _http("POST", path, token)
+    print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from embedwatch.watch import watch
+
+    return watch(args.url, interval=args.interval, once=args.once)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.action == "docs":
+        text = settings_reference_markdown()
+        if args.output:
+            Path(args.output).write_text(text, encoding="utf-8")
+        else:
+            sys.stdout.write(text)
+        return 0
+    s = _settings(args.config)
+    print(s.model_dump_json(indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="embedwatch", description="Watch production embedding streams for "
+                                "drift, bad data and latency.")
+    p.add_argument("--version", action="version", version=f"embedwatch {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="consume Kafka and serve /metrics and the API")
+    r.add_argument("--config", help="YAML settings file (env EMBEDWATCH_* overrides)")
+    r.set_defaults(func=cmd_run)
+
+    pr = sub.add_parser("produce", help="write synthetic embedding/query events to Kafka")
+    pr.add_argument("--bootstrap", default="127.0.0.1:9092")
+    pr.add_argument("--topic", default="embeddings")
+    pr.add_argument("--queries-topic", default="queries")
+    pr.add_argument("--streams", type=int, default=3)
+    pr.add_argument("--dim", type=int, default=384)
+    pr.add_argument("--encoding", choices=["json", "b64"], default="json")
+    pr.add_argument("--rate", type=float, default=None, help="events/s (default: flat out)")
+    pr.add_argument("--total", type=int, default=10_000, help="events to write (0: until Ctrl-C)")
+    pr.add_argument("--query-ratio", type=float, default=0.0)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--model-prefix", default="model")
+    pr.add_argument("--fault", action="append", default=[],
+                    help="kind@index[:until][,key=value], kinds: shift rotation scale dimension nan latency "
+                         "segment; e.g. shift@3000,stream=1,magnitude=0.4")
+    pr.add_argument("--quiet", action="store_true")
+    pr.set_defaults(func=cmd_produce)
+
+    rp = sub.add_parser("replay", help="run the detectors offline over a JSONL file of events")
+    rp.add_argument("events")
+    rp.add_argument("--report", required=True)
+    rp.add_argument("--config")
+    rp.add_argument("--reference-size", type=int, default=None)
+    rp.add_argument("--quiet", action="store_true")
+    rp.set_defaults(func=cmd_replay)
+
+    b = sub.add_parser("baseline", help="build baselines from a file; list/promote/rollback on a service")
+    bsub = b.add_subparsers(dest="action", required=True)
+    bb = bsub.add_parser("build", help="build a baseline from the first events of each stream of a file")
+    bb.add_argument("events")
+    bb.add_argument("-o", "--output", required=True)
+    bb.add_argument("--config")
+    bb.add_argument("--stream", default=None, help="model/model_version/segment (default: every stream)")
+    bb.add_argument("--reference-size", type=int, default=None)
+    bb.set_defaults(func=cmd_baseline_build)
+    for action in ("list", "promote", "rollback"):
+        ba = bsub.add_parser(action, help=f"{action} baselines of a running service "
+                             "(token from EMBEDWATCH_ADMIN_TOKEN)")
+        ba.add_argument("--url", default="http://127.0.0.1:9108")
+        if action != "list":
+            ba.add_argument("stream", help="model/model_version/segment")
+        ba.set_defaults(func=cmd_baseline_remote)
+
+    w = sub.add_parser("watch", help="live terminal summary of a running service")
+    w.add_argument("--url", default="http://127.0.0.1:9108")
+    w.add_argument("--interval", type=float, default=2.0)
+    w.add_argument("--once", action="store_true")
+    w.set_defaults(func=cmd_watch)
+
+    c = sub.add_parser("config", help="check a config file, or print the configuration reference")
+    c.add_argument("action", choices=["check", "docs"])
+    c.add_argument("--config")
+    c.add_argument("-o", "--output")
+    c.set_defaults(func=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,266 @@
+"""Service configuration: one pydantic model, read from a YAML file and ``EMBEDWATCH_*`` env vars.
+
+Precedence, highest first: environment variables, the YAML file, the defaults below. Nested
+keys use ``__`` in env vars: ``EMBEDWATCH_KAFKA__BOOTSTRAP_SERVERS=broker:9092``. An unknown key
+or a bad value is a startup error that names the key (:class:`ConfigError`).
+
+docs/configuration.md is generated from this module (``embedwatch config docs``) and a test
+checks that the committed file matches, so the reference cannot go stale.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "EMBEDWATCH_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown or invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class KafkaSettings(_Section):
+    """Where events come from and where rejected ones go."""
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list.")
+    group_id: str = Field("embedwatch", min_length=1, description="Consumer group; replicas share it.")
+    client_id: str = Field("embedwatch", min_length=1, description="Client id sent to the broker.")
+    embeddings_topic: str = Field("embeddings", min_length=1, description="Topic of embedding events.")
+    queries_topic: str | None = Field("queries", description="Topic of query events; null to disable.")
+    dlq_suffix: str = Field(
+        ".dlq", min_length=1, description="Dead-letter topic of a topic is `<topic><dlq_suffix>`."
+    )
+    backend: Literal["kafka-python", "confluent"] = Field(
+        "kafka-python", description="Client library: kafka-python, or confluent-kafka (faster)."
+    )
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description="Where a group with no committed offset starts."
+    )
+    max_poll_records: int = Field(2000, ge=1, le=100_000, description="Upper bound of one poll batch.")
+    poll_timeout_ms: int = Field(200, ge=1, le=60_000, description="How long one poll waits for data.")
+    session_timeout_ms: int = Field(10_000, ge=1000, le=300_000, description="Group session timeout.")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism when security_protocol is SASL_*."
+    )
+    sasl_username: str | None = Field(None, description="SASL user.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (never logged or exported).")
+    ssl_cafile: str | None = Field(None, description="CA bundle (PEM) to verify the broker.")
+    ssl_certfile: str | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
+    ssl_keyfile: str | None = Field(None, description="Client key (PEM) for mutual TLS.")
+    ssl_check_hostname: bool = Field(True, description="Verify the broker's hostname against its cert.")
+
+    @model_validator(mode="after")
+    def _sasl_needs_credentials(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and (
+            self.sasl_mechanism is None or self.sasl_username is None or self.sasl_password is None
+        ):
+            raise ValueError("SASL_* security_protocol needs sasl_mechanism, sasl_username, sasl_password")
+        return self
+
+    def dlq_topic(self, topic: str) -> str:
+        return f"{topic}{self.dlq_suffix}"
+
+
+class LimitSettings(_Section):
+    """Bounds that keep memory and Prometheus cardinality fixed whatever producers send."""
+
+    max_streams: int = Field(200, ge=1, le=100_000, description="Live streams; beyond: dead-lettered.")
+    max_message_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Larger messages are dead-lettered unparsed."
+    )
+    max_dim: int = Field(8192, ge=1, le=1_000_000, description="Larger vectors are dead-lettered.")
+    max_events_per_message: int = Field(10_000, ge=1, description="Longest JSON array accepted.")
+    max_label_length: int = Field(128, ge=1, le=1024, description="Longest model/version/segment.")
+
+
+class DetectionSettings(_Section):
+    """What a stream is compared against and when it counts as drifting."""
+
+    reference_size: int = Field(
+        1000, ge=50, le=1_000_000, description="Events of a new stream that form its first baseline."
+    )
+    window_events: int = Field(1000, ge=50, description="Count bound of the rolling window.")
+    window_seconds: float = Field(3600.0, gt=0, description="Time bound of the rolling window.")
+    buckets: int = Field(10, ge=2, le=1000, description="Buckets in the window ring.")
+    reservoir_per_bucket: int = Field(
+        64, ge=4, le=100_000, description="Vectors sampled per bucket for two-sample tests."
+    )
+    baseline_sample: int = Field(1000, ge=50, description="Reference vectors kept in a baseline.")
+    evaluate_every: int = Field(100, ge=1, description="Evaluate detectors every N events of a stream.")
+    false_alarm_rate: float = Field(
+        1e-6, gt=0, lt=0.5, description="Per-evaluation false-alarm budget of the calibrated test."
+    )
+    effect_size_floor: float = Field(
+        0.01, ge=0, description="Minimum effect size (MMD^2) before a rejection counts as drift."
+    )
+    rff_features: int = Field(256, ge=16, le=8192, description="Random Fourier features of the MMD test.")
+    calibration_permutations: int = Field(
+        200, ge=20, le=10_000, description="Permutations used to calibrate the test threshold."
+    )
+    histogram_bins: int = Field(64, ge=8, le=1024, description="Bins of similarity/norm histograms.")
+    dimension_alpha: float = Field(0.01, gt=0, lt=1, description="FDR level for the per-dimension test.")
+    no_match_threshold: float = Field(
+        0.3, description="A query whose top-1 score is below this counts as no-match."
+    )
+    precision_k: int = Field(10, ge=1, le=1000, description="k of precision@k and recall@k.")
+    version_probe_size: int = Field(
+        2000, ge=10, le=100_000, description="Shared ids kept per model for version comparison."
+    )
+    version_knn_k: int = Field(10, ge=1, le=100, description="k of the k-NN overlap between versions.")
+    duplicate_window: int = Field(
+        100_000, ge=100, description="Ids remembered per stream for duplicate detection (bounded)."
+    )
+    seed: int = Field(0, description="Seed of every random choice (reservoirs, features), for repeatability.")
+
+
+class HttpSettings(_Section):
+    """The one HTTP port: /metrics, /healthz, /readyz, /api/*."""
+
+    host: str = Field("0.0.0.0", description="Listen address.")
+    port: int = Field(9108, ge=0, le=65535, description="Listen port (0: pick a free one).")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for mutations (POST /api/baselines/*); none: mutations refused."
+    )
+
+
+class StateSettings(_Section):
+    """Where baselines and window checkpoints live across restarts."""
+
+    backend: Literal["none", "kafka", "file"] = Field(
+        "kafka", description="kafka: compacted topic; file: a directory (e.g. a PVC); none: in memory."
+    )
+    topic: str = Field("embedwatch-state", min_length=1, description="Compacted state topic.")
+    directory: str = Field("/var/lib/embedwatch", description="Directory of the file backend.")
+    checkpoint_interval_s: float = Field(30.0, gt=0, description="Seconds between checkpoints.")
+
+
+class Settings(BaseSettings):
+    """All of embedwatch's settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)  # type: ignore[arg-type]
+    limits: LimitSettings = Field(default_factory=LimitSettings)  # type: ignore[arg-type]
+    detection: DetectionSettings = Field(default_factory=DetectionSettings)  # type: ignore[arg-type]
+    http: HttpSettings = Field(default_factory=HttpSettings)  # type: ignore[arg-type]
+    state: StateSettings = Field(default_factory=StateSettings)  # type: ignore[arg-type]
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    shutdown_timeout_s: float = Field(
+        8.0, gt=0, le=300, description="Budget to finish the batch, commit and leave the group."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init kwargs; env vars must win over it, so env comes first.
+        return (env_settings, init_settings, file_secret_settings)
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden"
+                     else f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _check_env_keys() -> None:
+    """Unknown ``EMBEDWATCH_*`` variables are errors too: a typo must not be silently ignored."""
+    known = set(Settings.model_fields)
+    for name in os.environ:
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX):].lower().split("__")
+        if parts[0] not in known:
+            raise ConfigError(f"invalid configuration (environment): {name}: unknown key")
+        field = Settings.model_fields[parts[0]]
+        sub = field.annotation
+        if (len(parts) > 1 and isinstance(sub, type) and issubclass(sub, BaseModel)
+                and parts[1] not in sub.model_fields):
+            raise ConfigError(
+                    f"invalid configuration (environment): {name}: unknown key {parts[0]}.{parts[1]}"
+                )
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read settings from ``path`` (YAML) and the environment; raise :class:`ConfigError` on any problem."""
+    data: dict[str, Any] = {}
+    origin = "defaults + environment"
+    if path is not None:
+        origin = f"{path} + environment"
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = raw
+    data.update(overrides)
+    _check_env_keys()
+    try:
+        return Settings(**data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, origin)) from e
+
+
+def settings_reference_markdown() -> str:
+    """The configuration reference (docs/configuration.md), generated from the model."""
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated from `service/embedwatch/config.py` by `embedwatch config docs`; a test keeps it",
+        "identical to the model. Set a key in the YAML file given to `embedwatch run --config FILE`,",
+        "or as an environment variable: `EMBEDWATCH_<SECTION>__<KEY>` (e.g.",
+        "`EMBEDWATCH_KAFKA__BOOTSTRAP_SERVERS`). Environment variables win over the file. An unknown",
+        "key or a bad value stops the service at startup with a message naming the key.",
+        "",
+    ]
+    top_scalars = []
+    for name, field in Settings.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += [f"## `{name}`", "", (ann.__doc__ or "").strip(), ""]
+            out += ["| key | env | default | description |", "|---|---|---|---|"]
+            for sub, sf in ann.model_fields.items():
+                default = sf.get_default(call_default_factory=True)
+                out.append(
+                    f"| `{name}.{sub}` | `{ENV_PREFIX}{name.upper()}__{sub.upper()}` | "
+                    f"`{default!r}` | {sf.description or ''} |"
+                )
+            out.append("")
+        else:
+            top_scalars.append((name, field))
+    out += ["## Top level", "", "| key | env | default | description |", "|---|---|---|---|"]
+    for name, field in top_scalars:
+        out.append(
+            f"| `{name}` | `{ENV_PREFIX}{name.upper()}` | `{field.get_default()!r}` | {field.description} |"
+        )
+    out.append("")
+    return "\n".join(out)

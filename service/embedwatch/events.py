@@ -1,0 +1,490 @@
+"""Event schema and decoding: Kafka message bytes -> per-stream numpy blocks, or a reason to reject.
+
+The schema contract (docs/architecture.md, "Event schema"): one JSON event per message, or a JSON
+array of events. An embedding event carries ``model``, ``model_version``, optional ``segment``,
+``ts``, ``id``, ``latency_ms`` and one of ``embedding`` (list of numbers) / ``embedding_b64``
+(base64 of little-endian float32). A query event may add ``query_id``, ``results`` (best first,
+``{"id", "score"}``) and ``relevant_ids``.
+
+Decoding is per message (orjson) but the numeric work is per block: all vectors of one stream
+and one dimension in a batch are converted to one float32 array with a single numpy call, and
+validity (finite, non-zero) is checked on the whole block. Nothing here raises on bad input:
+every event ends up in a block or in :attr:`DecodedBatch.rejections`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, NamedTuple
+
+import numpy as np
+import orjson
+
+DEFAULT_SEGMENT = "default"
+
+
+class Reason(StrEnum):
+    """Why an event was dead-lettered: the value of the ``embedwatch-error`` header."""
+
+    INVALID_JSON = "invalid_json"
+    SCHEMA = "schema"
+    NON_FINITE = "non_finite"
+    ZERO_VECTOR = "zero_vector"
+    DIMENSION_MISMATCH = "dimension_mismatch"
+    STREAM_LIMIT = "stream_limit"
+    TOO_LARGE = "too_large"
+
+
+class Kind(StrEnum):
+    EMBEDDING = "embedding"
+    QUERY = "query"
+
+
+class StreamKey(NamedTuple):
+    model: str
+    model_version: str
+    segment: str = DEFAULT_SEGMENT
+
+    def __str__(self) -> str:
+        return f"{self.model}/{self.model_version}/{self.segment}"
+
+    @classmethod
+    def parse(cls, text: str) -> StreamKey:
+        parts = text.split("/")
+        if len(parts) != 3 or not all(parts):
+            raise ValueError(f"stream key must be model/model_version/segment, got {text!r}")
+        return cls(*parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A source-agnostic message: what a Kafka record or a file line gives the decoder."""
+
+    value: bytes
+    topic: str = ""
+    partition: int = 0
+    offset: int = 0
+    timestamp_ms: int | None = None
+    key: bytes | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """One rejected event: the message it came from, the reason code and a human detail."""
+
+    message_index: int
+    reason: Reason
+    detail: str
+    # The bytes to dead-letter: the original message, or the one bad element of a JSON array.
+    payload: bytes
+    stream: StreamKey | None = None
+
+
+@dataclass(slots=True)
+class Block:
+    """Decoded events of one stream, one kind and one dimension, in message order.
+
+    ``vectors`` is ``(n, dim)`` float32; query events without an embedding have ``dim == 0``.
+    ``latency_s`` and the query columns hold NaN where an event did not carry the field.
+    """
+
+    stream: StreamKey
+    kind: Kind
+    vectors: np.ndarray
+    ts: np.ndarray
+    latency_s: np.ndarray
+    ids: list[str | None]
+    message_index: np.ndarray
+    payloads: list[bytes]
+    top1: np.ndarray | None = None
+    n_results: np.ndarray | None = None
+    precision_at_k: np.ndarray | None = None
+    recall_at_k: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.ts.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def take(self, mask: np.ndarray) -> Block:
+        """The rows where ``mask`` is true (a new block)."""
+        idx = np.flatnonzero(mask)
+        return Block(
+            stream=self.stream,
+            kind=self.kind,
+            vectors=self.vectors[idx],
+            ts=self.ts[idx],
+            latency_s=self.latency_s[idx],
+            ids=[self.ids[i] for i in idx],
+            message_index=self.message_index[idx],
+            payloads=[self.payloads[i] for i in idx],
+            top1=None if self.top1 is None else self.top1[idx],
+            n_results=None if self.n_results is None else self.n_results[idx],
+            precision_at_k=None if self.precision_at_k is None else self.precision_at_k[idx],
+            recall_at_k=None if self.recall_at_k is None else self.recall_at_k[idx],
+        )
+
+
+@dataclass(slots=True)
+class DecodedBatch:
+    blocks: list[Block] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> int:
+        return sum(b.n for b in self.blocks)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeLimits:
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_dim: int = 8192
+    max_events_per_message: int = 10_000
+    max_label_length: int = 128
+    precision_k: int = 10
+
+
+class _Bad(Exception):
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _loads(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    # orjson refuses the NaN/Infinity tokens many producers emit (Python's json does); parse those
+    # with the standard library so they are reported as non_finite, the real problem.
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError, UnicodeDecodeError) as e:
+        raise _Bad(Reason.INVALID_JSON, f"not valid JSON: {str(e)[:200]}") from None
+
+
+def _label(ev: dict[str, Any], name: str, limits: DecodeLimits, default: str | None = None) -> str:
+    v = ev.get(name, default)
+    if v is None:
+        raise _Bad(Reason.SCHEMA, f"missing required field {name!r}")
+    if not isinstance(v, str):
+        raise _Bad(Reason.SCHEMA, f"field {name!r} must be a string, got {type(v).__name__}")
+    if not v or len(v) > limits.max_label_length:
+        raise _Bad(Reason.SCHEMA, f"field {name!r} must be 1..{limits.max_label_length} characters")
+    if not v.isprintable() or "/" in v:
+        # Labels end up in Prometheus series and in the stream key model/version/segment.
+        raise _Bad(Reason.SCHEMA, f"field {name!r} holds a control character or '/'")
+    return v
+
+
+def _number(ev: dict[str, Any], name: str) -> float:
+    v = ev.get(name)
+    if v is None:
+        return math.nan
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise _Bad(Reason.SCHEMA, f"field {name!r} must be a number")
+    f = float(v)
+    if not math.isfinite(f) or f < 0:
+        raise _Bad(Reason.SCHEMA, f"field {name!r} must be a finite non-negative number")
+    return f
+
+
+def _timestamp(ev: dict[str, Any], default: float) -> float:
+    v = ev.get("ts")
+    if v is None:
+        return default
+    if isinstance(v, bool):
+        raise _Bad(Reason.SCHEMA, "field 'ts' must be epoch seconds or an RFC 3339 string")
+    if isinstance(v, int | float):
+        f = float(v)
+        if not math.isfinite(f) or f < 0:
+            raise _Bad(Reason.SCHEMA, "field 'ts' must be finite epoch seconds")
+        return f
+    if isinstance(v, str) and len(v) <= 64:
+        try:
+            return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            pass
+    raise _Bad(Reason.SCHEMA, "field 'ts' must be epoch seconds or an RFC 3339 string")
+
+
+def _optional_id(ev: dict[str, Any], name: str, limits: DecodeLimits) -> str | None:
+    v = ev.get(name)
+    if v is None:
+        return None
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    if not isinstance(v, str) or len(v) > 4 * limits.max_label_length:
+        raise _Bad(Reason.SCHEMA, f"field {name!r} must be a string of at most {4 * limits.max_label_length}")
+    return v
+
+
+def _vector_source(ev: dict[str, Any], limits: DecodeLimits, required: bool) -> list[Any] | bytes | None:
+    """The embedding as a raw list (converted later, per block) or decoded b64 bytes."""
+    if "embedding_b64" in ev and ev["embedding_b64"] is not None:
+        s = ev["embedding_b64"]
+        if not isinstance(s, str):
+            raise _Bad(Reason.SCHEMA, "field 'embedding_b64' must be a base64 string")
+        if len(s) > (limits.max_dim * 4 * 4) // 3 + 8:
+            raise _Bad(Reason.SCHEMA, f"embedding longer than max_dim={limits.max_dim}")
+        try:
+            raw = base64.b64decode(s, validate=True)
+        except (binascii.Error, ValueError):
+            raise _Bad(Reason.SCHEMA, "field 'embedding_b64' is not valid base64") from None
+        if len(raw) % 4 or not raw:
+            raise _Bad(Reason.SCHEMA, "field 'embedding_b64' must hold a whole number of float32s")
+        return raw
+    v = ev.get("embedding")
+    if v is None:
+        if required:
+            raise _Bad(Reason.SCHEMA, "one of 'embedding' or 'embedding_b64' is required")
+        return None
+    if not isinstance(v, list) or not v:
+        raise _Bad(Reason.SCHEMA, "field 'embedding' must be a non-empty list of numbers")
+    if len(v) > limits.max_dim:
+        raise _Bad(Reason.SCHEMA, f"embedding of {len(v)} dims is longer than max_dim={limits.max_dim}")
+    return v
+
+
+def _query_fields(ev: dict[str, Any], k: int) -> tuple[float, float, float, float]:
+    """(top-1 score, result count, precision@k, recall@k); NaN where the event cannot say."""
+    results = ev.get("results")
+    if results is None:
+        return math.nan, math.nan, math.nan, math.nan
+    if not isinstance(results, list):
+        raise _Bad(Reason.SCHEMA, "field 'results' must be a list")
+    top1 = math.nan
+    ids: list[Any] = []
+    for i, r in enumerate(results):
+        if not isinstance(r, dict):
+            raise _Bad(Reason.SCHEMA, "each result must be an object with 'id' and 'score'")
+        s = r.get("score")
+        if isinstance(s, bool) or not isinstance(s, int | float) or not math.isfinite(s):
+            raise _Bad(Reason.SCHEMA, "each result needs a finite numeric 'score'")
+        if i == 0:
+            top1 = float(s)
+        ids.append(r.get("id"))
+    rel = ev.get("relevant_ids")
+    if rel is None:
+        return top1, float(len(results)), math.nan, math.nan
+    if not isinstance(rel, list) or not all(isinstance(x, str | int) for x in rel):
+        raise _Bad(Reason.SCHEMA, "field 'relevant_ids' must be a list of ids")
+    relevant = set(rel)
+    hits = sum(1 for x in ids[:k] if x in relevant)
+    precision = hits / k
+    recall = hits / len(relevant) if relevant else math.nan
+    return top1, float(len(results)), precision, recall
+
+
+class _Group:
+    """Accumulates the events of one (stream, kind, dim-or-list) before the block conversion."""
+
+    __slots__ = ("ids", "lat", "msg", "payloads", "q", "raw", "ts")
+
+    def __init__(self) -> None:
+        self.raw: list[Any] = []
+        self.ts: list[float] = []
+        self.lat: list[float] = []
+        self.ids: list[str | None] = []
+        self.msg: list[int] = []
+        self.payloads: list[bytes] = []
+        self.q: list[tuple[float, float, float, float]] = []
+
+
+class Decoder:
+    """Turns a batch of :class:`Message` into :class:`DecodedBatch`.
+
+    >>> d = Decoder()
+    >>> b = d.decode([Message(b'{"model":"m","model_version":"1","embedding":[3,4]}', timestamp_ms=0)], )
+    >>> b.blocks[0].vectors.tolist(), b.rejections
+    ([[3.0, 4.0]], [])
+    >>> d.decode([Message(b'nope')]).rejections[0].reason.value
+    'invalid_json'
+    """
+
+    def __init__(self, limits: DecodeLimits | None = None, query_topics: frozenset[str] = frozenset()) -> None:
+        self.limits = limits or DecodeLimits()
+        self.query_topics = query_topics
+
+    def decode(self, messages: Sequence[Message], now: float | None = None) -> DecodedBatch:
+        out = DecodedBatch()
+        groups: dict[tuple[StreamKey, Kind, int | str], _Group] = {}
+        lim = self.limits
+        for mi, msg in enumerate(messages):
+            value = msg.value
+            if value is None or len(value) == 0:
+                out.rejections.append(Rejection(mi, Reason.INVALID_JSON, "empty message", value or b""))
+                continue
+            if len(value) > lim.max_message_bytes:
+                out.rejections.append(
+                    Rejection(mi, Reason.TOO_LARGE, f"{len(value)} bytes > max_message_bytes", value)
+                )
+                continue
+            default_ts = (msg.timestamp_ms / 1000.0) if msg.timestamp_ms is not None else (now or 0.0)
+            kind = Kind.QUERY if msg.topic in self.query_topics else Kind.EMBEDDING
+            try:
+                doc = _loads(value)
+            except _Bad as e:
+                out.rejections.append(Rejection(mi, e.reason, e.detail, value))
+                continue
+            if isinstance(doc, list):
+                if len(doc) > lim.max_events_per_message:
+                    out.rejections.append(Rejection(
+                        mi, Reason.TOO_LARGE, f"array of {len(doc)} events > max_events_per_message", value
+                    ))
+                    continue
+                if not doc:
+                    out.rejections.append(Rejection(mi, Reason.SCHEMA, "empty event array", value))
+                    continue
+                elements = doc
+                single = False
+            else:
+                elements = [doc]
+                single = True
+            for ev in elements:
+                # A bad element of an array is dead-lettered alone, re-serialised.
+                payload = value if single else orjson.dumps(ev)
+                try:
+                    self._one(ev, kind, default_ts, mi, payload, groups)
+                except _Bad as e:
+                    out.rejections.append(Rejection(mi, e.reason, e.detail, payload, _stream_or_none(ev, lim)))
+        for (stream, kind, _shape), g in groups.items():
+            self._finish(stream, kind, g, out)
+        return out
+
+    def _one(
+        self,
+        ev: Any,
+        kind: Kind,
+        default_ts: float,
+        mi: int,
+        payload: bytes,
+        groups: dict[tuple[StreamKey, Kind, int | str], _Group],
+    ) -> None:
+        lim = self.limits
+        if not isinstance(ev, dict):
+            raise _Bad(Reason.SCHEMA, f"an event must be a JSON object, got {type(ev).__name__}")
+        stream = StreamKey(
+            _label(ev, "model", lim),
+            _label(ev, "model_version", lim),
+            _label(ev, "segment", lim, DEFAULT_SEGMENT),
+        )
+        src = _vector_source(ev, lim, required=kind is Kind.EMBEDDING)
+        ts = _timestamp(ev, default_ts)
+        lat = _number(ev, "latency_ms") / 1000.0
+        ident = _optional_id(ev, "id" if kind is Kind.EMBEDDING else "query_id", lim)
+        q = _query_fields(ev, lim.precision_k) if kind is Kind.QUERY else None
+        if src is None:
+            shape: int | str = 0
+        elif isinstance(src, bytes):
+            shape = f"b{len(src) // 4}"
+            if len(src) // 4 > lim.max_dim:
+                raise _Bad(Reason.SCHEMA, f"embedding longer than max_dim={lim.max_dim}")
+        else:
+            shape = len(src)
+        g = groups.get((stream, kind, shape))
+        if g is None:
+            g = groups[(stream, kind, shape)] = _Group()
+        g.raw.append(src)
+        g.ts.append(ts)
+        g.lat.append(lat)
+        g.ids.append(ident)
+        g.msg.append(mi)
+        g.payloads.append(payload)
+        if q is not None:
+            g.q.append(q)
+
+    def _finish(self, stream: StreamKey, kind: Kind, g: _Group, out: DecodedBatch) -> None:
+        n = len(g.raw)
+        first = g.raw[0]
+        bad = np.zeros(n, dtype=bool)
+        reasons: dict[int, tuple[Reason, str]] = {}
+        if first is None:
+            vectors = np.zeros((n, 0), dtype=np.float32)
+        elif isinstance(first, bytes):
+            # One copy of all payloads, one reinterpretation: the b64 fast path.
+            vectors = np.frombuffer(b"".join(g.raw), dtype="<f4").reshape(n, -1).astype(np.float32)
+        else:
+            vectors = _list_block(g.raw, bad, reasons)
+        if vectors.shape[1]:
+            finite = np.isfinite(vectors).all(axis=1)
+            for i in np.flatnonzero(~finite & ~bad):
+                reasons[int(i)] = (Reason.NON_FINITE, "embedding holds NaN or Inf")
+            bad |= ~finite
+            # Exactly zero, not "small": squaring tiny float32 values would underflow to 0.
+            zero = ~vectors.any(axis=1)
+            for i in np.flatnonzero(zero & ~bad):
+                reasons[int(i)] = (Reason.ZERO_VECTOR, "embedding has zero norm")
+            bad |= zero
+        for row, (reason, detail) in sorted(reasons.items()):
+            out.rejections.append(Rejection(g.msg[row], reason, detail, g.payloads[row], stream))
+        block = Block(
+            stream=stream,
+            kind=kind,
+            vectors=vectors,
+            ts=np.asarray(g.ts, dtype=np.float64),
+            latency_s=np.asarray(g.lat, dtype=np.float64),
+            ids=g.ids,
+            message_index=np.asarray(g.msg, dtype=np.int64),
+            payloads=g.payloads,
+        )
+        if kind is Kind.QUERY:
+            qa = np.asarray(g.q, dtype=np.float64).reshape(n, 4)
+            block.top1, block.n_results, block.precision_at_k, block.recall_at_k = (
+                qa[:, 0], qa[:, 1], qa[:, 2], qa[:, 3]
+            )
+        if bad.any():
+            block = block.take(~bad)
+        if block.n:
+            out.blocks.append(block)
+
+
+def _list_block(raw: list[Any], bad: np.ndarray, reasons: dict[int, tuple[Reason, str]]) -> np.ndarray:
+    """Stack same-length number lists into float32 with one numpy call; isolate bad rows if any."""
+    try:
+        arr = np.array(raw, dtype=np.float64)
+        if arr.ndim == 2:
+            return _to_f32(arr)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    # Slow path, only for batches holding a malformed vector: find the culprits row by row.
+    dim = len(raw[0])
+    rows = np.zeros((len(raw), dim), dtype=np.float64)
+    for i, r in enumerate(raw):
+        try:
+            row = np.array(r, dtype=np.float64)
+            if row.ndim != 1 or any(isinstance(x, bool) for x in r):
+                raise TypeError
+            rows[i] = row
+        except (TypeError, ValueError, OverflowError):
+            bad[i] = True
+            reasons[i] = (Reason.SCHEMA, "field 'embedding' must be a list of numbers")
+    return _to_f32(rows)
+
+
+def _to_f32(arr: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        # Values beyond float32 range become inf and are then rejected as non_finite.
+        return arr.astype(np.float32)
+
+
+def _stream_or_none(ev: Any, lim: DecodeLimits) -> StreamKey | None:
+    if not isinstance(ev, dict):
+        return None
+    try:
+        return StreamKey(_label(ev, "model", lim), _label(ev, "model_version", lim),
+                         _label(ev, "segment", lim, DEFAULT_SEGMENT))
+    except _Bad:
+        return None

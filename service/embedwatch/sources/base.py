@@ -1,0 +1,66 @@
+"""The source interface the service loop is written against."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+from embedwatch.events import Message
+
+
+class PartitionId(NamedTuple):
+    topic: str
+    partition: int
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """A committed position: the next offset to read, and the metadata string stored with it."""
+
+    offset: int
+    metadata: str = ""
+
+
+class RebalanceListener(Protocol):
+    def on_revoked(self, partitions: Sequence[PartitionId]) -> None: ...
+
+    def on_assigned(self, partitions: Sequence[PartitionId]) -> None: ...
+
+
+class Source(Protocol):
+    """A consumer-group source with explicit commits (at-least-once)."""
+
+    def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
+        """Up to ``max_records`` messages, in offset order per partition."""
+        ...
+
+    def commit(self, positions: dict[PartitionId, Committed]) -> None:
+        """Synchronously commit these positions; raises on failure."""
+        ...
+
+    def committed(self, partitions: Sequence[PartitionId]) -> dict[PartitionId, Committed | None]: ...
+
+    def assignment(self) -> set[PartitionId]: ...
+
+    def end_offsets(self, partitions: Sequence[PartitionId]) -> dict[PartitionId, int]:
+        """Log end offsets; raises when the broker does not answer."""
+        ...
+
+    def position(self, partition: PartitionId) -> int | None: ...
+
+    def connected(self) -> bool: ...
+
+    def close(self) -> None:
+        """Leave the group (no auto-commit: the loop commits explicitly before)."""
+        ...
+
+
+class DeadLetterSink(Protocol):
+    def send(self, topic: str, value: bytes, key: bytes | None, headers: list[tuple[str, bytes]]) -> None: ...
+
+    def flush(self, timeout_s: float) -> None:
+        """Block until every send is acknowledged; raises if one failed."""
+        ...
+
+    def close(self) -> None: ...

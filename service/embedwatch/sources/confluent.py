@@ -1,0 +1,173 @@
+"""Kafka source and dead-letter sink on confluent-kafka (librdkafka): the high-throughput backend."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
+from embedwatch.config import KafkaSettings, Settings
+from embedwatch.events import Message
+from embedwatch.sources.base import Committed, PartitionId, RebalanceListener
+
+log = logging.getLogger(__name__)
+
+
+def security_config(k: KafkaSettings) -> dict[str, Any]:
+    """librdkafka properties for the configured security settings."""
+    conf: dict[str, Any] = {"security.protocol": k.security_protocol}
+    if k.security_protocol.startswith("SASL"):
+        conf["sasl.mechanism"] = k.sasl_mechanism
+        conf["sasl.username"] = k.sasl_username
+        conf["sasl.password"] = k.sasl_password.get_secret_value() if k.sasl_password else None
+    if k.security_protocol.endswith("SSL"):
+        for key, value in (("ssl.ca.location", k.ssl_cafile), ("ssl.certificate.location", k.ssl_certfile),
+                           ("ssl.key.location", k.ssl_keyfile)):
+            if value:
+                conf[key] = value
+        conf["ssl.endpoint.identification.algorithm"] = "https" if k.ssl_check_hostname else "none"
+    return conf
+
+
+class ConfluentSource:
+    def __init__(self, settings: Settings, listener: RebalanceListener | None = None) -> None:
+        k = settings.kafka
+        self._listener = listener
+        self._connected = False
+        self._consumer = Consumer({
+            "bootstrap.servers": k.bootstrap_servers,
+            "group.id": k.group_id,
+            "client.id": k.client_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": k.auto_offset_reset,
+            "session.timeout.ms": k.session_timeout_ms,
+            "heartbeat.interval.ms": max(1000, k.session_timeout_ms // 3),
+            "max.partition.fetch.bytes": max(1 << 20, settings.limits.max_message_bytes),
+            "fetch.max.bytes": max(50 << 20, settings.limits.max_message_bytes),
+            "reconnect.backoff.ms": 200,
+            "reconnect.backoff.max.ms": 5000,
+            "error_cb": self._on_error,
+            **security_config(k),
+        })
+        topics = [t for t in (k.embeddings_topic, k.queries_topic) if t]
+        self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+
+    def _on_error(self, err: Any) -> None:
+        log.warning("kafka: %s", err)
+        if err.code() in (-195, -187):  # _TRANSPORT, _ALL_BROKERS_DOWN
+            self._connected = False
+
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        if self._listener is not None:
+            self._listener.on_assigned([PartitionId(p.topic, p.partition) for p in partitions])
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        if self._listener is not None:
+            self._listener.on_revoked([PartitionId(p.topic, p.partition) for p in partitions])
+
+    def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
+        records = self._consumer.consume(num_messages=max_records, timeout=timeout_ms / 1000.0)
+        out: list[Message] = []
+        for r in records:
+            if r.error():
+                # Partition EOF and transient errors are informational here; real faults surface
+                # through error_cb and the lag probe.
+                continue
+            ts_type, ts = r.timestamp()
+            value: Any = r.value()
+            key: Any = r.key()
+            headers: Any = r.headers() or ()
+            out.append(Message(
+                value=value or b"",
+                topic=str(r.topic()),
+                partition=int(r.partition() or 0),
+                offset=int(r.offset() or 0),
+                timestamp_ms=ts if ts_type else None,
+                key=key,
+                headers=tuple((str(h), bytes(v or b"")) for h, v in headers),
+            ))
+        if out:
+            self._connected = True
+        return out
+
+    def commit(self, positions: dict[PartitionId, Committed]) -> None:
+        if not positions:
+            return
+        tps = [TopicPartition(p.topic, p.partition, c.offset, metadata=c.metadata) for p, c in positions.items()]
+        result = self._consumer.commit(offsets=tps, asynchronous=False)
+        for tp in result or ():
+            if tp.error:
+                raise KafkaException(tp.error)
+
+    def committed(self, partitions: Sequence[PartitionId]) -> dict[PartitionId, Committed | None]:
+        tps = self._consumer.committed([TopicPartition(p.topic, p.partition) for p in partitions], timeout=10)
+        out: dict[PartitionId, Committed | None] = {}
+        for tp in tps:
+            key = PartitionId(tp.topic, tp.partition)
+            out[key] = Committed(tp.offset, tp.metadata or "") if tp.offset >= 0 else None
+        return out
+
+    def assignment(self) -> set[PartitionId]:
+        return {PartitionId(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    def end_offsets(self, partitions: Sequence[PartitionId]) -> dict[PartitionId, int]:
+        out: dict[PartitionId, int] = {}
+        try:
+            for p in partitions:
+                _, high = self._consumer.get_watermark_offsets(TopicPartition(p.topic, p.partition), timeout=3)
+                out[p] = int(high)
+        except KafkaException:
+            self._connected = False
+            raise
+        self._connected = True
+        return out
+
+    def position(self, partition: PartitionId) -> int | None:
+        (tp,) = self._consumer.position([TopicPartition(partition.topic, partition.partition)])
+        return int(tp.offset) if tp.offset >= 0 else None
+
+    def connected(self) -> bool:
+        return self._connected
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+class ConfluentDeadLetterSink:
+    def __init__(self, settings: Settings) -> None:
+        k = settings.kafka
+        self._errors: list[str] = []
+        self._producer = Producer({
+            "bootstrap.servers": k.bootstrap_servers,
+            "client.id": f"{k.client_id}-dlq",
+            "acks": "all",
+            "enable.idempotence": True,
+            "linger.ms": 5,
+            "message.max.bytes": max(1 << 20, settings.limits.max_message_bytes + 65536),
+            **security_config(k),
+        })
+
+    def _delivered(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self._errors.append(str(err))
+
+    def send(self, topic: str, value: bytes, key: bytes | None, headers: list[tuple[str, bytes]]) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key, headers=list(headers),  # type: ignore[arg-type]
+                                       on_delivery=self._delivered)
+                return
+            except BufferError:
+                self._producer.poll(0.05)
+
+    def flush(self, timeout_s: float) -> None:
+        left = self._producer.flush(timeout_s)
+        errors, self._errors = self._errors, []
+        if left or errors:
+            raise RuntimeError(f"dead-letter delivery failed: {left} undelivered, errors: {errors[:3]}")
+
+    def close(self) -> None:
+        self._producer.flush(5)

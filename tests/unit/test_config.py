@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from embedwatch.config import ConfigError, load_settings, settings_reference_markdown
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("kafka:\n  group_id: g1\n  bootstrap_servers: a:1\ndetection:\n  reference_size: 500\n")
+    monkeypatch.setenv("EMBEDWATCH_KAFKA__BOOTSTRAP_SERVERS", "b:2")
+    s = load_settings(f)
+    assert s.kafka.group_id == "g1"
+    assert s.kafka.bootstrap_servers == "b:2"  # env wins over the file
+    assert s.detection.reference_size == 500
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("kafka:\n  max_poll_records: -5\n", "kafka.max_poll_records"),
+        ("kafka:\n  bootstrap_server: x\n", "kafka.bootstrap_server"),
+        ("limits:\n  max_streams: lots\n", "limits.max_streams"),
+        ("detection:\n  false_alarm_rate: 2\n", "detection.false_alarm_rate"),
+        ("nonsense: 1\n", "nonsense"),
+        ("kafka:\n  security_protocol: SASL_SSL\n", "kafka"),
+    ],
+)
+def test_bad_value_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_settings(f)
+    assert key in str(e.value)
+
+
+def test_unknown_env_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBEDWATCH_KAFKA__GROUPID", "x")
+    with pytest.raises(ConfigError, match="EMBEDWATCH_KAFKA__GROUPID"):
+        load_settings(None)
+
+
+def test_bad_env_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBEDWATCH_HTTP__PORT", "99999")
+    with pytest.raises(ConfigError, match=r"http\.port"):
+        load_settings(None)
+
+
+def test_secrets_are_not_printed(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("http:\n  admin_token: s3cret-token\n")
+    s = load_settings(f)
+    assert "s3cret-token" not in repr(s) and "s3cret-token" not in s.model_dump_json()
+
+
+def test_configuration_doc_is_current() -> None:
+    committed = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert committed == settings_reference_markdown(), "run `make docs` to regenerate docs/configuration.md"

@@ -1,0 +1,153 @@
+"""Decoder: schema contract, every event accounted for, vectors equal to a plain parse."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from embedwatch.events import DecodeLimits, Decoder, Kind, Message, Reason, StreamKey
+
+
+def ev(**kw: object) -> dict[str, object]:
+    base: dict[str, object] = {"model": "m", "model_version": "1", "embedding": [0.5, -1.0, 2.0]}
+    base.update(kw)
+    return base
+
+
+def msg(doc: object, topic: str = "embeddings", raw: bytes | None = None) -> Message:
+    return Message(value=raw if raw is not None else json.dumps(doc).encode(), topic=topic,
+                   timestamp_ms=1_700_000_000_000)
+
+
+def test_list_and_b64_give_identical_float32_vectors() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((50, 384)).astype(np.float32)
+    msgs = [msg(ev(embedding=[float(v) for v in row])) for row in x[:25]]
+    msgs += [msg(ev(embedding=None, embedding_b64=base64.b64encode(row.astype("<f4").tobytes()).decode()))
+             for row in x[25:]]
+    out = Decoder().decode(msgs)
+    assert out.rejections == []
+    got = np.concatenate([b.vectors for b in sorted(out.blocks, key=lambda b: int(b.message_index[0]))])
+    np.testing.assert_array_equal(got, x)
+
+
+def test_defaults_and_fields() -> None:
+    out = Decoder().decode([msg(ev(latency_ms=12.5, id="doc-1", segment="web"))])
+    (b,) = out.blocks
+    assert b.stream == StreamKey("m", "1", "web")
+    assert b.ts[0] == 1_700_000_000.0  # Kafka timestamp when the event has no ts
+    assert b.latency_s[0] == pytest.approx(0.0125)
+    assert b.ids == ["doc-1"]
+    out = Decoder().decode([msg(ev(ts="2025-01-01T00:00:00Z"))])
+    assert out.blocks[0].ts[0] == 1735689600.0
+    assert out.blocks[0].stream.segment == "default"
+    assert math.isnan(out.blocks[0].latency_s[0])
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"{not json", Reason.INVALID_JSON),
+        (b"", Reason.INVALID_JSON),
+        (b"[" * 100_000 + b"]" * 100_000, Reason.INVALID_JSON),
+        (json.dumps({"model_version": "1", "embedding": [1.0]}).encode(), Reason.SCHEMA),
+        (json.dumps(ev(model=3)).encode(), Reason.SCHEMA),
+        (json.dumps(ev(embedding="abc")).encode(), Reason.SCHEMA),
+        (json.dumps(ev(embedding=[])).encode(), Reason.SCHEMA),
+        (json.dumps(ev(embedding=[1.0, "x"])).encode(), Reason.SCHEMA),
+        (json.dumps(ev(embedding=None)).encode(), Reason.SCHEMA),
+        (json.dumps(ev(embedding=None, embedding_b64="!!!")).encode(), Reason.SCHEMA),
+        (json.dumps(ev(ts="yesterday")).encode(), Reason.SCHEMA),
+        (json.dumps(ev(latency_ms=-1)).encode(), Reason.SCHEMA),
+        (json.dumps(ev(model="a/b")).encode(), Reason.SCHEMA),
+        (json.dumps(ev(model="x" * 500)).encode(), Reason.SCHEMA),
+        (json.dumps(ev(embedding=[1.0, float("nan"), 0.0])).encode(), Reason.NON_FINITE),
+        (json.dumps(ev(embedding=[1.0, float("inf"), 0.0])).encode(), Reason.NON_FINITE),
+        (json.dumps(ev(embedding=[1e300, 0.0])).encode(), Reason.NON_FINITE),
+        (json.dumps(ev(embedding=[0.0, 0.0, 0.0])).encode(), Reason.ZERO_VECTOR),
+        (json.dumps(ev(embedding=[0.1] * 9000)).encode(), Reason.SCHEMA),
+        (json.dumps([]).encode(), Reason.SCHEMA),
+        (json.dumps(42).encode(), Reason.SCHEMA),
+    ],
+)
+def test_bad_input_is_rejected_with_its_reason(raw: bytes, reason: Reason) -> None:
+    out = Decoder().decode([msg(None, raw=raw)])
+    assert out.blocks == []
+    assert [r.reason for r in out.rejections] == [reason]
+    assert out.rejections[0].payload == raw  # the original bytes go to the dead-letter topic
+
+
+def test_too_large_message() -> None:
+    d = Decoder(DecodeLimits(max_message_bytes=1024))
+    raw = json.dumps(ev(embedding=[0.1] * 500)).encode()
+    out = d.decode([msg(None, raw=raw)])
+    assert [r.reason for r in out.rejections] == [Reason.TOO_LARGE]
+
+
+def test_array_message_rejects_only_bad_elements() -> None:
+    doc = [ev(), ev(embedding=[0, 0, 0]), "junk", ev(model_version="2")]
+    out = Decoder().decode([msg(doc)])
+    assert out.accepted == 2
+    assert sorted(r.reason.value for r in out.rejections) == ["schema", "zero_vector"]
+    bad = next(r for r in out.rejections if r.reason is Reason.ZERO_VECTOR)
+    assert orjson.loads(bad.payload)["embedding"] == [0, 0, 0]
+
+
+def test_queries() -> None:
+    q = {"model": "m", "model_version": "1", "results": [{"id": "a", "score": 0.9}, {"id": "b", "score": 0.5},
+                                                       {"id": "c", "score": 0.1}],
+         "relevant_ids": ["b", "z"], "latency_ms": 40}
+    out = Decoder(DecodeLimits(precision_k=2), query_topics=frozenset({"queries"})).decode(
+        [msg(q, topic="queries"), msg({**q, "relevant_ids": None}, topic="queries")])
+    (b,) = out.blocks
+    assert b.kind is Kind.QUERY and b.dim == 0
+    assert b.top1.tolist() == [0.9, 0.9]  # type: ignore[union-attr]
+    assert b.n_results.tolist() == [3, 3]  # type: ignore[union-attr]
+    assert b.precision_at_k[0] == 0.5 and math.isnan(b.precision_at_k[1])  # type: ignore[index]
+    assert b.recall_at_k[0] == 0.5  # type: ignore[index]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=True) | st.integers() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.binary(max_size=200), json_values.map(lambda v: json.dumps(v).encode()),
+                          st.builds(lambda e: json.dumps(e).encode(),
+                                    st.fixed_dictionaries({"model": st.text(max_size=5), "model_version":
+                                                           st.text(max_size=5)},
+                                                          optional={"embedding": json_values,
+                                                                    "embedding_b64": json_values,
+                                                                    "ts": json_values}))),
+                max_size=20))
+def test_every_event_is_accounted_for(raws: list[bytes]) -> None:
+    out = Decoder().decode([msg(None, raw=r) for r in raws])
+    # Each message yields >= 1 outcome; single-event messages exactly one.
+    per_message = np.zeros(len(raws), dtype=int)
+    for b in out.blocks:
+        np.add.at(per_message, b.message_index, 1)
+        assert np.isfinite(b.vectors).all()
+        if b.dim:
+            assert (np.einsum("ij,ij->i", b.vectors, b.vectors) > 0).all()
+    for r in out.rejections:
+        per_message[r.message_index] += 1
+    assert (per_message >= 1).all()
+    for i, raw in enumerate(raws):
+        try:
+            doc = json.loads(raw)
+        except (ValueError, RecursionError):
+            doc = None
+        if not isinstance(doc, list):
+            assert per_message[i] == 1
+        elif doc:
+            assert per_message[i] == len(doc)

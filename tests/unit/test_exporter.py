@@ -1,0 +1,76 @@
+"""The vectorised exporter must expose exactly what prometheus_client would for the same values."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from embedwatch.exporter import Exporter, make_registry
+from embedwatch.metrics_catalog import BY_NAME, METRICS, NORM_BUCKETS
+
+
+def samples(text: bytes, name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text.decode()):
+        for s in fam.samples:
+            if s.name.startswith(name):
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.floats(min_value=0, max_value=64, allow_nan=False), max_size=50), max_size=5))
+def test_histogram_matches_prometheus_client(batches: list[list[float]]) -> None:
+    name = "embedwatch_embedding_norm"
+    ref_reg = CollectorRegistry()
+    ref = Histogram(name, BY_NAME[name].help, ["model", "model_version", "segment"], buckets=NORM_BUCKETS,
+                    registry=ref_reg)
+    ex = Exporter()
+    for b in batches:
+        for v in b:
+            ref.labels("m", "1", "default").observe(v)
+        ex.histograms.observe(name, ("m", "1", "default"), np.array(b))
+    got = samples(generate_latest(make_registry(ex, process_metrics=False)), name)
+    want = {k: v for k, v in samples(generate_latest(ref_reg), name).items() if not k[0].endswith("_created")}
+    if not any(batches):
+        assert got == {}
+        return
+    assert got.keys() == want.keys()
+    for k in want:
+        assert np.isclose(got[k], want[k], rtol=1e-12, atol=1e-9), k
+
+
+def test_non_finite_values_are_not_observed() -> None:
+    ex = Exporter()
+    ex.histograms.observe("embedwatch_embedding_norm", ("m", "1", "d"), np.array([np.nan, 1.0, np.inf]))
+    got = samples(generate_latest(make_registry(ex, process_metrics=False)), "embedwatch_embedding_norm_count")
+    assert list(got.values()) == [1.0]
+
+
+def test_counters_and_gauges_exposed_with_catalog_help() -> None:
+    ex = Exporter()
+    ex.counters.inc("embedwatch_events_total", ("m", "1", "d", "embedding"), 5)
+    ex.counters.inc("embedwatch_events_total", ("m", "1", "d", "embedding"), 2)
+    ex.set_gauge("embedwatch_kafka_connected", (), 1.0)
+    ex.gauge_sources.append(lambda: [("embedwatch_drift_score", ("m", "1", "d"), 0.5),
+                                     ("embedwatch_drift_p_value", ("m", "1", "d"), float("nan"))])
+    text = generate_latest(make_registry(ex, process_metrics=False)).decode()
+    assert 'embedwatch_events_total{kind="embedding",model="m",model_version="1",segment="d"} 7.0' in text
+    assert "embedwatch_kafka_connected 1.0" in text
+    assert 'embedwatch_drift_score{model="m",model_version="1",segment="d"} 0.5' in text
+    assert "embedwatch_drift_p_value{" not in text  # NaN = not computed yet: no sample
+    assert f"# HELP embedwatch_drift_score {BY_NAME['embedwatch_drift_score'].help}" in text
+
+
+def test_catalog_is_consistent() -> None:
+    names = [m.name for m in METRICS]
+    assert len(names) == len(set(names))
+    for m in METRICS:
+        assert m.name.startswith("embedwatch_")
+        assert (m.type == "counter") == m.name.endswith("_total"), m.name
+        assert (m.type == "histogram") == bool(m.buckets), m.name
+        assert list(m.buckets) == sorted(m.buckets)
+        assert "id" not in m.labels  # never an unbounded label
