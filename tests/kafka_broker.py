@@ -11,6 +11,8 @@ Importable without pytest. ``bootstrap_servers_for_tests()`` picks, in order:
 ``LocalKafka`` can also be used directly, e.g. for outage tests: ``stop()`` and
 ``start()`` again reuse the same directory (data, committed offsets) and ports,
 so clients configured with the old bootstrap address reconnect on their own.
+With ``sasl_ssl_dir`` it also opens a SASL_SSL (SCRAM-SHA-512) listener; see
+``scripts/kafka-local`` for what that directory holds.
 """
 
 from __future__ import annotations
@@ -43,14 +45,25 @@ class LocalKafka:
     """One broker run by ``scripts/kafka-local`` in its own directory.
 
     Without ``workdir`` a temporary directory is created and removed by ``close()``.
+    With ``sasl_ssl_dir`` (keystore, password, SCRAM users: see ``scripts/kafka-local``) the
+    broker has a second, SASL_SSL listener: ``sasl_bootstrap_servers``.
     """
 
-    def __init__(self, workdir: str | os.PathLike[str] | None = None, *, port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str] | None = None,
+        *,
+        port: int | None = None,
+        sasl_ssl_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
         self._owns_dir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="embedwatch-kafka-"))
         self.port = port
         self.controller_port: int | None = None
         self.bootstrap_servers: str | None = None
+        self.sasl_ssl_dir = Path(sasl_ssl_dir) if sasl_ssl_dir is not None else None
+        self.sasl_port: int | None = None
+        self.sasl_bootstrap_servers: str | None = None
         self._atexit_registered = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -64,6 +77,10 @@ class LocalKafka:
             args += ["--port", str(self.port)]
         if self.controller_port is not None:
             args += ["--controller-port", str(self.controller_port)]
+        if self.sasl_ssl_dir is not None:
+            args += ["--sasl-ssl", str(self.sasl_ssl_dir)]
+            if self.sasl_port is not None:
+                args += ["--sasl-port", str(self.sasl_port)]
         result = self._run(*args, timeout=_START_TIMEOUT_S)
         lines = result.stdout.strip().splitlines()
         if not lines:
@@ -71,6 +88,9 @@ class LocalKafka:
         self.bootstrap_servers = lines[-1].strip()
         self.port = int(self.bootstrap_servers.rsplit(":", 1)[1])
         self.controller_port = self._read_controller_port()
+        if self.sasl_ssl_dir is not None:
+            self.sasl_bootstrap_servers = (self.workdir / "bootstrap_sasl").read_text().strip()
+            self.sasl_port = int(self.sasl_bootstrap_servers.rsplit(":", 1)[1])
         if not self._atexit_registered:
             # Safety net for runs that end without fixture teardown (e.g. sys.exit in a plugin).
             atexit.register(self._stop_quietly)

@@ -42,10 +42,16 @@ def metric_sum(m: dict[str, dict[tuple[tuple[str, str], ...], float]], name: str
 
 
 class ServiceProcess:
-    """``embedwatch run`` with a generated config; stop with SIGTERM or kill -9."""
+    """``embedwatch run`` with a generated config; stop with SIGTERM or kill -9.
 
-    def __init__(self, workdir: Path, config: dict[str, Any], name: str = "svc") -> None:
+    The service sees none of the caller's ``EMBEDWATCH_*`` variables, only those in ``env``
+    (e.g. ``{"EMBEDWATCH_KAFKA__SASL_PASSWORD": ...}``: secrets kept out of the config file).
+    """
+
+    def __init__(self, workdir: Path, config: dict[str, Any], name: str = "svc",
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
+        self.env = dict(env or {})
         config = {**config, "http": {**config.get("http", {}), "port": self.port, "host": "127.0.0.1"}}
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
@@ -55,6 +61,7 @@ class ServiceProcess:
     def start(self, wait_ready: bool = True, timeout: float = 60.0) -> ServiceProcess:
         log = self.log_path.open("ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDWATCH_")}
+        env.update(self.env)
         self.proc = subprocess.Popen([BIN, "run", "--config", str(self.config_path)], stdout=log,
                                      stderr=subprocess.STDOUT, env=env)
         if wait_ready:
@@ -62,8 +69,14 @@ class ServiceProcess:
         return self
 
     def get(self, path: str) -> tuple[int, bytes]:
+        return self.request("GET", path)
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=body, method=method,
+                                     headers=headers or {})
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+            with urllib.request.urlopen(req, timeout=5) as r:
                 return r.status, r.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()

@@ -104,7 +104,10 @@ class DetectionSettings(_Section):
         1e-6, gt=0, lt=0.5, description="Per-evaluation false-alarm budget of the calibrated test."
     )
     effect_size_floor: float = Field(
-        0.01, ge=0, description="Minimum effect size (MMD^2) before a rejection counts as drift."
+        0.002, ge=0,
+        description="Minimum effect size (debiased MMD^2, Gaussian kernel) before a rejection counts "
+        "as drift. 0.002 is about twice the largest in-distribution score seen over 1e5 events of real "
+        "text-embedding streams with a 1000-event window and baseline.",
     )
     rff_features: int = Field(256, ge=16, le=8192, description="Random Fourier features of the MMD test.")
     calibration_permutations: int = Field(
@@ -124,6 +127,34 @@ class DetectionSettings(_Section):
         100_000, ge=100, description="Ids remembered per stream for duplicate detection (bounded)."
     )
     seed: int = Field(0, description="Seed of every random choice (reservoirs, features), for repeatability.")
+    min_window_events: int = Field(
+        100, ge=10, description="Window events needed before the multivariate drift test runs."
+    )
+    max_evaluations_per_update: int = Field(
+        4, ge=1, le=100_000,
+        description="Cap on detector evaluations within one update call (one poll batch of a stream). "
+        "When more are due (a batch longer than evaluate_every), evenly spaced due points are "
+        "evaluated, always including the last one; the others are skipped. Bounds detection cost.",
+    )
+    alarm_end_evaluations: int = Field(
+        2, ge=1, le=1000,
+        description="Consecutive evaluations with p > 100 * false_alarm_rate or score below the floor "
+        "that end an alarm (hysteresis against flapping).",
+    )
+    changepoint_threshold: float = Field(
+        50.0, gt=0, description="Page-Hinkley threshold, in baseline standard deviations of the score."
+    )
+    changepoint_delta: float = Field(
+        0.5, ge=0, description="Page-Hinkley tolerated change, in baseline standard deviations."
+    )
+    changepoint_min_instances: int = Field(
+        30, ge=1, description="Events since the last change point before a new one can be signalled."
+    )
+    changepoint_alpha: float = Field(
+        1.0, gt=0, le=1,
+        description="Forgetting factor of the Page-Hinkley cumulative sums (1: none; below 1 the faded "
+        "sums fluctuate by ~1/sqrt(1 - alpha^2) and long streams raise false change points).",
+    )
 
 
 class HttpSettings(_Section):
@@ -177,12 +208,33 @@ class Settings(BaseSettings):
         return (env_settings, init_settings, file_secret_settings)
 
 
+def _secret_keys() -> frozenset[str]:
+    """Names of the SecretStr settings (sasl_password, admin_token, ...)."""
+    names: set[str] = set()
+    for field in Settings.model_fields.values():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            names.update(n for n, f in sub.model_fields.items() if "SecretStr" in str(f.annotation))
+    return frozenset(names)
+
+
+def _redact(value: Any, key: str | None, secrets: frozenset[str]) -> Any:
+    """``value`` with every secret masked: an error about a section echoes the whole section."""
+    if key in secrets and value is not None:
+        return "**********"
+    if isinstance(value, dict):
+        return {k: _redact(v, str(k), secrets) for k, v in value.items()}
+    return value
+
+
 def _format_error(err: ValidationError, origin: str) -> str:
     lines = [f"invalid configuration ({origin}):"]
+    secrets = _secret_keys()
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {key}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden"
+        got = _redact(e.get("input"), str(e["loc"][-1]) if e["loc"] else None, secrets)
+        lines.append(f"  {key}: {msg} (got {got!r})" if e["type"] != "extra_forbidden"
                      else f"  {key}: {msg}")
     return "\n".join(lines)
 

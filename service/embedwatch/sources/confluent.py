@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from embedwatch.config import KafkaSettings, Settings
 from embedwatch.events import Message
@@ -56,8 +56,11 @@ class ConfluentSource:
         self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
 
     def _on_error(self, err: Any) -> None:
-        log.warning("kafka: %s", err)
-        if err.code() in (-195, -187):  # _TRANSPORT, _ALL_BROKERS_DOWN
+        # librdkafka retries on its own; an authentication failure (bad SASL credentials, TLS
+        # verification) is an operator's problem, so it is logged as an error.
+        auth = err.code() in (KafkaError._AUTHENTICATION, KafkaError._SSL)
+        log.log(logging.ERROR if auth or err.fatal() else logging.WARNING, "kafka: %s", err)
+        if auth or err.code() in (-195, -187):  # _TRANSPORT, _ALL_BROKERS_DOWN
             self._connected = False
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:

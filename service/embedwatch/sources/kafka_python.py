@@ -8,6 +8,7 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from embedwatch.config import KafkaSettings, Settings
@@ -15,6 +16,20 @@ from embedwatch.events import Message
 from embedwatch.sources.base import Committed, PartitionId, RebalanceListener
 
 log = logging.getLogger(__name__)
+
+# kafka-python >= 3 bootstraps inside the client constructors and raises after this long; a short
+# bound keeps the service loop (SIGTERM, /healthz) responsive while the broker refuses us.
+_BOOTSTRAP_TIMEOUT_MS = 10_000
+
+
+def _bootstrap_kwargs(cls: Any) -> dict[str, Any]:
+    return {"bootstrap_timeout_ms": _BOOTSTRAP_TIMEOUT_MS} if "bootstrap_timeout_ms" in cls.DEFAULT_CONFIG else {}
+
+
+def _describe(k: KafkaSettings) -> str:
+    """Where and as whom we connect, for error messages; never the password."""
+    who = f" as {k.sasl_username!r} ({k.sasl_mechanism})" if k.security_protocol.startswith("SASL") else ""
+    return f"{k.bootstrap_servers} over {k.security_protocol}{who}"
 
 
 def security_kwargs(k: KafkaSettings) -> dict[str, Any]:
@@ -44,33 +59,63 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class KafkaPythonSource:
+    """The consumer is created lazily and re-tried from :meth:`poll` while bootstrapping fails
+    (broker down, TLS or SASL authentication refused): the service stays up and unready, logging
+    why, instead of dying in the constructor."""
+
     def __init__(self, settings: Settings, listener: RebalanceListener | None = None) -> None:
+        self._settings = settings
+        self._listener = listener
         k = settings.kafka
         self._topics = [t for t in (k.embeddings_topic, k.queries_topic) if t]
-        self._consumer = KafkaConsumer(
-            bootstrap_servers=k.bootstrap_servers.split(","),
-            group_id=k.group_id,
-            client_id=k.client_id,
-            enable_auto_commit=False,
-            auto_offset_reset=k.auto_offset_reset,
-            session_timeout_ms=k.session_timeout_ms,
-            heartbeat_interval_ms=max(1000, k.session_timeout_ms // 3),
-            max_poll_records=k.max_poll_records,
-            max_partition_fetch_bytes=max(1 << 20, settings.limits.max_message_bytes),
-            fetch_max_bytes=max(50 << 20, settings.limits.max_message_bytes),
-            reconnect_backoff_ms=200,
-            reconnect_backoff_max_ms=5000,
-            request_timeout_ms=max(30_000, k.session_timeout_ms + 5000),
-            **security_kwargs(k),
-        )
-        if listener is not None:
-            self._consumer.subscribe(self._topics, listener=_Listener(listener))
-        else:
-            self._consumer.subscribe(self._topics)
+        self._consumer: KafkaConsumer | None = None
         self._connected = False
+        self._failures = 0
+        self._ensure_consumer()
+
+    def _ensure_consumer(self) -> KafkaConsumer | None:
+        if self._consumer is not None:
+            return self._consumer
+        settings, k = self._settings, self._settings.kafka
+        try:
+            consumer = KafkaConsumer(
+                bootstrap_servers=k.bootstrap_servers.split(","),
+                group_id=k.group_id,
+                client_id=k.client_id,
+                enable_auto_commit=False,
+                auto_offset_reset=k.auto_offset_reset,
+                session_timeout_ms=k.session_timeout_ms,
+                heartbeat_interval_ms=max(1000, k.session_timeout_ms // 3),
+                max_poll_records=k.max_poll_records,
+                max_partition_fetch_bytes=max(1 << 20, settings.limits.max_message_bytes),
+                fetch_max_bytes=max(50 << 20, settings.limits.max_message_bytes),
+                reconnect_backoff_ms=200,
+                reconnect_backoff_max_ms=5000,
+                request_timeout_ms=max(30_000, k.session_timeout_ms + 5000),
+                **_bootstrap_kwargs(KafkaConsumer),
+                **security_kwargs(k),
+            )
+        except KafkaError as e:
+            self._failures += 1
+            # The cause (e.g. SaslAuthenticationFailedError) is logged by kafka-python just before.
+            log.error("kafka: cannot connect to %s (attempt %d): %s; not ready, retrying",
+                      _describe(k), self._failures, e)
+            return None
+        if self._failures:
+            log.info("kafka: connected to %s after %d failed attempts", _describe(k), self._failures)
+            self._failures = 0
+        if self._listener is not None:
+            consumer.subscribe(self._topics, listener=_Listener(self._listener))
+        else:
+            consumer.subscribe(self._topics)
+        self._consumer = consumer
+        return consumer
 
     def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
-        records = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        consumer = self._ensure_consumer()
+        if consumer is None:
+            return []
+        records = consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         out: list[Message] = []
         for tp, recs in records.items():
             for r in recs:
@@ -89,10 +134,16 @@ class KafkaPythonSource:
             self._connected = True
         return out
 
+    @property
+    def _client(self) -> KafkaConsumer:
+        if self._consumer is None:  # only reachable with an assignment, i.e. after a connect
+            raise KafkaError("not connected")
+        return self._consumer
+
     def commit(self, positions: dict[PartitionId, Committed]) -> None:
         if not positions:
             return
-        self._consumer.commit(
+        self._client.commit(
             {
                 TopicPartition(p.topic, p.partition): OffsetAndMetadata(c.offset, c.metadata, -1)
                 for p, c in positions.items()
@@ -102,18 +153,20 @@ class KafkaPythonSource:
     def committed(self, partitions: Sequence[PartitionId]) -> dict[PartitionId, Committed | None]:
         out: dict[PartitionId, Committed | None] = {}
         for p in partitions:
-            om = self._consumer.committed(TopicPartition(p.topic, p.partition), metadata=True)
+            om = self._client.committed(TopicPartition(p.topic, p.partition), metadata=True)
             out[p] = None if om is None or om.offset is None or om.offset < 0 else Committed(
                 om.offset, om.metadata or ""
             )
         return out
 
     def assignment(self) -> set[PartitionId]:
+        if self._consumer is None:
+            return set()
         return {PartitionId(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
     def end_offsets(self, partitions: Sequence[PartitionId]) -> dict[PartitionId, int]:
         try:
-            ends = self._consumer.end_offsets(
+            ends = self._client.end_offsets(
                 [TopicPartition(p.topic, p.partition) for p in partitions], timeout_ms=3000
             )
         except Exception:
@@ -124,7 +177,7 @@ class KafkaPythonSource:
 
     def position(self, partition: PartitionId) -> int | None:
         try:
-            return int(self._consumer.position(TopicPartition(partition.topic, partition.partition),
+            return int(self._client.position(TopicPartition(partition.topic, partition.partition),
                                                timeout_ms=1000))
         except Exception:
             return None
@@ -133,31 +186,44 @@ class KafkaPythonSource:
         return self._connected
 
     def close(self) -> None:
-        self._consumer.close(autocommit=False)
+        if self._consumer is not None:
+            self._consumer.close(autocommit=False)
 
 
 class KafkaPythonDeadLetterSink:
+    """The producer is created at the first dead letter: kafka-python bootstraps in the
+    constructor, which must not block (or kill) startup while the broker refuses us."""
+
     def __init__(self, settings: Settings) -> None:
-        k = settings.kafka
-        self._producer = KafkaProducer(
-            bootstrap_servers=k.bootstrap_servers.split(","),
-            client_id=f"{k.client_id}-dlq",
-            acks="all",
-            linger_ms=5,
-            max_request_size=max(1 << 20, settings.limits.max_message_bytes + 65536),
-            retries=2**31 - 1,
-            **security_kwargs(k),
-        )
+        self._settings = settings
+        self._producer: KafkaProducer | None = None
         self._futures: list[Any] = []
 
+    def _client(self) -> KafkaProducer:
+        if self._producer is None:
+            settings, k = self._settings, self._settings.kafka
+            self._producer = KafkaProducer(
+                bootstrap_servers=k.bootstrap_servers.split(","),
+                client_id=f"{k.client_id}-dlq",
+                acks="all",
+                linger_ms=5,
+                max_request_size=max(1 << 20, settings.limits.max_message_bytes + 65536),
+                retries=2**31 - 1,
+                **security_kwargs(k),
+            )
+        return self._producer
+
     def send(self, topic: str, value: bytes, key: bytes | None, headers: list[tuple[str, bytes]]) -> None:
-        self._futures.append(self._producer.send(topic, value=value, key=key, headers=headers))
+        self._futures.append(self._client().send(topic, value=value, key=key, headers=headers))
 
     def flush(self, timeout_s: float) -> None:
+        if self._producer is None:
+            return
         self._producer.flush(timeout=timeout_s)
         futures, self._futures = self._futures, []
         for f in futures:
             f.get(timeout=0)  # raises the send error, if any: the batch must not be committed
 
     def close(self) -> None:
-        self._producer.close(timeout=5)
+        if self._producer is not None:
+            self._producer.close(timeout=5)

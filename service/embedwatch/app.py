@@ -1,0 +1,431 @@
+"""The service loop: poll a batch, decode, route to the monitors, dead-letter, commit. Nothing lost.
+
+Accounting (the invariant the integration tests check): every event read from a partition is
+either accepted by a monitor or written to the dead-letter topic, and the offsets of a batch are
+committed only after its dead letters are acknowledged. Each commit carries, in the offset
+metadata, the partition's cumulative counts of accepted and dead-lettered events up to that
+offset, so the ledger ``embedwatch_consumed_events_total{topic,partition,outcome}`` is restored
+exactly by whichever replica owns the partition next, after a crash, a restart or a rebalance.
+
+Before processing a batch the loop also records, in the same metadata, how far the batch reaches
+("in flight"). A replica that takes over after a crash therefore knows which events it processes
+a second time (at-least-once) and counts them in ``embedwatch_events_replayed_total``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import orjson
+
+from embedwatch.baseline_store import BaselineRepository, MemoryBaselineStore
+from embedwatch.config import Settings
+from embedwatch.events import DecodedBatch, DecodeLimits, Decoder, Kind, Message, Rejection, StreamKey
+from embedwatch.exporter import Exporter, LabelValues
+from embedwatch.metrics_catalog import METRICS
+from embedwatch.monitor import Alarm
+from embedwatch.router import StreamRouter
+from embedwatch.sources.base import Committed, DeadLetterSink, PartitionId, Source
+
+log = logging.getLogger("embedwatch")
+
+LEDGER_VERSION = 1
+_MEASURE_METRICS = [(m.name, m.measure) for m in METRICS if m.measure is not None]
+
+
+@dataclass(slots=True)
+class Ledger:
+    """Cumulative per-partition counts up to the committed offset, stored in commit metadata."""
+
+    accepted: int = 0
+    dead_lettered: int = 0
+    # Offset up to which a previous owner may already have processed (exclusive): replays below it.
+    inflight_end: int = -1
+
+    def encode(self, inflight_end: int | None = None) -> str:
+        doc: dict[str, int] = {"v": LEDGER_VERSION, "a": self.accepted, "d": self.dead_lettered}
+        if inflight_end is not None:
+            doc["f"] = inflight_end
+        return orjson.dumps(doc).decode()
+
+    @classmethod
+    def decode(cls, metadata: str) -> Ledger:
+        try:
+            doc = orjson.loads(metadata) if metadata else {}
+        except orjson.JSONDecodeError:
+            doc = {}
+        if not isinstance(doc, dict) or doc.get("v") != LEDGER_VERSION:
+            return cls()
+        return cls(int(doc.get("a", 0)), int(doc.get("d", 0)), int(doc.get("f", -1)))
+
+
+def dlq_headers(msg: Message, r: Rejection) -> list[tuple[str, bytes]]:
+    """The original headers, then embedwatch's: reason code, detail and where the event came from."""
+    return [
+        *msg.headers,
+        ("embedwatch-error", r.reason.value.encode()),
+        ("embedwatch-error-detail", r.detail.encode("utf-8", "replace")[:1024]),
+        ("embedwatch-source-topic", msg.topic.encode()),
+        ("embedwatch-source-partition", str(msg.partition).encode()),
+        ("embedwatch-source-offset", str(msg.offset).encode()),
+    ]
+
+
+class Service:
+    """Everything between the source and the exporter; the loop is :meth:`run`.
+
+    :meth:`process` is the I/O-free part (decode + route + metrics) and is what tests and the
+    benchmark drive directly.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        exporter: Exporter | None = None,
+        baselines: BaselineRepository | None = None,
+    ) -> None:
+        self.settings = settings
+        k = settings.kafka
+        lim = settings.limits
+        self.decoder = Decoder(
+            DecodeLimits(
+                max_message_bytes=lim.max_message_bytes,
+                max_dim=lim.max_dim,
+                max_events_per_message=lim.max_events_per_message,
+                max_label_length=lim.max_label_length,
+                precision_k=settings.detection.precision_k,
+            ),
+            query_topics=frozenset([k.queries_topic] if k.queries_topic else []),
+        )
+        self.baselines = baselines if baselines is not None else MemoryBaselineStore()
+        self.router = StreamRouter(settings, self.baselines)
+        self.exporter = exporter or Exporter()
+        self.exporter.gauge_sources.append(self._stream_gauges)
+        self.ledgers: dict[PartitionId, Ledger] = {}
+        self.replay_until: dict[PartitionId, int] = {}
+        self.alarms: list[Alarm] = []
+        self.stop_requested = threading.Event()
+        self.ready = False
+        self.connected = False
+        self._assigned: set[PartitionId] = set()
+        self._source: Source | None = None
+        self._sink: DeadLetterSink | None = None
+        self._positions: dict[PartitionId, int] = {}
+        self._last_lag_probe = 0.0
+        self._heartbeat = time.monotonic()
+        self._pending_assignment: list[PartitionId] = []
+        self.exporter.set_gauge("embedwatch_up", (), 1.0)
+        self.exporter.set_gauge("embedwatch_kafka_connected", (), 0.0)
+        self.exporter.set_gauge("embedwatch_ready", (), 0.0)
+
+    # -- the pure part ----------------------------------------------------------------------
+
+    def process(self, messages: Sequence[Message], now: float | None = None) -> tuple[DecodedBatch, list[Rejection]]:
+        """Decode and route ``messages``; update metrics. Returns the batch and its rejections."""
+        now = time.time() if now is None else now
+        batch = self.decoder.decode(messages, now=now)
+        with self.exporter.lock:
+            result = self.router.route(batch)
+            self._observe(batch, result.rejections, messages, now)
+            for a in result.alarms:
+                self.alarms.append(a)
+                log.warning("drift alarm %s: stream=%s index=%d detector=%s score=%.4g p=%s",
+                            a.kind, a.stream, a.index, a.detector, a.score, a.p_value)
+            del self.alarms[:-1000]
+        return batch, result.rejections
+
+    def _observe(self, batch: DecodedBatch, rejections: list[Rejection], messages: Sequence[Message],
+                 now: float) -> None:
+        ex = self.exporter
+        c = ex.counters
+        h = ex.histograms
+        rejected_rows: dict[int, int] = {}
+        for r in rejections:
+            msg = messages[r.message_index]
+            c.inc("embedwatch_events_rejected_total", (msg.topic, r.reason.value))
+            if r.stream is not None and r.stream in self.router.monitors:
+                c.inc("embedwatch_stream_rejected_total", (*r.stream, r.reason.value))
+            rejected_rows[r.message_index] = rejected_rows.get(r.message_index, 0) + 1
+        for b in batch.blocks:
+            mon = self.router.monitors.get(b.stream)
+            if mon is None:
+                continue
+            # Rows of this block that the router rejected (dimension, stream limit) are not counted.
+            rows = b
+            expected = self.router.expected_dim(b.stream)
+            if b.dim and expected is not None and b.dim != expected:
+                continue
+            s: LabelValues = tuple(b.stream)
+            c.inc("embedwatch_events_total", (*s, b.kind.value), rows.n)
+            ts_max = float(np.max(rows.ts)) if rows.n else math.nan
+            prev = ex.gauges["embedwatch_last_event_timestamp_seconds"].get(s, 0.0)
+            ex.set_gauge("embedwatch_last_event_timestamp_seconds", s, max(prev, ts_max))
+            h.observe("embedwatch_event_lag_seconds", s, now - rows.ts)
+            if b.kind is Kind.EMBEDDING:
+                h.observe("embedwatch_inference_latency_seconds", s, rows.latency_s)
+                if rows.dim:
+                    norms = np.sqrt(np.einsum("ij,ij->i", rows.vectors, rows.vectors, dtype=np.float64))
+                    h.observe("embedwatch_embedding_norm", s, norms)
+                    base = mon.baseline
+                    centroid = getattr(base, "centroid", None) if base is not None else None
+                    if centroid is not None and centroid.shape[0] == rows.dim:
+                        cn = float(np.linalg.norm(centroid))
+                        if cn > 0:
+                            sims = (rows.vectors @ (centroid / cn).astype(np.float32)) / np.maximum(norms, 1e-30)
+                            h.observe("embedwatch_similarity_to_baseline", s, sims)
+            else:
+                h.observe("embedwatch_query_latency_seconds", s, rows.latency_s)
+                if rows.top1 is not None:
+                    h.observe("embedwatch_query_top1_score", s, rows.top1)
+        ex.set_gauge("embedwatch_streams", (), float(len(self.router.monitors)))
+
+    def _stream_gauges(self) -> Iterable[tuple[str, LabelValues, float]]:
+        for key, mon in self.router.monitors.items():
+            s: LabelValues = tuple(key)
+            measures = mon.measures()
+            for name, measure in _MEASURE_METRICS:
+                v = measures.get(measure)  # type: ignore[arg-type]
+                if v is not None:
+                    yield name, s, float(v)
+            counters = mon.counters()
+            yield "embedwatch_drift_alarms_total", s, float(counters.get("drift_alarms", 0))
+            yield "embedwatch_changepoints_total", s, float(counters.get("changepoints", 0))
+            yield "embedwatch_duplicate_ids_total", s, float(counters.get("duplicate_ids", 0))
+            if mon.baseline is not None:
+                md = mon.baseline.metadata
+                yield ("embedwatch_baseline_info", (*s, str(md["baseline_id"]), str(md.get("source", ""))), 1.0)
+        for r in self.router.version_results():
+            lab: LabelValues = (str(r["model"]), str(r["model_version"]), str(r["reference_version"]))
+            yield "embedwatch_version_paired_cosine", lab, float(r["paired_cosine"])
+            yield "embedwatch_version_knn_overlap", lab, float(r["knn_overlap"])
+            yield "embedwatch_version_shared_ids", lab, float(r["shared_ids"])
+            yield "embedwatch_version_dimension_changed", lab, float(bool(r["dimension_changed"]))
+
+    # -- rebalance listener -------------------------------------------------------------------
+
+    def on_assigned(self, partitions: Sequence[PartitionId]) -> None:
+        # Called from the client's IO machinery, where blocking calls are not allowed (kafka-python
+        # 3 runs listeners on its IO thread): only note the partitions; the loop loads their
+        # ledgers right after the poll returns, before it processes any of their messages.
+        self.exporter.counters.inc("embedwatch_rebalances_total")
+        self._pending_assignment.extend(partitions)
+        log.info("assigned %s", sorted(partitions))
+
+    def _load_assignment(self, source: Source) -> None:
+        partitions, self._pending_assignment = self._pending_assignment, []
+        if not partitions:
+            return
+        committed = source.committed(partitions)
+        with self.exporter.lock:
+            for p in partitions:
+                c = committed.get(p)
+                ledger = Ledger.decode(c.metadata) if c is not None else Ledger()
+                self.ledgers[p] = ledger
+                if c is not None and ledger.inflight_end > c.offset:
+                    self.replay_until[p] = ledger.inflight_end
+                    log.info("partition %s:%d resumes at %d; events up to %d were in flight: replaying",
+                             p.topic, p.partition, c.offset, ledger.inflight_end)
+                self._publish_ledger(p)
+                self.exporter.counters.inc("embedwatch_events_replayed_total", (p.topic,), 0)
+            self._assigned |= set(partitions)
+
+    def on_revoked(self, partitions: Sequence[PartitionId]) -> None:
+        # Every processed batch is already committed (the loop commits before polling again), so
+        # giving a partition up needs no extra commit; drop its series so another replica owns them.
+        self.exporter.counters.inc("embedwatch_rebalances_total")
+        with self.exporter.lock:
+            for p in partitions:
+                if p in self._pending_assignment:
+                    self._pending_assignment.remove(p)
+                self._assigned.discard(p)
+                self.ledgers.pop(p, None)
+                self.replay_until.pop(p, None)
+                self._positions.pop(p, None)
+                key = (p.topic, str(p.partition))
+                self.exporter.counters.drop("embedwatch_consumed_events_total",
+                                            lambda lv, key=key: lv[:2] == key)  # type: ignore[misc]
+                self.exporter.gauges["embedwatch_consumer_lag_messages"].pop(key, None)
+        log.info("revoked %s", sorted(partitions))
+
+    def _publish_ledger(self, p: PartitionId) -> None:
+        led = self.ledgers[p]
+        c = self.exporter.counters
+        c.set("embedwatch_consumed_events_total", (p.topic, str(p.partition), "accepted"), float(led.accepted))
+        c.set("embedwatch_consumed_events_total", (p.topic, str(p.partition), "dead_lettered"),
+              float(led.dead_lettered))
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def handle_signals(self) -> None:
+        def _stop(signum: int, frame: FrameType | None) -> None:
+            log.info("signal %d: finishing the batch, committing, leaving the group", signum)
+            self.stop_requested.set()
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+
+    def run(self, source: Source, sink: DeadLetterSink) -> None:
+        """Consume until :attr:`stop_requested` is set; commit; leave the group."""
+        self._source, self._sink = source, sink
+        k = self.settings.kafka
+        try:
+            while not self.stop_requested.is_set():
+                self._heartbeat = time.monotonic()
+                messages = source.poll(k.max_poll_records, k.poll_timeout_ms)
+                self._load_assignment(source)
+                if messages:
+                    self._handle_batch(messages, source, sink)
+                self._probe(source)
+        finally:
+            self.ready = False
+            self.exporter.set_gauge("embedwatch_ready", (), 0.0)
+            try:
+                source.close()
+            finally:
+                sink.close()
+            self.exporter.set_gauge("embedwatch_up", (), 0.0)
+            log.info("stopped")
+
+    def _handle_batch(self, messages: list[Message], source: Source, sink: DeadLetterSink) -> None:
+        t0 = time.perf_counter()
+        parts: dict[PartitionId, tuple[int, int]] = {}
+        for m in messages:
+            p = PartitionId(m.topic, m.partition)
+            lo, hi = parts.get(p, (m.offset, m.offset))
+            parts[p] = (min(lo, m.offset), max(hi, m.offset))
+        for p in parts:
+            self.ledgers.setdefault(p, Ledger())
+        # Mark the batch in flight: a successor after a crash knows what it replays.
+        source.commit({p: Committed(lo, self.ledgers[p].encode(inflight_end=hi + 1))
+                       for p, (lo, hi) in parts.items()})
+        batch, rejections = self.process(messages)
+        for r in rejections:
+            m = messages[r.message_index]
+            sink.send(self.settings.kafka.dlq_topic(m.topic), r.payload, m.key, dlq_headers(m, r))
+        try:
+            sink.flush(timeout_s=30.0)
+        except Exception:
+            self.exporter.counters.inc("embedwatch_dead_letter_errors_total")
+            raise
+        # Per-partition outcome counts, vectorised over the batch's events.
+        pidx = {p: i for i, p in enumerate(parts)}
+        msg_part = np.fromiter((pidx[PartitionId(m.topic, m.partition)] for m in messages),
+                               dtype=np.int64, count=len(messages))
+        acc = np.zeros(len(parts), dtype=np.int64)
+        for b in batch.blocks:
+            acc += np.bincount(msg_part[b.message_index], minlength=len(parts))
+        rej = np.zeros(len(parts), dtype=np.int64)
+        if rejections:
+            rej += np.bincount(msg_part[[r.message_index for r in rejections]], minlength=len(parts))
+        # Router rejections (dimension, stream limit) are rows of decoded blocks: move them over.
+        router_rej = [r for r in rejections if r.reason.value in ("dimension_mismatch", "stream_limit")]
+        if router_rej:
+            acc -= np.bincount(msg_part[[r.message_index for r in router_rej]], minlength=len(parts))
+        replayed = 0
+        with self.exporter.lock:
+            for p, i in pidx.items():
+                led = self.ledgers[p]
+                led.accepted += int(acc[i])
+                led.dead_lettered += int(rej[i])
+                self._positions[p] = parts[p][1] + 1
+                until = self.replay_until.get(p)
+                if until is not None:
+                    lo, hi = parts[p]
+                    n = sum(1 for m in messages if m.topic == p.topic and m.partition == p.partition
+                            and m.offset < until)
+                    if n:
+                        replayed += n
+                        self.exporter.counters.inc("embedwatch_events_replayed_total", (p.topic,), n)
+                    if hi + 1 >= until:
+                        del self.replay_until[p]
+                self._publish_ledger(p)
+        try:
+            source.commit({p: Committed(self._positions[p], self.ledgers[p].encode()) for p in parts})
+            self.exporter.counters.inc("embedwatch_commits_total", ("success",))
+        except Exception:
+            self.exporter.counters.inc("embedwatch_commits_total", ("failure",))
+            raise
+        self.exporter.counters.inc("embedwatch_batches_total")
+        self.exporter.histograms.observe("embedwatch_processing_seconds", (),
+                                         np.array([time.perf_counter() - t0]))
+        if replayed:
+            log.info("replayed %d events already processed before a restart", replayed)
+
+    def _probe(self, source: Source, every_s: float = 2.0) -> None:
+        """Refresh connectivity, readiness and consumer lag every few seconds."""
+        now = time.monotonic()
+        if now - self._last_lag_probe < every_s:
+            return
+        self._last_lag_probe = now
+        assigned = sorted(source.assignment())
+        try:
+            ends = source.end_offsets(assigned) if assigned else {}
+            self.connected = True if assigned else source.connected()
+        except Exception as e:
+            log.warning("broker did not answer: %s", e)
+            self.connected = False
+            ends = {}
+        with self.exporter.lock:
+            for p, end in ends.items():
+                pos = self._positions.get(p)
+                if pos is None:
+                    pos = source.position(p)
+                if pos is not None:
+                    self.exporter.set_gauge("embedwatch_consumer_lag_messages", (p.topic, str(p.partition)),
+                                            float(max(0, end - pos)))
+            self.ready = bool(assigned) and self.connected
+            self.exporter.set_gauge("embedwatch_assigned_partitions", (), float(len(assigned)))
+            self.exporter.set_gauge("embedwatch_kafka_connected", (), float(self.connected))
+            self.exporter.set_gauge("embedwatch_ready", (), float(self.ready))
+
+    # -- views for the API ----------------------------------------------------------------------
+
+    def healthy(self, stall_s: float = 120.0) -> bool:
+        """Alive: the loop went round recently (a poll returns at least every poll_timeout_ms)."""
+        return time.monotonic() - self._heartbeat < stall_s
+
+    def streams_state(self) -> dict[str, Any]:
+        with self.exporter.lock:
+            return {str(k): m.state() for k, m in self.router.monitors.items()}
+
+    def list_baselines(self, stream: str | None) -> list[dict[str, Any]]:
+        with self.exporter.lock:
+            return self.baselines.list(StreamKey.parse(stream) if stream else None)
+
+    def promote_baseline(self, key: StreamKey, baseline_id: str | None) -> dict[str, Any]:
+        """Activate version ``baseline_id`` of the stream, or (None) promote its current window."""
+        with self.exporter.lock:
+            mon = self.router.monitors.get(key)
+            if mon is None:
+                raise KeyError(str(key))
+            if baseline_id is None:
+                baseline = mon.promote_window()
+                self.baselines.save(baseline, activate=True)
+            else:
+                self.baselines.promote(key, baseline_id)
+                baseline = self.baselines.get(key)
+                mon.activate(baseline)
+            self.router.mark_saved(key, str(baseline.metadata["baseline_id"]))
+            log.info("baseline of %s is now %s", key, baseline.metadata["baseline_id"])
+            return dict(baseline.metadata)
+
+    def rollback_baseline(self, key: StreamKey) -> dict[str, Any]:
+        with self.exporter.lock:
+            mon = self.router.monitors.get(key)
+            if mon is None:
+                raise KeyError(str(key))
+            self.baselines.rollback(key)
+            baseline = self.baselines.get(key)
+            mon.activate(baseline)
+            self.router.mark_saved(key, str(baseline.metadata["baseline_id"]))
+            log.info("baseline of %s rolled back to %s", key, baseline.metadata["baseline_id"])
+            return dict(baseline.metadata)

@@ -1,0 +1,275 @@
+"""The :class:`Baseline` data object: frozen reference statistics + a reference sample + metadata.
+
+A baseline is plain data: a dict of named numpy arrays (:meth:`Baseline.to_arrays`) and a small
+JSON-able metadata dict (:attr:`Baseline.metadata`). :meth:`Baseline.from_arrays` rebuilds it and
+verifies the content hash. The versioned store (file / Kafka) is built on exactly these two
+methods; both are stable (``schema_version`` is bumped on any incompatible change).
+
+Everything a window and the detectors need is frozen here at creation: the centroid, per-dimension
+mean/variance, the similarity and norm quantile bin edges and reference counts, the reference
+sample with its similarities and norms, and the random-Fourier-feature map (frequencies, phases,
+bandwidth chosen by the median heuristic) with the reference mean feature vector and the
+eigenvalues of the feature covariance (the analytic null of the MMD^2 test).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from embedwatch.config import DetectionSettings
+from embedwatch.detectors.mmd import RFFMMD
+from embedwatch.events import StreamKey
+from embedwatch.stats import histogram, quantile_edges
+from embedwatch.window import Projection
+
+SCHEMA_VERSION = 1
+
+#: Array names of a baseline, with their dtype.
+ARRAY_DTYPES: dict[str, str] = {
+    "mean": "float64",  # (d,) per-dimension mean = centroid
+    "var": "float64",  # (d,) per-dimension unbiased variance
+    "sample": "float32",  # (s, d) reference vectors
+    "sample_sims": "float64",  # (s,) cosine similarity of the sample to the centroid
+    "sample_norms": "float64",  # (s,) L2 norms of the sample
+    "sim_edges": "float64",  # interior quantile edges of the similarity histogram
+    "sim_hist": "int64",  # reference counts over those bins
+    "norm_edges": "float64",
+    "norm_hist": "int64",
+    "sim_moments": "float64",  # [mean, std] of the reference similarities (change-point scale)
+    "rff_weights": "float32",  # (d, D)
+    "rff_offsets": "float32",  # (D,)
+    "rff_mean": "float64",  # (D,) mean feature vector of the sample
+    "rff_eigvals": "float64",  # (D,) eigenvalues of the sample's feature covariance
+    "rff_bandwidth": "float64",  # (1,) Gaussian kernel bandwidth
+}
+
+
+def content_hash(arrays: Mapping[str, np.ndarray]) -> str:
+    """sha256 over the arrays (sorted by name; name, dtype, shape and bytes of each)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(name.encode())
+        h.update(a.dtype.str.encode())
+        h.update(repr(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _frozen(a: np.ndarray, dtype: str) -> np.ndarray:
+    out = np.array(a, dtype=dtype, copy=True, order="C")
+    out.flags.writeable = False
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class Baseline:
+    """Frozen reference of one stream. Build with :meth:`from_vectors` or :meth:`from_arrays`."""
+
+    key: StreamKey
+    created_at: float
+    count: int
+    source: str
+    arrays: Mapping[str, np.ndarray] = field(repr=False)
+    content_hash: str
+    schema_version: int = SCHEMA_VERSION
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_vectors(
+        cls,
+        key: StreamKey,
+        vectors: np.ndarray,
+        ts: np.ndarray | float | None,
+        source: str,
+        settings: DetectionSettings,
+    ) -> Baseline:
+        """Baseline of a set of reference vectors.
+
+        ``ts``: the events' timestamps (``created_at`` = the newest) or a single timestamp.
+        The sample is a seeded uniform subset of at most ``settings.baseline_sample`` vectors.
+        """
+        x = np.asarray(vectors, dtype=np.float32)
+        if x.ndim != 2 or x.shape[0] < 2:
+            raise ValueError("a baseline needs a (n >= 2, d) array of vectors")
+        x64 = x.astype(np.float64)
+        mean = x64.mean(axis=0)
+        var = x64.var(axis=0, ddof=1)
+        rng = np.random.default_rng([settings.seed, x.shape[1], 0x42])
+        if x.shape[0] > settings.baseline_sample:
+            idx = np.sort(rng.choice(x.shape[0], size=settings.baseline_sample, replace=False))
+            sample = x[idx]
+        else:
+            sample = x
+        return cls._build(key, mean, var, x.shape[0], sample, x, _created(ts), source, settings)
+
+    @classmethod
+    def from_statistics(
+        cls,
+        key: StreamKey,
+        count: int,
+        mean: np.ndarray,
+        var: np.ndarray,
+        sample: np.ndarray,
+        created_at: float,
+        source: str,
+        settings: DetectionSettings,
+    ) -> Baseline:
+        """Baseline from exact moments of ``count`` events and a uniform sample of them (promotion)."""
+        sample = np.asarray(sample, dtype=np.float32)
+        if sample.ndim != 2 or sample.shape[0] < 2:
+            raise ValueError("a baseline needs a sample of at least 2 vectors")
+        return cls._build(key, np.asarray(mean, np.float64), np.asarray(var, np.float64), int(count),
+                          sample, sample, float(created_at), source, settings)
+
+    @classmethod
+    def _build(
+        cls,
+        key: StreamKey,
+        mean: np.ndarray,
+        var: np.ndarray,
+        count: int,
+        sample: np.ndarray,
+        hist_rows: np.ndarray,
+        created_at: float,
+        source: str,
+        settings: DetectionSettings,
+    ) -> Baseline:
+        cnorm = float(np.linalg.norm(mean))
+        unit = mean / cnorm if cnorm > 0 else mean
+
+        def sims_norms(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            x64 = x.astype(np.float64)
+            norms = np.sqrt(np.einsum("ij,ij->i", x64, x64))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                sims = np.where(norms > 0, (x64 @ unit) / norms, 0.0)
+            return sims, norms
+
+        all_sims, all_norms = sims_norms(hist_rows)
+        s_sims, s_norms = sims_norms(sample)
+        sim_edges = quantile_edges(all_sims, settings.histogram_bins)
+        norm_edges = quantile_edges(all_norms, settings.histogram_bins)
+        mmd = RFFMMD.fit(sample, settings.rff_features, settings.seed)
+        arrays = {
+            "mean": mean,
+            "var": var,
+            "sample": sample,
+            "sample_sims": s_sims,
+            "sample_norms": s_norms,
+            "sim_edges": sim_edges,
+            "sim_hist": histogram(all_sims, sim_edges),
+            "norm_edges": norm_edges,
+            "norm_hist": histogram(all_norms, norm_edges),
+            "sim_moments": np.array([all_sims.mean(), all_sims.std(ddof=1) if all_sims.size > 1 else 0.0]),
+            "rff_weights": mmd.weights,
+            "rff_offsets": mmd.offsets,
+            "rff_mean": mmd.reference_mean,
+            "rff_eigvals": mmd.eigvals,
+            "rff_bandwidth": np.array([mmd.bandwidth]),
+        }
+        frozen = {k: _frozen(v, ARRAY_DTYPES[k]) for k, v in arrays.items()}
+        return cls(key=key, created_at=float(created_at), count=int(count), source=str(source),
+                   arrays=frozen, content_hash=content_hash(frozen))
+
+    @classmethod
+    def from_arrays(cls, metadata: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Baseline:
+        """Rebuild a baseline from :attr:`metadata` and :meth:`to_arrays`; verifies the content hash."""
+        version = int(metadata.get("schema_version", -1))
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"unsupported baseline schema_version {version} (expected {SCHEMA_VERSION})")
+        missing = sorted(set(ARRAY_DTYPES) - set(arrays))
+        if missing:
+            raise ValueError(f"baseline arrays missing: {', '.join(missing)}")
+        frozen = {k: _frozen(np.asarray(arrays[k]), ARRAY_DTYPES[k]) for k in ARRAY_DTYPES}
+        digest = content_hash(frozen)
+        if digest != metadata.get("content_hash"):
+            raise ValueError("baseline content hash mismatch: arrays do not match their metadata")
+        key = StreamKey(str(metadata["model"]), str(metadata["model_version"]), str(metadata["segment"]))
+        b = cls(key=key, created_at=float(metadata["created_at"]), count=int(metadata["count"]),
+                source=str(metadata["source"]), arrays=frozen, content_hash=digest, schema_version=version)
+        if int(metadata.get("dim", b.dim)) != b.dim:
+            raise ValueError("baseline metadata dim does not match its arrays")
+        return b
+
+    # ----------------------------------------------------------------- serialisation
+    @property
+    def baseline_id(self) -> str:
+        """Content-hash prefix: equal ids mean equal statistics."""
+        return self.content_hash[:16]
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """JSON-able metadata (the other half of the serialised form)."""
+        return {
+            "baseline_id": self.baseline_id,
+            "model": self.key.model,
+            "model_version": self.key.model_version,
+            "segment": self.key.segment,
+            "dim": self.dim,
+            "created_at": self.created_at,
+            "count": self.count,
+            "source": self.source,
+            "content_hash": self.content_hash,
+            "schema_version": self.schema_version,
+        }
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The named arrays (read-only views; copy before modifying)."""
+        return dict(self.arrays)
+
+    # ----------------------------------------------------------------- views used by the monitor
+    @property
+    def dim(self) -> int:
+        return int(self.arrays["mean"].shape[0])
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.arrays["mean"]
+
+    @property
+    def var(self) -> np.ndarray:
+        return self.arrays["var"]
+
+    @property
+    def sample(self) -> np.ndarray:
+        return self.arrays["sample"]
+
+    @property
+    def sim_mean(self) -> float:
+        return float(self.arrays["sim_moments"][0])
+
+    @property
+    def sim_std(self) -> float:
+        return float(self.arrays["sim_moments"][1])
+
+    @property
+    def mean_norm(self) -> float:
+        return float(np.mean(self.arrays["sample_norms"]))
+
+    def mmd(self) -> RFFMMD:
+        """The calibrated MMD^2 test frozen with this baseline."""
+        a = self.arrays
+        return RFFMMD(a["rff_weights"], a["rff_offsets"], a["rff_mean"], a["rff_eigvals"],
+                      int(a["sample"].shape[0]), float(a["rff_bandwidth"][0]))
+
+    def projection(self, mmd: RFFMMD | None = None) -> Projection:
+        """Centroid, bin edges and feature map for a :class:`embedwatch.window.Window`."""
+        m = mmd if mmd is not None else self.mmd()
+        c = self.mean
+        n = float(np.linalg.norm(c))
+        unit = (c / n if n > 0 else c).astype(np.float32)
+        return Projection(unit, self.arrays["sim_edges"], self.arrays["norm_edges"], m.feature_sum)
+
+
+def _created(ts: np.ndarray | float | None) -> float:
+    arr = np.asarray(ts if ts is not None else [], dtype=np.float64)
+    arr = arr[np.isfinite(arr)] if arr.ndim else arr.reshape(1)
+    if arr.size == 0:
+        return time.time()
+    return float(np.max(arr))

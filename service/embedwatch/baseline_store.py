@@ -1,0 +1,512 @@
+"""Versioned baselines per stream: a directory store, an in-memory store, and their interface.
+
+No pickle anywhere. A baseline is a pair of files:
+
+``<name>.npz``
+    its arrays (``Baseline.to_arrays()``), written with ``np.savez`` and read back with
+    ``allow_pickle=False`` (object arrays are refused when saving);
+``<name>.json``
+    ``{"format": "embedwatch-baseline", "format_version": 1, "metadata": {...},
+    "arrays": {name: {"dtype", "shape"}}, "arrays_sha256": ..., "metadata_sha256": ...}``.
+
+Both hashes are checked on load: a file changed by hand (or truncated) is refused with
+:class:`BaselineIntegrityError` naming the file, instead of silently feeding a wrong baseline
+to the detectors.
+
+:class:`BaselineStore` lays versions out per stream::
+
+    <directory>/<stream-safe-name>/index.json          {"stream", "versions": [...], "active", "previous": [...]}
+    <directory>/<stream-safe-name>/<baseline_id>.npz
+    <directory>/<stream-safe-name>/<baseline_id>.json
+
+``<stream-safe-name>`` is ``model+model_version+segment`` with each part percent-encoded
+(``urllib.parse.quote(part, safe="")``), so any label maps to one safe directory name. Every file
+is written to a temporary file in the same directory and moved in place with ``os.replace``
+(atomic); ``index.json`` is written last, so a crash leaves either the old or the new state.
+
+:class:`MemoryBaselineStore` has the same behaviour without files (the service's default,
+``state.backend: none``); both satisfy :class:`BaselineRepository`, the interface a compacted
+Kafka topic store can implement later (:func:`encode_baseline` / :func:`decode_baseline` turn a
+baseline into one self-checking ``bytes`` value for such a record).
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import hashlib
+import io
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import quote
+
+import numpy as np
+
+from embedwatch.baseline import Baseline
+from embedwatch.events import DEFAULT_SEGMENT, StreamKey
+
+FORMAT = "embedwatch-baseline"
+FORMAT_VERSION = 1
+_META_ARRAY = "__embedwatch_metadata__"
+_MAX_PREVIOUS = 100
+
+StreamLike = StreamKey | str
+
+
+class BaselineNotFoundError(LookupError):
+    """No such stream, no such baseline version, or no active baseline."""
+
+
+class BaselineIntegrityError(ValueError):
+    """A stored baseline does not match its recorded hashes (tampered, truncated or corrupt)."""
+
+
+class BaselineHistoryError(ValueError):
+    """A rollback has nothing to go back to."""
+
+
+@runtime_checkable
+class BaselineRepository(Protocol):
+    """Versioned baselines per stream. Metadata dicts are ``Baseline.metadata`` plus ``"active": bool``
+    and ``"stream": "model/model_version/segment"``."""
+
+    def save(self, baseline: Baseline, activate: bool = True) -> dict[str, Any]:
+        """Store a new version (idempotent for an identical one); optionally make it active."""
+        ...
+
+    def list(self, stream: StreamLike | None = None) -> builtins.list[dict[str, Any]]:
+        """Metadata of every version (of one stream), streams sorted, versions oldest first."""
+        ...
+
+    def get(self, stream: StreamLike, baseline_id: str | None = None) -> Baseline:
+        """One version, the active one by default; :class:`BaselineNotFoundError` if absent."""
+        ...
+
+    def promote(self, stream: StreamLike, baseline_id: str) -> dict[str, Any]:
+        """Make an existing version active; returns its metadata."""
+        ...
+
+    def rollback(self, stream: StreamLike) -> dict[str, Any]:
+        """Re-activate the version active before the current one; :class:`BaselineHistoryError` if none."""
+        ...
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def stream_key(stream: StreamLike) -> StreamKey:
+    return stream if isinstance(stream, StreamKey) else StreamKey.parse(stream)
+
+
+def stream_of(metadata: Mapping[str, Any]) -> StreamKey:
+    """The stream a baseline belongs to, from its metadata."""
+    try:
+        return StreamKey(
+            str(metadata["model"]), str(metadata["model_version"]),
+            str(metadata.get("segment") or DEFAULT_SEGMENT),
+        )
+    except KeyError as e:
+        raise ValueError(f"baseline metadata lacks {e.args[0]!r}") from None
+
+
+def safe_name(stream: StreamLike) -> str:
+    """Directory name of a stream: the three labels percent-encoded, joined with '+'."""
+    return "+".join(quote(part, safe="") for part in stream_key(stream))
+
+
+def _file_stem(baseline_id: str) -> str:
+    stem = quote(baseline_id, safe="")
+    if not stem or stem.startswith(".") or stem == "index":
+        stem = "_" + stem
+    return stem
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True,
+                      default=str).encode("utf-8")
+
+
+def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
+    """Hash of named arrays: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(_canonical([name, a.dtype.str, list(a.shape)]))
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _check_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for name, a in arrays.items():
+        arr = np.asarray(a)
+        if arr.dtype.hasobject:
+            raise TypeError(f"baseline array {name!r} has dtype object; it cannot be stored without pickle")
+        if name == _META_ARRAY:
+            raise ValueError(f"baseline array name {name!r} is reserved")
+        out[name] = arr
+    return out
+
+
+def _header(metadata: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    md = dict(metadata)
+    md.pop("active", None)
+    md.pop("stream", None)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "metadata": md,
+        "arrays": {n: {"dtype": a.dtype.str, "shape": list(a.shape)} for n, a in sorted(arrays.items())},
+        "arrays_sha256": arrays_sha256(arrays),
+        "metadata_sha256": hashlib.sha256(_canonical(md)).hexdigest(),
+    }
+
+
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def _read_npz(data: bytes, origin: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {name: z[name] for name in z.files}
+    except Exception as e:  # ValueError, BadZipFile, zlib errors: a corrupt file, never a crash
+        raise BaselineIntegrityError(f"{origin}: unreadable baseline arrays: {e}") from e
+
+
+def _verify(header: Any, arrays: dict[str, np.ndarray], origin: str) -> Baseline:
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise BaselineIntegrityError(f"{origin}: not an embedwatch baseline header")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise BaselineIntegrityError(f"{origin}: unsupported format_version {header.get('format_version')!r}")
+    md = header.get("metadata")
+    if not isinstance(md, dict):
+        raise BaselineIntegrityError(f"{origin}: header has no metadata object")
+    if hashlib.sha256(_canonical(md)).hexdigest() != header.get("metadata_sha256"):
+        raise BaselineIntegrityError(f"{origin}: metadata does not match its hash (file modified?)")
+    if arrays_sha256(arrays) != header.get("arrays_sha256"):
+        raise BaselineIntegrityError(f"{origin}: arrays do not match their content hash (file modified?)")
+    try:
+        baseline = Baseline.from_arrays(md, arrays)
+    except (KeyError, ValueError, TypeError) as e:
+        raise BaselineIntegrityError(f"{origin}: invalid baseline: {e}") from e
+    return baseline
+
+
+def _metadata(baseline: Baseline) -> dict[str, Any]:
+    md = dict(baseline.metadata)
+    if not md.get("baseline_id"):
+        raise ValueError("baseline metadata has no baseline_id")
+    return md
+
+
+def encode_baseline(baseline: Baseline) -> bytes:
+    """One self-checking bytes value (an npz holding the arrays and the JSON header); no pickle."""
+    arrays = _check_arrays(baseline.to_arrays())
+    header = _canonical(_header(_metadata(baseline), arrays))
+    return _npz_bytes({**arrays, _META_ARRAY: np.frombuffer(header, dtype=np.uint8)})
+
+
+def decode_baseline(data: bytes, origin: str = "<bytes>") -> Baseline:
+    """Inverse of :func:`encode_baseline`; :class:`BaselineIntegrityError` on any mismatch."""
+    arrays = _read_npz(data, origin)
+    raw = arrays.pop(_META_ARRAY, None)
+    if raw is None:
+        raise BaselineIntegrityError(f"{origin}: no embedded header")
+    try:
+        header = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise BaselineIntegrityError(f"{origin}: header is not JSON: {e}") from e
+    return _verify(header, arrays, origin)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _pair(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    p = Path(path)
+    if p.suffix in (".npz", ".json"):
+        p = p.with_suffix("")
+    return p.with_name(p.name + ".npz"), p.with_name(p.name + ".json")
+
+
+def save_file(baseline: Baseline, path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Write ``<stem>.npz`` + ``<stem>.json`` (``path`` may name either, or the stem); atomic per file."""
+    npz, js = _pair(path)
+    arrays = _check_arrays(baseline.to_arrays())
+    header = _header(_metadata(baseline), arrays)
+    _atomic_write(npz, _npz_bytes(arrays))
+    _atomic_write(js, json.dumps(header, indent=2, sort_keys=True, default=str).encode("utf-8") + b"\n")
+    return npz, js
+
+
+def load_file(path: str | os.PathLike[str]) -> Baseline:
+    """Read a pair written by :func:`save_file`, verifying both hashes."""
+    npz, js = _pair(path)
+    try:
+        header_bytes = js.read_bytes()
+        npz_bytes = npz.read_bytes()
+    except FileNotFoundError as e:
+        raise BaselineNotFoundError(f"baseline file missing: {e.filename}") from e
+    try:
+        header = json.loads(header_bytes)
+    except ValueError as e:
+        raise BaselineIntegrityError(f"{js}: not valid JSON: {e}") from e
+    return _verify(header, _read_npz(npz_bytes, str(npz)), str(npz))
+
+
+# -- stores -------------------------------------------------------------------------------------
+
+
+class _Index:
+    __slots__ = ("active", "previous", "stream", "versions")
+
+    def __init__(self, stream: StreamKey, versions: builtins.list[str] | None = None,
+                 active: str | None = None, previous: builtins.list[str] | None = None) -> None:
+        self.stream = stream
+        self.versions: builtins.list[str] = versions or []
+        self.active = active
+        self.previous: builtins.list[str] = previous or []  # earlier active ids, most recent last
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stream": str(self.stream), "versions": self.versions, "active": self.active,
+                "previous": self.previous}
+
+    def activate(self, baseline_id: str) -> None:
+        if self.active is not None and self.active != baseline_id:
+            self.previous.append(self.active)
+            del self.previous[:-_MAX_PREVIOUS]
+        self.active = baseline_id
+
+    def rollback(self) -> str:
+        while self.previous:
+            candidate = self.previous.pop()
+            if candidate in self.versions and candidate != self.active:
+                self.active = candidate
+                return candidate
+        # No activation history: the version saved before the active one.
+        if self.active in self.versions:
+            pos = self.versions.index(self.active)
+            if pos > 0:
+                self.active = self.versions[pos - 1]
+                return self.active
+        raise BaselineHistoryError(f"stream {self.stream}: no previous baseline version to roll back to")
+
+
+class _IndexedStore:
+    """The version/active/rollback logic shared by the directory and the memory store."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    # storage primitives
+    def _load_index(self, key: StreamKey) -> _Index | None:
+        raise NotImplementedError
+
+    def _store_index(self, index: _Index) -> None:
+        raise NotImplementedError
+
+    def _streams(self) -> builtins.list[StreamKey]:
+        raise NotImplementedError
+
+    def _write_version(self, key: StreamKey, baseline: Baseline) -> None:
+        raise NotImplementedError
+
+    def _read_version(self, key: StreamKey, baseline_id: str) -> Baseline:
+        raise NotImplementedError
+
+    def _version_metadata(self, key: StreamKey, baseline_id: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # public API
+    def save(self, baseline: Baseline, activate: bool = True) -> dict[str, Any]:
+        md = _metadata(baseline)
+        key = stream_of(md)
+        bid = str(md["baseline_id"])
+        with self._lock:
+            index = self._load_index(key) or _Index(key)
+            if bid in index.versions:
+                old = self._version_metadata(key, bid)
+                if old.get("content_hash") != md.get("content_hash"):
+                    raise ValueError(f"stream {key}: baseline {bid} exists with different content")
+            else:
+                self._write_version(key, baseline)
+                index.versions.append(bid)
+            if activate:
+                index.activate(bid)
+            self._store_index(index)
+            return self._describe(index, bid)
+
+    def list(self, stream: StreamLike | None = None) -> builtins.list[dict[str, Any]]:
+        with self._lock:
+            keys = [stream_key(stream)] if stream is not None else sorted(self._streams(), key=str)
+            out: builtins.list[dict[str, Any]] = []
+            for key in keys:
+                index = self._load_index(key)
+                if index is None:
+                    continue
+                out.extend(self._describe(index, bid) for bid in index.versions)
+            return out
+
+    def get(self, stream: StreamLike, baseline_id: str | None = None) -> Baseline:
+        key = stream_key(stream)
+        with self._lock:
+            index = self._require(key)
+            bid = baseline_id if baseline_id is not None else index.active
+            if bid is None:
+                raise BaselineNotFoundError(f"stream {key} has no active baseline")
+            if bid not in index.versions:
+                raise BaselineNotFoundError(f"stream {key} has no baseline {bid!r}")
+            return self._read_version(key, bid)
+
+    def active_id(self, stream: StreamLike) -> str | None:
+        with self._lock:
+            index = self._load_index(stream_key(stream))
+            return None if index is None else index.active
+
+    def promote(self, stream: StreamLike, baseline_id: str) -> dict[str, Any]:
+        key = stream_key(stream)
+        with self._lock:
+            index = self._require(key)
+            if baseline_id not in index.versions:
+                raise BaselineNotFoundError(f"stream {key} has no baseline {baseline_id!r}")
+            # Refuse to activate a version that does not load (tampered file): fail before switching.
+            self._read_version(key, baseline_id)
+            index.activate(baseline_id)
+            self._store_index(index)
+            return self._describe(index, baseline_id)
+
+    def rollback(self, stream: StreamLike) -> dict[str, Any]:
+        key = stream_key(stream)
+        with self._lock:
+            index = self._require(key)
+            bid = index.rollback()
+            self._read_version(key, bid)
+            self._store_index(index)
+            return self._describe(index, bid)
+
+    def _require(self, key: StreamKey) -> _Index:
+        index = self._load_index(key)
+        if index is None:
+            raise BaselineNotFoundError(f"no baselines for stream {key}")
+        return index
+
+    def _describe(self, index: _Index, bid: str) -> dict[str, Any]:
+        md = dict(self._version_metadata(index.stream, bid))
+        md["stream"] = str(index.stream)
+        md["active"] = bid == index.active
+        return md
+
+
+class BaselineStore(_IndexedStore):
+    """Baselines in a directory (e.g. a persistent volume); see the module docstring for the layout."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        super().__init__()
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def stream_dir(self, stream: StreamLike) -> Path:
+        return self.directory / safe_name(stream)
+
+    def path(self, stream: StreamLike, baseline_id: str) -> Path:
+        """The ``.npz`` file of a version."""
+        return self.stream_dir(stream) / (_file_stem(baseline_id) + ".npz")
+
+    def _load_index(self, key: StreamKey) -> _Index | None:
+        p = self.stream_dir(key) / "index.json"
+        try:
+            doc = json.loads(p.read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError as e:
+            raise BaselineIntegrityError(f"{p}: not valid JSON: {e}") from e
+        if not isinstance(doc, dict) or doc.get("stream") != str(key):
+            raise BaselineIntegrityError(f"{p}: index does not belong to stream {key}")
+        return _Index(key, list(doc.get("versions") or []), doc.get("active"), list(doc.get("previous") or []))
+
+    def _store_index(self, index: _Index) -> None:
+        p = self.stream_dir(index.stream) / "index.json"
+        _atomic_write(p, json.dumps(index.to_json(), indent=2).encode("utf-8") + b"\n")
+
+    def _streams(self) -> builtins.list[StreamKey]:
+        out = []
+        for p in self.directory.glob("*/index.json"):
+            try:
+                doc = json.loads(p.read_bytes())
+                out.append(StreamKey.parse(str(doc["stream"])))
+            except (ValueError, KeyError, TypeError):
+                continue  # not ours
+        return out
+
+    def _write_version(self, key: StreamKey, baseline: Baseline) -> None:
+        save_file(baseline, self.path(key, str(baseline.metadata["baseline_id"])))
+
+    def _read_version(self, key: StreamKey, baseline_id: str) -> Baseline:
+        return load_file(self.path(key, baseline_id))
+
+    def _version_metadata(self, key: StreamKey, baseline_id: str) -> dict[str, Any]:
+        p = self.path(key, baseline_id).with_suffix(".json")
+        try:
+            header = json.loads(p.read_bytes())
+        except FileNotFoundError as e:
+            raise BaselineNotFoundError(f"baseline file missing: {p}") from e
+        except ValueError as e:
+            raise BaselineIntegrityError(f"{p}: not valid JSON: {e}") from e
+        md = header.get("metadata") if isinstance(header, dict) else None
+        if not isinstance(md, dict):
+            raise BaselineIntegrityError(f"{p}: header has no metadata object")
+        return dict(md)
+
+
+class MemoryBaselineStore(_IndexedStore):
+    """The same store in memory (nothing survives a restart). Versions are kept encoded
+    (:func:`encode_baseline`), so a baseline read back is a copy that passed the same checks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._indexes: dict[StreamKey, _Index] = {}
+        self._blobs: dict[tuple[StreamKey, str], bytes] = {}
+        self._meta: dict[tuple[StreamKey, str], dict[str, Any]] = {}
+
+    def _load_index(self, key: StreamKey) -> _Index | None:
+        idx = self._indexes.get(key)
+        if idx is None:
+            return None
+        return _Index(key, list(idx.versions), idx.active, list(idx.previous))
+
+    def _store_index(self, index: _Index) -> None:
+        self._indexes[index.stream] = index
+
+    def _streams(self) -> builtins.list[StreamKey]:
+        return list(self._indexes)
+
+    def _write_version(self, key: StreamKey, baseline: Baseline) -> None:
+        bid = str(baseline.metadata["baseline_id"])
+        self._blobs[(key, bid)] = encode_baseline(baseline)
+        self._meta[(key, bid)] = _metadata(baseline)
+
+    def _read_version(self, key: StreamKey, baseline_id: str) -> Baseline:
+        return decode_baseline(self._blobs[(key, baseline_id)], f"memory:{key}/{baseline_id}")
+
+    def _version_metadata(self, key: StreamKey, baseline_id: str) -> dict[str, Any]:
+        return dict(self._meta[(key, baseline_id)])

@@ -1,0 +1,234 @@
+"""Comparison of two versions of one model over the items both embedded (dual-write migrations).
+
+During a migration producers often write the same item (same ``id``) with the old and the new
+model version. :class:`VersionComparison` (one per model) keeps, per version, a bounded *probe
+set* of vectors keyed by id and compares every pair of versions over the ids they share:
+
+``paired_cosine``
+    mean cosine similarity of the two vectors of each shared id. Only meaningful when both
+    versions have the same dimension (a fine-tune, a re-quantisation); NaN otherwise or without
+    shared ids. 1.0 means the new version embeds exactly like the old one.
+``knn_overlap``
+    for each shared id, its ``k`` nearest neighbours (cosine) among the shared ids under version A
+    and under version B; the mean of ``|A ∩ B| / k``. Works across dimensions: it measures whether
+    the new model keeps the *neighbourhood structure* that retrieval depends on. A rotation of the
+    whole space changes ``paired_cosine`` but leaves ``knn_overlap`` at 1. ``k`` is capped at
+    ``shared_ids - 1``; NaN with fewer than 2 shared ids.
+``dimension_changed``
+    the two versions emit vectors of different dimensions: reported, never an error.
+
+The reference of a pair is the version seen first (the older one).
+
+Bounded memory. Per version at most ``probe_size`` ids are held (``probe_size * dim * 4``
+bytes), and at most ``max_versions`` versions per model (the first one seen, the reference,
+is never evicted; beyond the cap the least recently updated other version is dropped). An id
+held by two or more versions is *pinned*: it stays until the end. Other ids form a ring of the
+most recent ones, evicted first-in first-out to make room. So when a version emits an id that
+another version emitted within its last ``probe_size`` unpinned ids, the pair is caught and kept;
+once ``probe_size`` ids are pinned the probe set is fixed. That is exactly the dual-write case,
+where both versions emit an item at about the same time.
+
+Updates are O(batch) dictionary operations plus one numpy scatter; :meth:`results` is
+vectorised (one Gram matrix per version of a pair, ``argpartition`` for the k nearest) and
+cached until the next update.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+RESULT_KEYS = (
+    "model", "model_version", "reference_version", "paired_cosine", "knn_overlap", "shared_ids",
+    "dimension_changed",
+)
+
+
+class _Probe:
+    """Vectors of one version keyed by id: pinned (shared) rows plus a FIFO ring of recent ones."""
+
+    __slots__ = ("capacity", "dim", "free", "index", "pinned", "rejected", "seq", "unpinned", "vectors")
+
+    def __init__(self, dim: int, capacity: int, seq: int) -> None:
+        self.dim = dim
+        self.capacity = capacity
+        self.vectors = np.zeros((min(capacity, 64), dim), dtype=np.float32)
+        self.index: dict[str, int] = {}
+        self.unpinned: OrderedDict[str, None] = OrderedDict()
+        self.pinned: set[str] = set()
+        self.free: list[int] = []
+        self.rejected = 0  # vectors of another dimension than the version's first one
+        self.seq = seq  # last update sequence number (for eviction of whole versions)
+
+    def _row(self) -> int | None:
+        """A row for a new id: a free one, a new one, or the oldest unpinned id's (evicted)."""
+        if self.free:
+            return self.free.pop()
+        n = len(self.index)
+        if n < self.capacity:
+            if n >= self.vectors.shape[0]:
+                grown = np.zeros((min(self.capacity, 2 * self.vectors.shape[0]), self.dim), dtype=np.float32)
+                grown[: self.vectors.shape[0]] = self.vectors
+                self.vectors = grown
+            return n
+        if self.unpinned:
+            old, _ = self.unpinned.popitem(last=False)
+            return self.index.pop(old)
+        return None
+
+    def pin(self, ident: str) -> None:
+        if ident not in self.pinned:
+            self.pinned.add(ident)
+            self.unpinned.pop(ident, None)
+
+
+class VersionComparison:
+    """Paired cosine and k-NN overlap between the versions of one model; see the module docstring.
+
+    ``VersionComparison(model, probe_size=2000, k=10, max_versions=4)``; the service passes
+    ``detection.version_probe_size`` and ``detection.version_knn_k``.
+    """
+
+    def __init__(self, model: str, probe_size: int = 2000, k: int = 10, max_versions: int = 4) -> None:
+        if probe_size < 2 or k < 1 or max_versions < 2:
+            raise ValueError("probe_size >= 2, k >= 1 and max_versions >= 2 are required")
+        self.model = model
+        self.probe_size = probe_size
+        self.k = k
+        self.max_versions = max_versions
+        # Insertion order = order first seen: the first is the reference of every pair it is in.
+        self._versions: dict[str, _Probe] = {}
+        self._seq = 0
+        self._cache: list[dict[str, Any]] | None = None
+
+    @property
+    def versions(self) -> list[str]:
+        """Versions held, oldest (first seen) first."""
+        return list(self._versions)
+
+    def shared_ids(self, version: str, reference: str) -> list[str]:
+        """Ids held by both versions, in the reference's row order."""
+        a, b = self._versions[reference], self._versions[version]
+        return sorted((i for i in a.index if i in b.index), key=a.index.__getitem__)
+
+    def update(self, model_version: str, ids: Sequence[str | None], vectors: np.ndarray) -> None:
+        """Add a batch of one version; rows whose id is None are ignored."""
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2 or vectors.shape[0] != len(ids) or vectors.shape[1] == 0:
+            raise ValueError("vectors must be (len(ids), dim) with dim > 0")
+        self._seq += 1
+        probe = self._versions.get(model_version)
+        if probe is None:
+            self._evict_version()
+            probe = self._versions[model_version] = _Probe(vectors.shape[1], self.probe_size, self._seq)
+        probe.seq = self._seq
+        if vectors.shape[1] != probe.dim:
+            probe.rejected += sum(1 for i in ids if i is not None)
+            return
+        others = [p for v, p in self._versions.items() if v != model_version]
+        rows: dict[int, int] = {}  # row -> batch position (the last write of a row wins)
+        for pos, ident in enumerate(ids):
+            if ident is None:
+                continue
+            row = probe.index.get(ident)
+            if row is None:
+                row = probe._row()
+                if row is None:
+                    continue  # all rows pinned: the probe set is final
+                probe.index[ident] = row
+                probe.unpinned[ident] = None
+            elif ident in probe.unpinned:
+                probe.unpinned.move_to_end(ident)
+            rows[row] = pos
+            for other in others:
+                if ident in other.index:
+                    other.pin(ident)
+                    probe.pin(ident)
+        if rows:
+            dst = np.fromiter(rows.keys(), dtype=np.int64, count=len(rows))
+            src = np.fromiter(rows.values(), dtype=np.int64, count=len(rows))
+            probe.vectors[dst] = vectors[src]
+            self._cache = None
+
+    def _evict_version(self) -> None:
+        if len(self._versions) < self.max_versions:
+            return
+        names = list(self._versions)[1:]  # never the reference
+        victim = min(names, key=lambda v: self._versions[v].seq)
+        del self._versions[victim]
+        for probe in self._versions.values():
+            # Ids pinned only because of the victim go back to the ring (oldest first).
+            for ident in list(probe.pinned):
+                if not any(ident in p.index for p in self._versions.values() if p is not probe):
+                    probe.pinned.discard(ident)
+                    probe.unpinned[ident] = None
+                    probe.unpinned.move_to_end(ident, last=False)
+        self._cache = None
+
+    def results(self) -> list[dict[str, Any]]:
+        """One dict per pair of versions (newer, older): keys :data:`RESULT_KEYS` plus
+        ``dim`` and ``reference_dim``. Empty while fewer than two versions were seen."""
+        if self._cache is None:
+            names = list(self._versions)
+            out = []
+            for j, version in enumerate(names):
+                for reference in names[:j]:
+                    out.append(self._compare(version, reference))
+            self._cache = out
+        return [dict(r) for r in self._cache]
+
+    def _compare(self, version: str, reference: str) -> dict[str, Any]:
+        a, b = self._versions[reference], self._versions[version]
+        shared = self.shared_ids(version, reference)
+        xa = a.vectors[[a.index[i] for i in shared]].astype(np.float64)
+        xb = b.vectors[[b.index[i] for i in shared]].astype(np.float64)
+        changed = a.dim != b.dim
+        return {
+            "model": self.model,
+            "model_version": version,
+            "reference_version": reference,
+            "paired_cosine": math.nan if changed else paired_cosine(xa, xb),
+            "knn_overlap": knn_overlap(xa, xb, self.k),
+            "shared_ids": len(shared),
+            "dimension_changed": changed,
+            "dim": b.dim,
+            "reference_dim": a.dim,
+        }
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms == 0.0, 1.0, norms)
+
+
+def paired_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean row-wise cosine similarity of two (n, d) arrays; NaN if n == 0 or the dims differ."""
+    if a.shape[0] == 0 or a.shape != b.shape:
+        return math.nan
+    return float(np.mean(np.einsum("ij,ij->i", _unit(a), _unit(b))))
+
+
+def knn_indices(x: np.ndarray, k: int) -> np.ndarray:
+    """(n, k) indices of each row's k nearest other rows by cosine similarity (order not sorted)."""
+    u = _unit(np.asarray(x, dtype=np.float64))
+    sim = u @ u.T
+    np.fill_diagonal(sim, -np.inf)
+    return np.argpartition(-sim, k - 1, axis=1)[:, :k]
+
+
+def knn_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """Mean |kNN_a(i) ∩ kNN_b(i)| / k over the rows (same row = same id; any dims).
+
+    ``k`` is capped at ``n - 1``; NaN when n < 2.
+    """
+    n = a.shape[0]
+    if n < 2 or b.shape[0] != n:
+        return math.nan
+    k = min(k, n - 1)
+    na, nb = knn_indices(a, k), knn_indices(b, k)
+    hits = (na[:, :, None] == nb[:, None, :]).any(axis=2).sum(axis=1)
+    return float(np.mean(hits / k))

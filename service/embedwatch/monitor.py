@@ -1,0 +1,432 @@
+"""Per-stream monitor: window + baseline + detectors + alarm policy (pure, no I/O).
+
+Contract used by the service loop (app.py), the replay command and the exporter::
+
+    monitor = StreamMonitor(key, settings, baseline=None)
+    alarms = monitor.update_embeddings(vectors, ts, latency_s, ids)   # list[Alarm] ("mmd")
+    alarms = monitor.update_queries(top1, n_results, precision_at_k, recall_at_k, latency_s, ts,
+                                    vectors=None)
+    monitor.measures()   # {Metric.measure: float} for every per-stream measure of metrics_catalog
+    monitor.counters()   # {"drift_alarms", "changepoints", "duplicate_ids"}
+    monitor.state()      # JSON-able dict for /api/streams and the replay report
+    monitor.promote_window() -> Baseline   # the current window becomes the active baseline
+    monitor.activate(baseline)             # switch to a stored baseline (promote / rollback)
+
+Lifecycle. Without a baseline, the first ``reference_size`` embedding events are collected (no
+alarm is possible inside them), then a :class:`~embedwatch.baseline.Baseline` is built from them
+and the window starts with the next event (reference events are never in the window). Activating a
+baseline (promotion, rollback) starts a fresh window: window statistics are relative to the
+baseline's centroid, bins and features.
+
+Evaluation. Detectors run after event ``i`` (0-based among the stream's accepted events) when
+``(i + 1) % evaluate_every == 0`` and the window holds at least ``min_window_events`` events. When a
+single update call makes more than ``max_evaluations_per_update`` evaluations due, evenly spaced
+due points are evaluated, always including the last; the window state evaluated at ``i`` is
+exactly the window after event ``i``.
+
+Alarm policy. The stream enters *drifting* when the calibrated MMD^2 test rejects at
+``false_alarm_rate`` (p-value <= false_alarm_rate) AND the effect size ``drift_score`` (debiased
+MMD^2) >= ``effect_size_floor``; it leaves it after ``alarm_end_evaluations`` consecutive
+evaluations with p > 100 * false_alarm_rate or score < floor (hysteresis). Both transitions are
+:class:`Alarm` s (kind "start" / "end"). Page-Hinkley change points on the standardised
+similarity-to-centroid score are recorded separately (``state()["changepoints"]``, counter
+``changepoints``).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from embedwatch.baseline import Baseline
+from embedwatch.config import DetectionSettings
+from embedwatch.detectors import DimensionMeanShift, DistributionShift, DuplicateIds, PageHinkley
+from embedwatch.detectors.mmd import RFFMMD
+from embedwatch.events import StreamKey
+from embedwatch.metrics_catalog import METRICS
+from embedwatch.stats import ks_2samp, moments_from_sums
+from embedwatch.window import Projection, ScalarWindow, Window
+
+#: Every per-stream measure key exported through metrics_catalog (``Metric.measure``).
+MEASURE_KEYS: tuple[str, ...] = tuple(m.measure for m in METRICS if m.measure is not None)
+
+_RECENT = 100
+_QUERY_COLUMNS = ("top1", "n_results", "precision", "recall", "index")
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """A drift alarm transition (or a change point, detector ``"changepoint"``)."""
+
+    stream: str
+    index: int
+    ts: float
+    detector: str
+    score: float
+    p_value: float | None
+    kind: str  # "start" | "end"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["score"] = _json_float(self.score)
+        d["p_value"] = None if self.p_value is None else _json_float(self.p_value)
+        d["ts"] = _json_float(self.ts)
+        return d
+
+
+def _json_float(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+class StreamMonitor:
+    """Window, baseline, detectors and alarm state of one stream. See the module docstring."""
+
+    def __init__(self, key: StreamKey, settings: DetectionSettings, baseline: Baseline | None = None) -> None:
+        self.key = key
+        self.settings = settings
+        self.expected_dim: int | None = None
+        self.events = 0
+        self.query_events = 0
+        self.drifting = False
+        self.baseline: Baseline | None = None
+        self._name = str(key)
+        self._seed_base = [int(settings.seed), zlib.crc32(self._name.encode())]
+        self._generation = 0
+        self._ref_chunks: list[np.ndarray] = []
+        self._ref_ts: list[np.ndarray] = []
+        self._ref_n = 0
+        self._window: Window | None = None
+        self._mmd: RFFMMD | None = None
+        self._dims: DimensionMeanShift | None = None
+        self._sim_shift: DistributionShift | None = None
+        self._norm_shift: DistributionShift | None = None
+        self._ph = self._new_ph()
+        self._dups = DuplicateIds(settings.duplicate_window)
+        self._measures: dict[str, float] = dict.fromkeys(MEASURE_KEYS, math.nan)
+        self._alarms: deque[Alarm] = deque(maxlen=_RECENT)
+        self._changepoints: deque[Alarm] = deque(maxlen=_RECENT)
+        self._drift_alarms = 0
+        self._changepoint_count = 0
+        self._end_streak = 0
+        self._last_eval: tuple[int, float] | None = None
+        self._newest_ts = -math.inf
+        # queries
+        self._qwin = ScalarWindow(_QUERY_COLUMNS, settings.window_events, settings.window_seconds)
+        self._qref: list[np.ndarray] = []
+        self._qref_n = 0
+        self._qref_done: np.ndarray | None = None
+        self._qvec: StreamMonitor | None = None
+        if baseline is not None:
+            self.activate(baseline)
+
+    # ------------------------------------------------------------------ baselines
+    def _new_ph(self) -> PageHinkley:
+        s = self.settings
+        return PageHinkley(min_instances=s.changepoint_min_instances, delta=s.changepoint_delta,
+                           threshold=s.changepoint_threshold, alpha=s.changepoint_alpha, mode="both")
+
+    def activate(self, baseline: Baseline) -> None:
+        """Make ``baseline`` the active one and start a fresh window against it."""
+        if self.drifting and self._last_eval is not None:
+            idx, ts = self._last_eval
+            self._alarms.append(Alarm(self._name, idx, ts, "mmd", math.nan, None, "end"))
+        self.baseline = baseline
+        self.expected_dim = baseline.dim
+        self._generation += 1
+        self._mmd = baseline.mmd()
+        proj: Projection = baseline.projection(self._mmd)
+        self._window = Window(baseline.dim, self.settings, proj, [*self._seed_base, self._generation])
+        self._dims = DimensionMeanShift(baseline.mean, baseline.var, baseline.count, self.settings.dimension_alpha)
+        a = baseline.arrays
+        self._sim_shift = DistributionShift(a["sample_sims"], a["sim_hist"])
+        self._norm_shift = DistributionShift(a["sample_norms"])
+        self._ph = self._new_ph()
+        self.drifting = False
+        self._end_streak = 0
+        self._ref_chunks, self._ref_ts, self._ref_n = [], [], 0
+        for k in ("centroid_cosine_distance", "centroid_euclidean_distance", "similarity_ks_statistic",
+                  "similarity_ks_p_value", "similarity_wasserstein", "similarity_psi",
+                  "similarity_js_divergence", "norm_ks_statistic", "norm_mean_relative_change",
+                  "dimensions_drifted_ratio", "drift_score", "drift_threshold", "drift_p_value",
+                  "changepoint_score"):
+            self._measures[k] = math.nan
+
+    def promote_window(self) -> Baseline:
+        """Build a baseline from the current window (exact moments + its reservoir) and activate it."""
+        if self._window is None:
+            raise ValueError(f"stream {self._name} has no window yet (still collecting its reference)")
+        tot = self._window.totals(with_features=False)
+        sample = self._window.sample()
+        if tot.count < 2 or sample.shape[0] < 2:
+            raise ValueError(f"stream {self._name}: the window is too small to become a baseline")
+        mean, var = moments_from_sums(tot.count, tot.sum, tot.sumsq)
+        b = Baseline.from_statistics(self.key, tot.count, mean, var, sample, tot.max_ts, "window",
+                                     self.settings)
+        self.activate(b)
+        return b
+
+    # ------------------------------------------------------------------ embeddings
+    def update_embeddings(
+        self,
+        vectors: np.ndarray,
+        ts: np.ndarray,
+        latency_s: np.ndarray | None = None,
+        ids: Sequence[str | None] | None = None,
+    ) -> list[Alarm]:
+        """Feed a batch of accepted embedding events of this stream (rows in stream order)."""
+        x = np.asarray(vectors)
+        n = int(x.shape[0]) if x.ndim == 2 else 0
+        if n == 0:
+            return []
+        if x.dtype != np.float32:
+            x = x.astype(np.float32)
+        ts = np.asarray(ts, dtype=np.float64)
+        if self.expected_dim is None:
+            self.expected_dim = int(x.shape[1])
+        elif x.shape[1] != self.expected_dim:
+            raise ValueError(f"stream {self._name}: dimension {x.shape[1]} != expected {self.expected_dim}")
+        if ids is not None:
+            self._dups.update(ids)
+        self._newest_ts = max(self._newest_ts, float(np.max(ts)))
+        first = self.events
+        pos = 0
+        if self.baseline is None:
+            take = min(n, self.settings.reference_size - self._ref_n)
+            self._ref_chunks.append(x[:take].copy())
+            self._ref_ts.append(ts[:take].copy())
+            self._ref_n += take
+            pos = take
+            if self._ref_n >= self.settings.reference_size:
+                ref = np.concatenate(self._ref_chunks)
+                self.activate(Baseline.from_vectors(self.key, ref, np.concatenate(self._ref_ts),
+                                                    "first_events", self.settings))
+        alarms: list[Alarm] = []
+        if pos < n:
+            alarms = self._monitor(x[pos:], ts[pos:], first + pos)
+        self.events += n
+        return alarms
+
+    def _monitor(self, x: np.ndarray, ts: np.ndarray, first: int) -> list[Alarm]:
+        assert self._window is not None and self.baseline is not None
+        w = self._window
+        s = w.projection.summarise(x)
+        self._changepoint_scan(s.sims, ts, first)
+        n = x.shape[0]
+        e = self.settings.evaluate_every
+        first_due = ((first + e) // e) * e - 1
+        due = np.arange(first_due, first + n, e)
+        cap = self.settings.max_evaluations_per_update
+        if due.size > cap:
+            # Evenly spaced, anchored at the last due point (cap == 1: only the last one).
+            due = due[np.unique(np.round(np.linspace(due.size - 1, 0, cap)).astype(np.int64))]
+        alarms: list[Alarm] = []
+        pos = 0
+        for i in due.tolist():
+            end = i - first + 1
+            w.add(x[pos:end], ts[pos:end], first + pos, s.slice(pos, end))
+            pos = end
+            alarm = self._evaluate(i, float(ts[end - 1]))
+            if alarm is not None:
+                alarms.append(alarm)
+        if pos < n:
+            w.add(x[pos:], ts[pos:], first + pos, s.slice(pos, n))
+        return alarms
+
+    def _changepoint_scan(self, sims: np.ndarray, ts: np.ndarray, first: int) -> None:
+        assert self.baseline is not None
+        sd = self.baseline.sim_std
+        z = (sims - self.baseline.sim_mean) / (sd if sd > 0 else 1.0)
+        for off in self._ph.update_many(z).tolist():
+            self._changepoint_count += 1
+            self._changepoints.append(
+                Alarm(self._name, first + off, float(ts[off]), "changepoint",
+                      float(self.settings.changepoint_threshold), None, "start"))
+        self._measures["changepoint_score"] = self._ph.statistic
+
+    def _evaluate(self, index: int, ts: float) -> Alarm | None:
+        assert self._window is not None and self.baseline is not None and self._mmd is not None
+        assert self._dims is not None and self._sim_shift is not None and self._norm_shift is not None
+        s = self.settings
+        tot = self._window.totals()
+        if tot.count < s.min_window_events:
+            return None
+        self._last_eval = (index, ts)
+        m = self._measures
+        b = self.baseline
+        wmean = tot.mean
+        bmean = b.mean
+        denom = float(np.linalg.norm(wmean) * np.linalg.norm(bmean))
+        m["centroid_cosine_distance"] = 1.0 - float(wmean @ bmean) / denom if denom > 0 else math.nan
+        m["centroid_euclidean_distance"] = float(np.linalg.norm(wmean - bmean))
+        sim = self._sim_shift.compare(tot.sims, tot.sim_hist)
+        m["similarity_ks_statistic"] = sim["ks_statistic"]
+        m["similarity_ks_p_value"] = sim["ks_p_value"]
+        m["similarity_wasserstein"] = sim["wasserstein"]
+        m["similarity_psi"] = sim["psi"]
+        m["similarity_js_divergence"] = sim["js"]
+        m["norm_ks_statistic"] = self._norm_shift.compare(tot.norms)["ks_statistic"]
+        bnorm = b.mean_norm
+        m["norm_mean_relative_change"] = (float(tot.norms.mean()) - bnorm) / bnorm if bnorm > 0 else math.nan
+        mean, var = moments_from_sums(tot.count, tot.sum, tot.sumsq)
+        m["dimensions_drifted_ratio"] = self._dims.ratio(tot.count, mean, var)
+        if tot.feature_sum is None or tot.sample_n < 2:
+            return None
+        r = self._mmd.test(tot.feature_sum / tot.sample_n, tot.sample_n, s.false_alarm_rate)
+        m["drift_score"] = r.score
+        m["drift_threshold"] = r.threshold
+        m["drift_p_value"] = r.p_value
+        return self._policy(index, ts, r.score, r.p_value)
+
+    def _policy(self, index: int, ts: float, score: float, p: float) -> Alarm | None:
+        s = self.settings
+        floor = s.effect_size_floor
+        if not self.drifting:
+            if p <= s.false_alarm_rate and score >= floor:
+                self.drifting = True
+                self._end_streak = 0
+                self._drift_alarms += 1
+                alarm = Alarm(self._name, index, ts, "mmd", score, p, "start")
+                self._alarms.append(alarm)
+                return alarm
+            return None
+        if p > 100.0 * s.false_alarm_rate or score < floor:
+            self._end_streak += 1
+            if self._end_streak >= s.alarm_end_evaluations:
+                self.drifting = False
+                self._end_streak = 0
+                alarm = Alarm(self._name, index, ts, "mmd", score, p, "end")
+                self._alarms.append(alarm)
+                return alarm
+        else:
+            self._end_streak = 0
+        return None
+
+    # ------------------------------------------------------------------ queries
+    def update_queries(
+        self,
+        top1: np.ndarray,
+        n_results: np.ndarray,
+        precision_at_k: np.ndarray,
+        recall_at_k: np.ndarray,
+        latency_s: np.ndarray | None,
+        ts: np.ndarray,
+        vectors: np.ndarray | None = None,
+    ) -> list[Alarm]:
+        """Feed a batch of query events. NaN = field absent (no results / no labels).
+
+        The top-1 reference is the finite top-1 scores of the first ``reference_size`` query
+        events; the KS test compares window queries after them. Query embeddings, when given, are
+        monitored by a separate embedding monitor of the same stream (its alarms have detector
+        ``"mmd_query"``), so they never mix with document vectors.
+        """
+        ts = np.asarray(ts, dtype=np.float64)
+        n = int(ts.shape[0])
+        if n == 0:
+            return []
+        top1 = np.asarray(top1, dtype=np.float64)
+        index = self.query_events + np.arange(n, dtype=np.float64)
+        if self._qref_done is None:
+            take = min(n, self.settings.reference_size - self._qref_n)
+            self._qref.append(top1[:take])
+            self._qref_n += take
+            if self._qref_n >= self.settings.reference_size:
+                ref = np.concatenate(self._qref)
+                self._qref_done = np.sort(ref[np.isfinite(ref)])
+                self._qref = []
+        self._qwin.add(ts, top1=top1, n_results=np.asarray(n_results, dtype=np.float64),
+                       precision=np.asarray(precision_at_k, dtype=np.float64),
+                       recall=np.asarray(recall_at_k, dtype=np.float64), index=index)
+        self.query_events += n
+        self._newest_ts = max(self._newest_ts, float(np.max(ts)))
+        self._evaluate_queries()
+        if vectors is None or vectors.ndim != 2 or vectors.shape[1] == 0:
+            return []
+        if self._qvec is None:
+            self._qvec = StreamMonitor(self.key, self.settings)
+        lat = latency_s if latency_s is not None else np.full(n, np.nan)
+        return [replace(a, detector="mmd_query") for a in self._qvec.update_embeddings(vectors, ts, lat)]
+
+    def _evaluate_queries(self) -> None:
+        v = self._qwin.view()
+        m = self._measures
+        top1, nres = v["top1"], v["n_results"]
+        known = np.isfinite(nres)
+        if known.any():
+            no_match = (nres[known] == 0) | (np.nan_to_num(top1[known], nan=-np.inf) < self.settings.no_match_threshold)
+            m["query_no_match_ratio"] = float(no_match.mean())
+            m["query_result_count"] = float(nres[known].mean())
+        for col, key in (("precision", "query_precision_at_k"), ("recall", "query_recall_at_k")):
+            vals = v[col][np.isfinite(v[col])]
+            m[key] = float(vals.mean()) if vals.size else math.nan
+        if self._qref_done is not None and self._qref_done.size:
+            after = (v["index"] >= self.settings.reference_size) & np.isfinite(top1)
+            if after.any():
+                m["query_top1_ks_statistic"], m["query_top1_ks_p_value"] = ks_2samp(top1[after], self._qref_done)
+
+    # ------------------------------------------------------------------ read-out
+    def measures(self, now: float | None = None) -> dict[str, float]:
+        """Every per-stream measure of metrics_catalog (NaN when not computable yet).
+
+        ``baseline_age_seconds`` is measured against ``now`` (default: the newest event ts seen).
+        """
+        m = dict(self._measures)
+        b = self.baseline
+        s = self.settings
+        m["baseline_ready"] = 1.0 if b is not None else 0.0
+        m["baseline_events"] = float(b.count) if b is not None else math.nan
+        ref_now = now if now is not None else self._newest_ts
+        m["baseline_age_seconds"] = (
+            max(0.0, ref_now - b.created_at) if b is not None and math.isfinite(ref_now)
+            and math.isfinite(b.created_at) else math.nan)
+        m["dimension"] = float(self.expected_dim) if self.expected_dim is not None else math.nan
+        m["window_events"] = float(self._window.count) if self._window is not None else 0.0
+        m["drift_effect_floor"] = float(s.effect_size_floor)
+        m["drift_detected"] = 1.0 if self.drifting else 0.0
+        return m
+
+    def counters(self) -> dict[str, int]:
+        return {"drift_alarms": self._drift_alarms, "changepoints": self._changepoint_count,
+                "duplicate_ids": self._dups.total}
+
+    def alarms(self) -> list[Alarm]:
+        """Recent drift alarm transitions (bounded), oldest first."""
+        return list(self._alarms)
+
+    def changepoints(self) -> list[Alarm]:
+        """Recent change points (bounded), oldest first."""
+        return list(self._changepoints)
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able summary: identity, progress, baseline metadata, measures, counters, recent alarms."""
+        b = self.baseline
+        st: dict[str, Any] = {
+            "stream": self._name,
+            "model": self.key.model,
+            "model_version": self.key.model_version,
+            "segment": self.key.segment,
+            "events": self.events,
+            "query_events": self.query_events,
+            "dimension": self.expected_dim,
+            "drifting": self.drifting,
+            "reference_size": self.settings.reference_size,
+            "reference_collected": b is not None or self._ref_n >= self.settings.reference_size,
+            "reference_events": self._ref_n if b is None else b.count,
+            "baseline": None if b is None else {
+                k: (_json_float(v) if isinstance(v, float) else v) for k, v in b.metadata.items()},
+            "last_evaluation": None if self._last_eval is None else {
+                "index": self._last_eval[0], "ts": _json_float(self._last_eval[1])},
+            "measures": {k: _json_float(v) for k, v in self.measures().items()},
+            "counters": self.counters(),
+            "alarms": [a.to_dict() for a in self._alarms],
+            "changepoints": [a.to_dict() for a in self._changepoints],
+        }
+        if self._qvec is not None:
+            st["query_vectors"] = {"events": self._qvec.events, "drifting": self._qvec.drifting,
+                                   "alarms": [a.to_dict() for a in self._qvec._alarms]}
+        return st

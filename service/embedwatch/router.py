@@ -1,0 +1,267 @@
+"""Routing of decoded blocks to per-stream monitors: shared by the live service and ``embedwatch replay``.
+
+The live loop (app.py) and the offline replay (replay.py) must run exactly the same code between
+the decoder and the detectors, so that a replay predicts what the service would have done. This
+module is that code, and it is pure: no I/O, no clock, no Kafka.
+
+For each :class:`~embedwatch.events.DecodedBatch` :meth:`StreamRouter.route`
+
+* orders the blocks by the position of their first message, merges blocks of one stream, kind and
+  dimension (e.g. list and base64 vectors in one batch) back into message order;
+* creates the monitor of a new stream, unless ``limits.max_streams`` monitors are live: the events
+  of a stream beyond the cap are rejected with :attr:`Reason.STREAM_LIMIT`;
+* rejects vectors whose dimension differs from the stream's expected dimension (its baseline's,
+  else the first one seen) with :attr:`Reason.DIMENSION_MISMATCH`;
+* feeds the accepted events to the stream's :class:`~embedwatch.monitor.StreamMonitor`, and the
+  accepted embeddings that carry an ``id`` to the model's
+  :class:`~embedwatch.detectors.version_compare.VersionComparison`;
+* when a :class:`~embedwatch.baseline_store.BaselineRepository` is given, loads the active
+  baseline of a new stream from it, and saves every baseline a monitor builds or is given.
+
+It returns every rejection (the decoder's and its own) and every alarm, and keeps counters of
+rejections per reason and per live stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from embedwatch.baseline import Baseline
+from embedwatch.baseline_store import BaselineIntegrityError, BaselineNotFoundError, BaselineRepository
+from embedwatch.config import DetectionSettings, Settings
+from embedwatch.detectors.version_compare import VersionComparison
+from embedwatch.events import Block, DecodedBatch, Kind, Reason, Rejection, StreamKey
+from embedwatch.monitor import Alarm, StreamMonitor
+
+log = logging.getLogger(__name__)
+
+MonitorFactory = Callable[[StreamKey, DetectionSettings, Baseline | None], StreamMonitor]
+
+
+@dataclass(slots=True)
+class RouteResult:
+    """What one batch did.
+
+    ``rejections``: all rejected events of the batch (decoder's first, then the router's), each with
+    its ``message_index`` in the batch and the payload to dead-letter. ``alarms``: alarms raised by
+    the monitors (``kind`` "start" or "end"). ``accepted``: accepted events per stream and kind.
+    ``new_streams``: streams created by this batch, in creation order.
+    """
+
+    rejections: list[Rejection] = field(default_factory=list)
+    alarms: list[Alarm] = field(default_factory=list)
+    accepted: Counter[tuple[StreamKey, Kind]] = field(default_factory=Counter)
+    new_streams: list[StreamKey] = field(default_factory=list)
+
+
+def _default_factory(key: StreamKey, settings: DetectionSettings, baseline: Baseline | None) -> StreamMonitor:
+    return StreamMonitor(key, settings, baseline)
+
+
+def _concat(blocks: list[Block]) -> Block:
+    """One block from blocks of the same stream, kind and dimension, in message order."""
+    if len(blocks) == 1:
+        return blocks[0]
+    first = blocks[0]
+    msg = np.concatenate([b.message_index for b in blocks])
+    order = np.argsort(msg, kind="stable")
+
+    def cat(arrays: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(arrays)[order]
+
+    def opt(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+        if any(a is None for a in arrays):
+            return None
+        return cat([a for a in arrays if a is not None])
+
+    ids = [i for b in blocks for i in b.ids]
+    payloads = [p for b in blocks for p in b.payloads]
+    return Block(
+        stream=first.stream,
+        kind=first.kind,
+        vectors=cat([b.vectors for b in blocks]),
+        ts=cat([b.ts for b in blocks]),
+        latency_s=cat([b.latency_s for b in blocks]),
+        ids=[ids[i] for i in order],
+        message_index=msg[order],
+        payloads=[payloads[i] for i in order],
+        top1=opt([b.top1 for b in blocks]),
+        n_results=opt([b.n_results for b in blocks]),
+        precision_at_k=opt([b.precision_at_k for b in blocks]),
+        recall_at_k=opt([b.recall_at_k for b in blocks]),
+    )
+
+
+def _merged(blocks: Iterable[Block]) -> list[Block]:
+    groups: dict[tuple[StreamKey, Kind, int], list[Block]] = {}
+    for b in blocks:
+        if b.n:
+            groups.setdefault((b.stream, b.kind, b.dim), []).append(b)
+    merged = [_concat(g) for g in groups.values()]
+    merged.sort(key=lambda b: int(b.message_index[0]))
+    return merged
+
+
+def _reject_all(block: Block, reason: Reason, detail: str) -> list[Rejection]:
+    return [
+        Rejection(int(mi), reason, detail, payload, block.stream)
+        for mi, payload in zip(block.message_index.tolist(), block.payloads, strict=True)
+    ]
+
+
+class StreamRouter:
+    """Monitors per :class:`StreamKey`, version comparisons per model, and the routing between them.
+
+    ``settings``: the full service settings (``limits.max_streams`` and ``detection`` are used).
+    ``baselines``: optional repository; the active baseline of a new stream is loaded from it, and
+    baselines built by the monitors (after ``detection.reference_size`` events) are saved to it.
+    ``monitor_factory``: how to build a monitor (tests); default ``StreamMonitor(key, detection, baseline)``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        baselines: BaselineRepository | None = None,
+        monitor_factory: MonitorFactory | None = None,
+    ) -> None:
+        self.settings = settings
+        self.detection = settings.detection
+        self.max_streams = settings.limits.max_streams
+        self.baselines = baselines
+        self._factory: MonitorFactory = monitor_factory or _default_factory
+        self.monitors: dict[StreamKey, StreamMonitor] = {}
+        self.comparisons: dict[str, VersionComparison] = {}
+        self.rejected: Counter[str] = Counter()
+        self.stream_rejected: dict[StreamKey, Counter[str]] = {}
+        # Dimension accepted for a stream whose monitor does not know it yet (same batch).
+        self._dims: dict[StreamKey, int] = {}
+        # baseline_id last persisted (or loaded) per stream, so a baseline is saved once.
+        self._saved: dict[StreamKey, str] = {}
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.monitors)
+
+    def get(self, key: StreamKey) -> StreamMonitor | None:
+        return self.monitors.get(key)
+
+    def expected_dim(self, key: StreamKey) -> int | None:
+        mon = self.monitors.get(key)
+        if mon is not None and mon.expected_dim is not None:
+            return int(mon.expected_dim)
+        return self._dims.get(key)
+
+    def version_results(self) -> list[dict[str, Any]]:
+        """Version comparison results of every model (see ``VersionComparison.results``)."""
+        out: list[dict[str, Any]] = []
+        for model in sorted(self.comparisons):
+            out.extend(self.comparisons[model].results())
+        return out
+
+    # -- mutation -----------------------------------------------------------------------------
+
+    def monitor_for(self, key: StreamKey) -> StreamMonitor | None:
+        """The monitor of ``key``, created if the stream cap allows; None when the cap is reached."""
+        mon = self.monitors.get(key)
+        if mon is not None:
+            return mon
+        if len(self.monitors) >= self.max_streams:
+            return None
+        baseline: Baseline | None = None
+        if self.baselines is not None:
+            try:
+                baseline = self.baselines.get(key)
+            except BaselineNotFoundError:
+                baseline = None
+            except (BaselineIntegrityError, OSError) as e:
+                # A damaged stored baseline must not stop the service: the stream builds a new one.
+                log.error("stream %s: cannot load its stored baseline (%s); building a new one", key, e)
+                baseline = None
+        mon = self._factory(key, self.detection, baseline)
+        self.monitors[key] = mon
+        self.stream_rejected[key] = Counter()
+        if baseline is not None:
+            self._saved[key] = str(baseline.metadata["baseline_id"])
+        return mon
+
+    def mark_saved(self, key: StreamKey, baseline_id: str) -> None:
+        """Record that ``baseline_id`` is already in the repository (promote / rollback through the
+        API), so the router does not save it again."""
+        self._saved[key] = baseline_id
+
+    def remove(self, key: StreamKey) -> None:
+        """Forget a stream (e.g. idle eviction); frees its slot under ``max_streams``."""
+        self.monitors.pop(key, None)
+        self.stream_rejected.pop(key, None)
+        self._dims.pop(key, None)
+        self._saved.pop(key, None)
+
+    def route(self, batch: DecodedBatch) -> RouteResult:
+        """Validate and dispatch one decoded batch; see the module docstring."""
+        res = RouteResult(rejections=list(batch.rejections))
+        for block in _merged(batch.blocks):
+            key = block.stream
+            is_new = key not in self.monitors
+            mon = self.monitor_for(key)
+            if mon is None:
+                res.rejections.extend(_reject_all(
+                    block, Reason.STREAM_LIMIT, f"stream {key} beyond limits.max_streams={self.max_streams}"
+                ))
+                continue
+            if is_new:
+                res.new_streams.append(key)
+            if block.dim:
+                expected = self.expected_dim(key)
+                if expected is not None and block.dim != expected:
+                    res.rejections.extend(_reject_all(
+                        block, Reason.DIMENSION_MISMATCH,
+                        f"embedding of {block.dim} dims, stream {key} expects {expected}",
+                    ))
+                    continue
+                self._dims.setdefault(key, block.dim)
+            if block.kind is Kind.QUERY:
+                assert block.top1 is not None and block.n_results is not None
+                assert block.precision_at_k is not None and block.recall_at_k is not None
+                alarms = mon.update_queries(
+                    block.top1, block.n_results, block.precision_at_k, block.recall_at_k,
+                    block.latency_s, block.ts, block.vectors if block.dim else None,
+                )
+            else:
+                alarms = mon.update_embeddings(block.vectors, block.ts, block.latency_s, block.ids)
+                if any(i is not None for i in block.ids):
+                    comp = self.comparisons.get(key.model)
+                    if comp is None:
+                        comp = self.comparisons[key.model] = VersionComparison(
+                            key.model, self.detection.version_probe_size, self.detection.version_knn_k
+                        )
+                    comp.update(key.model_version, block.ids, block.vectors)
+            res.alarms.extend(alarms)
+            res.accepted[(key, block.kind)] += block.n
+            self._persist(key, mon)
+        for r in res.rejections:
+            self.rejected[r.reason.value] += 1
+            if r.stream is not None:
+                per_stream = self.stream_rejected.get(r.stream)
+                if per_stream is not None:
+                    per_stream[r.reason.value] += 1
+        return res
+
+    def _persist(self, key: StreamKey, mon: StreamMonitor) -> None:
+        if self.baselines is None or mon.baseline is None:
+            return
+        bid = str(mon.baseline.metadata["baseline_id"])
+        if self._saved.get(key) != bid:
+            try:
+                self.baselines.save(mon.baseline, activate=True)
+            except (OSError, ValueError) as e:
+                # Retried with the next batch of the stream; detection goes on meanwhile.
+                log.error("stream %s: cannot save baseline %s: %s", key, bid, e)
+                return
+            self._saved[key] = bid

@@ -1,0 +1,431 @@
+"""Rolling windows of mergeable sufficient statistics (pure numpy, no I/O).
+
+A :class:`Window` is a ring of at most ``buckets`` :class:`Bucket` s. Each bucket summarises a run
+of consecutive events of one stream:
+
+* ``count``, per-dimension ``sum`` and ``sumsq`` (float64 accumulators),
+* histograms of the cosine similarity to the baseline centroid and of the vector norm over the
+  baseline's quantile bins (integer counts),
+* the per-event similarity and norm scalars themselves (8 bytes per event each, bounded by the
+  window's count bound; they make the KS/Wasserstein tests exact),
+* a bounded uniform reservoir of the vectors (Algorithm R, vectorised per batch) for sample-based
+  tests, with the stream index of each sampled event,
+* ``min_ts`` / ``max_ts``.
+
+All of these merge exactly: :func:`merge_buckets` gives the statistics of the union (counts,
+sums, histograms exactly; the reservoir is a uniform sample of the union, drawn with a
+hypergeometric split).
+
+Bounds. A bucket holds at most ``window_events // buckets`` events and spans at most
+``window_seconds / buckets`` seconds (from its first event); a new one is opened when it is full,
+and the oldest bucket is dropped when the ring already has ``buckets`` of them (count bound: at
+most ``window_events`` events, at least ``window_events - window_events // buckets`` once warm).
+Buckets whose newest event is older than ``newest_ts - window_seconds`` are evicted (time bound).
+
+Cost. An update is a handful of vectorised numpy calls per batch plus a few per bucket touched:
+O(d) per event. Evaluation (:meth:`Window.totals`) is O(buckets * d + window events) plus the
+random-feature map of the reservoir rows of buckets that changed since the last evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from embedwatch.config import DetectionSettings
+
+FeatureSum = Callable[[np.ndarray], np.ndarray]
+
+
+class Summary(NamedTuple):
+    """Per-event quantities of a batch, computed once per batch by :meth:`Projection.summarise`."""
+
+    x64: np.ndarray  # (n, d) float64 copy of the vectors (for float64 accumulators)
+    norms: np.ndarray  # (n,) float64
+    sims: np.ndarray  # (n,) float64 cosine similarity to the baseline centroid
+    sim_bins: np.ndarray  # (n,) int64 bin index
+    norm_bins: np.ndarray  # (n,) int64 bin index
+
+    def slice(self, a: int, b: int) -> Summary:
+        return Summary(self.x64[a:b], self.norms[a:b], self.sims[a:b], self.sim_bins[a:b], self.norm_bins[a:b])
+
+
+@dataclass(frozen=True)
+class Projection:
+    """What a window needs from the active baseline to summarise events.
+
+    ``sim_edges`` / ``norm_edges`` are interior bin edges (see
+    :func:`embedwatch.stats.quantile_edges`); ``feature_sum`` maps reservoir rows to the sum of
+    their random-Fourier feature vectors (``None``: no multivariate test).
+    """
+
+    centroid_unit: np.ndarray
+    sim_edges: np.ndarray
+    norm_edges: np.ndarray
+    feature_sum: FeatureSum | None = None
+
+    @property
+    def sim_bins(self) -> int:
+        return int(self.sim_edges.shape[0] + 1)
+
+    @property
+    def norm_bins(self) -> int:
+        return int(self.norm_edges.shape[0] + 1)
+
+    def summarise(self, x: np.ndarray) -> Summary:
+        """Norms, similarities and bin indices of a ``(n, d)`` float32 batch: a few BLAS calls."""
+        x = np.asarray(x)
+        x64 = x.astype(np.float64)
+        norms = np.sqrt(np.einsum("ij,ij->i", x64, x64))
+        dots = x64 @ self.centroid_unit.astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sims = np.where(norms > 0, dots / norms, 0.0)
+        sim_bins = np.searchsorted(self.sim_edges, sims, side="right")
+        norm_bins = np.searchsorted(self.norm_edges, norms, side="right")
+        return Summary(x64, norms, sims, sim_bins, norm_bins)
+
+
+class Bucket:
+    """Mergeable sufficient statistics of a run of events (see the module docstring)."""
+
+    __slots__ = (
+        "_feat_sum",
+        "_feat_version",
+        "_norms",
+        "_sims",
+        "_version",
+        "capacity",
+        "closed",
+        "count",
+        "max_ts",
+        "min_ts",
+        "norm_hist",
+        "res_index",
+        "res_n",
+        "reservoir",
+        "rng",
+        "sim_hist",
+        "start_ts",
+        "sum",
+        "sumsq",
+    )
+
+    def __init__(
+        self,
+        dim: int,
+        sim_bins: int,
+        norm_bins: int,
+        reservoir_size: int,
+        capacity: int,
+        rng: np.random.Generator,
+    ) -> None:
+        self.capacity = int(capacity)
+        self.count = 0
+        self.sum = np.zeros(dim, dtype=np.float64)
+        self.sumsq = np.zeros(dim, dtype=np.float64)
+        self.sim_hist = np.zeros(sim_bins, dtype=np.int64)
+        self.norm_hist = np.zeros(norm_bins, dtype=np.int64)
+        self.min_ts = math.inf
+        self.max_ts = -math.inf
+        self.start_ts = math.nan
+        self._sims = np.empty(self.capacity, dtype=np.float64)
+        self._norms = np.empty(self.capacity, dtype=np.float64)
+        self.reservoir = np.empty((reservoir_size, dim), dtype=np.float32)
+        self.res_index = np.full(reservoir_size, -1, dtype=np.int64)
+        self.res_n = 0
+        self.rng = rng
+        self.closed = False
+        self._version = 0
+        self._feat_version = -1
+        self._feat_sum: np.ndarray | None = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.sum.shape[0])
+
+    @property
+    def reservoir_size(self) -> int:
+        return int(self.reservoir.shape[0])
+
+    @property
+    def sims(self) -> np.ndarray:
+        return self._sims[: self.count]
+
+    @property
+    def norms(self) -> np.ndarray:
+        return self._norms[: self.count]
+
+    @property
+    def sample(self) -> np.ndarray:
+        """The reservoir rows in use (a uniform sample of the bucket's vectors)."""
+        return self.reservoir[: self.res_n]
+
+    def add(self, x: np.ndarray, s: Summary, ts: np.ndarray, first_index: int) -> None:
+        """Add a run of events (``count + len(x) <= capacity``); ``first_index`` = stream index of x[0]."""
+        n = x.shape[0]
+        if n == 0:
+            return
+        if self.count + n > self.capacity:
+            raise ValueError("bucket overflow")
+        if self.count == 0:
+            self.start_ts = float(ts[0])
+        self.sum += s.x64.sum(axis=0)
+        self.sumsq += np.einsum("ij,ij->j", s.x64, s.x64)
+        self.sim_hist += np.bincount(s.sim_bins, minlength=self.sim_hist.shape[0])
+        self.norm_hist += np.bincount(s.norm_bins, minlength=self.norm_hist.shape[0])
+        self.min_ts = min(self.min_ts, float(ts.min()))
+        self.max_ts = max(self.max_ts, float(ts.max()))
+        self._sims[self.count : self.count + n] = s.sims
+        self._norms[self.count : self.count + n] = s.norms
+        self._sample_into(x, self.count, first_index)
+        self.count += n
+
+    def _sample_into(self, x: np.ndarray, seen: int, first_index: int) -> None:
+        """Vectorised Algorithm R: event t (0-based in the bucket) lands in slot t if t < k, else in
+        slot j ~ U{0..t} when j < k; a later event overwrites an earlier one in the same slot."""
+        k = self.reservoir_size
+        n = x.shape[0]
+        t = seen + np.arange(n)
+        fill = t < k
+        rest = np.flatnonzero(~fill)
+        slots_fill = t[fill]
+        rows_fill = np.flatnonzero(fill)
+        if rest.size:
+            j = self.rng.integers(0, t[rest] + 1)
+            keep = j < k
+            slots = np.concatenate([slots_fill, j[keep]])
+            rows = np.concatenate([rows_fill, rest[keep]])
+        else:
+            slots, rows = slots_fill, rows_fill
+        if slots.size == 0:
+            return
+        # Last writer wins: keep, per slot, the latest row (rows are in increasing order).
+        uniq, pos_rev = np.unique(slots[::-1], return_index=True)
+        rows = rows[::-1][pos_rev]
+        self.reservoir[uniq] = x[rows]
+        self.res_index[uniq] = first_index + rows
+        self.res_n = min(k, seen + n)
+        self._version += 1
+
+    def feature_sum(self, fn: FeatureSum) -> np.ndarray:
+        """Sum of the random features of the reservoir rows, cached until the reservoir changes."""
+        if self._feat_sum is None or self._feat_version != self._version:
+            self._feat_sum = fn(self.sample)
+            self._feat_version = self._version
+        return self._feat_sum
+
+
+def merge_buckets(a: Bucket, b: Bucket, rng: np.random.Generator | None = None) -> Bucket:
+    """Statistics of the union of two buckets (a new bucket; ``a`` and ``b`` are unchanged).
+
+    Counts, sums, sums of squares, histograms and ts bounds are exact. The reservoir (size
+    ``max(k_a, k_b)``) is a uniform sample of the union: the number of rows taken from ``a`` is
+    hypergeometric(|A|, |B|, size), then uniform subsets of each side's reservoir.
+    """
+    rng = rng if rng is not None else a.rng
+    k = max(a.reservoir_size, b.reservoir_size)
+    out = Bucket(a.dim, a.sim_hist.shape[0], a.norm_hist.shape[0], k, a.count + b.count, rng)
+    out.count = a.count + b.count
+    out.sum = a.sum + b.sum
+    out.sumsq = a.sumsq + b.sumsq
+    out.sim_hist = a.sim_hist + b.sim_hist
+    out.norm_hist = a.norm_hist + b.norm_hist
+    out.min_ts = min(a.min_ts, b.min_ts)
+    out.max_ts = max(a.max_ts, b.max_ts)
+    out.start_ts = a.start_ts if a.count else b.start_ts
+    out._sims[:] = np.concatenate([a.sims, b.sims])
+    out._norms[:] = np.concatenate([a.norms, b.norms])
+    size = min(k, out.count)
+    if size:
+        from_a = int(rng.hypergeometric(a.count, b.count, size)) if a.count and b.count else (
+            size if a.count else 0)
+        ia = rng.choice(a.res_n, size=from_a, replace=False) if from_a else np.zeros(0, dtype=np.int64)
+        ib = (rng.choice(b.res_n, size=size - from_a, replace=False) if size - from_a
+              else np.zeros(0, dtype=np.int64))
+        out.reservoir[:size] = np.concatenate([a.reservoir[ia], b.reservoir[ib]])
+        out.res_index[:size] = np.concatenate([a.res_index[ia], b.res_index[ib]])
+    out.res_n = size
+    out.closed = True
+    return out
+
+
+@dataclass
+class WindowTotals:
+    """The merged statistics of every bucket of a window (what detectors evaluate)."""
+
+    count: int
+    sum: np.ndarray
+    sumsq: np.ndarray
+    sim_hist: np.ndarray
+    norm_hist: np.ndarray
+    sims: np.ndarray
+    norms: np.ndarray
+    sample_n: int
+    feature_sum: np.ndarray | None
+    min_ts: float
+    max_ts: float
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / max(self.count, 1)
+
+
+class Window:
+    """Count- and time-bounded rolling window of one stream: a ring of :class:`Bucket` s.
+
+    Parameters
+    ----------
+    dim
+        Vector dimension.
+    settings
+        ``window_events``, ``window_seconds``, ``buckets`` and ``reservoir_per_bucket`` are used.
+    projection
+        Centroid, histogram edges and feature map of the active baseline.
+    seed
+        Seed of the reservoir sampling.
+    """
+
+    def __init__(
+        self, dim: int, settings: DetectionSettings, projection: Projection, seed: int | Sequence[int]
+    ) -> None:
+        self.dim = int(dim)
+        self.projection = projection
+        self.max_buckets = int(settings.buckets)
+        self.capacity = max(1, int(settings.window_events) // self.max_buckets)
+        self.span = float(settings.window_seconds) / self.max_buckets
+        self.window_seconds = float(settings.window_seconds)
+        self.reservoir_size = int(settings.reservoir_per_bucket)
+        self.buckets: deque[Bucket] = deque()
+        self.newest_ts = -math.inf
+        self.rng = np.random.default_rng(seed)
+
+    def __iter__(self) -> Iterator[Bucket]:
+        return iter(self.buckets)
+
+    @property
+    def count(self) -> int:
+        return sum(b.count for b in self.buckets)
+
+    def _new_bucket(self) -> Bucket:
+        if len(self.buckets) >= self.max_buckets:
+            self.buckets.popleft()
+        b = Bucket(self.dim, self.projection.sim_bins, self.projection.norm_bins, self.reservoir_size,
+                   self.capacity, self.rng)
+        self.buckets.append(b)
+        return b
+
+    def add(self, x: np.ndarray, ts: np.ndarray, first_index: int, summary: Summary | None = None) -> None:
+        """Add a batch (rows in stream order). ``summary`` may be passed if already computed."""
+        n = x.shape[0]
+        if n == 0:
+            return
+        s = summary if summary is not None else self.projection.summarise(x)
+        pos = 0
+        while pos < n:
+            b = self.buckets[-1] if self.buckets else None
+            if b is None or b.closed or b.count >= b.capacity:
+                if b is not None:
+                    b.closed = True
+                b = self._new_bucket()
+            room = b.capacity - b.count
+            seg_ts = ts[pos : pos + room]
+            limit = (b.start_ts if b.count else float(seg_ts[0])) + self.span
+            over = seg_ts > limit
+            k = int(np.argmax(over)) if over.any() else seg_ts.shape[0]
+            if k == 0:
+                b.closed = True
+                continue
+            b.add(x[pos : pos + k], s.slice(pos, pos + k), seg_ts[:k], first_index + pos)
+            pos += k
+            if k < seg_ts.shape[0]:
+                b.closed = True
+        self.newest_ts = max(self.newest_ts, float(ts.max()))
+        self.evict()
+
+    def evict(self, now: float | None = None) -> None:
+        """Drop buckets whose newest event is older than ``now - window_seconds`` (default: newest ts)."""
+        ref = self.newest_ts if now is None else max(now, self.newest_ts)
+        limit = ref - self.window_seconds
+        while self.buckets and self.buckets[0].max_ts < limit:
+            self.buckets.popleft()
+
+    def sample(self) -> np.ndarray:
+        """All reservoir rows of the window, oldest bucket first."""
+        if not self.buckets:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate([b.sample for b in self.buckets])
+
+    def totals(self, with_features: bool = True) -> WindowTotals:
+        """Merge every bucket (O(buckets * d)); with ``with_features`` also the random-feature sum."""
+        bs = list(self.buckets)
+        p = self.projection
+        if not bs:
+            return WindowTotals(0, np.zeros(self.dim), np.zeros(self.dim), np.zeros(p.sim_bins, np.int64),
+                                np.zeros(p.norm_bins, np.int64), np.zeros(0), np.zeros(0), 0, None,
+                                math.nan, math.nan)
+        fsum = None
+        if with_features and p.feature_sum is not None:
+            fn = p.feature_sum
+            fsum = np.sum([b.feature_sum(fn) for b in bs], axis=0)
+        return WindowTotals(
+            count=sum(b.count for b in bs),
+            sum=np.sum([b.sum for b in bs], axis=0),
+            sumsq=np.sum([b.sumsq for b in bs], axis=0),
+            sim_hist=np.sum([b.sim_hist for b in bs], axis=0),
+            norm_hist=np.sum([b.norm_hist for b in bs], axis=0),
+            sims=np.concatenate([b.sims for b in bs]),
+            norms=np.concatenate([b.norms for b in bs]),
+            sample_n=sum(b.res_n for b in bs),
+            feature_sum=fsum,
+            min_ts=min(b.min_ts for b in bs),
+            max_ts=max(b.max_ts for b in bs),
+        )
+
+
+class ScalarWindow:
+    """Count- and time-bounded window of per-event scalar columns (query events).
+
+    A fixed ring of ``capacity`` rows per column, written with one vectorised assignment per batch;
+    the time bound (``seconds`` before the newest ts) is applied when reading.
+
+    >>> w = ScalarWindow(("top1",), capacity=3, seconds=10.0)
+    >>> w.add(np.array([0.0, 1.0, 2.0, 3.0]), top1=np.array([0.1, 0.2, 0.3, 0.4]))
+    >>> w.view()["top1"].tolist()
+    [0.2, 0.3, 0.4]
+    >>> w.add(np.array([20.0]), top1=np.array([0.9]))
+    >>> w.view()["top1"].tolist()
+    [0.9]
+    """
+
+    def __init__(self, columns: Sequence[str], capacity: int, seconds: float) -> None:
+        self.capacity = int(capacity)
+        self.seconds = float(seconds)
+        self._cols = {c: np.full(self.capacity, np.nan) for c in (*columns, "ts")}
+        self._head = 0
+        self._size = 0
+        self.newest_ts = -math.inf
+
+    def add(self, ts: np.ndarray, **columns: np.ndarray) -> None:
+        n = ts.shape[0]
+        if n == 0:
+            return
+        data: Mapping[str, np.ndarray] = {**columns, "ts": ts}
+        start = max(0, n - self.capacity)
+        idx = (self._head + np.arange(n - start)) % self.capacity
+        for name, col in self._cols.items():
+            col[idx] = np.asarray(data[name], dtype=np.float64)[start:]
+        self._head = int((self._head + n - start) % self.capacity)
+        self._size = min(self.capacity, self._size + n - start)
+        self.newest_ts = max(self.newest_ts, float(np.max(ts)))
+
+    def view(self) -> dict[str, np.ndarray]:
+        """Rows inside both bounds, oldest first."""
+        idx = (self._head - self._size + np.arange(self._size)) % self.capacity
+        ts = self._cols["ts"][idx]
+        keep = idx[ts >= self.newest_ts - self.seconds]
+        return {name: col[keep] for name, col in self._cols.items()}

@@ -1,0 +1,235 @@
+"""Issue acceptance for ingest, against the real broker: every event accounted for, crash and
+SIGTERM behaviour, startup config errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from embedwatch.produce import EventGenerator, GeneratorConfig
+from service_proc import BIN, ServiceProcess, metric_sum
+
+pytestmark = pytest.mark.integration
+
+DIM = 32
+BAD_PER_REASON = 60
+
+
+def _config(bootstrap: str, prefix: str, **over: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "kafka": {"bootstrap_servers": bootstrap, "group_id": f"{prefix}-group",
+                  "embeddings_topic": f"{prefix}-embeddings", "queries_topic": f"{prefix}-queries",
+                  "max_poll_records": 500, "session_timeout_ms": 6000},
+        "limits": {"max_streams": 3},
+        "detection": {"reference_size": 200, "window_events": 200},
+        "state": {"backend": "none"},
+    }
+    for section, values in over.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+def _send(producer: KafkaProducer, topic: str, items: list[tuple[bytes | None, bytes]]) -> None:
+    for key, value in items:
+        producer.send(topic, key=key, value=value)
+    producer.flush(timeout=60)
+
+
+def _bad_messages() -> list[tuple[str, bytes | None, bytes]]:
+    """(expected reason, key, bytes): BAD_PER_REASON single-event messages per reason code."""
+    out: list[tuple[str, bytes | None, bytes]] = []
+    k0 = b"model-0/v1/default"
+    for i in range(BAD_PER_REASON):
+        good = {"model": "model-0", "model_version": "v1", "id": f"bad-{i}"}
+        out += [
+            ("invalid_json", k0, b'{"model": "model-0", "embedding": [1, 2' + str(i).encode()),
+            ("schema", k0, orjson.dumps({"model_version": "v1", "embedding": [0.1] * DIM, "n": i})),
+            ("non_finite", k0, json.dumps({**good, "embedding": [float("nan")] + [0.1] * (DIM - 1)}).encode()),
+            ("zero_vector", k0, orjson.dumps({**good, "embedding": [0.0] * DIM})),
+            ("dimension_mismatch", k0, orjson.dumps({**good, "embedding": [0.1] * (DIM * 2)})),
+            ("stream_limit", f"overflow-{i}".encode(),
+             orjson.dumps({"model": f"overflow-{i}", "model_version": "v1", "embedding": [0.1] * DIM})),
+        ]
+    return out
+
+
+def _read_all(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> list[Any]:
+    c = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
+                      consumer_timeout_ms=3000)
+    parts = [TopicPartition(topic, p) for p in (c.partitions_for_topic(topic) or [])]
+    c.assign(parts)
+    c.seek_to_beginning(*parts)
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = c.poll(timeout_ms=1000)
+        for recs in batch.values():
+            out.extend(recs)
+        if not batch and len(out) >= expected:
+            break
+    c.close()
+    return out
+
+
+def _ledger(m: dict[str, Any], outcome: str) -> float:
+    return metric_sum(m, "embedwatch_consumed_events_total", outcome=outcome)
+
+
+def _drained(total: int):
+    return lambda m: _ledger(m, "accepted") + _ledger(m, "dead_lettered") >= total
+
+
+def test_every_event_is_accounted_for(kafka_bootstrap: str, unique_topics, fresh_topic_prefix: str,
+                                      tmp_path: Path) -> None:
+    emb, qry, emb_dlq, _ = unique_topics("embeddings", "queries", "embeddings.dlq", "queries.dlq",
+                                         partitions=3)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=10)
+    gen = EventGenerator(GeneratorConfig(streams=3, dim=DIM, seed=7))
+    svc = ServiceProcess(tmp_path, _config(kafka_bootstrap, fresh_topic_prefix)).start()
+    try:
+        # Phase 1: the three streams exist (so the overflow streams are the ones beyond the cap).
+        first = gen.messages(300)
+        _send(producer, emb, first)
+        svc.wait_for(lambda m: metric_sum(m, "embedwatch_streams") == 3, what="3 streams")
+        # Phase 2: good events (some as JSON arrays), query events, and bad ones of every reason.
+        bad = _bad_messages()
+        good = gen.messages(10_000 - 300 - len(bad) - 500)
+        arrays = [(None, b"[" + b",".join(v for _, v in good[i:i + 5]) + b"]") for i in range(0, 500, 5)]
+        singles = good[500:]
+        queries = [(b"model-1/v1/default", orjson.dumps({
+            "model": "model-1", "model_version": "v1", "query_id": f"q{i}",
+            "results": [{"id": "d1", "score": 0.8}, {"id": "d2", "score": 0.4}], "relevant_ids": ["d2"]}))
+            for i in range(500)]
+        _send(producer, emb, singles[: len(singles) // 2] + [(k, v) for _, k, v in bad] + arrays
+              + singles[len(singles) // 2:])
+        _send(producer, qry, queries)
+        produced = len(first) + len(singles) + len(bad) + 500 + len(queries)
+        assert produced == 10_000
+        m = svc.wait_for(_drained(produced), what="all events accounted")
+        time.sleep(1.0)
+        m = svc.metrics()
+        accepted, dead = _ledger(m, "accepted"), _ledger(m, "dead_lettered")
+        assert accepted + dead == produced
+        assert dead == len(bad)
+        by_reason = {r: metric_sum(m, "embedwatch_events_rejected_total", reason=r) for r in
+                     ("invalid_json", "schema", "non_finite", "zero_vector", "dimension_mismatch", "stream_limit")}
+        assert by_reason == dict.fromkeys(by_reason, BAD_PER_REASON)
+        assert metric_sum(m, "embedwatch_events_total") == accepted
+        assert metric_sum(m, "embedwatch_events_total", kind="query") == 500
+
+        expected = {v: r for r, _, v in bad}
+        dlq = _read_all(kafka_bootstrap, emb_dlq, len(bad))
+        assert len(dlq) == len(bad)
+        seen: Counter[str] = Counter()
+        for rec in dlq:
+            headers = {k: v for k, v in rec.headers}
+            reason = headers["embedwatch-error"].decode()
+            assert rec.value in expected, "the dead letter must carry the original bytes"
+            assert expected[rec.value] == reason
+            assert headers["embedwatch-source-topic"].decode() == emb
+            assert int(headers["embedwatch-source-offset"]) >= 0
+            assert headers["embedwatch-error-detail"]
+            seen[reason] += 1
+        assert seen == dict.fromkeys(by_reason, BAD_PER_REASON)
+    finally:
+        svc.close()
+        producer.close()
+
+
+def test_kill_9_and_restart_reconciles(kafka_bootstrap: str, unique_topics, fresh_topic_prefix: str,
+                                       tmp_path: Path) -> None:
+    emb, _, emb_dlq, _ = unique_topics("embeddings", "queries", "embeddings.dlq", "queries.dlq", partitions=3)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=10)
+    gen = EventGenerator(GeneratorConfig(streams=3, dim=DIM, seed=3))
+    cfg = _config(kafka_bootstrap, fresh_topic_prefix, kafka={"max_poll_records": 200})
+    total = 0
+    msgs = gen.messages(30_000)
+    # A zero vector every 100 events: dead letters must reconcile too.
+    msgs = [(k, orjson.dumps({"model": "model-0", "model_version": "v1", "embedding": [0.0] * DIM}))
+            if i % 100 == 99 else (k, v) for i, (k, v) in enumerate(msgs)]
+    _send(producer, emb, msgs)
+    total = len(msgs)
+    n_bad = sum(1 for i in range(total) if i % 100 == 99)
+    svc = ServiceProcess(tmp_path, cfg, "a").start()
+    replayed_total = 0.0
+    try:
+        for round_ in range(2):
+            svc.wait_for(lambda m, r=round_: _ledger(m, "accepted") + _ledger(m, "dead_lettered")
+                         > (r + 1) * total / 4, what="progress")
+            svc.kill()
+            svc = ServiceProcess(tmp_path, cfg, f"b{round_}").start()
+        m = svc.wait_for(_drained(total), what="drained after restarts")
+        time.sleep(1.0)
+        m = svc.metrics()
+        assert _ledger(m, "accepted") + _ledger(m, "dead_lettered") == total
+        assert _ledger(m, "dead_lettered") == n_bad
+        replayed_total = metric_sum(m, "embedwatch_events_replayed_total")
+        assert "embedwatch_events_replayed_total" in m, "the replay count must be exported"
+        # At most one uncommitted batch per partition per kill.
+        assert replayed_total <= 2 * 3 * 200
+        # The dead-letter topic may hold a replayed batch's letters twice; unique ones reconcile.
+        dlq = _read_all(kafka_bootstrap, emb_dlq, n_bad)
+        unique = {(dict(r.headers)["embedwatch-source-partition"], dict(r.headers)["embedwatch-source-offset"])
+                  for r in dlq}
+        assert len(unique) == n_bad
+        assert len(dlq) - n_bad <= replayed_total
+    finally:
+        svc.close()
+        producer.close()
+
+
+def test_sigterm_commits_and_restart_resumes(kafka_bootstrap: str, unique_topics, fresh_topic_prefix: str,
+                                             tmp_path: Path) -> None:
+    emb, *_ = unique_topics("embeddings", "queries", "embeddings.dlq", "queries.dlq", partitions=3)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=10)
+    gen = EventGenerator(GeneratorConfig(streams=3, dim=DIM, seed=5))
+    cfg = _config(kafka_bootstrap, fresh_topic_prefix, kafka={"max_poll_records": 100})
+    _send(producer, emb, gen.messages(20_000))
+    svc = ServiceProcess(tmp_path, cfg, "a").start()
+    try:
+        svc.wait_for(lambda m: _ledger(m, "accepted") > 3000, what="progress")
+        code, took = svc.terminate()
+        assert code == 0, svc.tail()
+        assert took < 10.0
+        assert "Traceback" not in svc.tail(200)
+        # Committed offsets now cover exactly what the first run processed.
+        c = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=cfg["kafka"]["group_id"],
+                          enable_auto_commit=False)
+        parts = [TopicPartition(emb, p) for p in range(3)]
+        committed = {tp: c.committed(tp, metadata=True) for tp in parts}
+        c.close(autocommit=False)
+        assert sum(om.offset for om in committed.values() if om) > 3000
+        ledgers = [json.loads(om.metadata) for om in committed.values() if om]
+        assert sum(d["a"] + d["d"] for d in ledgers) == sum(om.offset for om in committed.values() if om)
+        assert all("f" not in d for d in ledgers), "a clean shutdown leaves nothing in flight"
+        svc = ServiceProcess(tmp_path, cfg, "b").start()
+        m = svc.wait_for(_drained(20_000), what="drained after restart")
+        assert _ledger(m, "accepted") == 20_000
+        assert metric_sum(m, "embedwatch_events_replayed_total") == 0
+        # The restarted consumer resumed at the committed offsets: it processed only the rest.
+        assert metric_sum(m, "embedwatch_events_total") == 20_000 - sum(
+            om.offset for om in committed.values() if om)
+    finally:
+        svc.close()
+        producer.close()
+
+
+def test_bad_config_fails_at_startup_naming_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("kafka:\n  max_poll_records: zero\n")
+    r = subprocess.run([BIN, "run", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "kafka.max_poll_records" in r.stderr
+    cfg.write_text("kafka:\n  max_poll_records: 10\n")
+    r = subprocess.run([BIN, "run", "--config", str(cfg)], capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin", "EMBEDWATCH_LIMITS__MAX_STREAMS": "-1"})
+    assert r.returncode == 2
+    assert "limits.max_streams" in r.stderr

@@ -1,0 +1,105 @@
+"""Baseline: statistics, determinism and the to_arrays / from_arrays round-trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from embedwatch.baseline import ARRAY_DTYPES, SCHEMA_VERSION, Baseline, content_hash
+from embedwatch.config import DetectionSettings
+from embedwatch.events import StreamKey
+from embedwatch.stats import histogram
+
+DET = DetectionSettings(baseline_sample=64, rff_features=32, histogram_bins=16)
+KEY = StreamKey("m", "v1", "seg")
+
+
+def make(seed: int = 0, n: int = 200, d: int = 12) -> tuple[Baseline, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(n, d)) + 0.3).astype(np.float32)
+    return Baseline.from_vectors(KEY, x, np.arange(n, dtype=np.float64) + 100.0, "test", DET), x
+
+
+def test_statistics_of_the_reference() -> None:
+    b, x = make()
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(b.mean, x64.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(b.var, x64.var(0, ddof=1), rtol=1e-12)
+    assert b.count == 200 and b.dim == 12 and b.created_at == 299.0
+    a = b.to_arrays()
+    assert a["sample"].shape == (64, 12)  # bounded by baseline_sample
+    # The sample is made of reference rows.
+    rows = {r.tobytes() for r in x}
+    assert all(r.tobytes() in rows for r in a["sample"])
+    unit = x64.mean(0) / np.linalg.norm(x64.mean(0))
+    sims = x64 @ unit / np.linalg.norm(x64, axis=1)
+    np.testing.assert_array_equal(a["sim_hist"], histogram(sims, a["sim_edges"]))
+    assert a["sim_hist"].sum() == 200 and a["norm_hist"].sum() == 200
+    assert a["sim_moments"][0] == pytest.approx(sims.mean(), rel=1e-12)
+    assert set(a) == set(ARRAY_DTYPES)
+    assert all(str(v.dtype) == ARRAY_DTYPES[k] for k, v in a.items())
+    assert a["rff_weights"].shape == (12, 32) and a["rff_eigvals"].shape == (32,)
+    with pytest.raises(ValueError):
+        a["mean"][0] = 1.0  # frozen
+
+
+def test_metadata_is_json_and_describes_the_baseline() -> None:
+    b, _ = make()
+    md = json.loads(json.dumps(b.metadata))
+    assert md == {
+        "baseline_id": b.content_hash[:16], "model": "m", "model_version": "v1", "segment": "seg",
+        "dim": 12, "created_at": 299.0, "count": 200, "source": "test",
+        "content_hash": content_hash(b.to_arrays()), "schema_version": SCHEMA_VERSION,
+    }
+
+
+def test_deterministic_and_content_addressed() -> None:
+    b1, _ = make(1)
+    b2, _ = make(1)
+    b3, _ = make(2)
+    assert b1.content_hash == b2.content_hash
+    assert b1.baseline_id != b3.baseline_id
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10**6), n=st.integers(2, 150), d=st.integers(1, 20))
+def test_round_trip(seed: int, n: int, d: int) -> None:
+    b, _ = make(seed, n, d)
+    r = Baseline.from_arrays(json.loads(json.dumps(b.metadata)),
+                             {k: np.array(v) for k, v in b.to_arrays().items()})
+    assert r.metadata == b.metadata
+    for k, v in b.to_arrays().items():
+        np.testing.assert_array_equal(r.to_arrays()[k], v)
+    assert r.key == b.key
+
+
+def test_from_arrays_rejects_damage() -> None:
+    b, _ = make()
+    arrays = {k: np.array(v) for k, v in b.to_arrays().items()}
+    arrays["mean"][0] += 1e-9
+    with pytest.raises(ValueError, match="hash"):
+        Baseline.from_arrays(b.metadata, arrays)
+    with pytest.raises(ValueError, match="missing"):
+        Baseline.from_arrays(b.metadata, {k: v for k, v in b.to_arrays().items() if k != "sample"})
+    with pytest.raises(ValueError, match="schema_version"):
+        Baseline.from_arrays({**b.metadata, "schema_version": 99}, b.to_arrays())
+    with pytest.raises(ValueError, match="dim"):
+        Baseline.from_arrays({**b.metadata, "dim": 3}, b.to_arrays())
+
+
+def test_rejects_too_few_vectors() -> None:
+    with pytest.raises(ValueError):
+        Baseline.from_vectors(KEY, np.ones((1, 4)), None, "x", DET)
+
+
+def test_from_statistics_uses_exact_moments() -> None:
+    rng = np.random.default_rng(3)
+    sample = rng.normal(size=(50, 4)).astype(np.float32)
+    mean, var = np.arange(4.0), np.ones(4)
+    b = Baseline.from_statistics(KEY, 5000, mean, var, sample, 12.0, "window", DET)
+    np.testing.assert_array_equal(b.mean, mean)
+    assert b.count == 5000 and b.source == "window" and b.to_arrays()["sample"].shape == (50, 4)

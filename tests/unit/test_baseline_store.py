@@ -1,0 +1,249 @@
+"""Versioned baseline stores: layout, round trip, promote/rollback, integrity, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from embedwatch.baseline import Baseline
+from embedwatch.baseline_store import (
+    BaselineHistoryError,
+    BaselineIntegrityError,
+    BaselineNotFoundError,
+    BaselineRepository,
+    BaselineStore,
+    MemoryBaselineStore,
+    decode_baseline,
+    encode_baseline,
+    load_file,
+    safe_name,
+    save_file,
+)
+from embedwatch.config import DetectionSettings
+from embedwatch.events import StreamKey
+
+DET = DetectionSettings(baseline_sample=50, rff_features=16, histogram_bins=8)
+KEY = StreamKey("all-MiniLM-L6-v2", "2024-05-01", "web search")
+
+
+def make(seed: int, key: StreamKey = KEY, n: int = 60, d: int = 8) -> Baseline:
+    rng = np.random.default_rng(seed)
+    return Baseline.from_vectors(key, rng.normal(size=(n, d)) + 1.0, ts=1_700_000_000.0 + seed,
+                                 source=f"test:{seed}", settings=DET)
+
+
+def assert_same(a: Baseline, b: Baseline) -> None:
+    assert a.metadata == b.metadata
+    aa, bb = a.to_arrays(), b.to_arrays()
+    assert aa.keys() == bb.keys()
+    for name in aa:
+        assert aa[name].dtype == bb[name].dtype and aa[name].shape == bb[name].shape
+        assert aa[name].tobytes() == bb[name].tobytes(), name
+
+
+@pytest.fixture(params=["dir", "memory"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> BaselineRepository:
+    if request.param == "dir":
+        return BaselineStore(tmp_path / "baselines")
+    return MemoryBaselineStore()
+
+
+def test_protocol() -> None:
+    assert isinstance(MemoryBaselineStore(), BaselineRepository)
+
+
+def test_layout_on_disk(tmp_path: Path) -> None:
+    s = BaselineStore(tmp_path)
+    b = make(1)
+    md = s.save(b)
+    assert md["active"] is True and md["stream"] == str(KEY) and md["baseline_id"] == b.baseline_id
+    d = tmp_path / safe_name(KEY)
+    assert d.name == "all-MiniLM-L6-v2+2024-05-01+web%20search"
+    assert sorted(p.name for p in d.iterdir()) == sorted(
+        [f"{b.baseline_id}.npz", f"{b.baseline_id}.json", "index.json"]
+    )
+    index = json.loads((d / "index.json").read_text())
+    assert index == {"stream": str(KEY), "versions": [b.baseline_id], "active": b.baseline_id, "previous": []}
+    with np.load(d / f"{b.baseline_id}.npz", allow_pickle=False) as z:
+        assert set(z.files) == set(b.to_arrays())
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_versions_promote_rollback(store: BaselineRepository) -> None:
+    b1, b2, b3 = make(1), make(2), make(3)
+    store.save(b1)
+    store.save(b2)
+    store.save(b3, activate=False)
+    listed = store.list(KEY)
+    assert [m["baseline_id"] for m in listed] == [b1.baseline_id, b2.baseline_id, b3.baseline_id]
+    assert [m["active"] for m in listed] == [False, True, False]
+    assert store.get(KEY).baseline_id == b2.baseline_id
+    assert store.get(str(KEY), b1.baseline_id).baseline_id == b1.baseline_id
+
+    assert store.promote(KEY, b3.baseline_id)["active"] is True
+    assert store.get(KEY).baseline_id == b3.baseline_id
+    assert store.rollback(KEY)["baseline_id"] == b2.baseline_id
+    assert store.rollback(KEY)["baseline_id"] == b1.baseline_id
+    with pytest.raises(BaselineHistoryError, match="no previous baseline"):
+        store.rollback(KEY)
+    assert store.get(KEY).baseline_id == b1.baseline_id
+
+
+def test_rollback_without_history_and_unknowns(store: BaselineRepository) -> None:
+    with pytest.raises(BaselineNotFoundError):
+        store.get(KEY)
+    with pytest.raises(BaselineNotFoundError):
+        store.rollback(KEY)
+    store.save(make(1))
+    with pytest.raises(BaselineHistoryError):
+        store.rollback(KEY)
+    with pytest.raises(BaselineNotFoundError):
+        store.promote(KEY, "nope")
+    with pytest.raises(BaselineNotFoundError):
+        store.get(KEY, "nope")
+
+
+def test_inactive_first_save_has_no_active(store: BaselineRepository) -> None:
+    store.save(make(1), activate=False)
+    with pytest.raises(BaselineNotFoundError, match="no active"):
+        store.get(KEY)
+
+
+def test_save_is_idempotent(store: BaselineRepository) -> None:
+    b = make(1)
+    store.save(b)
+    store.save(b)
+    assert len(store.list(KEY)) == 1
+
+
+def test_list_all_streams(store: BaselineRepository) -> None:
+    other = StreamKey("m", "..", "default")
+    store.save(make(1))
+    store.save(make(2, other))
+    listed = store.list()
+    assert sorted(m["stream"] for m in listed) == sorted([str(KEY), str(other)])
+    assert all(m["active"] for m in listed)
+
+
+def test_reopen_directory(tmp_path: Path) -> None:
+    b1, b2 = make(1), make(2)
+    s = BaselineStore(tmp_path)
+    s.save(b1)
+    s.save(b2)
+    again = BaselineStore(tmp_path)
+    assert [m["active"] for m in again.list()] == [False, True]
+    assert again.rollback(KEY)["baseline_id"] == b1.baseline_id
+    assert_same(again.get(KEY), b1)
+
+
+def test_tampered_arrays_are_refused(tmp_path: Path) -> None:
+    s = BaselineStore(tmp_path)
+    b = make(1)
+    s.save(b)
+    npz = s.path(KEY, b.baseline_id)
+    arrays = dict(np.load(npz, allow_pickle=False))
+    arrays["mean"] = arrays["mean"] + 1e-9
+    np.savez(npz, **arrays)
+    with pytest.raises(BaselineIntegrityError, match="content hash"):
+        s.get(KEY)
+    with pytest.raises(BaselineIntegrityError):
+        s.promote(KEY, b.baseline_id)
+
+
+def test_tampered_metadata_is_refused(tmp_path: Path) -> None:
+    s = BaselineStore(tmp_path)
+    b = make(1)
+    s.save(b)
+    js = s.path(KEY, b.baseline_id).with_suffix(".json")
+    header = json.loads(js.read_text())
+    header["metadata"]["count"] = 10**6
+    js.write_text(json.dumps(header))
+    with pytest.raises(BaselineIntegrityError, match="metadata"):
+        s.get(KEY)
+
+
+def test_corrupt_npz_is_refused(tmp_path: Path) -> None:
+    s = BaselineStore(tmp_path)
+    b = make(1)
+    s.save(b)
+    npz = s.path(KEY, b.baseline_id)
+    npz.write_bytes(npz.read_bytes()[:100])
+    with pytest.raises(BaselineIntegrityError, match="unreadable"):
+        s.get(KEY)
+
+
+def test_pickled_object_array_is_refused(tmp_path: Path) -> None:
+    b = make(1)
+    npz, _ = save_file(b, tmp_path / "b")
+    arrays = dict(np.load(npz, allow_pickle=False))
+    arrays["mean"] = np.array([{"evil": 1}], dtype=object)
+    np.savez(npz, **arrays)  # needs pickle to read back
+    with pytest.raises(BaselineIntegrityError):
+        load_file(npz)
+
+
+def test_save_file_load_file_pair(tmp_path: Path) -> None:
+    b = make(4)
+    npz, js = save_file(b, tmp_path / "sub" / "base.json")
+    assert (npz.name, js.name) == ("base.npz", "base.json")
+    assert_same(load_file(tmp_path / "sub" / "base"), b)
+    assert_same(load_file(npz), b)
+    with pytest.raises(BaselineNotFoundError):
+        load_file(tmp_path / "missing.npz")
+
+
+def test_failed_write_leaves_previous_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = BaselineStore(tmp_path)
+    b1 = make(1)
+    s.save(b1)
+    real_replace = os.replace
+
+    def boom(src: str, dst: str) -> None:
+        if str(dst).endswith("index.json"):
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        s.save(make(2))
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert [m["baseline_id"] for m in s.list()] == [b1.baseline_id]
+    assert_same(s.get(KEY), b1)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_encode_decode_bytes() -> None:
+    b = make(5)
+    data = encode_baseline(b)
+    assert_same(decode_baseline(data), b)
+    with pytest.raises(BaselineIntegrityError):
+        decode_baseline(data[:-50])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n=st.integers(2, 40),
+    d=st.integers(1, 12),
+    seed=st.integers(0, 2**32 - 1),
+    scale=st.floats(1e-3, 1e3),
+    label=st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp"), blacklist_characters="/"),
+                  min_size=1, max_size=12).filter(str.isprintable),
+)
+def test_round_trip_is_exact(tmp_path: Path, n: int, d: int, seed: int, scale: float, label: str) -> None:
+    rng = np.random.default_rng(seed)
+    key = StreamKey(label, "v1", label)
+    b = Baseline.from_vectors(key, rng.normal(scale=scale, size=(n, d)), ts=float(seed), source="prop",
+                              settings=DET)
+    s = BaselineStore(tmp_path / f"s{seed}")
+    s.save(b)
+    assert_same(BaselineStore(tmp_path / f"s{seed}").get(key), b)
+    m = MemoryBaselineStore()
+    m.save(b)
+    assert_same(m.get(key), b)
+    assert_same(decode_baseline(encode_baseline(b)), b)

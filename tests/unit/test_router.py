@@ -1,0 +1,105 @@
+"""StreamRouter: stream cap, dimension checks, block order, baselines in a repository."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, cast
+
+import numpy as np
+import orjson
+
+from embedwatch.baseline_store import MemoryBaselineStore
+from embedwatch.config import Settings
+from embedwatch.events import Decoder, Message, Reason, StreamKey
+from embedwatch.monitor import StreamMonitor
+from embedwatch.router import StreamRouter
+
+
+def msg(model: str, vec: Any, version: str = "1", b64: bool = False, ident: str | None = None) -> Message:
+    ev: dict[str, Any] = {"model": model, "model_version": version, "ts": 1.0}
+    if b64:
+        ev["embedding_b64"] = base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode()
+    else:
+        ev["embedding"] = list(map(float, vec))
+    if ident is not None:
+        ev["id"] = ident
+    return Message(orjson.dumps(ev), topic="embeddings")
+
+
+def settings(**detection: Any) -> Settings:
+    return Settings(limits={"max_streams": 2}, detection={"reference_size": 50, **detection})
+
+
+def test_stream_limit() -> None:
+    r = StreamRouter(settings())
+    batch = Decoder().decode([msg("a", [1, 2]), msg("b", [1, 2]), msg("c", [1, 2]), msg("c", [3, 4])])
+    res = r.route(batch)
+    assert res.new_streams == [StreamKey("a", "1"), StreamKey("b", "1")]
+    assert [(x.reason, x.message_index) for x in res.rejections] == [
+        (Reason.STREAM_LIMIT, 2), (Reason.STREAM_LIMIT, 3)
+    ]
+    assert r.rejected == {"stream_limit": 2}
+    assert StreamKey("c", "1") not in r.stream_rejected  # no per-stream state for refused streams
+    r.remove(StreamKey("a", "1"))
+    assert r.route(Decoder().decode([msg("c", [1, 2])])).rejections == []
+
+
+def test_dimension_mismatch_within_and_across_batches() -> None:
+    r = StreamRouter(settings())
+    res = r.route(Decoder().decode([msg("a", [1, 2, 3]), msg("a", [1, 2]), msg("a", [4, 5, 6])]))
+    assert [(x.reason, x.message_index) for x in res.rejections] == [(Reason.DIMENSION_MISMATCH, 1)]
+    assert r.expected_dim(StreamKey("a", "1")) == 3
+    res = r.route(Decoder().decode([msg("a", [1, 2, 3, 4])]))
+    assert [x.reason for x in res.rejections] == [Reason.DIMENSION_MISMATCH]
+    assert r.stream_rejected[StreamKey("a", "1")] == {"dimension_mismatch": 2}
+    assert r.monitors[StreamKey("a", "1")].events == 2
+
+
+def test_list_and_b64_blocks_are_merged_in_message_order() -> None:
+    seen: list[np.ndarray] = []
+
+    class Spy:
+        def __init__(self, *_: Any) -> None:
+            self.expected_dim: int | None = None
+            self.baseline = None
+            self.events = 0
+
+        def update_embeddings(self, vectors: np.ndarray, *_: Any) -> list[Any]:
+            seen.append(vectors.copy())
+            self.expected_dim = vectors.shape[1]
+            return []
+
+    r = StreamRouter(settings(), monitor_factory=lambda *a: cast(StreamMonitor, Spy(*a)))
+    vecs = [[float(i), 1.0] for i in range(1, 7)]
+    msgs = [msg("a", v, b64=i % 2 == 1) for i, v in enumerate(vecs)]
+    r.route(Decoder().decode(msgs))
+    assert len(seen) == 1
+    assert seen[0][:, 0].tolist() == [1, 2, 3, 4, 5, 6]
+
+
+def test_version_comparison_is_fed() -> None:
+    r = StreamRouter(settings())
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 4))
+    msgs = [msg("m", v, version=ver, ident=f"d{i}") for i, v in enumerate(x) for ver in ("1", "2")]
+    r.route(Decoder().decode(msgs))
+    [res] = r.version_results()
+    assert res["shared_ids"] == 20 and res["paired_cosine"] > 0.999
+
+
+def test_baselines_are_loaded_and_saved() -> None:
+    store = MemoryBaselineStore()
+    r = StreamRouter(settings(), store)
+    rng = np.random.default_rng(1)
+    r.route(Decoder().decode([msg("a", v) for v in rng.normal(size=(60, 8)) + 2]))
+    [md] = store.list()
+    assert md["stream"] == "a/1/default" and md["active"] and md["count"] == 50
+    # A new router (a restart) starts the stream from the stored baseline: no reference phase.
+    r2 = StreamRouter(settings(), store)
+    r2.route(Decoder().decode([msg("a", [1.0] * 8)]))
+    mon = r2.monitors[StreamKey("a", "1")]
+    assert mon.baseline is not None and mon.baseline.baseline_id == md["baseline_id"]
+    assert len(store.list()) == 1
+    # ... and a vector of another dimension is refused against the stored baseline's dim.
+    res = r2.route(Decoder().decode([msg("a", [1.0] * 4)]))
+    assert [x.reason for x in res.rejections] == [Reason.DIMENSION_MISMATCH]

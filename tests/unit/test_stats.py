@@ -1,0 +1,136 @@
+"""embedwatch.stats against the batch computations of scipy / numpy on the same data."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from scipy import stats as ss
+from scipy.spatial.distance import jensenshannon, pdist
+
+from embedwatch import stats
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=64)
+samples = arrays(np.float64, st.integers(1, 80), elements=finite)
+# Few distinct values: many ties.
+tied = arrays(np.float64, st.integers(1, 80), elements=st.sampled_from([0.0, 0.5, 1.0, 2.0]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(a=st.one_of(samples, tied), b=st.one_of(samples, tied))
+def test_ks_matches_scipy_asymp(a: np.ndarray, b: np.ndarray) -> None:
+    d, p = stats.ks_2samp(a, b)
+    ref = ss.ks_2samp(a, b, method="asymp")
+    assert d == pytest.approx(ref.statistic, rel=1e-12, abs=1e-12)
+    # Both are NaN when n*m/(n+m) rounds to 0 (two single values).
+    np.testing.assert_allclose(p, ref.pvalue, rtol=1e-6, atol=1e-300, equal_nan=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(a=st.one_of(samples, tied), b=st.one_of(samples, tied))
+def test_wasserstein_matches_scipy(a: np.ndarray, b: np.ndarray) -> None:
+    assert stats.wasserstein_1d(a, b) == pytest.approx(ss.wasserstein_distance(a, b), rel=1e-9, abs=1e-9)
+
+
+def test_empty_samples_give_nan() -> None:
+    assert np.isnan(stats.ks_2samp(np.zeros(0), np.ones(3))[0])
+    assert np.isnan(stats.wasserstein_1d(np.ones(3), np.zeros(0)))
+
+
+def test_histogram_bins_are_left_closed_and_cover_everything() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=5000)
+    edges = stats.quantile_edges(x, 16)
+    assert edges.shape == (15,)
+    h = stats.histogram(x, edges)
+    assert h.sum() == x.size
+    # Quantile bins spread the reference evenly.
+    assert h.min() >= 5000 / 16 - 2 and h.max() <= 5000 / 16 + 2
+    # Explicit definition: bin 0 = (-inf, e0), bin i = [e_{i-1}, e_i), last = [e_last, inf).
+    full = np.concatenate([[-np.inf], edges, [np.inf]])
+    manual = [int(np.sum((x >= lo) & (x < hi))) for lo, hi in itertools.pairwise(full)]
+    assert h.tolist() == manual
+
+
+def test_psi_and_js_match_direct_formulas() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=3000)
+    win = rng.normal(0.3, 1.2, size=800)
+    edges = stats.quantile_edges(base, 32)
+    hb, hw = stats.histogram(base, edges), stats.histogram(win, edges)
+    eps = stats.HIST_EPS
+    pb = (hb / hb.sum() + eps) / (1 + hb.size * eps)
+    pw = (hw / hw.sum() + eps) / (1 + hw.size * eps)
+    assert stats.psi(hw, hb) == pytest.approx(float(np.sum((pw - pb) * np.log(pw / pb))), rel=1e-12)
+    assert stats.js_divergence(hw, hb) == pytest.approx(jensenshannon(pw, pb, base=2) ** 2, rel=1e-9)
+    same = stats.histogram(rng.normal(size=3000), edges)
+    assert stats.psi(same, hb) < 0.05 < stats.psi(hw, hb)
+    assert 0.0 <= stats.js_divergence(same, hb) < stats.js_divergence(hw, hb) <= 1.0
+    # An empty bin on one side stays finite thanks to eps.
+    assert np.isfinite(stats.psi(np.array([10, 0]), np.array([0, 10])))
+
+
+def test_moments_from_sums() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.normal(3.0, 2.0, size=(500, 7))
+    mean, var = stats.moments_from_sums(500, x.sum(0), (x * x).sum(0))
+    np.testing.assert_allclose(mean, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(var, x.var(0, ddof=1), rtol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n1=st.integers(3, 200), n2=st.integers(3, 200),
+       shift=st.floats(-2, 2), scale=st.floats(0.2, 5))
+def test_welch_matches_scipy(seed: int, n1: int, n2: int, shift: float, scale: float) -> None:
+    rng = np.random.default_rng(seed)
+    a = rng.normal(shift, scale, size=(n1, 5))
+    b = rng.normal(0.0, 1.0, size=(n2, 5))
+    t, _, p = stats.welch_t(n1, a.mean(0), a.var(0, ddof=1), n2, b.mean(0), b.var(0, ddof=1))
+    ref = ss.ttest_ind(a, b, equal_var=False)
+    np.testing.assert_allclose(t, ref.statistic, rtol=1e-9)
+    np.testing.assert_allclose(p, ref.pvalue, rtol=1e-6, atol=1e-300)
+
+
+def test_welch_degenerate_dimension_is_not_significant() -> None:
+    t, _, p = stats.welch_t(10, np.ones(2), np.zeros(2), 10, np.ones(2), np.zeros(2))
+    assert t.tolist() == [0.0, 0.0] and p.tolist() == [1.0, 1.0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=arrays(np.float64, st.integers(1, 200), elements=st.floats(0, 1)), alpha=st.floats(0.001, 0.3))
+def test_benjamini_hochberg_matches_scipy(p: np.ndarray, alpha: float) -> None:
+    expected = ss.false_discovery_control(p) <= alpha
+    np.testing.assert_array_equal(stats.benjamini_hochberg(p, alpha), expected)
+
+
+@pytest.mark.parametrize("k", [3, 14, 100, 256])
+@pytest.mark.parametrize("alpha", [0.05, 1e-3, 1e-6, 1e-9])
+def test_weighted_chi2_tail_matches_chi2_for_equal_weights(k: int, alpha: float) -> None:
+    w = np.full(k, 0.37)
+    x = 0.37 * ss.chi2.isf(alpha, k)
+    assert stats.weighted_chi2_sf(x, w) == pytest.approx(alpha, rel=0.02)
+    assert stats.weighted_chi2_isf(alpha, w) == pytest.approx(x, rel=0.002)
+
+
+def test_weighted_chi2_tail_matches_monte_carlo_for_unequal_weights() -> None:
+    rng = np.random.default_rng(3)
+    w = rng.exponential(size=40) ** 3  # a few dominant eigenvalues, like a feature covariance
+    q = (rng.standard_normal((400_000, 40)) ** 2) @ w
+    for alpha in (0.05, 1e-2, 1e-3):
+        x = stats.weighted_chi2_isf(alpha, w)
+        observed = float(np.mean(q > x))
+        sd = np.sqrt(alpha * (1 - alpha) / q.size)
+        assert abs(observed - alpha) < 5 * sd + 0.03 * alpha
+    # Below the mean the bulk approximation is used; the sf stays a probability and decreases.
+    xs = np.linspace(0, 3 * w.sum(), 30)
+    sf = [stats.weighted_chi2_sf(float(x), w) for x in xs]
+    assert sf[0] == pytest.approx(1.0) and all(a >= b for a, b in itertools.pairwise(sf))
+
+
+def test_median_pairwise_distance_matches_pdist() -> None:
+    x = np.random.default_rng(4).normal(size=(300, 6))
+    assert stats.median_pairwise_distance(x) == pytest.approx(float(np.median(pdist(x))), rel=1e-9)

@@ -1,0 +1,204 @@
+"""VersionComparison against brute-force numpy computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from embedwatch.detectors.version_compare import RESULT_KEYS, VersionComparison, knn_overlap, paired_cosine
+
+
+def brute_paired_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean([x @ y / (np.linalg.norm(x) * np.linalg.norm(y)) for x, y in zip(a, b, strict=True)]))
+
+
+def brute_knn(x: np.ndarray, k: int) -> list[set[int]]:
+    out = []
+    for i in range(len(x)):
+        sims = [
+            (x[i] @ x[j] / (np.linalg.norm(x[i]) * np.linalg.norm(x[j])), j) for j in range(len(x)) if j != i
+        ]
+        sims.sort(key=lambda t: -t[0])
+        out.append({j for _, j in sims[:k]})
+    return out
+
+
+def brute_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    k = min(k, len(a) - 1)
+    na, nb = brute_knn(a, k), brute_knn(b, k)
+    return float(np.mean([len(x & y) / k for x, y in zip(na, nb, strict=True)]))
+
+
+def random_rotation(d: int, rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(d, d)))
+    return q * np.sign(np.diag(r))
+
+
+def ids(n: int, start: int = 0) -> list[str | None]:
+    return [f"doc-{i}" for i in range(start, start + n)]
+
+
+def test_no_result_with_one_version() -> None:
+    vc = VersionComparison("m", probe_size=100, k=5)
+    vc.update("v1", ids(10), np.random.default_rng(0).normal(size=(10, 8)))
+    assert vc.results() == []
+
+
+def test_identical_versions() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(60, 16)).astype(np.float32)
+    vc = VersionComparison("m", probe_size=100, k=5)
+    vc.update("v1", ids(60), x)
+    vc.update("v2", ids(60), x)
+    [r] = vc.results()
+    assert set(RESULT_KEYS) <= set(r)
+    assert r["model"] == "m" and r["model_version"] == "v2" and r["reference_version"] == "v1"
+    assert r["shared_ids"] == 60
+    assert r["paired_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert r["knn_overlap"] == 1.0
+    assert r["dimension_changed"] is False
+
+
+def test_matches_brute_force_on_noisy_version() -> None:
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(80, 12))
+    b = a + rng.normal(scale=0.7, size=a.shape)
+    vc = VersionComparison("m", probe_size=200, k=7)
+    vc.update("old", ids(80), a.astype(np.float32))
+    vc.update("new", ids(80), b.astype(np.float32))
+    [r] = vc.results()
+    a32, b32 = a.astype(np.float32).astype(np.float64), b.astype(np.float32).astype(np.float64)
+    assert r["paired_cosine"] == pytest.approx(brute_paired_cosine(a32, b32), rel=1e-9)
+    assert r["knn_overlap"] == pytest.approx(brute_overlap(a32, b32, 7), rel=1e-12)
+    assert 0 < r["knn_overlap"] < 1
+
+
+def test_rotation_keeps_neighbourhoods_but_not_paired_cosine() -> None:
+    rng = np.random.default_rng(3)
+    d = 24
+    a = rng.normal(size=(150, d))
+    b = a @ random_rotation(d, rng)
+    vc = VersionComparison("m", probe_size=500, k=10)
+    vc.update("v1", ids(150), a)
+    vc.update("v2", ids(150), b)
+    [r] = vc.results()
+    assert r["paired_cosine"] < 0.9
+    assert r["paired_cosine"] == pytest.approx(brute_paired_cosine(a, b), abs=1e-5)
+    assert r["knn_overlap"] == 1.0
+
+
+def test_dimension_change_reported_never_crashes() -> None:
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(40, 8))
+    proj = rng.normal(size=(8, 20))
+    b = a @ proj  # a linear map into 20 dims
+    vc = VersionComparison("m", probe_size=100, k=5)
+    vc.update("v1", ids(40), a)
+    vc.update("v2", ids(40), b)
+    [r] = vc.results()
+    assert r["dimension_changed"] is True
+    assert math.isnan(r["paired_cosine"])
+    assert r["shared_ids"] == 40
+    a32, b32 = a.astype(np.float32).astype(np.float64), b.astype(np.float32).astype(np.float64)
+    assert r["knn_overlap"] == pytest.approx(brute_overlap(a32, b32, 5))
+    assert r["dim"] == 20 and r["reference_dim"] == 8
+
+
+def test_only_shared_ids_count_and_none_ids_are_ignored() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(50, 6))
+    vc = VersionComparison("m", probe_size=100, k=3)
+    vc.update("v1", ids(30), x[:30])
+    none: list[str | None] = [None] * 10
+    mixed = none + ids(20, start=20)  # ids 20..39: 10 shared with v1
+    vc.update("v2", mixed, x[20:50])
+    [r] = vc.results()
+    assert r["shared_ids"] == 10
+    assert vc.shared_ids("v2", "v1") == [f"doc-{i}" for i in range(20, 30)]
+    # rows 20..29 of v2's batch are x[30..39]: the vectors of ids 20..29 under v2
+    expected = brute_paired_cosine(x[20:30].astype(np.float32), x[30:40].astype(np.float32))
+    assert r["paired_cosine"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_no_shared_ids_gives_nan() -> None:
+    vc = VersionComparison("m", probe_size=10, k=3)
+    vc.update("v1", ids(5), np.ones((5, 4)))
+    vc.update("v2", ids(5, start=100), np.ones((5, 4)))
+    [r] = vc.results()
+    assert r["shared_ids"] == 0 and math.isnan(r["paired_cosine"]) and math.isnan(r["knn_overlap"])
+
+
+def test_reference_is_first_seen_and_all_pairs_reported() -> None:
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(20, 4))
+    vc = VersionComparison("m", probe_size=50, k=3)
+    for v in ("2024-05", "2023-01", "2025-01"):
+        vc.update(v, ids(20), x)
+    pairs = [(r["model_version"], r["reference_version"]) for r in vc.results()]
+    assert pairs == [("2023-01", "2024-05"), ("2025-01", "2024-05"), ("2025-01", "2023-01")]
+
+
+def test_memory_is_bounded_and_dual_write_pairs_are_pinned() -> None:
+    rng = np.random.default_rng(7)
+    vc = VersionComparison("m", probe_size=100, k=5)
+    # v1 has a long history before the migration: 10,000 ids
+    for start in range(0, 10_000, 1000):
+        vc.update("v1", ids(1000, start), rng.normal(size=(1000, 8)))
+    # dual write: both versions emit the same new ids, in alternating batches
+    for start in range(10_000, 10_500, 50):
+        x = rng.normal(size=(50, 8))
+        vc.update("v2", ids(50, start), x)
+        vc.update("v1", ids(50, start), x)
+    # afterwards v1 continues alone for a long time: pinned pairs stay
+    for start in range(20_000, 25_000, 1000):
+        vc.update("v1", ids(1000, start), rng.normal(size=(1000, 8)))
+    for v in vc.versions:
+        probe = vc._versions[v]
+        assert len(probe.index) <= 100 and probe.vectors.shape[0] <= 100
+    [r] = vc.results()
+    assert r["shared_ids"] == 100
+    assert r["paired_cosine"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_version_cap_keeps_reference() -> None:
+    vc = VersionComparison("m", probe_size=10, k=2, max_versions=3)
+    x = np.random.default_rng(8).normal(size=(10, 4))
+    for v in ("a", "b", "c", "d"):
+        vc.update(v, ids(10), x)
+    assert vc.versions == ["a", "c", "d"]
+
+
+def test_wrong_dim_within_a_version_is_ignored() -> None:
+    vc = VersionComparison("m", probe_size=10, k=2)
+    vc.update("a", ids(5), np.ones((5, 4)))
+    vc.update("a", ids(5, 5), np.ones((5, 7)))
+    assert vc._versions["a"].rejected == 5 and len(vc._versions["a"].index) == 5
+
+
+def test_results_are_cached_until_update() -> None:
+    vc = VersionComparison("m", probe_size=10, k=2)
+    x = np.random.default_rng(9).normal(size=(6, 3))
+    vc.update("a", ids(6), x)
+    vc.update("b", ids(6), x)
+    first = vc.results()
+    assert vc.results() == first
+    vc.update("b", ids(6), -x)
+    assert vc.results()[0]["paired_cosine"] == pytest.approx(-1.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 30), d1=st.integers(2, 6), d2=st.integers(2, 6), k=st.integers(1, 8),
+       seed=st.integers(0, 2**32 - 1))
+def test_overlap_function_matches_brute_force(n: int, d1: int, d2: int, k: int, seed: int) -> None:
+    # d >= 2: in one dimension every cosine is +-1 and neighbourhoods are ties.
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(n, d1)), rng.normal(size=(n, d2))
+    assert knn_overlap(a, b, k) == pytest.approx(brute_overlap(a, b, k))
+    if d1 == d2:
+        assert paired_cosine(a, b) == pytest.approx(brute_paired_cosine(a, b))
+    else:
+        assert math.isnan(paired_cosine(a, b))

@@ -1,0 +1,204 @@
+"""Window buckets: exact mergeability, count/time bounds, reservoir validity."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats as ss
+
+from embedwatch.config import DetectionSettings
+from embedwatch.stats import histogram, quantile_edges
+from embedwatch.window import Bucket, Projection, ScalarWindow, Window, merge_buckets
+
+DIM = 6
+
+
+def projection(seed: int = 0) -> Projection:
+    rng = np.random.default_rng(seed)
+    ref = rng.normal(size=(500, DIM)) + 0.5
+    c = ref.mean(0)
+    unit = (c / np.linalg.norm(c)).astype(np.float32)
+    sims = (ref @ unit) / np.linalg.norm(ref, axis=1)
+    return Projection(unit, quantile_edges(sims, 8), quantile_edges(np.linalg.norm(ref, axis=1), 8))
+
+
+PROJ = projection()
+
+
+def data(seed: int, n: int, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(scale=scale, size=(n, DIM)) + 0.5).astype(np.float32)
+    ts = np.sort(rng.uniform(0, 100, size=n))
+    return x, ts
+
+
+def bucket_of(x: np.ndarray, ts: np.ndarray, first: int, k: int, seed: int, chunks: int = 1) -> Bucket:
+    b = Bucket(DIM, PROJ.sim_bins, PROJ.norm_bins, k, max(x.shape[0], 1), np.random.default_rng(seed))
+    for part in np.array_split(np.arange(x.shape[0]), chunks):
+        if part.size:
+            a, e = int(part[0]), int(part[-1]) + 1
+            b.add(x[a:e], PROJ.summarise(x[a:e]), ts[a:e], first + a)
+    return b
+
+
+def assert_same_stats(got: Bucket, want: Bucket) -> None:
+    assert got.count == want.count
+    np.testing.assert_allclose(got.sum, want.sum, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(got.sumsq, want.sumsq, rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(got.sim_hist, want.sim_hist)
+    np.testing.assert_array_equal(got.norm_hist, want.norm_hist)
+    # Per-event scalars: equal up to BLAS rounding (a row's dot product may take another kernel
+    # path depending on the batch it came in).
+    np.testing.assert_allclose(got.sims, want.sims, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(got.norms, want.norms, rtol=1e-12)
+    assert (got.min_ts, got.max_ts) == (want.min_ts, want.max_ts)
+
+
+def assert_valid_reservoir(b: Bucket, x: np.ndarray, first: int) -> None:
+    k = b.reservoir_size
+    assert b.res_n == min(k, b.count)
+    idx = b.res_index[: b.res_n]
+    assert np.unique(idx).size == idx.size, "a sampled event appears twice"
+    assert np.all((idx >= first) & (idx < first + x.shape[0]))
+    np.testing.assert_array_equal(b.sample, x[idx - first])
+
+
+@settings(max_examples=80, deadline=None)
+@given(na=st.integers(0, 120), nb=st.integers(0, 120), k=st.integers(1, 40), seed=st.integers(0, 10**6),
+       chunks=st.integers(1, 5), scale=st.sampled_from([1e-3, 1.0, 50.0]))
+def test_merge_equals_bucket_of_union(na: int, nb: int, k: int, seed: int, chunks: int, scale: float) -> None:
+    x, ts = data(seed, na + nb, scale)
+    a = bucket_of(x[:na], ts[:na], 0, k, seed, chunks)
+    b = bucket_of(x[na:], ts[na:], na, k, seed + 1, chunks)
+    union = bucket_of(x, ts, 0, k, seed + 2)
+    merged = merge_buckets(a, b, np.random.default_rng(seed))
+    assert_same_stats(merged, union)
+    assert_valid_reservoir(merged, x, 0)
+    # The union's statistics are those of numpy over all rows.
+    if na + nb:
+        x64 = x.astype(np.float64)
+        np.testing.assert_allclose(union.sum, x64.sum(0), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(union.sumsq, (x64 * x64).sum(0), rtol=1e-9, atol=1e-9)
+        s = PROJ.summarise(x)
+        np.testing.assert_array_equal(union.sim_hist, histogram(s.sims, PROJ.sim_edges))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 300), k=st.integers(1, 50), seed=st.integers(0, 10**6), chunks=st.integers(1, 7))
+def test_reservoir_is_a_bounded_sample_of_the_bucket(n: int, k: int, seed: int, chunks: int) -> None:
+    x, ts = data(seed, n)
+    b = bucket_of(x, ts, 1000, k, seed, chunks)
+    assert_valid_reservoir(b, x, 1000)
+
+
+def test_reservoir_sampling_is_uniform() -> None:
+    """Every event of a bucket is kept with probability k/n, however the bucket was fed."""
+    n, k, reps = 200, 20, 600
+    x, ts = data(0, n)
+    hits = np.zeros(n)
+    for r in range(reps):
+        b = bucket_of(x, ts, 0, k, seed=r, chunks=1 + r % 5)
+        hits[b.res_index[: b.res_n]] += 1
+    expected = reps * k / n
+    chi2 = float(np.sum((hits - expected) ** 2 / expected))
+    assert ss.chi2.sf(chi2, n - 1) > 1e-4
+    # Early and late events are treated alike (Algorithm R's classic pitfall).
+    assert abs(hits[: n // 2].sum() - hits[n // 2 :].sum()) < 6 * np.sqrt(reps * k / 2)
+    # Merged reservoirs are uniform over the union too.
+    hits[:] = 0
+    for r in range(reps):
+        a = bucket_of(x[:50], ts[:50], 0, k, seed=r)
+        b = bucket_of(x[50:], ts[50:], 50, k, seed=r + 10_000)
+        m = merge_buckets(a, b, np.random.default_rng(r))
+        hits[m.res_index[: m.res_n]] += 1
+    chi2 = float(np.sum((hits - expected) ** 2 / expected))
+    assert ss.chi2.sf(chi2, n - 1) > 1e-4
+
+
+def settings_(**kw: float) -> DetectionSettings:
+    base: dict[str, float] = {"window_events": 100, "buckets": 5, "reservoir_per_bucket": 8,
+                              "window_seconds": 1e9}
+    base.update(kw)
+    return DetectionSettings(**base)  # type: ignore[arg-type]
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 700), seed=st.integers(0, 10**6), cuts=st.lists(st.integers(1, 699), max_size=8))
+def test_count_bound_and_window_is_the_latest_events(n: int, seed: int, cuts: list[int]) -> None:
+    x, _ = data(seed, n)
+    ts = np.arange(n, dtype=np.float64)
+    w = Window(DIM, settings_(), PROJ, seed)
+    bounds = [0, *sorted({c for c in cuts if c < n}), n]
+    for a, e in itertools.pairwise(bounds):
+        w.add(x[a:e], ts[a:e], a)
+    cap = 100 // 5
+    assert w.count <= 100
+    assert w.count >= min(n, 100 - cap + 1)
+    assert len(w.buckets) <= 5
+    assert all(b.count <= cap for b in w.buckets)
+    tot = w.totals(with_features=False)
+    tail = x[n - tot.count :].astype(np.float64)
+    np.testing.assert_allclose(tot.sum, tail.sum(0), rtol=1e-9)
+    np.testing.assert_allclose(tot.sumsq, (tail * tail).sum(0), rtol=1e-9)
+    np.testing.assert_allclose(tot.sims, PROJ.summarise(x[n - tot.count :]).sims, rtol=1e-12, atol=1e-15)
+    assert tot.min_ts == n - tot.count and tot.max_ts == n - 1
+    idx = np.concatenate([b.res_index[: b.res_n] for b in w.buckets])
+    assert np.all(idx >= n - tot.count)
+    np.testing.assert_array_equal(w.sample(), x[idx])
+
+
+def test_time_bound_evicts_old_buckets_and_splits_by_span() -> None:
+    s = settings_(window_seconds=100.0, window_events=1000, buckets=10)  # span 10 s per bucket
+    w = Window(DIM, s, PROJ, 0)
+    x, _ = data(1, 300)
+    ts = np.concatenate([np.linspace(0, 50, 100), np.linspace(200, 260, 200)])
+    w.add(x, ts, 0)
+    # Events up to 50 s are older than 260 - 100: their buckets are gone.
+    assert w.totals(with_features=False).min_ts >= 160.0
+    assert w.count == 200
+    for b in w.buckets:
+        assert b.max_ts - b.min_ts <= 10.0
+        assert b.max_ts >= 260 - 100
+    w.evict(now=1000.0)
+    assert w.count == 0 and w.totals().count == 0
+
+
+def test_feature_sum_is_cached_until_the_reservoir_changes() -> None:
+    calls: list[int] = []
+
+    def fsum(rows: np.ndarray) -> np.ndarray:
+        calls.append(rows.shape[0])
+        return rows.astype(np.float64).sum(0)
+
+    proj = Projection(PROJ.centroid_unit, PROJ.sim_edges, PROJ.norm_edges, fsum)
+    w = Window(DIM, settings_(), proj, 0)
+    x, ts = data(2, 50)
+    w.add(x, ts, 0)
+    t1 = w.totals()
+    n_calls = len(calls)
+    t2 = w.totals()
+    assert len(calls) == n_calls  # nothing changed: all cached
+    assert t1.feature_sum is not None and t2.feature_sum is not None
+    np.testing.assert_allclose(t1.feature_sum, w.sample().astype(np.float64).sum(0), rtol=1e-6)
+    w.add(x[:5], ts[:5], 50)
+    w.totals()
+    assert len(calls) == n_calls + 1  # only the open bucket is recomputed
+
+
+def test_scalar_window_bounds() -> None:
+    w = ScalarWindow(("v",), capacity=4, seconds=5.0)
+    w.add(np.arange(10.0), v=np.arange(10.0) * 2)
+    assert w.view()["v"].tolist() == [12.0, 14.0, 16.0, 18.0]
+    w.add(np.array([13.0, 14.0]), v=np.array([1.0, 2.0]))
+    assert w.view()["v"].tolist() == [18.0, 1.0, 2.0]  # 8 and 7 are older than 14 - 5
+
+
+def test_bucket_rejects_overflow() -> None:
+    x, ts = data(3, 5)
+    b = Bucket(DIM, PROJ.sim_bins, PROJ.norm_bins, 2, 4, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="overflow"):
+        b.add(x, PROJ.summarise(x), ts, 0)
