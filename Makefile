@@ -29,7 +29,7 @@ test-integration: deps
 	$(PY) -m pytest -q tests/integration tests/e2e
 
 lint: venv
-	$(VENV)/bin/ruff check service tests benchmarks alerts dashboards
+	$(VENV)/bin/ruff check service tests $(wildcard benchmarks alerts dashboards)
 	$(VENV)/bin/mypy
 
 demo: deps
