@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 # kafka-python >= 3 bootstraps inside the client constructors and raises after this long; a short
 # bound keeps the service loop (SIGTERM, /healthz) responsive while the broker refuses us.
-_BOOTSTRAP_TIMEOUT_MS = 10_000
+_BOOTSTRAP_TIMEOUT_MS = 5_000
 
 
 def _bootstrap_kwargs(cls: Any) -> dict[str, Any]:
