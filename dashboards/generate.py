@@ -603,7 +603,7 @@ def queries() -> dict[str, Any]:
         "percentunit", min_=0, max_=1, steps=((0.2, "red"),))
     results = timeseries(
         "Results per query", "Mean number of results per query in the window.",
-        targets((by_stream("max", "embedwatch_query_result_count"), STREAM_LEGEND)), "short", min_=0)
+        targets((by_stream("max", "embedwatch_query_results_mean"), STREAM_LEGEND)), "short", min_=0)
     precision = timeseries(
         "Precision@k", "Mean precision@k over labelled window queries (needs relevant_ids).",
         targets((by_stream("max", "embedwatch_query_precision_at_k"), STREAM_LEGEND)),

@@ -95,6 +95,8 @@ def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
                     self._json(404, {"error": "not found"})
             except ApiError as e:
                 self._json(e.status, {"error": e.message})
+            except (BrokenPipeError, ConnectionResetError):
+                return  # the client went away mid-response (e.g. a scrape timeout): nothing to answer
             except ValueError as e:
                 self._json(400, {"error": str(e)})
             except Exception:

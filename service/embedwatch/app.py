@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import signal
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -32,9 +33,20 @@ from embedwatch.config import Settings
 from embedwatch.events import DecodedBatch, DecodeLimits, Decoder, Kind, Message, Rejection, StreamKey
 from embedwatch.exporter import Exporter, LabelValues
 from embedwatch.metrics_catalog import METRICS
-from embedwatch.monitor import Alarm
+from embedwatch.monitor import Alarm, StreamMonitor
 from embedwatch.router import StreamRouter
 from embedwatch.sources.base import Committed, DeadLetterSink, PartitionId, Source
+from embedwatch.state import (
+    Checkpoint,
+    DurableBaselineStore,
+    NullStateBackend,
+    StateBackend,
+    StateError,
+    StreamCheckpoint,
+    checkpoint_key,
+    decode_checkpoint,
+    encode_checkpoint,
+)
 
 log = logging.getLogger("embedwatch")
 
@@ -50,6 +62,9 @@ class Ledger:
     dead_lettered: int = 0
     # Offset up to which a previous owner may already have processed (exclusive): replays below it.
     inflight_end: int = -1
+
+    def copy(self) -> Ledger:
+        return Ledger(self.accepted, self.dead_lettered)
 
     def encode(self, inflight_end: int | None = None) -> str:
         doc: dict[str, int] = {"v": LEDGER_VERSION, "a": self.accepted, "d": self.dead_lettered}
@@ -80,6 +95,17 @@ def dlq_headers(msg: Message, r: Rejection) -> list[tuple[str, bytes]]:
     ]
 
 
+_REBALANCE_ERRORS = ("CommitFailed", "IllegalGeneration", "UnknownMemberId", "RebalanceInProgress",
+                     "ILLEGAL_GENERATION", "UNKNOWN_MEMBER_ID", "REBALANCE_IN_PROGRESS", "FencedInstanceId")
+
+
+def _lost_assignment(e: BaseException) -> bool:
+    """The consumer was removed from the group (e.g. its session expired during an outage): retrying
+    the commit cannot succeed before the next poll rejoins."""
+    text = f"{type(e).__name__} {e}"
+    return any(name in text for name in _REBALANCE_ERRORS)
+
+
 class Service:
     """Everything between the source and the exporter; the loop is :meth:`run`.
 
@@ -92,6 +118,8 @@ class Service:
         settings: Settings,
         exporter: Exporter | None = None,
         baselines: BaselineRepository | None = None,
+        state_backend: StateBackend | None = None,
+        state_records: dict[str, bytes] | None = None,
     ) -> None:
         self.settings = settings
         k = settings.kafka
@@ -123,7 +151,21 @@ class Service:
         self._last_lag_probe = 0.0
         self._heartbeat = time.monotonic()
         self._pending_assignment: list[PartitionId] = []
+        # Last durable point per partition: (next offset, ledger) as a restart would restore it.
+        self.durable: dict[PartitionId, tuple[int, Ledger]] = {}
+        # Offsets below which a restored checkpoint already holds the events' effects.
+        self.floor: dict[PartitionId, int] = {}
+        # The partition whose checkpoint carries a stream's state (where its first event came from).
+        self.stream_home: dict[StreamKey, PartitionId] = {}
+        self.state_backend: StateBackend = state_backend if state_backend is not None else NullStateBackend()
+        self.persistent = not isinstance(self.state_backend, NullStateBackend)
+        self._state_records: dict[str, bytes] = dict(state_records or {})
+        self._last_checkpoint = time.monotonic()
         self.exporter.set_gauge("embedwatch_up", (), 1.0)
+        # Counters that exist from the start, so rate() and alerts see 0 rather than no series.
+        for name in ("embedwatch_dead_letter_errors_total", "embedwatch_rebalances_total",
+                     "embedwatch_batches_total", "embedwatch_checkpoints_total"):
+            self.exporter.counters.inc(name, (), 0)
         self.exporter.set_gauge("embedwatch_kafka_connected", (), 0.0)
         self.exporter.set_gauge("embedwatch_ready", (), 0.0)
 
@@ -176,7 +218,7 @@ class Service:
                     norms = np.sqrt(np.einsum("ij,ij->i", rows.vectors, rows.vectors, dtype=np.float64))
                     h.observe("embedwatch_embedding_norm", s, norms)
                     base = mon.baseline
-                    centroid = getattr(base, "centroid", None) if base is not None else None
+                    centroid = base.mean if base is not None else None
                     if centroid is not None and centroid.shape[0] == rows.dim:
                         cn = float(np.linalg.norm(centroid))
                         if cn > 0:
@@ -214,8 +256,8 @@ class Service:
 
     def on_assigned(self, partitions: Sequence[PartitionId]) -> None:
         # Called from the client's IO machinery, where blocking calls are not allowed (kafka-python
-        # 3 runs listeners on its IO thread): only note the partitions; the loop loads their
-        # ledgers right after the poll returns, before it processes any of their messages.
+        # 3 runs listeners on its IO thread): only note the partitions; the loop restores their
+        # state right after the poll returns, before it processes any of their messages.
         self.exporter.counters.inc("embedwatch_rebalances_total")
         self._pending_assignment.extend(partitions)
         log.info("assigned %s", sorted(partitions))
@@ -225,36 +267,208 @@ class Service:
         if not partitions:
             return
         committed = source.committed(partitions)
+        if self.persistent:
+            fresh = self.state_backend.read_new()
+            self._state_records.update(fresh)
+            if any(k.startswith("baseline") for k in fresh):
+                assert isinstance(self.baselines, DurableBaselineStore)
+                self.baselines.restore(fresh)
+        group = self.settings.kafka.group_id
         with self.exporter.lock:
             for p in partitions:
                 c = committed.get(p)
-                ledger = Ledger.decode(c.metadata) if c is not None else Ledger()
+                marker = Ledger.decode(c.metadata) if c is not None else Ledger()
+                ckpt = self._restore_checkpoint(p, self._state_records.get(checkpoint_key(group, *p)))
+                if ckpt is not None:
+                    # The checkpoint is authoritative: its streams' state and ledger hold exactly
+                    # the events below its offset. Messages below it (a crash between checkpoint
+                    # and commit) are skipped; the ones above it are (re)processed.
+                    ledger = Ledger(ckpt.ledger.get("a", 0), ckpt.ledger.get("d", 0))
+                    self.floor[p] = ckpt.offset
+                    self.durable[p] = (ckpt.offset, ledger.copy())
+                    resume = ckpt.offset
+                else:
+                    ledger = Ledger(marker.accepted, marker.dead_lettered)
+                    if c is not None:
+                        self.durable[p] = (c.offset, ledger.copy())
+                    resume = c.offset if c is not None else -1
                 self.ledgers[p] = ledger
-                if c is not None and ledger.inflight_end > c.offset:
-                    self.replay_until[p] = ledger.inflight_end
-                    log.info("partition %s:%d resumes at %d; events up to %d were in flight: replaying",
-                             p.topic, p.partition, c.offset, ledger.inflight_end)
+                if c is not None and marker.inflight_end > max(resume, 0):
+                    self.replay_until[p] = marker.inflight_end
+                    log.info("partition %s:%d resumes at %d; events up to %d were processed before: replaying",
+                             p.topic, p.partition, resume, marker.inflight_end)
                 self._publish_ledger(p)
                 self.exporter.counters.inc("embedwatch_events_replayed_total", (p.topic,), 0)
             self._assigned |= set(partitions)
 
+    def _restore_checkpoint(self, p: PartitionId, blob: bytes | None) -> Checkpoint | None:
+        if blob is None:
+            return None
+        try:
+            ckpt = decode_checkpoint(blob)
+        except (StateError, ValueError, KeyError) as e:
+            log.error("checkpoint of %s:%d is unusable (%s): its streams start afresh", p.topic, p.partition, e)
+            return None
+        det = self.settings.detection
+        for sc in ckpt.streams:
+            baseline = None
+            bid = sc.meta.get("baseline_id")
+            if bid:
+                try:
+                    baseline = self.baselines.get(sc.key, str(bid))
+                except LookupError:
+                    log.error("baseline %s of %s is missing from the store", bid, sc.key)
+            try:
+                mon = StreamMonitor.restore(sc.key, det, sc.meta, sc.arrays, baseline)
+            except (ValueError, KeyError) as e:
+                log.error("state of %s is unusable (%s): it starts afresh", sc.key, e)
+                continue
+            self.router.adopt(mon)
+            self.stream_home[sc.key] = p
+            s: LabelValues = tuple(sc.key)
+            self.exporter.counters.set("embedwatch_events_total", (*s, "embedding"), float(mon.events))
+            if mon.query_events:
+                self.exporter.counters.set("embedwatch_events_total", (*s, "query"), float(mon.query_events))
+        log.info("restored %s:%d at offset %d with %d streams", p.topic, p.partition, ckpt.offset,
+                 len(ckpt.streams))
+        return ckpt
+
     def on_revoked(self, partitions: Sequence[PartitionId]) -> None:
-        # Every processed batch is already committed (the loop commits before polling again), so
-        # giving a partition up needs no extra commit; drop its series so another replica owns them.
+        # With durable state, checkpoint the partitions first so their next owner resumes exactly
+        # here; the checkpoint's offset is authoritative, so no commit is needed (and none is
+        # possible from kafka-python's IO thread). Then forget their streams and series.
         self.exporter.counters.inc("embedwatch_rebalances_total")
+        if self.persistent:
+            # Bounded: a rebalance must not wait for a broker that is down; the next owner then
+            # resumes from the previous checkpoint.
+            self._checkpoint([p for p in partitions if p in self._assigned], commit=None,
+                             deadline=time.monotonic() + 10.0)
         with self.exporter.lock:
             for p in partitions:
                 if p in self._pending_assignment:
                     self._pending_assignment.remove(p)
                 self._assigned.discard(p)
-                self.ledgers.pop(p, None)
-                self.replay_until.pop(p, None)
-                self._positions.pop(p, None)
+                for attr in (self.ledgers, self.replay_until, self._positions, self.floor, self.durable):
+                    attr.pop(p, None)  # type: ignore[attr-defined]
                 key = (p.topic, str(p.partition))
                 self.exporter.counters.drop("embedwatch_consumed_events_total",
                                             lambda lv, key=key: lv[:2] == key)  # type: ignore[misc]
                 self.exporter.gauges["embedwatch_consumer_lag_messages"].pop(key, None)
+            gone = {k for k, home in self.stream_home.items() if home in set(partitions)}
+            for k in gone:
+                self._forget_stream(k)
         log.info("revoked %s", sorted(partitions))
+
+    def _forget_stream(self, key: StreamKey) -> None:
+        self.router.remove(key)
+        self.stream_home.pop(key, None)
+        s = tuple(key)
+        n = len(s)
+        ex = self.exporter
+        for name in ("embedwatch_events_total", "embedwatch_stream_rejected_total"):
+            ex.counters.drop(name, lambda lv: lv[:n] == s)
+        ex.histograms.drop(lambda lv: lv[:n] == s)
+        ex.gauges["embedwatch_last_event_timestamp_seconds"].pop(s, None)
+
+    def _checkpoint(self, partitions: Iterable[PartitionId], commit: Source | None,
+                    deadline: float | None = None) -> None:
+        """Persist the state of ``partitions``, then commit their offsets through ``commit``.
+
+        The records are built under the exporter lock (a consistent cut between batches) and
+        written outside it, so /metrics keeps answering while the backend is slow or down.
+        """
+        with self.exporter.lock:
+            records, positions, ledgers = self._checkpoint_records(partitions)
+        if not records:
+            return
+        def relevant() -> bool:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            return commit is None or any(p in self._assigned for p in positions)
+
+        if not self._retry(lambda: self.state_backend.write(records), "checkpoint", relevant):
+            return
+        with self.exporter.lock:
+            self._state_records.update(records)
+            self.exporter.counters.inc("embedwatch_checkpoints_total")
+            self.exporter.set_gauge("embedwatch_last_checkpoint_timestamp_seconds", (), time.time())
+        if commit is not None and not self._commit(commit, positions):
+            return
+        with self.exporter.lock:
+            for p, c in positions.items():
+                self.durable[p] = (c.offset, ledgers[p])
+                self.floor.pop(p, None)
+
+    def _checkpoint_records(self, partitions: Iterable[PartitionId]
+                            ) -> tuple[dict[str, bytes], dict[PartitionId, Committed], dict[PartitionId, Ledger]]:
+        group = self.settings.kafka.group_id
+        records: dict[str, bytes] = {}
+        positions: dict[PartitionId, Committed] = {}
+        ledgers: dict[PartitionId, Ledger] = {}
+        now = time.time()
+        for p in partitions:
+            offset = self._positions.get(p, self.durable.get(p, (-1, Ledger()))[0])
+            if offset < 0:
+                continue
+            ledger = self.ledgers.get(p, Ledger()).copy()
+            streams = []
+            for key, home in self.stream_home.items():
+                mon = self.router.monitors.get(key)
+                if home == p and mon is not None:
+                    meta, arrays = mon.checkpoint()
+                    streams.append(StreamCheckpoint(key, meta, arrays))
+            records[checkpoint_key(group, *p)] = encode_checkpoint(
+                Checkpoint(p.topic, p.partition, offset, {"a": ledger.accepted, "d": ledger.dead_lettered},
+                           streams, now))
+            positions[p] = Committed(offset, ledger.encode())
+            ledgers[p] = ledger
+        return records, positions, ledgers
+
+    def _commit(self, source: Source, positions: dict[PartitionId, Committed]) -> bool:
+        """Commit, retrying through broker outages; False if the partitions were taken away."""
+        def attempt() -> None:
+            try:
+                source.commit({p: c for p, c in positions.items() if p in self._assigned})
+                self.exporter.counters.inc("embedwatch_commits_total", ("success",))
+            except Exception:
+                self.exporter.counters.inc("embedwatch_commits_total", ("failure",))
+                raise
+
+        return self._retry(attempt, "commit", lambda: any(p in self._assigned for p in positions))
+
+    def _retry(self, fn: Callable[[], None], what: str, still_relevant: Callable[[], bool] = lambda: True,
+               max_delay_s: float = 10.0) -> bool:
+        """Run ``fn`` until it succeeds, backing off (with jitter) while the broker is unreachable.
+
+        Nothing is skipped: a batch whose dead letters or commit cannot be written waits here, the
+        service stays up and reports itself not ready. Gives up (False) when ``still_relevant``
+        turns false (the partitions were revoked meanwhile) or a stop is requested.
+        """
+        delay = 0.2
+        while True:
+            try:
+                fn()
+                if not self.connected:
+                    self._set_connected(True)
+                return True
+            except Exception as e:
+                if _lost_assignment(e):
+                    log.warning("%s: the group moved on (%s); the next assignment resumes from the last "
+                                "durable point", what, e)
+                    return False
+                self._set_connected(False)
+                if self.stop_requested.is_set() or not still_relevant():
+                    log.error("%s abandoned (%s): the events are replayed by the partitions' next owner", what, e)
+                    return False
+                log.warning("%s failed (%s); retrying in %.1fs", what, e, delay)
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, max_delay_s)
+
+    def _set_connected(self, up: bool) -> None:
+        self.connected = up
+        self.ready = up and bool(self._assigned)
+        self.exporter.set_gauge("embedwatch_kafka_connected", (), float(up))
+        self.exporter.set_gauge("embedwatch_ready", (), float(self.ready))
 
     def _publish_ledger(self, p: PartitionId) -> None:
         led = self.ledgers[p]
@@ -284,7 +498,15 @@ class Service:
                 self._load_assignment(source)
                 if messages:
                     self._handle_batch(messages, source, sink)
+                due = time.monotonic() - self._last_checkpoint >= self.settings.state.checkpoint_interval_s
+                if self.persistent and due:
+                    self._checkpoint(sorted(self._assigned), commit=source)
+                    self._last_checkpoint = time.monotonic()
                 self._probe(source)
+            if self.persistent:
+                # Graceful stop: everything processed is checkpointed and committed, so the next
+                # owner replays nothing.
+                self._checkpoint(sorted(self._assigned), commit=source)
         finally:
             self.ready = False
             self.exporter.set_gauge("embedwatch_ready", (), 0.0)
@@ -297,6 +519,23 @@ class Service:
 
     def _handle_batch(self, messages: list[Message], source: Source, sink: DeadLetterSink) -> None:
         t0 = time.perf_counter()
+        owned = self._assigned
+        if any(PartitionId(m.topic, m.partition) not in owned for m in messages):
+            # Records fetched before a rebalance took their partition away: the new owner reads
+            # them from its restored position, so processing them here would count them twice.
+            n = len(messages)
+            messages = [m for m in messages if PartitionId(m.topic, m.partition) in owned]
+            log.info("dropped %d records of partitions revoked during the poll", n - len(messages))
+            if not messages:
+                return
+        if self.floor:
+            # Already reflected in the restored checkpoint (a crash between checkpoint and commit).
+            floor = self.floor
+            messages = [m for m in messages if m.offset >= floor.get(PartitionId(m.topic, m.partition), -1)]
+            for p in [p for p in floor if any(m.topic == p.topic and m.partition == p.partition for m in messages)]:
+                del floor[p]
+            if not messages:
+                return
         parts: dict[PartitionId, tuple[int, int]] = {}
         for m in messages:
             p = PartitionId(m.topic, m.partition)
@@ -304,18 +543,28 @@ class Service:
             parts[p] = (min(lo, m.offset), max(hi, m.offset))
         for p in parts:
             self.ledgers.setdefault(p, Ledger())
-        # Mark the batch in flight: a successor after a crash knows what it replays.
-        source.commit({p: Committed(lo, self.ledgers[p].encode(inflight_end=hi + 1))
-                       for p, (lo, hi) in parts.items()})
+        # Mark the batch in flight at the last durable point: a successor after a crash knows what
+        # it processes a second time.
+        inflight: dict[PartitionId, Committed] = {}
+        for p, (lo, hi) in parts.items():
+            offset, ledger = self.durable.get(p, (lo, self.ledgers[p]))
+            inflight[p] = Committed(offset, ledger.encode(inflight_end=hi + 1))
+        if not self._retry(lambda: source.commit(inflight), "in-flight marker"):
+            return  # not ours any more (or stopping): the next owner processes the batch
         batch, rejections = self.process(messages)
         for r in rejections:
             m = messages[r.message_index]
             sink.send(self.settings.kafka.dlq_topic(m.topic), r.payload, m.key, dlq_headers(m, r))
-        try:
-            sink.flush(timeout_s=30.0)
-        except Exception:
-            self.exporter.counters.inc("embedwatch_dead_letter_errors_total")
-            raise
+
+        def flush() -> None:
+            try:
+                sink.flush(timeout_s=10.0)
+            except Exception:
+                self.exporter.counters.inc("embedwatch_dead_letter_errors_total")
+                raise
+
+        if not self._retry(flush, "dead-letter write"):
+            return  # stopping before the dead letters were acknowledged: nothing committed, replayed later
         # Per-partition outcome counts, vectorised over the batch's events.
         pidx = {p: i for i, p in enumerate(parts)}
         msg_part = np.fromiter((pidx[PartitionId(m.topic, m.partition)] for m in messages),
@@ -348,12 +597,16 @@ class Service:
                     if hi + 1 >= until:
                         del self.replay_until[p]
                 self._publish_ledger(p)
-        try:
-            source.commit({p: Committed(self._positions[p], self.ledgers[p].encode()) for p in parts})
-            self.exporter.counters.inc("embedwatch_commits_total", ("success",))
-        except Exception:
-            self.exporter.counters.inc("embedwatch_commits_total", ("failure",))
-            raise
+            for b in batch.blocks:
+                if b.stream not in self.stream_home and b.stream in self.router.monitors:
+                    m0 = messages[int(b.message_index[0])]
+                    self.stream_home[b.stream] = PartitionId(m0.topic, m0.partition)
+        if not self.persistent:
+            # No durable state: the batch's effects live in memory only, so the batch is the unit.
+            positions = {p: Committed(self._positions[p], self.ledgers[p].encode()) for p in parts}
+            self._commit(source, positions)
+            for p, c in positions.items():
+                self.durable[p] = (c.offset, self.ledgers[p].copy())
         self.exporter.counters.inc("embedwatch_batches_total")
         self.exporter.histograms.observe("embedwatch_processing_seconds", (),
                                          np.array([time.perf_counter() - t0]))

@@ -30,15 +30,38 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("kafka").setLevel(max(logging.WARNING, getattr(logging, level)))
 
 
+def _open_state(settings: Settings) -> tuple[Any, dict[str, bytes]]:
+    """The state backend and its records; retried with backoff while the backend is unreachable."""
+    import random
+
+    from embedwatch.state import open_state_backend
+
+    delay = 0.5
+    while True:
+        try:
+            backend = open_state_backend(settings)
+            records = backend.read_all()
+            if records:
+                log.info("state: %d records restored from the %s backend", len(records), settings.state.backend)
+            return backend, records
+        except Exception as e:  # the broker may be down at start: keep trying, never crash-loop
+            log.error("state backend %s unavailable (%s); retrying in %.1fs", settings.state.backend, e, delay)
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 30.0)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from embedwatch.api import Backend, HttpServer
     from embedwatch.app import Service
     from embedwatch.exporter import make_registry
     from embedwatch.sources import open_dead_letter_sink, open_kafka_source
+    from embedwatch.state import DurableBaselineStore
 
     settings = _settings(args.config)
     _setup_logging(settings.log_level)
-    service = Service(settings)
+    backend, records = _open_state(settings)
+    baselines = DurableBaselineStore(backend, records) if settings.state.backend != "none" else None
+    service = Service(settings, baselines=baselines, state_backend=backend, state_records=records)
     token = settings.http.admin_token.get_secret_value() if settings.http.admin_token else None
     backend = Backend(
         registry=make_registry(service.exporter),
@@ -137,7 +160,8 @@ def cmd_baseline_remote(args: argparse.Namespace) -> int:
     else:
         import os
 
-        token = os.environ.get("EMBEDWATCH_ADMIN_TOKEN")
+        # The same variable the service reads its token from, so one Secret serves both.
+        token = os.environ.get("EMBEDWATCH_HTTP__ADMIN_TOKEN")
         path = f"{base}/api/baselines/{args.stream}/{args.action}"
         doc = _http("POST", path, token)
     print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
@@ -210,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     bb.set_defaults(func=cmd_baseline_build)
     for action in ("list", "promote", "rollback"):
         ba = bsub.add_parser(action, help=f"{action} baselines of a running service "
-                             "(token from EMBEDWATCH_ADMIN_TOKEN)")
+                             "(token from EMBEDWATCH_HTTP__ADMIN_TOKEN)")
         ba.add_argument("--url", default="http://127.0.0.1:9108")
         if action != "list":
             ba.add_argument("stream", help="model/model_version/segment")

@@ -87,15 +87,18 @@ class Histograms:
             self._sums[name][labels] = float(v.sum())
 
     def families(self) -> Iterator[Metric]:
-        for name, per in self._counts.items():
+        # Snapshots of the dicts: a histogram first observed by another thread while a scrape runs
+        # must not break the scrape ("dictionary changed size during iteration").
+        for name, per in list(self._counts.items()):
             m = BY_NAME[name]
             fam = HistogramMetricFamily(name, m.help, labels=list(m.labels))
             edges = self._buckets[name]
-            for labels, counts in per.items():
+            sums = self._sums[name]
+            for labels, counts in list(per.items()):
                 cum = np.cumsum(counts)
                 buckets = [(_fmt(le), float(c)) for le, c in zip(edges, cum[:-1], strict=True)]
                 buckets.append(("+Inf", float(cum[-1])))
-                fam.add_metric(list(labels), buckets, self._sums[name][labels])
+                fam.add_metric(list(labels), buckets, sums.get(labels, 0.0))
             yield fam
 
     def drop(self, predicate: Callable[[LabelValues], bool]) -> None:
@@ -135,30 +138,36 @@ class Exporter(Collector):
         self.gauges[name][labels] = value
 
     def collect(self) -> Iterator[Metric]:
+        # Families are built under the lock, then handed out after it is released: formatting the
+        # exposition text (prometheus_client) must not hold up the service loop waiting on the lock.
         with self.lock:
-            fams: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+            out = list(self._collect_locked())
+        yield from out
 
-            def fam(name: str) -> GaugeMetricFamily | CounterMetricFamily:
-                f = fams.get(name)
-                if f is None:
-                    f = fams[name] = _family(name)
-                return f
+    def _collect_locked(self) -> Iterator[Metric]:
+        fams: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
 
-            fam("embedwatch_build_info").add_metric(
-                [__version__, f"{sys.version_info.major}.{sys.version_info.minor}"], 1.0
-            )
-            for name, per in self.gauges.items():
-                for labels, v in per.items():
+        def fam(name: str) -> GaugeMetricFamily | CounterMetricFamily:
+            f = fams.get(name)
+            if f is None:
+                f = fams[name] = _family(name)
+            return f
+
+        fam("embedwatch_build_info").add_metric(
+            [__version__, f"{sys.version_info.major}.{sys.version_info.minor}"], 1.0
+        )
+        for name, per in list(self.gauges.items()):
+            for labels, v in list(per.items()):
+                fam(name).add_metric(list(labels), v)
+        for source in self.gauge_sources:
+            for name, labels, v in source():
+                if not math.isnan(v):
                     fam(name).add_metric(list(labels), v)
-            for source in self.gauge_sources:
-                for name, labels, v in source():
-                    if not math.isnan(v):
-                        fam(name).add_metric(list(labels), v)
-            for name in list(self.counters._values):
-                for labels, v in self.counters.series(name).items():
-                    fam(name).add_metric(list(labels), v)
-            yield from fams.values()
-            yield from self.histograms.families()
+        for name in list(self.counters._values):
+            for labels, v in self.counters.series(name).items():
+                fam(name).add_metric(list(labels), v)
+        yield from fams.values()
+        yield from self.histograms.families()
 
 
 def make_registry(exporter: Exporter, process_metrics: bool = True) -> CollectorRegistry:

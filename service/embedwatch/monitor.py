@@ -51,12 +51,14 @@ from embedwatch.detectors.mmd import RFFMMD
 from embedwatch.events import StreamKey
 from embedwatch.metrics_catalog import METRICS
 from embedwatch.stats import ks_2samp, moments_from_sums
-from embedwatch.window import Projection, ScalarWindow, Window
+from embedwatch.window import Projection, ScalarWindow, Window, WindowTotals
 
 #: Every per-stream measure key exported through metrics_catalog (``Metric.measure``).
 MEASURE_KEYS: tuple[str, ...] = tuple(m.measure for m in METRICS if m.measure is not None)
 
 _RECENT = 100
+#: Version of the :meth:`StreamMonitor.checkpoint` layout.
+CHECKPOINT_SCHEMA = 1
 _QUERY_COLUMNS = ("top1", "n_results", "precision", "recall", "index")
 
 
@@ -82,6 +84,19 @@ class Alarm:
 
 def _json_float(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
+
+
+def _alarm_of(d: dict[str, Any]) -> Alarm:
+    def f(v: Any) -> float:
+        return math.nan if v is None else float(v)
+
+    return Alarm(str(d["stream"]), int(d["index"]), f(d["ts"]), str(d["detector"]), f(d["score"]),
+                 None if d["p_value"] is None else float(d["p_value"]), str(d["kind"]))
+
+
+def _window_config(s: DetectionSettings) -> list[float]:
+    return [s.window_events, s.window_seconds, s.buckets, s.reservoir_per_bucket, s.histogram_bins,
+            s.rff_features, s.seed]
 
 
 class StreamMonitor:
@@ -115,6 +130,9 @@ class StreamMonitor:
         self._changepoint_count = 0
         self._end_streak = 0
         self._last_eval: tuple[int, float] | None = None
+        self._snapshot: WindowTotals | None = None
+        self._derived_for: WindowTotals | None = None
+        self._mmd_last: tuple[float, int] | None = None
         self._newest_ts = -math.inf
         # queries
         self._qwin = ScalarWindow(_QUERY_COLUMNS, settings.window_events, settings.window_seconds)
@@ -149,6 +167,8 @@ class StreamMonitor:
         self._ph = self._new_ph()
         self.drifting = False
         self._end_streak = 0
+        self._snapshot = self._derived_for = None
+        self._mmd_last = None
         self._ref_chunks, self._ref_ts, self._ref_n = [], [], 0
         for k in ("centroid_cosine_distance", "centroid_euclidean_distance", "similarity_ks_statistic",
                   "similarity_ks_p_value", "similarity_wasserstein", "similarity_psi",
@@ -250,13 +270,69 @@ class StreamMonitor:
         self._measures["changepoint_score"] = self._ph.statistic
 
     def _evaluate(self, index: int, ts: float) -> Alarm | None:
-        assert self._window is not None and self.baseline is not None and self._mmd is not None
-        assert self._dims is not None and self._sim_shift is not None and self._norm_shift is not None
+        """Run the alarm decision on the window after event ``index``.
+
+        Only what the decision needs is computed here: the merged window statistics and the MMD^2
+        statistic, compared with the threshold cached per window size (``p <= alpha`` exactly when
+        ``score >= threshold(alpha)``: the null tail is monotone). The descriptive measures and the
+        p-values are derived lazily from this snapshot when :meth:`measures` is read.
+        """
+        assert self._window is not None and self._mmd is not None
         s = self.settings
         tot = self._window.totals()
         if tot.count < s.min_window_events:
             return None
         self._last_eval = (index, ts)
+        self._snapshot = tot
+        self._derived_for = None
+        if tot.feature_sum is None or tot.sample_n < 2:
+            self._mmd_last = None
+            return None
+        mmd = self._mmd
+        m = tot.sample_n
+        diff = tot.feature_sum / m - mmd.reference_mean
+        stat = float(diff @ diff)
+        score = stat - mmd.null_mean(m)
+        self._mmd_last = (stat, m)
+        self._measures["drift_score"] = score
+        self._measures["drift_threshold"] = mmd.threshold(m, s.false_alarm_rate)
+        self._measures["drift_p_value"] = math.nan  # derived lazily
+        return self._policy(index, ts, score, m, stat)
+
+    def _policy(self, index: int, ts: float, score: float, m: int, stat: float) -> Alarm | None:
+        s = self.settings
+        assert self._mmd is not None
+        floor = s.effect_size_floor
+        alpha = s.false_alarm_rate
+        if not self.drifting:
+            if score >= self._mmd.threshold(m, alpha) and score >= floor:
+                self.drifting = True
+                self._end_streak = 0
+                self._drift_alarms += 1
+                alarm = Alarm(self._name, index, ts, "mmd", score, self._mmd.p_value(stat, m), "start")
+                self._alarms.append(alarm)
+                return alarm
+            return None
+        if score < self._mmd.threshold(m, min(100.0 * alpha, 0.5)) or score < floor:
+            self._end_streak += 1
+            if self._end_streak >= s.alarm_end_evaluations:
+                self.drifting = False
+                self._end_streak = 0
+                alarm = Alarm(self._name, index, ts, "mmd", score, self._mmd.p_value(stat, m), "end")
+                self._alarms.append(alarm)
+                return alarm
+        else:
+            self._end_streak = 0
+        return None
+
+    def _derive(self) -> None:
+        """Descriptive measures of the last evaluated window (cached until the next evaluation)."""
+        tot = self._snapshot
+        if tot is None or self._derived_for is tot:
+            return
+        self._derived_for = tot
+        assert self.baseline is not None and self._dims is not None
+        assert self._sim_shift is not None and self._norm_shift is not None and self._mmd is not None
         m = self._measures
         b = self.baseline
         wmean = tot.mean
@@ -270,42 +346,14 @@ class StreamMonitor:
         m["similarity_wasserstein"] = sim["wasserstein"]
         m["similarity_psi"] = sim["psi"]
         m["similarity_js_divergence"] = sim["js"]
-        m["norm_ks_statistic"] = self._norm_shift.compare(tot.norms)["ks_statistic"]
+        m["norm_ks_statistic"] = self._norm_shift.compare(tot.norms, p_value=False)["ks_statistic"]
         bnorm = b.mean_norm
         m["norm_mean_relative_change"] = (float(tot.norms.mean()) - bnorm) / bnorm if bnorm > 0 else math.nan
         mean, var = moments_from_sums(tot.count, tot.sum, tot.sumsq)
         m["dimensions_drifted_ratio"] = self._dims.ratio(tot.count, mean, var)
-        if tot.feature_sum is None or tot.sample_n < 2:
-            return None
-        r = self._mmd.test(tot.feature_sum / tot.sample_n, tot.sample_n, s.false_alarm_rate)
-        m["drift_score"] = r.score
-        m["drift_threshold"] = r.threshold
-        m["drift_p_value"] = r.p_value
-        return self._policy(index, ts, r.score, r.p_value)
-
-    def _policy(self, index: int, ts: float, score: float, p: float) -> Alarm | None:
-        s = self.settings
-        floor = s.effect_size_floor
-        if not self.drifting:
-            if p <= s.false_alarm_rate and score >= floor:
-                self.drifting = True
-                self._end_streak = 0
-                self._drift_alarms += 1
-                alarm = Alarm(self._name, index, ts, "mmd", score, p, "start")
-                self._alarms.append(alarm)
-                return alarm
-            return None
-        if p > 100.0 * s.false_alarm_rate or score < floor:
-            self._end_streak += 1
-            if self._end_streak >= s.alarm_end_evaluations:
-                self.drifting = False
-                self._end_streak = 0
-                alarm = Alarm(self._name, index, ts, "mmd", score, p, "end")
-                self._alarms.append(alarm)
-                return alarm
-        else:
-            self._end_streak = 0
-        return None
+        if self._mmd_last is not None:
+            stat, n = self._mmd_last
+            m["drift_p_value"] = self._mmd.p_value(stat, n)
 
     # ------------------------------------------------------------------ queries
     def update_queries(
@@ -369,12 +417,164 @@ class StreamMonitor:
             if after.any():
                 m["query_top1_ks_statistic"], m["query_top1_ks_p_value"] = ks_2samp(top1[after], self._qref_done)
 
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The stream's state as JSON-able ``meta`` (NaN allowed) + numeric ``arrays`` (no pickle).
+
+        Holds the counters, alarm state, Page-Hinkley state, the reference being collected, the
+        window buckets (statistics, per-event scalars, reservoirs, RNG state) and the query window.
+        Not included (restart empty): the duplicate-id memory (ids are hashed with the process's
+        salted ``hash``) and the query-vector sub-monitor. The baseline itself is referenced by
+        ``baseline_id`` and must come from the baseline store.
+        """
+        s = self.settings
+        ph = self._ph
+        meta: dict[str, Any] = {
+            "schema": CHECKPOINT_SCHEMA,
+            "stream": self._name,
+            "events": self.events,
+            "query_events": self.query_events,
+            "expected_dim": self.expected_dim,
+            "drifting": self.drifting,
+            "end_streak": self._end_streak,
+            "drift_alarms": self._drift_alarms,
+            "changepoints": self._changepoint_count,
+            "duplicate_ids": self._dups.total,
+            "newest_ts": self._newest_ts,
+            "generation": self._generation,
+            "last_eval": list(self._last_eval) if self._last_eval is not None else None,
+            "baseline_id": self.baseline.baseline_id if self.baseline is not None else None,
+            "ref_n": self._ref_n,
+            "qref_n": self._qref_n,
+            "qref_done": self._qref_done is not None,
+            "page_hinkley": [ph.n, ph.mean, ph.sum_increase, ph.sum_decrease, ph.min_increase,
+                             ph.max_decrease, ph.statistic],
+            "measures": self._measures,
+            "alarms": [a.to_dict() for a in self._alarms],
+            "changepoint_list": [a.to_dict() for a in self._changepoints],
+            "window_config": _window_config(s),
+        }
+        arrays: dict[str, np.ndarray] = {}
+        if self.baseline is None and self._ref_chunks:
+            arrays["ref_vectors"] = np.concatenate(self._ref_chunks)
+            arrays["ref_ts"] = np.concatenate(self._ref_ts)
+        qref = self._qref_done if self._qref_done is not None else (
+            np.concatenate(self._qref) if self._qref else np.zeros(0))
+        arrays["query_reference"] = np.asarray(qref, dtype=np.float64)
+        q = self._qwin
+        for name, col in q._cols.items():
+            arrays[f"qwin_{name}"] = col.copy()
+        meta["qwin"] = [q._head, q._size, q.newest_ts]
+        w = self._window
+        if w is not None:
+            bs = list(w.buckets)
+            meta["window"] = {"newest_ts": w.newest_ts, "rng": w.rng.bit_generator.state,
+                              "closed": [b.closed for b in bs],
+                              "versions": [b._version for b in bs]}
+            if bs:
+                arrays["b_count"] = np.array([b.count for b in bs], dtype=np.int64)
+                arrays["b_ts"] = np.array([[b.min_ts, b.max_ts, b.start_ts] for b in bs], dtype=np.float64)
+                arrays["b_sum"] = np.stack([b.sum for b in bs])
+                arrays["b_sumsq"] = np.stack([b.sumsq for b in bs])
+                arrays["b_sim_hist"] = np.stack([b.sim_hist for b in bs])
+                arrays["b_norm_hist"] = np.stack([b.norm_hist for b in bs])
+                arrays["b_sims"] = np.concatenate([b.sims for b in bs])
+                arrays["b_norms"] = np.concatenate([b.norms for b in bs])
+                arrays["b_res_n"] = np.array([b.res_n for b in bs], dtype=np.int64)
+                arrays["b_reservoir"] = np.stack([b.reservoir for b in bs])
+                arrays["b_res_index"] = np.stack([b.res_index for b in bs])
+        return meta, arrays
+
+    @classmethod
+    def restore(
+        cls,
+        key: StreamKey,
+        settings: DetectionSettings,
+        meta: dict[str, Any],
+        arrays: dict[str, np.ndarray],
+        baseline: Baseline | None,
+    ) -> StreamMonitor:
+        """Rebuild a monitor from :meth:`checkpoint` output; ``ValueError`` if it cannot be used.
+
+        ``baseline`` must be the one named by ``meta["baseline_id"]`` (from the baseline store).
+        If the window settings changed since the checkpoint, the window starts afresh (everything
+        else is kept).
+        """
+        if meta.get("schema") != CHECKPOINT_SCHEMA:
+            raise ValueError(f"unsupported monitor checkpoint schema {meta.get('schema')!r}")
+        bid = meta.get("baseline_id")
+        if bid is not None and (baseline is None or baseline.baseline_id != bid):
+            raise ValueError(f"checkpoint needs baseline {bid}, got "
+                             f"{None if baseline is None else baseline.baseline_id}")
+        m = cls(key, settings, baseline if bid is not None else None)
+        m.events = int(meta["events"])
+        m.query_events = int(meta["query_events"])
+        m.expected_dim = None if meta["expected_dim"] is None else int(meta["expected_dim"])
+        m._end_streak = int(meta["end_streak"])
+        m._drift_alarms = int(meta["drift_alarms"])
+        m._changepoint_count = int(meta["changepoints"])
+        m._dups.total = int(meta["duplicate_ids"])
+        m._newest_ts = float(meta["newest_ts"])
+        m._generation = int(meta["generation"])
+        m._last_eval = None if meta["last_eval"] is None else (int(meta["last_eval"][0]),
+                                                               float(meta["last_eval"][1]))
+        ph = m._ph
+        (ph.n, ph.mean, ph.sum_increase, ph.sum_decrease, ph.min_increase, ph.max_decrease,
+         ph.statistic) = (int(meta["page_hinkley"][0]), *map(float, meta["page_hinkley"][1:]))
+        m._measures.update({k: float(v) if v is not None else math.nan
+                            for k, v in meta["measures"].items() if k in m._measures})
+        m._alarms.extend(_alarm_of(d) for d in meta["alarms"])
+        m._changepoints.extend(_alarm_of(d) for d in meta["changepoint_list"])
+        if (baseline is None or bid is None) and "ref_vectors" in arrays:
+            m._ref_chunks = [np.asarray(arrays["ref_vectors"], dtype=np.float32)]
+            m._ref_ts = [np.asarray(arrays["ref_ts"], dtype=np.float64)]
+            m._ref_n = int(m._ref_chunks[0].shape[0])
+        qref = np.asarray(arrays["query_reference"], dtype=np.float64)
+        m._qref_n = int(meta["qref_n"])
+        if meta["qref_done"]:
+            m._qref_done = qref
+        elif qref.size:
+            m._qref = [qref]
+        q = m._qwin
+        if all(f"qwin_{c}" in arrays and arrays[f"qwin_{c}"].shape == (q.capacity,) for c in q._cols):
+            for c in q._cols:
+                q._cols[c][:] = arrays[f"qwin_{c}"]
+            q._head, q._size, q.newest_ts = int(meta["qwin"][0]), int(meta["qwin"][1]), float(meta["qwin"][2])
+        w = m._window
+        wm = meta.get("window")
+        if w is not None and wm is not None and meta.get("window_config") == _window_config(settings):
+            m.drifting = bool(meta["drifting"])
+            w.newest_ts = float(wm["newest_ts"])
+            w.rng.bit_generator.state = wm["rng"]
+            if "b_count" in arrays:
+                counts = arrays["b_count"]
+                offsets = np.concatenate([[0], np.cumsum(counts)])
+                for i, c in enumerate(counts.tolist()):
+                    b = w._new_bucket()
+                    if c > b.capacity or arrays["b_sum"][i].shape != b.sum.shape:
+                        raise ValueError("checkpointed window does not fit the current settings")
+                    b.count = int(c)
+                    b.min_ts, b.max_ts, b.start_ts = (float(v) for v in arrays["b_ts"][i])
+                    b.sum[:] = arrays["b_sum"][i]
+                    b.sumsq[:] = arrays["b_sumsq"][i]
+                    b.sim_hist[:] = arrays["b_sim_hist"][i]
+                    b.norm_hist[:] = arrays["b_norm_hist"][i]
+                    b._sims[:c] = arrays["b_sims"][offsets[i]:offsets[i + 1]]
+                    b._norms[:c] = arrays["b_norms"][offsets[i]:offsets[i + 1]]
+                    b.res_n = int(arrays["b_res_n"][i])
+                    b.reservoir[:] = arrays["b_reservoir"][i]
+                    b.res_index[:] = arrays["b_res_index"][i]
+                    b.closed = bool(wm["closed"][i])
+                    b._version = int(wm["versions"][i])
+        return m
+
     # ------------------------------------------------------------------ read-out
     def measures(self, now: float | None = None) -> dict[str, float]:
         """Every per-stream measure of metrics_catalog (NaN when not computable yet).
 
         ``baseline_age_seconds`` is measured against ``now`` (default: the newest event ts seen).
         """
+        self._derive()
         m = dict(self._measures)
         b = self.baseline
         s = self.settings

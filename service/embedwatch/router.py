@@ -196,6 +196,16 @@ class StreamRouter:
         API), so the router does not save it again."""
         self._saved[key] = baseline_id
 
+    def adopt(self, monitor: StreamMonitor) -> None:
+        """Take over a monitor restored from a checkpoint (its baseline is already persisted)."""
+        key = monitor.key
+        self.monitors[key] = monitor
+        self.stream_rejected.setdefault(key, Counter())
+        if monitor.expected_dim is not None:
+            self._dims[key] = int(monitor.expected_dim)
+        if monitor.baseline is not None:
+            self._saved[key] = str(monitor.baseline.metadata["baseline_id"])
+
     def remove(self, key: StreamKey) -> None:
         """Forget a stream (e.g. idle eviction); frees its slot under ``max_streams``."""
         self.monitors.pop(key, None)

@@ -33,11 +33,12 @@ HIST_EPS = 1e-4
 # Kolmogorov-Smirnov and Wasserstein on samples
 
 
-def ks_2samp(a: FloatArray, b: FloatArray) -> tuple[float, float]:
+def ks_2samp(a: FloatArray, b: FloatArray, p_value: bool = True) -> tuple[float, float]:
     """Two-sided two-sample KS statistic and its asymptotic p-value.
 
     Identical to ``scipy.stats.ks_2samp(a, b, method="asymp")`` (statistic exactly, p-value via
-    ``kstwo.sf(D, round(n*m/(n+m)))``) without its per-call overhead. Empty input gives NaNs.
+    ``kstwo.sf(D, round(n*m/(n+m)))``) without its per-call overhead. Empty input gives NaNs;
+    ``p_value=False`` skips the (comparatively costly) p-value and returns NaN for it.
     """
     a = np.sort(np.asarray(a, dtype=np.float64))
     b = np.sort(np.asarray(b, dtype=np.float64))
@@ -48,6 +49,8 @@ def ks_2samp(a: FloatArray, b: FloatArray) -> tuple[float, float]:
     cdf1 = np.searchsorted(a, both, side="right") / n1
     cdf2 = np.searchsorted(b, both, side="right") / n2
     d = float(np.max(np.abs(cdf1 - cdf2)))
+    if not p_value:
+        return d, math.nan
     en = float(n1) * float(n2) / float(n1 + n2)
     from scipy.stats import kstwo  # local: scipy.stats import is slow at module load
 

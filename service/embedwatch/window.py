@@ -190,25 +190,23 @@ class Bucket:
         slot j ~ U{0..t} when j < k; a later event overwrites an earlier one in the same slot."""
         k = self.reservoir_size
         n = x.shape[0]
-        t = seen + np.arange(n)
-        fill = t < k
-        rest = np.flatnonzero(~fill)
-        slots_fill = t[fill]
-        rows_fill = np.flatnonzero(fill)
-        if rest.size:
-            j = self.rng.integers(0, t[rest] + 1)
-            keep = j < k
-            slots = np.concatenate([slots_fill, j[keep]])
-            rows = np.concatenate([rows_fill, rest[keep]])
-        else:
-            slots, rows = slots_fill, rows_fill
-        if slots.size == 0:
-            return
-        # Last writer wins: keep, per slot, the latest row (rows are in increasing order).
-        uniq, pos_rev = np.unique(slots[::-1], return_index=True)
-        rows = rows[::-1][pos_rev]
-        self.reservoir[uniq] = x[rows]
-        self.res_index[uniq] = first_index + rows
+        nfill = min(n, max(0, k - seen))
+        if nfill:
+            self.reservoir[seen : seen + nfill] = x[:nfill]
+            self.res_index[seen : seen + nfill] = np.arange(first_index, first_index + nfill)
+        if nfill < n:
+            t = np.arange(seen + nfill, seen + n)
+            j = (self.rng.random(t.shape[0]) * (t + 1)).astype(np.int64)
+            keep = np.flatnonzero(j < k)
+            if keep.size:
+                slots = j[keep]
+                rows = keep + nfill
+                if keep.size > 1:
+                    # Last writer wins: keep, per slot, the latest row (rows are increasing).
+                    uniq, pos_rev = np.unique(slots[::-1], return_index=True)
+                    slots, rows = uniq, rows[::-1][pos_rev]
+                self.reservoir[slots] = x[rows]
+                self.res_index[slots] = first_index + rows
         self.res_n = min(k, seen + n)
         self._version += 1
 

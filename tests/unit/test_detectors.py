@@ -24,7 +24,7 @@ def river_detections(x: np.ndarray, **kw: float | str) -> list[int]:
     return out
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 10**6), mode=st.sampled_from(["up", "down", "both"]),
        alpha=st.sampled_from([1.0, 1 - 1e-4, 0.99]), delta=st.sampled_from([0.005, 0.2, 0.5]),
        threshold=st.sampled_from([5.0, 20.0, 50.0]), batch=st.integers(1, 900))
@@ -88,7 +88,7 @@ def test_mmd_false_alarm_rate_is_calibrated() -> None:
         return (rng.standard_t(5, size=(k, d)) @ mix).astype(np.float32)  # heavy-ish tails
 
     pvals = []
-    for _ in range(8):
+    for _ in range(6):
         mmd = RFFMMD.fit(draw(n), n_features=64, seed=int(rng.integers(1000)))
         feats = mmd.features(draw(m * 50)).astype(np.float64).reshape(50, m, -1).mean(1)
         pvals += [mmd.test(f, m, 0.01).p_value for f in feats]
@@ -160,7 +160,7 @@ def brute_force_duplicates(batches: list[list[str | None]], capacity: int) -> li
     return out
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(batches=st.lists(st.lists(st.one_of(st.none(), st.sampled_from("abcdefghij")), max_size=12),
                         max_size=10),
        capacity=st.integers(1, 15))
@@ -179,3 +179,16 @@ def test_covariance_eigvals_match_numpy_in_both_regimes() -> None:
         f = rng.normal(size=(n, dim)) @ rng.normal(size=(dim, dim))
         want = np.sort(np.clip(np.linalg.eigvalsh(np.cov(f, rowvar=False)), 0, None))[::-1]
         np.testing.assert_allclose(covariance_eigvals(f), want, rtol=1e-8, atol=1e-8 * want.max())
+
+
+@pytest.mark.parametrize("module", [
+    "embedwatch.detectors.mmd", "embedwatch.detectors.page_hinkley", "embedwatch.detectors.dimensions",
+    "embedwatch.detectors.distribution", "embedwatch.detectors.duplicates", "embedwatch.window",
+    "embedwatch.stats",
+])
+def test_docstring_examples_run(module: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

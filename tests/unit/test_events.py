@@ -151,3 +151,12 @@ def test_every_event_is_accounted_for(raws: list[bytes]) -> None:
             assert per_message[i] == 1
         elif doc:
             assert per_message[i] == len(doc)
+
+
+def test_deeply_nested_array_elements_are_dead_lettered_without_crashing() -> None:
+    depth = 1020  # orjson parses it (limit 1024); writing an element back exceeds both encoders
+    raw = b"[" * depth + b"]" * depth
+    out = Decoder().decode([msg(None, raw=raw)])
+    assert out.blocks == []
+    assert len(out.rejections) == 1
+    assert out.rejections[0].reason is Reason.SCHEMA

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from typing import Any
@@ -279,3 +280,60 @@ def test_baseline_age_uses_newest_event_or_now() -> None:
     feed(m, draw(rng, 500), 1000, 500)
     assert m.measures()["baseline_age_seconds"] == pytest.approx(100.0)
     assert m.measures(now=2000.0)["baseline_age_seconds"] == pytest.approx(2000.0 - 1399.0)
+
+
+def _round_trip(m: StreamMonitor, s: DetectionSettings) -> StreamMonitor:
+    meta, arrays = m.checkpoint()
+    meta = json.loads(json.dumps(meta))  # the meta must survive JSON
+    arrays = {k: np.array(v) for k, v in arrays.items()}
+    assert all(a.dtype != object for a in arrays.values())
+    return StreamMonitor.restore(KEY, s, meta, arrays, m.baseline)
+
+
+@pytest.mark.parametrize("split", [150, 400, 1234, 2600])
+def test_checkpoint_restore_continues_identically(split: int) -> None:
+    """A restored monitor makes the same decisions as one that never stopped."""
+    rng = np.random.default_rng(12)
+    s = det()
+    x = np.concatenate([draw(rng, 1400), draw(rng, 800, shift=0.6), draw(rng, 1200)])
+    ids: list[str | None] = [f"d{i % 500}" for i in range(x.shape[0])]
+    top1 = rng.uniform(0, 1, size=x.shape[0])
+    ref = StreamMonitor(KEY, s)
+    want = feed(ref, x, 0, 100, ids)
+    a = StreamMonitor(KEY, s)
+    got = feed(a, x[:split], 0, 100, ids[:split])
+    nan = np.full(split, np.nan)
+    a.update_queries(top1[:split], nan + 3, nan, nan, nan, np.arange(float(split)))
+    b = _round_trip(a, s)
+    assert b.events == split and b.counters() == a.counters()
+    got += [al for al in feed_from(b, x, split, ids)]
+    assert [(al.kind, al.index) for al in got] == [(al.kind, al.index) for al in want]
+    assert b.measures()["drift_score"] == pytest.approx(ref.measures()["drift_score"], rel=1e-9)
+    assert b.measures()["window_events"] == ref.measures()["window_events"]
+    assert b.query_events == split
+
+
+def feed_from(m: StreamMonitor, x: np.ndarray, start: int, ids: list[str | None]) -> list[Alarm]:
+    out: list[Alarm] = []
+    # Same batch boundaries as `feed(..., 100)` from 0.
+    edges = [start, *range((start // 100 + 1) * 100, x.shape[0], 100), x.shape[0]]
+    for a, e in itertools.pairwise(edges):
+        if e > a:
+            out += m.update_embeddings(x[a:e], np.arange(a, e, dtype=np.float64), None, ids[a:e])
+    return out
+
+
+def test_restore_refuses_a_wrong_baseline() -> None:
+    rng = np.random.default_rng(13)
+    s = det()
+    m = StreamMonitor(KEY, s)
+    feed(m, draw(rng, 500), 0, 250)
+    meta, arrays = m.checkpoint()
+    with pytest.raises(ValueError, match="baseline"):
+        StreamMonitor.restore(KEY, s, meta, arrays, None)
+    with pytest.raises(ValueError, match="schema"):
+        StreamMonitor.restore(KEY, s, {**meta, "schema": 99}, arrays, m.baseline)
+    # Changed window settings: the window restarts, the rest is kept.
+    s2 = det(window_events=800)
+    r = StreamMonitor.restore(KEY, s2, meta, arrays, m.baseline)
+    assert r.events == 500 and r.measures()["window_events"] == 0.0

@@ -20,7 +20,7 @@ samples = arrays(np.float64, st.integers(1, 80), elements=finite)
 tied = arrays(np.float64, st.integers(1, 80), elements=st.sampled_from([0.0, 0.5, 1.0, 2.0]))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(a=st.one_of(samples, tied), b=st.one_of(samples, tied))
 def test_ks_matches_scipy_asymp(a: np.ndarray, b: np.ndarray) -> None:
     d, p = stats.ks_2samp(a, b)
@@ -119,7 +119,7 @@ def test_weighted_chi2_tail_matches_chi2_for_equal_weights(k: int, alpha: float)
 def test_weighted_chi2_tail_matches_monte_carlo_for_unequal_weights() -> None:
     rng = np.random.default_rng(3)
     w = rng.exponential(size=40) ** 3  # a few dominant eigenvalues, like a feature covariance
-    q = (rng.standard_normal((400_000, 40)) ** 2) @ w
+    q = (rng.standard_normal((200_000, 40)) ** 2) @ w
     for alpha in (0.05, 1e-2, 1e-3):
         x = stats.weighted_chi2_isf(alpha, w)
         observed = float(np.mean(q > x))

@@ -37,8 +37,9 @@ class DimensionMeanShift:
     >>> det = DimensionMeanShift(ref.mean(0), ref.var(0, ddof=1), 2000, alpha=0.01)
     >>> win = rng.normal(size=(1000, 20))
     >>> win[:, :5] += 0.5                     # 5 of 20 dimensions move
-    >>> det.ratio(1000, win.mean(0), win.var(0, ddof=1))
-    0.25
+    >>> r = det.ratio(1000, win.mean(0), win.var(0, ddof=1))
+    >>> bool(0.25 <= r <= 0.35)              # the 5 moved ones, and at most a false discovery
+    True
 
     References
     ----------

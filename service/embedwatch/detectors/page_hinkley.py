@@ -37,7 +37,7 @@ class PageHinkley:
     >>> x = np.concatenate([rng.normal(0, 1, 1000), rng.normal(3, 1, 1000)])
     >>> ph = PageHinkley(threshold=50, delta=0.5)
     >>> [int(i) for i in ph.update_many(x)]
-    [1024]
+    [1018]
 
     References
     ----------

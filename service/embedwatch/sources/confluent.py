@@ -149,6 +149,8 @@ class ConfluentDeadLetterSink:
             "acks": "all",
             "enable.idempotence": True,
             "linger.ms": 5,
+            # Never give a dead letter up: during a broker outage the loop waits for them.
+            "message.timeout.ms": 0,
             "message.max.bytes": max(1 << 20, settings.limits.max_message_bytes + 65536),
             **security_config(k),
         })
@@ -167,6 +169,8 @@ class ConfluentDeadLetterSink:
                 self._producer.poll(0.05)
 
     def flush(self, timeout_s: float) -> None:
+        """Wait for every queued record; librdkafka retries failed sends itself until
+        message.timeout.ms, so a record reported failed here is re-queued by the caller's retry."""
         left = self._producer.flush(timeout_s)
         errors, self._errors = self._errors, []
         if left or errors:

@@ -197,7 +197,9 @@ class KafkaPythonDeadLetterSink:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._producer: KafkaProducer | None = None
-        self._futures: list[Any] = []
+        # (future, record) pairs not yet acknowledged: a failed flush can be retried without
+        # losing or duplicating the records that did get through.
+        self._pending: list[tuple[Any, tuple[str, bytes, bytes | None, list[tuple[str, bytes]]]]] = []
 
     def _client(self) -> KafkaProducer:
         if self._producer is None:
@@ -209,20 +211,36 @@ class KafkaPythonDeadLetterSink:
                 linger_ms=5,
                 max_request_size=max(1 << 20, settings.limits.max_message_bytes + 65536),
                 retries=2**31 - 1,
+                max_block_ms=5000,  # fail fast while the broker is away; the loop retries with backoff
                 **security_kwargs(k),
             )
         return self._producer
 
     def send(self, topic: str, value: bytes, key: bytes | None, headers: list[tuple[str, bytes]]) -> None:
-        self._futures.append(self._client().send(topic, value=value, key=key, headers=headers))
+        record = (topic, value, key, headers)
+        self._pending.append((self._client().send(topic, value=value, key=key, headers=headers), record))
 
     def flush(self, timeout_s: float) -> None:
-        if self._producer is None:
+        """Wait for every pending record; re-send the failed ones once and raise if any is left."""
+        if not self._pending:
             return
-        self._producer.flush(timeout=timeout_s)
-        futures, self._futures = self._futures, []
-        for f in futures:
-            f.get(timeout=0)  # raises the send error, if any: the batch must not be committed
+        producer = self._client()
+        try:
+            producer.flush(timeout=timeout_s)
+        except KafkaError as e:
+            log.warning("dead-letter flush: %s", e)
+        left: list[tuple[Any, tuple[str, bytes, bytes | None, list[tuple[str, bytes]]]]] = []
+        errors = []
+        for fut, record in self._pending:
+            if not fut.is_done:
+                left.append((fut, record))
+            elif fut.failed():
+                errors.append(fut.exception)
+                topic, value, key, headers = record
+                left.append((producer.send(topic, value=value, key=key, headers=headers), record))
+        self._pending = left
+        if left:
+            raise KafkaError(f"{len(left)} dead letters not acknowledged yet ({errors[:1]})")
 
     def close(self) -> None:
         if self._producer is not None:

@@ -1,0 +1,103 @@
+"""Memory: RSS of a service holding S streams of dimension D with default windows (run in a fresh process).
+
+    python memory.py STREAMS DIM   -> one JSON object on stdout
+
+Each stream gets ``reference_size + window_events`` events (its baseline is built from the first
+``reference_size``, then its window fills), routed exactly as the service routes them
+(``StreamRouter.route`` on decoded blocks, with event ids, so version comparison and duplicate
+tracking hold their state too; baselines are saved to the in-memory baseline store as with
+``state.backend: none``). RSS is read before the first stream and after the last; the per-stream
+figure is the difference divided by S. A breakdown of the largest numpy arrays per stream is
+reported too (nbytes, from the objects themselves), to show where the memory goes.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+from typing import Any
+
+import numpy as np
+import psutil
+
+from embedwatch.app import Service
+from embedwatch.config import Settings
+from embedwatch.events import Block, DecodedBatch, Kind, StreamKey
+from embedwatch.produce import EventGenerator, GeneratorConfig
+
+
+def _nbytes(obj: Any, seen: set[int], depth: int = 0) -> int:
+    """numpy bytes reachable from obj through attributes, dicts, lists (bounded depth)."""
+    if id(obj) in seen or depth > 6:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes) if obj.base is None else 0
+    if isinstance(obj, bytes):
+        return len(obj)
+    total = 0
+    if isinstance(obj, dict):
+        for v in obj.values():
+            total += _nbytes(v, seen, depth + 1)
+    elif isinstance(obj, list | tuple | set) or type(obj).__name__ == "deque":
+        for v in obj:
+            total += _nbytes(v, seen, depth + 1)
+    else:
+        d = getattr(obj, "__dict__", None)
+        if d is not None:
+            total += _nbytes(d, seen, depth + 1)
+        for s in getattr(type(obj), "__slots__", ()):
+            if hasattr(obj, s):
+                total += _nbytes(getattr(obj, s), seen, depth + 1)
+    return total
+
+
+def main() -> int:
+    streams, dim = int(sys.argv[1]), int(sys.argv[2])
+    settings = Settings(limits={"max_streams": max(200, streams)})  # type: ignore[arg-type]
+    svc = Service(settings)
+    proc = psutil.Process()
+    gc.collect()
+    rss0 = proc.memory_info().rss
+    d = settings.detection
+    per_stream = d.reference_size + d.window_events
+    gen = EventGenerator(GeneratorConfig(streams=streams, dim=dim, seed=11))
+    for s, spec in enumerate(gen.streams):
+        key = StreamKey(spec.model, spec.model_version, spec.segment)
+        for lo in range(0, per_stream, 1000):
+            n = min(1000, per_stream - lo)
+            x, _ = gen.vectors(s, np.arange(lo, lo + n))
+            ts = np.full(n, 1.7e9 + lo)
+            block = Block(stream=key, kind=Kind.EMBEDDING, vectors=x, ts=ts, latency_s=np.full(n, 0.01),
+                          ids=[f"{spec.model}-{lo + i}" for i in range(n)],
+                          message_index=np.arange(n, dtype=np.int64), payloads=[b""] * n)
+            svc.router.route(DecodedBatch(blocks=[block]))
+    gc.collect()
+    rss1 = proc.memory_info().rss
+    mon = next(iter(svc.router.monitors.values()))
+    breakdown = {
+        "baseline_arrays": _nbytes(mon.baseline.arrays if mon.baseline is not None else {}, set()),
+        "window": _nbytes(getattr(mon, "_window", None), set()),
+        "mmd_detector": _nbytes(getattr(mon, "_mmd", None), set()),
+        "monitor_total_numpy": _nbytes(mon, set()),
+    }
+    store = svc.baselines
+    blobs = getattr(store, "_blobs", None)
+    if isinstance(blobs, dict) and blobs:
+        breakdown["baseline_store_blobs_per_stream"] = int(sum(len(b) for b in blobs.values()) / streams)
+    comps = svc.router.comparisons
+    if comps:
+        breakdown["version_comparison_per_stream"] = int(_nbytes(comps, set()) / streams)
+    print(json.dumps({
+        "streams": streams, "dim": dim, "events_per_stream": per_stream,
+        "live_streams": len(svc.router.monitors),
+        "rss_before_mb": rss0 / 2**20, "rss_after_mb": rss1 / 2**20,
+        "mb_per_stream": (rss1 - rss0) / 2**20 / streams,
+        "numpy_bytes_per_stream": {k: round(v / 2**20, 3) for k, v in breakdown.items()},
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

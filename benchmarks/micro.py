@@ -1,0 +1,217 @@
+"""In-process benchmarks: decoding alone, the core alone, decode+core, scaling with streams and dimension.
+
+Every function returns plain dicts of figures (``_util.figure``); run.py assembles them.
+
+Events come from :class:`embedwatch.produce.EventGenerator` (seeded, drift-free unit vectors around
+per-stream centres), encoded the way producers send them. Streams are warmed up (reference
+collected, baseline built, window filled) outside the timed region, so the timed region is the
+steady state: every event updates the window and every ``evaluate_every`` events of a stream run
+all detectors.
+"""
+
+from __future__ import annotations
+
+import base64
+import gc
+import time
+from typing import Any
+
+import numpy as np
+import orjson
+from threadpoolctl import threadpool_limits
+
+from _util import best_rate, figure
+from embedwatch.app import Service
+from embedwatch.config import Settings
+from embedwatch.events import DecodedBatch, Decoder, Message, StreamKey
+from embedwatch.monitor import StreamMonitor
+from embedwatch.produce import EventGenerator, GeneratorConfig
+
+BATCH = 2000  # kafka.max_poll_records default: what one poll hands the service
+
+
+def _messages(n: int, streams: int, dim: int, encoding: str, seed: int = 0, ts: float = 1.7e9) -> list[Message]:
+    g = EventGenerator(GeneratorConfig(streams=streams, dim=dim, encoding=encoding, seed=seed))
+    return [Message(v, topic="embeddings", partition=0, offset=off, timestamp_ms=int(ts * 1000), key=k)
+            for off, (k, v) in enumerate(g.messages(n, ts=ts))]
+
+
+def _batches(msgs: list[Message], size: int = BATCH) -> list[list[Message]]:
+    return [msgs[i:i + size] for i in range(0, len(msgs), size)]
+
+
+def _settings(max_streams: int = 200) -> Settings:
+    return Settings(limits={"max_streams": max(200, max_streams)})  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------ decoding
+
+def bench_decode(n: int, dim: int = 384, repeats: int = 3) -> dict[str, Any]:
+    """Decoder.decode against bare baselines, JSON and b64, batches of 2000 messages."""
+    out: dict[str, Any] = {}
+    dec = Decoder()
+    for enc in ("json", "b64"):
+        msgs = _messages(n, 3, dim, enc)
+        batches = _batches(msgs)
+        raw_values = [[m.value for m in b] for b in batches]
+
+        def run_decoder(batches: list[list[Message]] = batches) -> None:
+            for b in batches:
+                dec.decode(b)
+
+        gc.collect()
+        r = best_rate(run_decoder, n, repeats)
+        entry: dict[str, Any] = {"decoder": figure(r["best"], "events/s", median=round(r["median"]),
+                                                   cpu_cores=round(r["cpu_cores"], 2))}
+        if enc == "json":
+            def bare(raw_values: list[list[bytes]] = raw_values) -> None:
+                for vals in raw_values:
+                    [np.asarray(orjson.loads(v)["embedding"], dtype=np.float32) for v in vals]
+
+            rb = best_rate(bare, n, repeats)
+            entry["baseline"] = figure(rb["best"], "events/s", method=(
+                "[np.asarray(orjson.loads(m)['embedding'], dtype=np.float32) for m in msgs]"))
+            entry["slowdown_vs_baseline"] = figure(rb["best"] / r["best"], "x", target="<= 1.5",
+                                                   target_met=rb["best"] / r["best"] <= 1.5)
+        else:
+            vec_bytes = [[base64.b64decode(orjson.loads(v)["embedding_b64"]) for v in vals] for vals in raw_values]
+
+            def memcopy(vec_bytes: list[list[bytes]] = vec_bytes) -> None:
+                for vb in vec_bytes:
+                    np.frombuffer(b"".join(vb), dtype="<f4").reshape(len(vb), -1)
+
+            def minimal(raw_values: list[list[bytes]] = raw_values) -> None:
+                for vals in raw_values:
+                    np.frombuffer(b"".join([base64.b64decode(orjson.loads(v)["embedding_b64"]) for v in vals]),
+                                  dtype="<f4").reshape(len(vals), -1)
+
+            rm = best_rate(memcopy, n, repeats)
+            rmin = best_rate(minimal, n, repeats)
+            entry["baseline_memcopy"] = figure(rm["best"], "events/s",
+                                               method="np.frombuffer(b''.join(decoded vector bytes)) (no parsing)")
+            entry["baseline_minimal_parse"] = figure(rmin["best"], "events/s", method=(
+                "orjson.loads + base64.b64decode per message, one b''.join + np.frombuffer (no validation)"))
+            entry["slowdown_vs_memcopy"] = figure(rm["best"] / r["best"], "x")
+            entry["slowdown_vs_minimal_parse"] = figure(rmin["best"] / r["best"], "x")
+        entry["message_bytes_mean"] = figure(float(np.mean([len(m.value) for m in msgs])), "bytes")
+        out[enc] = entry
+    return out
+
+
+# ---------------------------------------------------------------------------------------- core
+
+def _warm_monitor(key: StreamKey, settings: Settings, dim: int, seed: int) -> tuple[StreamMonitor, Any]:
+    d = settings.detection
+    g = EventGenerator(GeneratorConfig(streams=1, dim=dim, seed=seed))
+    mon = StreamMonitor(key, d)
+    n = d.reference_size + d.window_events
+    x, _ = g.vectors(0, np.arange(n))
+    mon.update_embeddings(x, np.full(n, 1.7e9))
+    return mon, g
+
+
+def bench_core_monitor(n: int, dim: int = 384, repeats: int = 3) -> dict[str, Any]:
+    """StreamMonitor.update_embeddings on float32 arrays, batches of 2000, one warmed stream."""
+    s = _settings()
+    with threadpool_limits(1):
+        mon, g = _warm_monitor(StreamKey("bench", "v1"), s, dim, 1)
+    start = s.detection.reference_size + s.detection.window_events
+    x, _ = g.vectors(0, np.arange(start, start + n))
+    ts = 1.7e9 + np.arange(n) * 1e-4
+    chunks = [(x[i:i + BATCH], ts[i:i + BATCH]) for i in range(0, n, BATCH)]
+
+    def run() -> None:
+        for xc, tc in chunks:
+            mon.update_embeddings(xc, tc)
+
+    r = best_rate(run, n, repeats)
+    return {"update_embeddings": figure(r["best"], "events/s", median=round(r["median"]), dim=dim,
+                                        cpu_cores=round(r["cpu_cores"], 2),
+                                        target=">= 1000000", target_met=r["best"] >= 1_000_000,
+                                        evaluations_per_event=1 / s.detection.evaluate_every)}
+
+
+class _Prepared:
+    """A warmed Service plus two sets of timed events: pre-decoded (core pass) and pre-encoded
+    (decode+core pass). Both sets are fresh events of the same streams, fed after each other."""
+
+    def __init__(self, streams: int, dim: int, n: int, encoding: str = "b64", seed: int = 0) -> None:
+        self.settings = _settings(streams)
+        self.service = Service(self.settings)
+        d = self.settings.detection
+        warm = d.reference_size + d.window_events
+        gen = EventGenerator(GeneratorConfig(streams=streams, dim=dim, seed=seed, encoding=encoding))
+        with threadpool_limits(1):
+            for s, spec in enumerate(gen.streams):
+                mon = self.service.router.monitor_for(StreamKey(spec.model, spec.model_version, spec.segment))
+                assert mon is not None
+                x, _ = gen.vectors(s, np.arange(warm))
+                mon.update_embeddings(x, np.full(warm, 1.69e9))
+                self.service.router._persist(mon.key, mon)  # as the router does after an update
+            gen.index[:] = warm
+        self.n = n
+        self.t = 1.7e9
+        self.off = 0
+        self.decoded: list[DecodedBatch] = [Decoder().decode(b) for b in self._encoded(gen, n)]
+        self.batches = self._encoded(gen, n)
+
+    def _encoded(self, gen: EventGenerator, n: int) -> list[list[Message]]:
+        out = []
+        for i in range(0, n, BATCH):
+            k = min(BATCH, n - i)
+            msgs = []
+            for key, v in gen.messages(k, ts=self.t):
+                msgs.append(Message(v, topic="embeddings", offset=self.off, timestamp_ms=int(self.t * 1000), key=key))
+                self.off += 1
+            out.append(msgs)
+            self.t += 0.2
+        return out
+
+
+def bench_core_router(streams: int, dim: int, n: int, encoding: str = "b64") -> dict[str, Any]:
+    """Core only (router.route on pre-decoded batches), then decode+core (Service.process on
+    pre-encoded batches of further events), on one warmed service."""
+    p = _Prepared(streams, dim, n, encoding)
+    gc.collect()
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    for b in p.decoded:
+        p.service.router.route(b)
+    core_dt = time.perf_counter() - t0
+    core_cpu = (time.process_time() - c0) / core_dt
+    p.decoded = []
+    gc.collect()
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    for mb in p.batches:
+        p.service.process(mb, now=1.7e9)
+    full_dt = time.perf_counter() - t0
+    full_cpu = (time.process_time() - c0) / full_dt
+    return {
+        "core": figure(n / core_dt, "events/s", cpu_cores=round(core_cpu, 2)),
+        "decode_core": figure(n / full_dt, "events/s", cpu_cores=round(full_cpu, 2), encoding=encoding),
+    }
+
+
+def bench_scaling(n_per_point: int, streams_list: list[int], dims: list[int],
+                  dim_streams: int = 10, min_events_per_stream: int = 200) -> dict[str, Any]:
+    out: dict[str, Any] = {"streams": {}, "dims": {}}
+    for s in streams_list:
+        n = max(n_per_point, s * min_events_per_stream)
+        t0 = time.perf_counter()
+        r = bench_core_router(s, 384, n)
+        r["events"] = n
+        r["dim"] = 384
+        r["seconds_incl_setup"] = round(time.perf_counter() - t0, 1)
+        out["streams"][str(s)] = r
+        print(f"  streams={s}: core {r['core']['value']:.0f}/s, decode+core {r['decode_core']['value']:.0f}/s",
+              flush=True)
+    for d in dims:
+        n = max(n_per_point, dim_streams * min_events_per_stream)
+        r = bench_core_router(dim_streams, d, n)
+        r["events"] = n
+        r["streams"] = dim_streams
+        out["dims"][str(d)] = r
+        print(f"  dim={d}: core {r['core']['value']:.0f}/s, decode+core {r['decode_core']['value']:.0f}/s",
+              flush=True)
+    return out

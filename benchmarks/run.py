@@ -1,0 +1,245 @@
+"""`make bench`: run every throughput / latency / memory benchmark, write benchmarks/results.json and
+regenerate the tables of docs/benchmarks.md (between the ``<!-- bench:... -->`` markers only, so
+sections written by others, e.g. detection quality and soak, are preserved).
+
+    .venv/bin/python benchmarks/run.py [--quick] [--only decode,core,scaling,memory,e2e,latency]
+                                       [--bootstrap HOST:PORT] [--backends confluent,kafka-python]
+
+Targets (from the performance issue) are recorded next to each figure with ``target_met``; nothing
+here fails on a missed target: benchmarks report, they never assert.
+
+BLAS threads: OpenBLAS's default (one thread per core) makes the small matrix products of the
+detectors (e.g. 64x384 @ 384x256) 10-100x slower on this 2-core machine as soon as another process
+wants a core (its threads spin-wait for each other). Core and end-to-end figures are therefore given
+twice: as shipped (environment untouched) and with ``OPENBLAS_NUM_THREADS=1`` (in-process:
+``threadpoolctl.threadpool_limits(1)``). The scaling tables use one BLAS thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _util import ROOT, figure, kafka_broker, loadavg, machine_info  # noqa: E402
+
+RESULTS = HERE / "results.json"
+DOC = ROOT / "docs" / "benchmarks.md"
+ALL = ("decode", "core", "scaling", "memory", "e2e", "latency")
+ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _sizes(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"decode_n": 6_000, "core_n": 20_000, "scale_n": 10_000, "streams": [1, 10, 100],
+                "dims": [128, 384, 768, 1536], "e2e_json": 30_000, "e2e_b64": 60_000, "latency_s": 8.0,
+                "mem_streams": 50, "min_per_stream": 120}
+    return {"decode_n": 20_000, "core_n": 40_000, "scale_n": 20_000, "streams": [1, 10, 100, 1000],
+            "dims": [128, 384, 768, 1536, 3072], "e2e_json": 60_000, "e2e_b64": 120_000, "latency_s": 15.0,
+            "mem_streams": 200, "min_per_stream": 60}
+
+
+def _timed(name: str, fn: Any, results: dict[str, Any]) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
+    t0 = time.perf_counter()
+    la0 = loadavg()
+    try:
+        results[name] = fn()
+    except Exception as e:
+        traceback.print_exc()
+        results[name] = {"error": f"{type(e).__name__}: {e}"[:1000]}
+    if isinstance(results[name], dict):
+        results[name]["_meta"] = {"seconds": round(time.perf_counter() - t0, 1), "loadavg_before": la0,
+                                  "loadavg_after": loadavg()}
+    print(f"[{time.strftime('%H:%M:%S')}] {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+# ----------------------------------------------------------------------------------- sections
+
+def run_decode(sz: dict[str, Any]) -> dict[str, Any]:
+    from threadpoolctl import threadpool_limits
+
+    import micro
+
+    with threadpool_limits(1):
+        return micro.bench_decode(sz["decode_n"])
+
+
+def run_core(sz: dict[str, Any]) -> dict[str, Any]:
+    from threadpoolctl import threadpool_limits
+
+    import micro
+
+    out: dict[str, Any] = {"as_shipped": {}, "blas_1_thread": {}}
+    out["as_shipped"].update(micro.bench_core_monitor(sz["core_n"]))
+    out["as_shipped"]["router_3_streams"] = micro.bench_core_router(3, 384, sz["core_n"])
+    with threadpool_limits(1):
+        out["blas_1_thread"].update(micro.bench_core_monitor(sz["core_n"]))
+        out["blas_1_thread"]["router_3_streams"] = micro.bench_core_router(3, 384, sz["core_n"])
+    for v in out.values():
+        print(f"  monitor.update_embeddings {v['update_embeddings']['value']:.0f}/s, "
+              f"router {v['router_3_streams']['core']['value']:.0f}/s, "
+              f"Service.process {v['router_3_streams']['decode_core']['value']:.0f}/s", flush=True)
+    return out
+
+
+def run_scaling(sz: dict[str, Any]) -> dict[str, Any]:
+    from threadpoolctl import threadpool_limits
+
+    import micro
+
+    with threadpool_limits(1):
+        r = micro.bench_scaling(sz["scale_n"], sz["streams"], sz["dims"], min_events_per_stream=sz["min_per_stream"])
+    r["blas_threads"] = 1
+    r["encoding"] = "b64"
+    return r
+
+
+def run_memory(sz: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for streams, dim in ((sz["mem_streams"], 768),):
+        p = subprocess.run([sys.executable, str(HERE / "memory.py"), str(streams), str(dim)], capture_output=True,
+                           text=True, check=True, env={**os.environ, **ONE_THREAD}, cwd=HERE)
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        total = r["rss_after_mb"]
+        r["rss_after"] = figure(total, "MiB", target="<= 300 (200 streams x 768-d)",
+                                target_met=(total <= 300) if streams == 200 else None)
+        r["per_stream"] = figure(r["mb_per_stream"], "MiB/stream")
+        if streams != 200:
+            r["projected_200_streams_mb"] = figure(r["rss_before_mb"] + 200 * r["mb_per_stream"], "MiB")
+        out[f"{streams}x{dim}"] = r
+        print(f"  {streams} streams x {dim}-d: RSS {total:.0f} MiB, {r['mb_per_stream']:.2f} MiB/stream", flush=True)
+    return out
+
+
+def run_kafka(sz: dict[str, Any], sections: set[str], bootstrap: str | None, backends: list[str],
+              results: dict[str, Any]) -> None:
+    import kafka_e2e
+
+    workdir = Path(tempfile.mkdtemp(prefix="embedwatch-bench-"))
+    with kafka_broker(bootstrap) as broker:
+        results["broker"] = {"bootstrap": broker.bootstrap, "started_by_bench": broker.owned}
+        if "e2e" in sections:
+            _timed("e2e", lambda: kafka_e2e.bench_e2e(broker, sz["e2e_json"], sz["e2e_b64"], backends, workdir,
+                                                      {"as_shipped": None, "blas_1_thread": ONE_THREAD}), results)
+        if "latency" in sections:
+            _timed("latency", lambda: {
+                "as_shipped": kafka_e2e.bench_latency_all(broker, backends, ["b64"], workdir, sz["latency_s"]),
+                "blas_1_thread": kafka_e2e.bench_latency_all(broker, backends, ["b64"], workdir, sz["latency_s"],
+                                                             env=ONE_THREAD),
+            }, results)
+
+
+def comparison(results: dict[str, Any]) -> dict[str, Any]:
+    """Throughput ratio against alibi-detect / Evidently, from benchmarks/quality*.json if present."""
+    q = HERE / "quality_results.json"
+    if q.exists():
+        try:
+            doc = json.loads(q.read_text())
+        except ValueError:
+            doc = {}
+        if isinstance(doc.get("throughput"), dict) and doc.get("throughput_ratio"):
+            return {"source": "benchmarks/quality_results.json (make bench-quality, one BLAS thread)",
+                    "updates_per_s": {k: v.get("updates_per_s") for k, v in doc["throughput"].items()
+                                      if isinstance(v, dict)},
+                    "embedwatch_over_other_ratio": doc["throughput_ratio"],
+                    "embedwatch_core_events_per_s": results.get("core", {}).get("blas_1_thread", {}).get(
+                        "update_embeddings", {}).get("value")}
+    found: dict[str, Any] = {}
+    for f in sorted(HERE.glob("*.json")):
+        if f.name == RESULTS.name:
+            continue
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+
+        def walk(o: Any, path: str, fname: str = f.name) -> None:
+            if isinstance(o, dict):
+                for k, v in o.items():
+                    walk(v, f"{path}.{k}" if path else str(k))
+            elif isinstance(o, int | float) and not isinstance(o, bool):
+                p = path.lower()
+                if any(t in p for t in ("alibi", "evidently", "embedwatch", "lsdd", "mmd")) and any(
+                        t in p for t in ("throughput", "events_per_s", "per_second", "updates_per_s", "eps")):
+                    found[f"{fname}:{path}"] = o
+
+        walk(doc, "")
+    core = results.get("core", {}).get("blas_1_thread", {}).get("update_embeddings", {}).get("value")
+    if not found:
+        return {"status": "TODO: benchmarks/quality.py (make bench-quality) has not recorded alibi-detect / "
+                          "Evidently update throughput in a benchmarks/*.json file yet",
+                "embedwatch_core_events_per_s": core}
+    ratios = {k: (core / v if core and v else None) for k, v in found.items()
+              if "alibi" in k.lower() or "evidently" in k.lower()}
+    return {"source_figures": found, "embedwatch_core_events_per_s": core,
+            "embedwatch_over_other_ratio": ratios}
+
+
+# ----------------------------------------------------------------------------------------- main
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes)")
+    ap.add_argument("--only", default=",".join(ALL), help=f"comma list of {','.join(ALL)}")
+    ap.add_argument("--bootstrap", default=None, help="use this running broker instead of starting one")
+    ap.add_argument("--backends", default="confluent,kafka-python")
+    ap.add_argument("--no-doc", action="store_true", help="do not touch docs/benchmarks.md")
+    args = ap.parse_args()
+    sections = {s.strip() for s in args.only.split(",") if s.strip()}
+    unknown = sections - set(ALL)
+    if unknown:
+        ap.error(f"unknown sections: {sorted(unknown)}")
+    sz = _sizes(args.quick)
+    t0 = time.perf_counter()
+    # A partial run (--only) keeps the other sections of the previous results.
+    results: dict[str, Any] = {}
+    if RESULTS.exists() and sections != set(ALL):
+        try:
+            results = json.loads(RESULTS.read_text())
+        except ValueError:
+            results = {}
+    results["machine"] = machine_info()
+    results["run"] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick, "sizes": sz,
+                      "sections": sorted(sections)}
+    print(json.dumps(results["machine"], indent=1), flush=True)
+    if "decode" in sections:
+        _timed("decode", lambda: run_decode(sz), results)
+    if "core" in sections:
+        _timed("core", lambda: run_core(sz), results)
+    if "scaling" in sections:
+        _timed("scaling", lambda: run_scaling(sz), results)
+    if "memory" in sections:
+        _timed("memory", lambda: run_memory(sz), results)
+    if sections & {"e2e", "latency"}:
+        try:
+            run_kafka(sz, sections, args.bootstrap, [b.strip() for b in args.backends.split(",") if b.strip()],
+                      results)
+        except Exception as e:
+            traceback.print_exc()
+            results["broker"] = {"error": f"{type(e).__name__}: {e}"[:1000]}
+    results["comparison"] = comparison(results)
+    results["run"]["seconds"] = round(time.perf_counter() - t0, 1)
+    results["machine"]["loadavg_at_end"] = loadavg()
+    RESULTS.write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
+    print(f"wrote {RESULTS.relative_to(ROOT)} in {results['run']['seconds']:.0f} s", flush=True)
+    if not args.no_doc:
+        import report
+
+        report.update_doc(DOC, results)
+        print(f"updated {DOC.relative_to(ROOT)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

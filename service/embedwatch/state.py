@@ -1,0 +1,364 @@
+"""Durable state: baseline versions and per-partition checkpoints of stream state.
+
+Two backends keep the same key -> bytes records:
+
+* ``kafka`` (default): a compacted topic (``state.topic``). Compaction keeps the newest value
+  per key, so the topic stays about as large as the state itself.
+* ``file``: one file per key in ``state.directory`` (a PersistentVolume in Kubernetes), written
+  atomically.
+
+Keys::
+
+    ckpt/<group>/<topic>/<partition>      checkpoint of the streams whose home is that partition
+    baseline/<stream>/<baseline_id>       one baseline version (self-checking bytes)
+    baseline-index/<stream>               the version history and the active id (JSON)
+
+A checkpoint is a self-describing blob: a JSON header (schema version, the partition's next
+offset, its ledger, each stream's monitor metadata) and an npz of the monitors' arrays, zlib
+compressed, with a sha256 so a damaged record is refused rather than restored.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote, unquote
+
+import numpy as np
+
+from embedwatch.baseline import Baseline
+from embedwatch.baseline_store import (
+    MemoryBaselineStore,
+    _Index,
+    decode_baseline,
+    encode_baseline,
+    safe_name,
+)
+from embedwatch.config import Settings
+from embedwatch.events import StreamKey
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SCHEMA_VERSION = 1
+_MAGIC = b"EWCK1\n"
+
+
+class StateError(RuntimeError):
+    """State could not be read or written (backend unreachable, damaged record)."""
+
+
+class StateBackend(Protocol):
+    def read_all(self) -> dict[str, bytes]:
+        """Every key's newest value (a full scan; used at startup)."""
+        ...
+
+    def read_new(self) -> dict[str, bytes]:
+        """Values written since the last read (by this or another replica)."""
+        ...
+
+    def write(self, records: Mapping[str, bytes]) -> None:
+        """Durably write these records; returns only once they are acknowledged."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class NullStateBackend:
+    """``state.backend: none``: nothing survives a restart."""
+
+    def read_all(self) -> dict[str, bytes]:
+        return {}
+
+    def read_new(self) -> dict[str, bytes]:
+        return {}
+
+    def write(self, records: Mapping[str, bytes]) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class FileStateBackend:
+    """One file per key under ``directory``; atomic replace on write."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._seen: dict[str, float] = {}
+
+    def _path(self, key: str) -> Path:
+        return self.directory / quote(key, safe="")
+
+    def read_all(self) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for p in self.directory.iterdir():
+            if p.name.startswith(".") or p.name.endswith(".tmp"):
+                continue
+            out[unquote(p.name)] = p.read_bytes()
+            self._seen[unquote(p.name)] = p.stat().st_mtime
+        return out
+
+    def read_new(self) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for p in self.directory.iterdir():
+            if p.name.startswith(".") or p.name.endswith(".tmp"):
+                continue
+            key, mtime = unquote(p.name), p.stat().st_mtime
+            if self._seen.get(key) != mtime:
+                out[key] = p.read_bytes()
+                self._seen[key] = mtime
+        return out
+
+    def write(self, records: Mapping[str, bytes]) -> None:
+        for key, value in records.items():
+            path = self._path(key)
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(value)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            self._seen[key] = path.stat().st_mtime
+
+    def close(self) -> None:
+        return None
+
+
+class KafkaStateBackend:
+    """A compacted topic, created if missing; written with acks=all, read with a group-less consumer."""
+
+    def __init__(self, settings: Settings, max_record_bytes: int = 64 << 20) -> None:
+        from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+        from embedwatch.sources.kafka_python import security_kwargs
+
+        k = settings.kafka
+        self.topic = settings.state.topic
+        self._tp = TopicPartition
+        sec = security_kwargs(k)
+        self._ensure_topic(k.bootstrap_servers, sec, max_record_bytes)
+        self._producer = KafkaProducer(
+            bootstrap_servers=k.bootstrap_servers.split(","), client_id=f"{k.client_id}-state", acks="all",
+            max_request_size=max_record_bytes, compression_type=None, retries=2**31 - 1,
+            # Fail fast while the broker is away: the caller retries with backoff and reports
+            # itself unready instead of blocking a minute inside send().
+            max_block_ms=5000, **sec)
+        self._consumer = KafkaConsumer(
+            bootstrap_servers=k.bootstrap_servers.split(","), client_id=f"{k.client_id}-state-reader",
+            group_id=None, enable_auto_commit=False, max_partition_fetch_bytes=max_record_bytes,
+            fetch_max_bytes=max_record_bytes, **sec)
+        parts = self._consumer.partitions_for_topic(self.topic) or {0}
+        self._parts = [TopicPartition(self.topic, p) for p in sorted(parts)]
+        self._consumer.assign(self._parts)
+        self._consumer.seek_to_beginning(*self._parts)
+
+    def _ensure_topic(self, bootstrap: str, sec: dict[str, Any], max_record_bytes: int) -> None:
+        from kafka.admin import KafkaAdminClient, NewTopic
+        from kafka.errors import TopicAlreadyExistsError
+
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="embedwatch-state-admin", **sec)
+        try:
+            if self.topic in set(admin.list_topics()):
+                return
+            with contextlib.suppress(TopicAlreadyExistsError):  # another replica was faster
+                admin.create_topics([NewTopic(self.topic, 1, -1, topic_configs={
+                    "cleanup.policy": "compact", "max.message.bytes": str(max_record_bytes),
+                    "min.compaction.lag.ms": "60000"})])
+        finally:
+            admin.close()
+
+    def _drain(self) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        ends = self._consumer.end_offsets(self._parts)
+        deadline = time.monotonic() + 60
+        while any(self._consumer.position(tp) < end for tp, end in ends.items()):
+            if time.monotonic() > deadline:
+                raise StateError(f"timed out reading state topic {self.topic}")
+            for recs in self._consumer.poll(timeout_ms=500).values():
+                for r in recs:
+                    if r.key is None:
+                        continue
+                    key = r.key.decode()
+                    if r.value is None:
+                        out.pop(key, None)
+                    else:
+                        out[key] = r.value
+        return out
+
+    def read_all(self) -> dict[str, bytes]:
+        self._consumer.seek_to_beginning(*self._parts)
+        return self._drain()
+
+    def read_new(self) -> dict[str, bytes]:
+        return self._drain()
+
+    def write(self, records: Mapping[str, bytes]) -> None:
+        futures = [self._producer.send(self.topic, key=k.encode(), value=v) for k, v in records.items()]
+        self._producer.flush(timeout=15)
+        for f in futures:
+            f.get(timeout=0)
+
+    def close(self) -> None:
+        self._producer.close(timeout=5)
+        self._consumer.close()
+
+
+def open_state_backend(settings: Settings) -> StateBackend:
+    if settings.state.backend == "kafka":
+        return KafkaStateBackend(settings)
+    if settings.state.backend == "file":
+        return FileStateBackend(settings.state.directory)
+    return NullStateBackend()
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class StreamCheckpoint:
+    key: StreamKey
+    meta: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+
+@dataclass
+class Checkpoint:
+    """The state of one partition at ``offset`` (the next offset to read)."""
+
+    topic: str
+    partition: int
+    offset: int
+    ledger: dict[str, int]
+    streams: list[StreamCheckpoint] = field(default_factory=list)
+    created_at: float = 0.0
+
+
+def checkpoint_key(group: str, topic: str, partition: int) -> str:
+    return f"ckpt/{group}/{topic}/{partition}"
+
+
+def encode_checkpoint(c: Checkpoint) -> bytes:
+    arrays: dict[str, np.ndarray] = {}
+    streams = []
+    for i, s in enumerate(c.streams):
+        for name, arr in s.arrays.items():
+            arrays[f"{i}/{name}"] = np.ascontiguousarray(arr)
+        streams.append({"key": list(s.key), "meta": s.meta})
+    buf = io.BytesIO()
+    np.savez(buf, allow_pickle=False, **arrays)
+    header = json.dumps({
+        "schema_version": CHECKPOINT_SCHEMA_VERSION, "topic": c.topic, "partition": c.partition,
+        "offset": c.offset, "ledger": c.ledger, "created_at": c.created_at or time.time(), "streams": streams,
+    }, allow_nan=True).encode()
+    body = len(header).to_bytes(8, "little") + header + buf.getvalue()
+    digest = hashlib.sha256(body).digest()
+    return _MAGIC + digest + zlib.compress(body, 3)
+
+
+def decode_checkpoint(data: bytes) -> Checkpoint:
+    if not data.startswith(_MAGIC):
+        raise StateError("not an embedwatch checkpoint")
+    digest, packed = data[len(_MAGIC):len(_MAGIC) + 32], data[len(_MAGIC) + 32:]
+    try:
+        body = zlib.decompress(packed)
+    except zlib.error as e:
+        raise StateError(f"damaged checkpoint: {e}") from e
+    if hashlib.sha256(body).digest() != digest:
+        raise StateError("damaged checkpoint: checksum mismatch")
+    n = int.from_bytes(body[:8], "little")
+    header = json.loads(body[8:8 + n])
+    if header.get("schema_version") != CHECKPOINT_SCHEMA_VERSION:
+        raise StateError(f"checkpoint schema {header.get('schema_version')} is not {CHECKPOINT_SCHEMA_VERSION}")
+    with np.load(io.BytesIO(body[8 + n:]), allow_pickle=False) as z:
+        flat = {name: z[name] for name in z.files}
+    streams = []
+    for i, s in enumerate(header["streams"]):
+        prefix = f"{i}/"
+        arrays = {name[len(prefix):]: a for name, a in flat.items() if name.startswith(prefix)}
+        streams.append(StreamCheckpoint(StreamKey(*s["key"]), s["meta"], arrays))
+    return Checkpoint(header["topic"], int(header["partition"]), int(header["offset"]),
+                      {k: int(v) for k, v in header["ledger"].items()}, streams, float(header["created_at"]))
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+class DurableBaselineStore(MemoryBaselineStore):
+    """The in-memory baseline store, written through to a :class:`StateBackend`.
+
+    Restored from the backend's records at start, so baseline versions, the active one and the
+    promote/rollback history survive restarts and move between replicas.
+    """
+
+    def __init__(self, backend: StateBackend, records: Mapping[str, bytes] | None = None) -> None:
+        super().__init__()
+        self.backend = backend
+        self._restoring = False
+        if records:
+            self.restore(records)
+
+    def restore(self, records: Mapping[str, bytes]) -> None:
+        self._restoring = True
+        try:
+            for key, value in records.items():
+                if key.startswith("baseline/"):
+                    try:
+                        b = decode_baseline(value, origin=key)
+                    except ValueError as e:
+                        log.error("skipping damaged baseline record %s: %s", key, e)
+                        continue
+                    super()._write_version(_stream_of_baseline(b), b)
+            for key, value in records.items():
+                if key.startswith("baseline-index/"):
+                    doc = json.loads(value)
+                    index = _Index(StreamKey(*doc["stream"]), list(doc["versions"]), doc.get("active"),
+                                   list(doc.get("previous", [])))
+                    super()._store_index(index)
+        finally:
+            self._restoring = False
+
+    def _write_version(self, key: StreamKey, baseline: Baseline) -> None:
+        super()._write_version(key, baseline)
+        if not self._restoring:
+            self.backend.write({f"baseline/{safe_name(key)}/{baseline.metadata['baseline_id']}":
+                                encode_baseline(baseline)})
+
+    def _store_index(self, index: _Index) -> None:
+        super()._store_index(index)
+        if not self._restoring:
+            doc = index.to_json()
+            doc["stream"] = list(index.stream)
+            self.backend.write({f"baseline-index/{safe_name(index.stream)}": json.dumps(doc).encode()})
+
+
+def _stream_of_baseline(b: Baseline) -> StreamKey:
+    md = b.metadata
+    return StreamKey(str(md["model"]), str(md["model_version"]), str(md.get("segment") or "default"))
+
+
+def checkpoints_in(records: Mapping[str, bytes], group: str) -> builtins.dict[tuple[str, int], bytes]:
+    """Checkpoint records of ``group`` by (topic, partition)."""
+    out: dict[tuple[str, int], bytes] = {}
+    prefix = f"ckpt/{group}/"
+    for key, value in records.items():
+        if key.startswith(prefix):
+            topic, _, part = key[len(prefix):].rpartition("/")
+            out[(topic, int(part))] = value
+    return out
