@@ -549,8 +549,9 @@ class Service:
         for p, (lo, hi) in parts.items():
             offset, ledger = self.durable.get(p, (lo, self.ledgers[p]))
             inflight[p] = Committed(offset, ledger.encode(inflight_end=hi + 1))
-        if not self._retry(lambda: source.commit(inflight), "in-flight marker"):
-            return  # not ours any more (or stopping): the next owner processes the batch
+        # Asynchronous: it only tells a successor what it replays, and commits to one coordinator
+        # are applied in order, so the batch's final commit below still wins.
+        source.commit(inflight, asynchronous=True)
         batch, rejections = self.process(messages)
         for r in rejections:
             m = messages[r.message_index]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args.config)
     _setup_logging(settings.log_level)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=settings.blas_threads, user_api="blas")
     backend, records = _open_state(settings)
     baselines = DurableBaselineStore(backend, records) if settings.state.backend != "none" else None
     service = Service(settings, baselines=baselines, state_backend=backend, state_records=records)
@@ -256,7 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    # The detectors' matrix products are small: with several BLAS threads, the threads spin-wait
+    # on each other and on other processes (measured 3-7x slower on 2 cores). One thread per
+    # process; scale out with replicas. `blas_threads` (EMBEDWATCH_BLAS_THREADS) overrides.
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=int(os.environ.get("EMBEDWATCH_BLAS_THREADS", "1")), user_api="blas"):
+        return int(args.func(args))
 
 
 if __name__ == "__main__":

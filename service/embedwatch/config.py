@@ -191,6 +191,9 @@ class Settings(BaseSettings):
     http: HttpSettings = Field(default_factory=HttpSettings)  # type: ignore[arg-type]
     state: StateSettings = Field(default_factory=StateSettings)  # type: ignore[arg-type]
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    blas_threads: int = Field(
+        1, ge=1, le=256, description="BLAS threads per process; 1 is fastest for embedwatch's small products."
+    )
     shutdown_timeout_s: float = Field(
         8.0, gt=0, le=300, description="Budget to finish the batch, commit and leave the group."
     )

@@ -35,8 +35,8 @@ class Source(Protocol):
         """Up to ``max_records`` messages, in offset order per partition."""
         ...
 
-    def commit(self, positions: dict[PartitionId, Committed]) -> None:
-        """Synchronously commit these positions; raises on failure."""
+    def commit(self, positions: dict[PartitionId, Committed], asynchronous: bool = False) -> None:
+        """Commit these positions; synchronous ones raise on failure, asynchronous ones only log."""
         ...
 
     def committed(self, partitions: Sequence[PartitionId]) -> dict[PartitionId, Committed | None]: ...

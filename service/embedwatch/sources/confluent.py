@@ -36,6 +36,7 @@ class ConfluentSource:
         k = settings.kafka
         self._listener = listener
         self._connected = False
+        self._probes = 0
         self._consumer = Consumer({
             "bootstrap.servers": k.bootstrap_servers,
             "group.id": k.group_id,
@@ -96,10 +97,13 @@ class ConfluentSource:
             self._connected = True
         return out
 
-    def commit(self, positions: dict[PartitionId, Committed]) -> None:
+    def commit(self, positions: dict[PartitionId, Committed], asynchronous: bool = False) -> None:
         if not positions:
             return
         tps = [TopicPartition(p.topic, p.partition, c.offset, metadata=c.metadata) for p, c in positions.items()]
+        if asynchronous:
+            self._consumer.commit(offsets=tps, asynchronous=True)
+            return
         result = self._consumer.commit(offsets=tps, asynchronous=False)
         for tp in result or ():
             if tp.error:
@@ -118,9 +122,17 @@ class ConfluentSource:
 
     def end_offsets(self, partitions: Sequence[PartitionId]) -> dict[PartitionId, int]:
         out: dict[PartitionId, int] = {}
+        # Fetch responses keep librdkafka's high watermarks current; a broker round trip per
+        # partition on every probe cost a third of the loop. Ask the broker every 5th probe, which
+        # is also the connectivity check.
+        self._probes += 1
+        cached = self._probes % 5 != 0
         try:
             for p in partitions:
-                _, high = self._consumer.get_watermark_offsets(TopicPartition(p.topic, p.partition), timeout=3)
+                tp = TopicPartition(p.topic, p.partition)
+                high = self._consumer.get_watermark_offsets(tp, cached=True)[1] if cached else -1
+                if high is None or high < 0:
+                    _, high = self._consumer.get_watermark_offsets(tp, timeout=3)
                 out[p] = int(high)
         except KafkaException:
             self._connected = False

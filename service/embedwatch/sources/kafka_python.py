@@ -58,6 +58,11 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self.inner.on_assigned([PartitionId(tp.topic, tp.partition) for tp in assigned])
 
 
+def _log_async_commit(offsets: Any, response: Any) -> None:
+    if isinstance(response, Exception):
+        log.debug("asynchronous commit failed: %s", response)
+
+
 class KafkaPythonSource:
     """The consumer is created lazily and re-tried from :meth:`poll` while bootstrapping fails
     (broker down, TLS or SASL authentication refused): the service stays up and unready, logging
@@ -140,15 +145,17 @@ class KafkaPythonSource:
             raise KafkaError("not connected")
         return self._consumer
 
-    def commit(self, positions: dict[PartitionId, Committed]) -> None:
+    def commit(self, positions: dict[PartitionId, Committed], asynchronous: bool = False) -> None:
         if not positions:
             return
-        self._client.commit(
-            {
-                TopicPartition(p.topic, p.partition): OffsetAndMetadata(c.offset, c.metadata, -1)
-                for p, c in positions.items()
-            }
-        )
+        offsets = {
+            TopicPartition(p.topic, p.partition): OffsetAndMetadata(c.offset, c.metadata, -1)
+            for p, c in positions.items()
+        }
+        if asynchronous:
+            self._client.commit_async(offsets, callback=_log_async_commit)
+        else:
+            self._client.commit(offsets)
 
     def committed(self, partitions: Sequence[PartitionId]) -> dict[PartitionId, Committed | None]:
         out: dict[PartitionId, Committed | None] = {}
