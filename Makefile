@@ -46,6 +46,8 @@ soak: deps
 
 docs: venv
 	$(VENV)/bin/embedwatch config docs -o docs/configuration.md
+	$(VENV)/bin/embedwatch config metrics-docs -o docs/metrics.md
+	$(PY) scripts/sync-chart
 
 clean:
 	-scripts/kafka-local stop

@@ -179,8 +179,13 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    if args.action == "docs":
-        text = settings_reference_markdown()
+    if args.action in ("docs", "metrics-docs"):
+        if args.action == "docs":
+            text = settings_reference_markdown()
+        else:
+            from embedwatch.metrics_catalog import reference_markdown
+
+            text = reference_markdown()
         if args.output:
             Path(args.output).write_text(text, encoding="utf-8")
         else:
@@ -251,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=cmd_watch)
 
     c = sub.add_parser("config", help="check a config file, or print the configuration reference")
-    c.add_argument("action", choices=["check", "docs"])
+    c.add_argument("action", choices=["check", "docs", "metrics-docs"])
     c.add_argument("--config")
     c.add_argument("-o", "--output")
     c.set_defaults(func=cmd_config)

@@ -159,3 +159,23 @@ METRICS: tuple[Metric, ...] = (
 )
 
 BY_NAME = {m.name: m for m in METRICS}
+
+
+def reference_markdown() -> str:
+    """docs/metrics.md, generated from :data:`METRICS` (a test keeps the file current)."""
+    out = [
+        "# Metrics reference",
+        "",
+        "Generated from `service/embedwatch/metrics_catalog.py` (`embedwatch config metrics-docs`). Prefix",
+        "`embedwatch_`, base units, `_total` for counters. Stream labels are `model`, `model_version`,",
+        "`segment`; the number of streams is capped by `limits.max_streams`, so no label is unbounded.",
+        "Besides these, the standard `process_*` and `python_*` metrics of prometheus-client are exported.",
+        "",
+        "| metric | type | labels | help |",
+        "|---|---|---|---|",
+    ]
+    for m in METRICS:
+        labels = ", ".join(m.labels) or "-"
+        out.append(f"| `{m.name}` | {m.type} | {labels} | {m.help} |")
+    out.append("")
+    return "\n".join(out)

@@ -74,3 +74,12 @@ def test_catalog_is_consistent() -> None:
         assert (m.type == "histogram") == bool(m.buckets), m.name
         assert list(m.buckets) == sorted(m.buckets)
         assert "id" not in m.labels  # never an unbounded label
+
+
+def test_metrics_doc_is_current() -> None:
+    from pathlib import Path
+
+    from embedwatch.metrics_catalog import reference_markdown
+
+    committed = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text(encoding="utf-8")
+    assert committed == reference_markdown(), "run `make docs` to regenerate docs/metrics.md"
