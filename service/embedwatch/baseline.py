@@ -264,7 +264,7 @@ class Baseline:
         c = self.mean
         n = float(np.linalg.norm(c))
         unit = (c / n if n > 0 else c).astype(np.float32)
-        return Projection(unit, self.arrays["sim_edges"], self.arrays["norm_edges"], m.feature_sum)
+        return Projection(unit, self.arrays["sim_edges"], self.arrays["norm_edges"], m.feature_sum, m.features)
 
 
 def _created(ts: np.ndarray | float | None) -> float:

@@ -140,6 +140,7 @@ class StreamMonitor:
         self._qref_n = 0
         self._qref_done: np.ndarray | None = None
         self._qvec: StreamMonitor | None = None
+        self._qks_pending: np.ndarray | None = None  # window top-1 scores whose KS test is due
         if baseline is not None:
             self.activate(baseline)
 
@@ -415,7 +416,14 @@ class StreamMonitor:
         if self._qref_done is not None and self._qref_done.size:
             after = (v["index"] >= self.settings.reference_size) & np.isfinite(top1)
             if after.any():
-                m["query_top1_ks_statistic"], m["query_top1_ks_p_value"] = ks_2samp(top1[after], self._qref_done)
+                # The KS test (its p-value costs ~1 ms) is run when the measures are read.
+                self._qks_pending = top1[after]
+
+    def _derive_queries(self) -> None:
+        pending, self._qks_pending = self._qks_pending, None
+        if pending is not None and self._qref_done is not None:
+            m = self._measures
+            m["query_top1_ks_statistic"], m["query_top1_ks_p_value"] = ks_2samp(pending, self._qref_done)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -429,6 +437,7 @@ class StreamMonitor:
         """
         s = self.settings
         ph = self._ph
+        self._derive_queries()
         meta: dict[str, Any] = {
             "schema": CHECKPOINT_SCHEMA,
             "stream": self._name,
@@ -575,6 +584,7 @@ class StreamMonitor:
         ``baseline_age_seconds`` is measured against ``now`` (default: the newest event ts seen).
         """
         self._derive()
+        self._derive_queries()
         m = dict(self._measures)
         b = self.baseline
         s = self.settings

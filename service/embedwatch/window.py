@@ -23,13 +23,19 @@ most ``window_events`` events, at least ``window_events - window_events // bucke
 Buckets whose newest event is older than ``newest_ts - window_seconds`` are evicted (time bound).
 
 Cost. An update is a handful of vectorised numpy calls per batch plus a few per bucket touched:
-O(d) per event. Evaluation (:meth:`Window.totals`) is O(buckets * d + window events) plus the
-random-feature map of the reservoir rows of buckets that changed since the last evaluation.
+O(d) per event, float64 work done in cache-sized chunks of the float32 batch (no float64 copy of
+the whole batch). Evaluation (:meth:`Window.totals`) is O(buckets * d + window events) plus the
+random-feature map of the reservoir rows that changed since the last evaluation: with a
+:attr:`Projection.features` map, the features of every stale bucket are computed in one matrix
+product, and a bucket still open keeps the feature rows of its reservoir slots, so a later
+evaluation maps only the slots overwritten since (the sum is then re-added from the kept rows:
+bit-for-bit what a recomputation gives, never a running sum that drifts).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,19 +46,41 @@ import numpy as np
 from embedwatch.config import DetectionSettings
 
 FeatureSum = Callable[[np.ndarray], np.ndarray]
+#: Rows of the batch processed at once in float64 (a 256 x 768 float64 chunk is 1.5 MiB).
+_CHUNK = 256
+_tls = threading.local()
+
+
+def _float64_rows(x: np.ndarray) -> np.ndarray:
+    """``x`` (at most :data:`_CHUNK` rows) converted into a reused per-thread float64 buffer.
+
+    A fresh array of this size is a fresh mmap (above glibc's threshold): its page faults cost
+    more than the conversion itself. The result is overwritten by the next call.
+    """
+    n, d = x.shape
+    bufs: dict[int, np.ndarray] | None = getattr(_tls, "bufs", None)
+    if bufs is None:
+        bufs = _tls.bufs = {}
+    buf = bufs.get(d)
+    if buf is None:
+        if len(bufs) >= 8:
+            bufs.clear()
+        buf = bufs[d] = np.empty((_CHUNK, d), dtype=np.float64)
+    out = buf[:n]
+    out[...] = x
+    return out
 
 
 class Summary(NamedTuple):
     """Per-event quantities of a batch, computed once per batch by :meth:`Projection.summarise`."""
 
-    x64: np.ndarray  # (n, d) float64 copy of the vectors (for float64 accumulators)
     norms: np.ndarray  # (n,) float64
     sims: np.ndarray  # (n,) float64 cosine similarity to the baseline centroid
     sim_bins: np.ndarray  # (n,) int64 bin index
     norm_bins: np.ndarray  # (n,) int64 bin index
 
     def slice(self, a: int, b: int) -> Summary:
-        return Summary(self.x64[a:b], self.norms[a:b], self.sims[a:b], self.sim_bins[a:b], self.norm_bins[a:b])
+        return Summary(self.norms[a:b], self.sims[a:b], self.sim_bins[a:b], self.norm_bins[a:b])
 
 
 @dataclass(frozen=True)
@@ -61,13 +89,20 @@ class Projection:
 
     ``sim_edges`` / ``norm_edges`` are interior bin edges (see
     :func:`embedwatch.stats.quantile_edges`); ``feature_sum`` maps reservoir rows to the sum of
-    their random-Fourier feature vectors (``None``: no multivariate test).
+    their random-Fourier feature vectors (``None``: no multivariate test); ``features``, when
+    given, maps rows to their ``(n, D)`` float32 feature matrix (row by row: a row's features do not
+    depend on the other rows of the call) and lets the window batch and reuse feature rows;
+    ``feature_sum(rows)`` must equal ``features(rows).sum(axis=0, dtype=np.float64)``.
     """
 
     centroid_unit: np.ndarray
     sim_edges: np.ndarray
     norm_edges: np.ndarray
     feature_sum: FeatureSum | None = None
+    features: FeatureSum | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_centroid64", np.asarray(self.centroid_unit, dtype=np.float64).ravel())
 
     @property
     def sim_bins(self) -> int:
@@ -78,22 +113,36 @@ class Projection:
         return int(self.norm_edges.shape[0] + 1)
 
     def summarise(self, x: np.ndarray) -> Summary:
-        """Norms, similarities and bin indices of a ``(n, d)`` float32 batch: a few BLAS calls."""
+        """Norms, similarities and bin indices of a ``(n, d)`` float32 batch: a few BLAS calls.
+
+        Computed in float64 over chunks of :data:`_CHUNK` rows (each converted in cache: a float64
+        copy of the whole batch costs a memory pass and ``n * d * 8`` bytes for nothing).
+        """
         x = np.asarray(x)
-        x64 = x.astype(np.float64)
-        norms = np.sqrt(np.einsum("ij,ij->i", x64, x64))
-        dots = x64 @ self.centroid_unit.astype(np.float64)
+        n, d = x.shape
+        c: np.ndarray = self._centroid64  # type: ignore[attr-defined]
+        ones = np.ones(d)
+        sq_norms = np.empty(n)
+        dots = np.empty(n)
+        for a in range(0, n, _CHUNK):
+            c64 = _float64_rows(x[a : a + _CHUNK])
+            dots[a : a + _CHUNK] = c64 @ c
+            np.multiply(c64, c64, out=c64)  # exact: a float32 squared fits a float64
+            sq_norms[a : a + _CHUNK] = c64 @ ones
+        norms = np.sqrt(sq_norms, out=sq_norms)
         with np.errstate(divide="ignore", invalid="ignore"):
             sims = np.where(norms > 0, dots / norms, 0.0)
         sim_bins = np.searchsorted(self.sim_edges, sims, side="right")
         norm_bins = np.searchsorted(self.norm_edges, norms, side="right")
-        return Summary(x64, norms, sims, sim_bins, norm_bins)
+        return Summary(norms, sims, sim_bins, norm_bins)
 
 
 class Bucket:
     """Mergeable sufficient statistics of a run of events (see the module docstring)."""
 
     __slots__ = (
+        "_dirty",
+        "_feat_rows",
         "_feat_sum",
         "_feat_version",
         "_norms",
@@ -115,6 +164,17 @@ class Bucket:
         "sumsq",
     )
 
+    sum: np.ndarray
+    sumsq: np.ndarray
+    sim_hist: np.ndarray
+    norm_hist: np.ndarray
+    reservoir: np.ndarray
+    res_index: np.ndarray
+    res_n: int
+    _sims: np.ndarray
+    _norms: np.ndarray
+    _dirty: np.ndarray
+
     def __init__(
         self,
         dim: int,
@@ -123,26 +183,47 @@ class Bucket:
         reservoir_size: int,
         capacity: int,
         rng: np.random.Generator,
+        recycle: Bucket | None = None,
     ) -> None:
+        """``recycle``: a dropped bucket of the same shape whose arrays are reused (cleared)."""
         self.capacity = int(capacity)
         self.count = 0
-        self.sum = np.zeros(dim, dtype=np.float64)
-        self.sumsq = np.zeros(dim, dtype=np.float64)
-        self.sim_hist = np.zeros(sim_bins, dtype=np.int64)
-        self.norm_hist = np.zeros(norm_bins, dtype=np.int64)
         self.min_ts = math.inf
         self.max_ts = -math.inf
         self.start_ts = math.nan
-        self._sims = np.empty(self.capacity, dtype=np.float64)
-        self._norms = np.empty(self.capacity, dtype=np.float64)
-        self.reservoir = np.empty((reservoir_size, dim), dtype=np.float32)
-        self.res_index = np.full(reservoir_size, -1, dtype=np.int64)
+        r = recycle
+        if (r is not None and r.capacity == self.capacity and r.reservoir.shape == (reservoir_size, dim)
+                and r.sim_hist.shape[0] == sim_bins and r.norm_hist.shape[0] == norm_bins):
+            # Fresh arrays of this size are fresh pages: reusing them saves the page faults.
+            self.sum, self.sumsq, self.sim_hist, self.norm_hist = r.sum, r.sumsq, r.sim_hist, r.norm_hist
+            self.sum.fill(0.0)
+            self.sumsq.fill(0.0)
+            self.sim_hist.fill(0)
+            self.norm_hist.fill(0)
+            self._sims, self._norms, self.reservoir, self.res_index = r._sims, r._norms, r.reservoir, r.res_index
+            self.res_index.fill(-1)
+            self._dirty = r._dirty
+            self._dirty.fill(False)
+            r.count = r.res_n = 0  # the old bucket no longer owns its arrays
+        else:
+            self.sum = np.zeros(dim, dtype=np.float64)
+            self.sumsq = np.zeros(dim, dtype=np.float64)
+            self.sim_hist = np.zeros(sim_bins, dtype=np.int64)
+            self.norm_hist = np.zeros(norm_bins, dtype=np.int64)
+            self._sims = np.empty(self.capacity, dtype=np.float64)
+            self._norms = np.empty(self.capacity, dtype=np.float64)
+            self.reservoir = np.empty((reservoir_size, dim), dtype=np.float32)
+            self.res_index = np.full(reservoir_size, -1, dtype=np.int64)
+            self._dirty = np.zeros(reservoir_size, dtype=bool)
         self.res_n = 0
         self.rng = rng
         self.closed = False
         self._version = 0
         self._feat_version = -1
         self._feat_sum: np.ndarray | None = None
+        # Feature rows of the reservoir slots (kept only while the bucket can still change);
+        # ``_dirty``: the slots written since they were computed.
+        self._feat_rows: np.ndarray | None = None
 
     @property
     def dim(self) -> int:
@@ -165,6 +246,11 @@ class Bucket:
         """The reservoir rows in use (a uniform sample of the bucket's vectors)."""
         return self.reservoir[: self.res_n]
 
+    @property
+    def final(self) -> bool:
+        """No event can be added any more (closed, or full)."""
+        return self.closed or self.count >= self.capacity
+
     def add(self, x: np.ndarray, s: Summary, ts: np.ndarray, first_index: int) -> None:
         """Add a run of events (``count + len(x) <= capacity``); ``first_index`` = stream index of x[0]."""
         n = x.shape[0]
@@ -174,8 +260,12 @@ class Bucket:
             raise ValueError("bucket overflow")
         if self.count == 0:
             self.start_ts = float(ts[0])
-        self.sum += s.x64.sum(axis=0)
-        self.sumsq += np.einsum("ij,ij->j", s.x64, s.x64)
+        for a in range(0, n, _CHUNK):
+            c64 = _float64_rows(x[a : a + _CHUNK])
+            ones = np.ones(c64.shape[0])
+            self.sum += ones @ c64
+            np.multiply(c64, c64, out=c64)  # exact: a float32 squared fits a float64
+            self.sumsq += ones @ c64
         self.sim_hist += np.bincount(s.sim_bins, minlength=self.sim_hist.shape[0])
         self.norm_hist += np.bincount(s.norm_bins, minlength=self.norm_hist.shape[0])
         self.min_ts = min(self.min_ts, float(ts.min()))
@@ -194,6 +284,7 @@ class Bucket:
         if nfill:
             self.reservoir[seen : seen + nfill] = x[:nfill]
             self.res_index[seen : seen + nfill] = np.arange(first_index, first_index + nfill)
+            self._dirty[seen : seen + nfill] = True
         if nfill < n:
             t = np.arange(seen + nfill, seen + n)
             j = (self.rng.random(t.shape[0]) * (t + 1)).astype(np.int64)
@@ -207,14 +298,52 @@ class Bucket:
                     slots, rows = uniq, rows[::-1][pos_rev]
                 self.reservoir[slots] = x[rows]
                 self.res_index[slots] = first_index + rows
+                self._dirty[slots] = True
         self.res_n = min(k, seen + n)
         self._version += 1
+
+    @property
+    def features_stale(self) -> bool:
+        return self._feat_sum is None or self._feat_version != self._version
 
     def feature_sum(self, fn: FeatureSum) -> np.ndarray:
         """Sum of the random features of the reservoir rows, cached until the reservoir changes."""
         if self._feat_sum is None or self._feat_version != self._version:
             self._feat_sum = fn(self.sample)
             self._feat_version = self._version
+            self._feat_rows = None
+            self._dirty[:] = False
+        return self._feat_sum
+
+    def stale_slots(self) -> np.ndarray:
+        """Reservoir slots whose feature rows must be (re)computed for :meth:`set_features`."""
+        if self._feat_rows is None:
+            return np.arange(self.res_n)
+        return np.flatnonzero(self._dirty[: self.res_n])
+
+    def set_features(self, slots: np.ndarray, feats: np.ndarray) -> np.ndarray:
+        """Take the feature rows of ``slots`` (from :meth:`stale_slots`); return the feature sum.
+
+        The sum is always the float64 sum of the rows of slots ``0..res_n-1`` in slot order, so it
+        equals ``features(sample).sum(axis=0, dtype=np.float64)`` exactly. The rows are kept only
+        while the bucket can still change (:attr:`final` is false).
+        """
+        if self._feat_rows is None:
+            if self.final:
+                total: np.ndarray = feats.sum(axis=0, dtype=np.float64)
+                self._feat_sum = total
+            else:
+                self._feat_rows = np.empty((self.reservoir_size, feats.shape[1]), dtype=np.float32)
+                self._feat_rows[: self.res_n] = feats
+        else:
+            self._feat_rows[slots] = feats
+        if self._feat_rows is not None:
+            self._feat_sum = self._feat_rows[: self.res_n].sum(axis=0, dtype=np.float64)
+            if self.final:
+                self._feat_rows = None
+        self._dirty[:] = False
+        self._feat_version = self._version
+        assert self._feat_sum is not None
         return self._feat_sum
 
 
@@ -299,6 +428,7 @@ class Window:
         self.window_seconds = float(settings.window_seconds)
         self.reservoir_size = int(settings.reservoir_per_bucket)
         self.buckets: deque[Bucket] = deque()
+        self._spare: Bucket | None = None  # a dropped bucket whose arrays the next one reuses
         self.newest_ts = -math.inf
         self.rng = np.random.default_rng(seed)
 
@@ -310,10 +440,11 @@ class Window:
         return sum(b.count for b in self.buckets)
 
     def _new_bucket(self) -> Bucket:
+        spare, self._spare = self._spare, None
         if len(self.buckets) >= self.max_buckets:
-            self.buckets.popleft()
+            spare = self.buckets.popleft()
         b = Bucket(self.dim, self.projection.sim_bins, self.projection.norm_bins, self.reservoir_size,
-                   self.capacity, self.rng)
+                   self.capacity, self.rng, recycle=spare)
         self.buckets.append(b)
         return b
 
@@ -350,7 +481,7 @@ class Window:
         ref = self.newest_ts if now is None else max(now, self.newest_ts)
         limit = ref - self.window_seconds
         while self.buckets and self.buckets[0].max_ts < limit:
-            self.buckets.popleft()
+            self._spare = self.buckets.popleft()
 
     def sample(self) -> np.ndarray:
         """All reservoir rows of the window, oldest bucket first."""
@@ -367,7 +498,9 @@ class Window:
                                 np.zeros(p.norm_bins, np.int64), np.zeros(0), np.zeros(0), 0, None,
                                 math.nan, math.nan)
         fsum = None
-        if with_features and p.feature_sum is not None:
+        if with_features and p.features is not None:
+            fsum = np.sum(self._feature_sums(bs, p.features), axis=0)
+        elif with_features and p.feature_sum is not None:
             fn = p.feature_sum
             fsum = np.sum([b.feature_sum(fn) for b in bs], axis=0)
         return WindowTotals(
@@ -383,6 +516,26 @@ class Window:
             min_ts=min(b.min_ts for b in bs),
             max_ts=max(b.max_ts for b in bs),
         )
+
+
+    @staticmethod
+    def _feature_sums(bs: Sequence[Bucket], features: FeatureSum) -> list[np.ndarray]:
+        """Feature sums of ``bs``: the stale rows of every bucket mapped in one matrix product."""
+        plan = [(b, b.stale_slots()) for b in bs if b.features_stale]
+        if plan:
+            rows = [b.reservoir[slots] for b, slots in plan]
+            feats = features(np.concatenate(rows)) if len(rows) > 1 else features(rows[0])
+            off = 0
+            for b, slots in plan:
+                b.set_features(slots, feats[off : off + slots.shape[0]])
+                off += slots.shape[0]
+        out: list[np.ndarray] = []
+        for b in bs:
+            assert b._feat_sum is not None
+            out.append(b._feat_sum)
+            if b._feat_rows is not None and b.final:
+                b._feat_rows = None  # closed without a change since: its rows are no longer needed
+        return out
 
 
 class ScalarWindow:

@@ -202,3 +202,63 @@ def test_overlap_function_matches_brute_force(n: int, d1: int, d2: int, k: int, 
         assert paired_cosine(a, b) == pytest.approx(brute_paired_cosine(a, b))
     else:
         assert math.isnan(paired_cosine(a, b))
+
+
+def _ring_model(batches: list[list[str | None]], vecs: list[np.ndarray], cap: int) -> dict[str, np.ndarray]:
+    """Brute force: the `cap` most recently seen ids and the newest vector of each."""
+    recency: dict[str, np.ndarray] = {}
+    for idents, x in zip(batches, vecs, strict=True):
+        for ident, v in zip(idents, x, strict=True):
+            if ident is not None:
+                recency.pop(ident, None)
+                recency[ident] = v
+    return dict(list(recency.items())[-cap:])
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=6), universe=st.integers(1, 60),
+       cap=st.integers(2, 30), none_share=st.floats(0, 0.3), seed=st.integers(0, 2**32 - 1))
+def test_single_version_ring_matches_brute_force(sizes: list[int], universe: int, cap: int,
+                                                  none_share: float, seed: int) -> None:
+    """The vectorised single-version update keeps exactly the most recent ids and vectors."""
+    rng = np.random.default_rng(seed)
+    vc = VersionComparison("m", probe_size=cap, k=2)
+    batches: list[list[str | None]] = []
+    vecs: list[np.ndarray] = []
+    for n in sizes:
+        idents: list[str | None] = [None if rng.random() < none_share else f"d{rng.integers(universe)}"
+                                    for _ in range(n)]
+        x = rng.normal(size=(n, 3)).astype(np.float32)
+        batches.append(idents)
+        vecs.append(x)
+        vc.update("v1", idents, x)
+    want = _ring_model(batches, vecs, cap)
+    probe = vc._versions["v1"]
+    assert list(probe.unpinned) == list(want)
+    assert set(probe.index) == set(want)
+    rows = sorted(probe.index.values())
+    assert len(set(rows)) == len(rows) and probe.vectors.shape[0] <= cap
+    assert sorted(rows + probe.free) == list(range(len(rows) + len(probe.free)))
+    for ident, v in want.items():
+        np.testing.assert_array_equal(probe.vectors[probe.index[ident]], v)
+    # A second version then pairs with what the ring kept, through the per-id path.
+    shared = list(want)
+    vc.update("v2", shared, np.stack([want[i] for i in shared]) if shared else np.zeros((0, 3)))
+    if shared:
+        [r] = vc.results()
+        assert r["shared_ids"] == len(shared)
+
+
+def test_single_version_keeps_only_solo_probe_size_until_a_second_version() -> None:
+    rng = np.random.default_rng(10)
+    vc = VersionComparison("m", probe_size=1000, k=3, solo_probe_size=50)
+    vc.update("v1", ids(400), rng.normal(size=(400, 8)))
+    probe = vc._versions["v1"]
+    assert len(probe.index) == 50 and probe.vectors.shape[0] <= 64  # nothing preallocated
+    assert set(probe.index) == {f"doc-{i}" for i in range(350, 400)}
+    x = rng.normal(size=(300, 8))
+    vc.update("v2", ids(300, 400), x)  # the migration starts: both may now hold probe_size ids
+    vc.update("v1", ids(300, 400), x)
+    [r] = vc.results()
+    assert r["shared_ids"] == 300 and r["paired_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert len(vc._versions["v1"].index) == 350

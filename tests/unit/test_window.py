@@ -202,3 +202,93 @@ def test_bucket_rejects_overflow() -> None:
     b = Bucket(DIM, PROJ.sim_bins, PROJ.norm_bins, 2, 4, np.random.default_rng(0))
     with pytest.raises(ValueError, match="overflow"):
         b.add(x, PROJ.summarise(x), ts, 0)
+
+
+def rff_projection(n_features: int = 32) -> tuple[Projection, list[int]]:
+    """PROJ with a real random-feature map; the list records how many rows each map call got."""
+    from embedwatch.detectors.mmd import RFFMMD
+
+    ref, _ = data(123, 300)
+    mmd = RFFMMD.fit(ref, n_features=n_features, seed=5)
+    rows: list[int] = []
+
+    def features(x: np.ndarray) -> np.ndarray:
+        rows.append(x.shape[0])
+        return mmd.features(x)
+
+    return Projection(PROJ.centroid_unit, PROJ.sim_edges, PROJ.norm_edges, mmd.feature_sum, features), rows
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 400), seed=st.integers(0, 10**6), cuts=st.lists(st.integers(1, 399), max_size=10),
+       k=st.integers(4, 30))
+def test_incremental_feature_sums_equal_a_recomputation(n: int, seed: int, cuts: list[int], k: int) -> None:
+    """Feature rows kept per slot of the open bucket, batched over stale buckets, give the same
+    window feature sum as mapping every reservoir from scratch, after every add."""
+    proj, _ = rff_projection()
+    w = Window(DIM, settings_(reservoir_per_bucket=k), proj, seed)
+    x, _ = data(seed, n)
+    ts = np.arange(n, dtype=np.float64)
+    bounds = [0, *sorted({c for c in cuts if c < n}), n]
+    assert proj.feature_sum is not None
+    for a, e in itertools.pairwise(bounds):
+        w.add(x[a:e], ts[a:e], a)
+        got = w.totals().feature_sum
+        want = np.sum([proj.feature_sum(b.sample) for b in w.buckets], axis=0)
+        assert got is not None
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+        # The sum of the per-bucket recomputations equals the map of the whole window sample too.
+        np.testing.assert_allclose(got, proj.feature_sum(w.sample()), rtol=1e-5, atol=1e-5)
+
+
+def test_open_bucket_maps_only_overwritten_slots() -> None:
+    proj, rows = rff_projection()
+    s = settings_(window_events=1000, buckets=2, reservoir_per_bucket=20)  # buckets of 500 events
+    w = Window(DIM, s, proj, 0)
+    x, _ = data(4, 400)
+    ts = np.arange(400, dtype=np.float64)
+    w.add(x[:100], ts[:100], 0)
+    w.totals()
+    assert rows == [20]
+    b = w.buckets[-1]
+    before = b.res_index.copy()
+    w.add(x[100:110], ts[100:110], 100)
+    w.totals()
+    changed = int(np.count_nonzero(b.res_index != before))
+    assert rows[1:] == ([changed] if changed else [])  # only the overwritten slots are mapped again
+    w.totals()
+    assert len(rows) == 1 + (1 if changed else 0)  # unchanged: nothing mapped
+    # Several stale buckets are mapped in one call.
+    rows.clear()
+    w.add(x[110:400], ts[110:400], 110)
+    assert len(w.buckets) == 1
+    w2 = Window(DIM, settings_(window_events=100, buckets=5, reservoir_per_bucket=8), proj, 1)
+    w2.add(x[:100], ts[:100], 0)
+    rows.clear()
+    w2.totals()
+    assert rows == [5 * 8]
+
+
+def test_features_of_one_row_match_the_same_row_in_a_batch() -> None:
+    from embedwatch.detectors.mmd import RFFMMD
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(200, 384)).astype(np.float32)
+    mmd = RFFMMD.fit(ref, n_features=256, seed=0)
+    full = mmd.features(ref[:50])
+    for i in (0, 7, 49):
+        np.testing.assert_array_equal(mmd.features(ref[i : i + 1]), full[i : i + 1])
+
+
+def test_recycled_bucket_arrays_start_clean() -> None:
+    """A new bucket reusing a dropped one's arrays has the same statistics as a fresh one."""
+    s = settings_(window_events=50, buckets=2, reservoir_per_bucket=8)  # buckets of 25 events
+    x, _ = data(6, 200)
+    ts = np.arange(200, dtype=np.float64)
+    w = Window(DIM, s, PROJ, 0)
+    w.add(x, ts, 0)  # 8 buckets opened, 6 dropped and reused
+    newest = w.buckets[-1]
+    ref = bucket_of(x[175:200], ts[175:200], 175, 8, 0)
+    assert_same_stats(newest, ref)
+    assert_valid_reservoir(newest, x[175:200], 175)
+    assert np.all(newest.res_index[newest.res_n:] == -1)

@@ -20,8 +20,9 @@ set* of vectors keyed by id and compares every pair of versions over the ids the
 The reference of a pair is the version seen first (the older one).
 
 Bounded memory. Per version at most ``probe_size`` ids are held (``probe_size * dim * 4``
-bytes), and at most ``max_versions`` versions per model (the first one seen, the reference,
-is never evicted; beyond the cap the least recently updated other version is dropped). An id
+bytes; ``solo_probe_size`` while the model has a single version, see
+:class:`VersionComparison`), and at most ``max_versions`` versions per model (the first one
+seen, the reference, is never evicted; beyond the cap the least recently updated other version is dropped). An id
 held by two or more versions is *pinned*: it stays until the end. Other ids form a ring of the
 most recent ones, evicted first-in first-out to make room. So when a version emits an id that
 another version emitted within its last ``probe_size`` unpinned ids, the pair is caught and kept;
@@ -89,15 +90,23 @@ class _Probe:
 class VersionComparison:
     """Paired cosine and k-NN overlap between the versions of one model; see the module docstring.
 
-    ``VersionComparison(model, probe_size=2000, k=10, max_versions=4)``; the service passes
-    ``detection.version_probe_size`` and ``detection.version_knn_k``.
+    ``VersionComparison(model, probe_size=2000, k=10, max_versions=4, solo_probe_size=256)``; the
+    service passes ``detection.version_probe_size`` and ``detection.version_knn_k``.
+
+    While a model has a single version (most models, most of the time) its probe keeps only the
+    ``solo_probe_size`` most recent ids: enough to pair a dual write whose second version starts
+    within that many ids of the first, at a fraction of the memory (``probe_size * dim * 4`` bytes
+    per model otherwise). From the second version on, every probe may grow to ``probe_size``.
+    Storage grows with use (never preallocated).
     """
 
-    def __init__(self, model: str, probe_size: int = 2000, k: int = 10, max_versions: int = 4) -> None:
-        if probe_size < 2 or k < 1 or max_versions < 2:
-            raise ValueError("probe_size >= 2, k >= 1 and max_versions >= 2 are required")
+    def __init__(self, model: str, probe_size: int = 2000, k: int = 10, max_versions: int = 4,
+                 solo_probe_size: int = 256) -> None:
+        if probe_size < 2 or k < 1 or max_versions < 2 or solo_probe_size < 1:
+            raise ValueError("probe_size >= 2, k >= 1, max_versions >= 2 and solo_probe_size >= 1 are required")
         self.model = model
         self.probe_size = probe_size
+        self.solo_probe_size = min(solo_probe_size, probe_size)
         self.k = k
         self.max_versions = max_versions
         # Insertion order = order first seen: the first is the reference of every pair it is in.
@@ -124,12 +133,20 @@ class VersionComparison:
         probe = self._versions.get(model_version)
         if probe is None:
             self._evict_version()
-            probe = self._versions[model_version] = _Probe(vectors.shape[1], self.probe_size, self._seq)
+            cap = self.probe_size if self._versions else self.solo_probe_size
+            probe = self._versions[model_version] = _Probe(vectors.shape[1], cap, self._seq)
         probe.seq = self._seq
         if vectors.shape[1] != probe.dim:
             probe.rejected += sum(1 for i in ids if i is not None)
             return
         others = [p for v, p in self._versions.items() if v != model_version]
+        if not others:
+            if not probe.pinned:
+                self._update_alone(probe, ids, vectors)
+                return
+        else:
+            for p in others:
+                p.capacity = self.probe_size  # a second version: every probe may grow to full size
         rows: dict[int, int] = {}  # row -> batch position (the last write of a row wins)
         for pos, ident in enumerate(ids):
             if ident is None:
@@ -153,6 +170,51 @@ class VersionComparison:
             src = np.fromiter(rows.values(), dtype=np.int64, count=len(rows))
             probe.vectors[dst] = vectors[src]
             self._cache = None
+
+    def _update_alone(self, probe: _Probe, ids: Sequence[str | None], vectors: np.ndarray) -> None:
+        """:meth:`update` of the only version of a model (nothing pinned), without a per-id loop.
+
+        Same result as the loop: the probe is a ring of the ``capacity`` most recently seen ids
+        (an id seen again moves to the newest end and takes its newest vector). Rows handed out
+        so far are ``0..len(index) + len(free) - 1``, as :meth:`_Probe._row` assumes.
+        """
+        last: dict[str | None, int] = {ident: pos for pos, ident in enumerate(ids)}
+        last.pop(None, None)
+        if not last:
+            return
+        cap = probe.capacity
+        n_ids = len(ids) - list(ids).count(None)
+        order = list(last) if len(last) == n_ids else sorted(last, key=last.__getitem__)
+        order = order[-cap:]  # type: ignore[assignment]
+        order_set = last if len(order) == len(last) else set(order)
+        index = probe.index
+        old = list(probe.unpinned)
+        untouched = [i for i in old if i not in last]
+        keep = cap - len(order)
+        kept_old = untouched[max(0, len(untouched) - keep):] if keep > 0 else []
+        free = probe.free
+        for i in untouched[: len(untouched) - len(kept_old)]:
+            free.append(index.pop(i))
+        for i in old:
+            if i in last and i not in order_set:
+                free.append(index.pop(i))
+        new_ids = [i for i in order if i not in index]
+        handed = len(index) + len(free)
+        extra = max(0, len(new_ids) - len(free))
+        if handed + extra > probe.vectors.shape[0]:
+            size = min(cap, max(2 * probe.vectors.shape[0], handed + extra))
+            grown = np.zeros((size, probe.dim), dtype=np.float32)
+            grown[: probe.vectors.shape[0]] = probe.vectors
+            probe.vectors = grown
+        pool = free[::-1][: len(new_ids)] + list(range(handed, handed + extra))
+        del free[len(free) - min(len(free), len(new_ids)):]
+        for ident, row in zip(new_ids, pool, strict=True):
+            index[ident] = row  # type: ignore[index]
+        probe.unpinned = OrderedDict.fromkeys([*kept_old, *order])  # type: ignore[list-item]
+        dst = np.fromiter((index[i] for i in order), dtype=np.int64, count=len(order))  # type: ignore[index]
+        src = np.fromiter((last[i] for i in order), dtype=np.int64, count=len(order))
+        probe.vectors[dst] = vectors[src]
+        self._cache = None
 
     def _evict_version(self) -> None:
         if len(self._versions) < self.max_versions:
