@@ -151,6 +151,9 @@ class Service:
         self._last_lag_probe = 0.0
         self._heartbeat = time.monotonic()
         self._pending_assignment: list[PartitionId] = []
+        # Streams of revoked partitions, forgotten unless the next assignment returns them.
+        self._orphans: set[StreamKey] = set()
+        self._awaiting_assignment = False
         # Last durable point per partition: (next offset, ledger) as a restart would restore it.
         self.durable: dict[PartitionId, tuple[int, Ledger]] = {}
         # Offsets below which a restored checkpoint already holds the events' effects.
@@ -260,10 +263,19 @@ class Service:
         # state right after the poll returns, before it processes any of their messages.
         self.exporter.counters.inc("embedwatch_rebalances_total")
         self._pending_assignment.extend(partitions)
+        self._awaiting_assignment = False
         log.info("assigned %s", sorted(partitions))
 
     def _load_assignment(self, source: Source) -> None:
         partitions, self._pending_assignment = self._pending_assignment, []
+        if self._orphans and not self._awaiting_assignment:
+            with self.exporter.lock:
+                owned = self._assigned | set(partitions)
+                for key in self._orphans:
+                    home = self.stream_home.get(key)
+                    if home is None or home not in owned:
+                        self._forget_stream(key)
+                self._orphans.clear()
         if not partitions:
             return
         committed = source.committed(partitions)
@@ -300,6 +312,7 @@ class Service:
                 self._publish_ledger(p)
                 self.exporter.counters.inc("embedwatch_events_replayed_total", (p.topic,), 0)
             self._assigned |= set(partitions)
+            self.exporter.set_gauge("embedwatch_assigned_partitions", (), float(len(self._assigned)))
 
     def _restore_checkpoint(self, p: PartitionId, blob: bytes | None) -> Checkpoint | None:
         if blob is None:
@@ -354,9 +367,12 @@ class Service:
                 self.exporter.counters.drop("embedwatch_consumed_events_total",
                                             lambda lv, key=key: lv[:2] == key)  # type: ignore[misc]
                 self.exporter.gauges["embedwatch_consumer_lag_messages"].pop(key, None)
-            gone = {k for k, home in self.stream_home.items() if home in set(partitions)}
-            for k in gone:
-                self._forget_stream(k)
+            self.exporter.set_gauge("embedwatch_assigned_partitions", (), float(len(self._assigned)))
+            # Their streams are forgotten only if the partitions go to another replica: the
+            # assignment that follows (eager rebalance) often gives them straight back.
+            revoked = set(partitions)
+            self._orphans |= {k for k, home in self.stream_home.items() if home in revoked}
+            self._awaiting_assignment = bool(revoked)
         log.info("revoked %s", sorted(partitions))
 
     def _forget_stream(self, key: StreamKey) -> None:
@@ -605,9 +621,9 @@ class Service:
         if not self.persistent:
             # No durable state: the batch's effects live in memory only, so the batch is the unit.
             positions = {p: Committed(self._positions[p], self.ledgers[p].encode()) for p in parts}
-            self._commit(source, positions)
-            for p, c in positions.items():
-                self.durable[p] = (c.offset, self.ledgers[p].copy())
+            if self._commit(source, positions):
+                for p, c in positions.items():
+                    self.durable[p] = (c.offset, self.ledgers[p].copy())
         self.exporter.counters.inc("embedwatch_batches_total")
         self.exporter.histograms.observe("embedwatch_processing_seconds", (),
                                          np.array([time.perf_counter() - t0]))

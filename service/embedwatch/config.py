@@ -48,7 +48,10 @@ class KafkaSettings(_Section):
     )
     max_poll_records: int = Field(2000, ge=1, le=100_000, description="Upper bound of one poll batch.")
     poll_timeout_ms: int = Field(200, ge=1, le=60_000, description="How long one poll waits for data.")
-    session_timeout_ms: int = Field(10_000, ge=1000, le=300_000, description="Group session timeout.")
+    session_timeout_ms: int = Field(
+        30_000, ge=1000, le=300_000,
+        description="Group session timeout: long enough to ride out CPU stalls on a busy node.",
+    )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="Kafka security protocol."
     )

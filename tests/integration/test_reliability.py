@@ -157,44 +157,56 @@ def test_broker_outage_no_crash_nothing_lost(tmp_path: Path, fresh_topic_prefix:
 def test_two_replicas_split_the_work(kafka_bootstrap: str, unique_topics, fresh_topic_prefix: str,
                                      tmp_path: Path) -> None:
     n = 30_000
-    (topic,) = unique_topics("embeddings", partitions=6)
-    unique_topics("embeddings.dlq", partitions=1)
-    gen = EventGenerator(GeneratorConfig(streams=6, dim=DIM, seed=4))
-    _produce(kafka_bootstrap, topic, gen.messages(n))
+    single_topic, pair_topic = unique_topics("single", "pair", partitions=6)
+    unique_topics("single.dlq", "pair.dlq", partitions=1)
+    # The same events (same generator seed) for both runs, keyed by stream.
+    events = EventGenerator(GeneratorConfig(streams=6, dim=DIM, seed=4)).messages(n)
 
-    single = ServiceProcess(tmp_path, _config(kafka_bootstrap, fresh_topic_prefix, "single"), "single").start()
+    single_cfg = _config(kafka_bootstrap, fresh_topic_prefix, "single", kafka={"embeddings_topic": single_topic})
+    _produce(kafka_bootstrap, single_topic, events)
+    single = ServiceProcess(tmp_path, single_cfg, "single").start()
     try:
         single.wait_for(lambda m: _ledger(m) >= n, timeout=300, what="single replica drained")
         time.sleep(1.0)
         want = _per_stream(single.metrics(), "embedwatch_events_total")
     finally:
         single.close()
+    assert sum(want.values()) == n
 
-    cfg = _config(kafka_bootstrap, fresh_topic_prefix, "pair")
+    # Both replicas join first (each ready = owns partitions), then the events arrive. The pair
+    # uses the confluent backend (the single run above uses kafka-python, so the totals are also
+    # compared across backends): kafka-python 3.0.12 now and then stalls in the rejoin that
+    # follows a subscription to a topic created moments before ("No partition metadata").
+    cfg = _config(kafka_bootstrap, fresh_topic_prefix, "pair",
+                  kafka={"embeddings_topic": pair_topic, "backend": "confluent"})
     a = ServiceProcess(tmp_path, cfg, "a").start()
-    b = ServiceProcess(tmp_path, cfg, "b").start(wait_ready=False)
+    b = ServiceProcess(tmp_path, cfg, "b").start()
     try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            owned = (metric_sum(a.metrics(), "embedwatch_assigned_partitions")
+                     + metric_sum(b.metrics(), "embedwatch_assigned_partitions"))
+            if owned == 6 and a.get("/readyz")[0] == 200 and b.get("/readyz")[0] == 200:
+                break
+            time.sleep(0.5)
+        assert owned == 6, "the two replicas must own the 6 partitions between them"
+        _produce(kafka_bootstrap, pair_topic, events)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            try:
-                ma, mb = a.metrics(), b.metrics()
-            except OSError:  # b is still starting
-                time.sleep(0.5)
-                continue
+            ma, mb = a.metrics(), b.metrics()
             if _ledger(ma) + _ledger(mb) >= n:
                 break
             time.sleep(0.5)
         time.sleep(1.5)
         ma, mb = a.metrics(), b.metrics()
         assert _ledger(ma) + _ledger(mb) == n
-        assert _ledger(ma) > 0 and _ledger(mb) > 0, "both replicas must own partitions"
+        assert _ledger(ma) > 0 and _ledger(mb) > 0, "both replicas must have consumed"
         got: dict[str, float] = {}
         for m in (ma, mb):
             for k, v in _per_stream(m, "embedwatch_events_total").items():
                 assert k not in got, f"stream {k} reported by both replicas"
                 got[k] = v
         assert got == want
-        assert metric_sum(ma, "embedwatch_assigned_partitions") + metric_sum(mb, "embedwatch_assigned_partitions") == 6
     finally:
         a.close()
         b.close()
