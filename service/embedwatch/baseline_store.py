@@ -227,7 +227,8 @@ def decode_baseline(data: bytes, origin: str = "<bytes>") -> Baseline:
     return _verify(header, arrays, origin)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a reader sees the old or the new content, never a mix."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -254,8 +255,8 @@ def save_file(baseline: Baseline, path: str | os.PathLike[str]) -> tuple[Path, P
     npz, js = _pair(path)
     arrays = _check_arrays(baseline.to_arrays())
     header = _header(_metadata(baseline), arrays)
-    _atomic_write(npz, _npz_bytes(arrays))
-    _atomic_write(js, json.dumps(header, indent=2, sort_keys=True, default=str).encode("utf-8") + b"\n")
+    atomic_write(npz, _npz_bytes(arrays))
+    atomic_write(js, json.dumps(header, indent=2, sort_keys=True, default=str).encode("utf-8") + b"\n")
     return npz, js
 
 
@@ -446,7 +447,7 @@ class BaselineStore(_IndexedStore):
 
     def _store_index(self, index: _Index) -> None:
         p = self.stream_dir(index.stream) / "index.json"
-        _atomic_write(p, json.dumps(index.to_json(), indent=2).encode("utf-8") + b"\n")
+        atomic_write(p, json.dumps(index.to_json(), indent=2).encode("utf-8") + b"\n")
 
     def _streams(self) -> builtins.list[StreamKey]:
         out = []

@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 import zlib
 from collections.abc import Mapping
@@ -42,6 +41,7 @@ from embedwatch.baseline import Baseline
 from embedwatch.baseline_store import (
     MemoryBaselineStore,
     _Index,
+    atomic_write,
     decode_baseline,
     encode_baseline,
     safe_name,
@@ -125,16 +125,7 @@ class FileStateBackend:
     def write(self, records: Mapping[str, bytes]) -> None:
         for key, value in records.items():
             path = self._path(key)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(value)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(path, value)  # its temporary files start with "." and are skipped by reads
             self._seen[key] = path.stat().st_mtime
 
     def close(self) -> None:
