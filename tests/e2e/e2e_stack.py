@@ -29,7 +29,6 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -46,16 +45,13 @@ import numpy as np
 import orjson
 import pytest
 import yaml
+from alerts.render import dump_rules, render_alertmanager, render_rules
 
 from embedwatch.produce import EventGenerator, Fault, GeneratorConfig, split_topics
 from kafka_broker import create_topics
 from service_proc import ServiceProcess, free_port, metric_sum
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from alerts.render import dump_rules, render_alertmanager, render_rules  # noqa: E402
 
 # --- scenario ---------------------------------------------------------------------------------
 DIM = 64

@@ -9,18 +9,12 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from alerts.render import (  # noqa: E402
+from alerts.render import (
     GRAFANA_PLACEHOLDER,
     RULES_PATH,
     RUNBOOK_BASE,
@@ -30,7 +24,7 @@ from alerts.render import (  # noqa: E402
     parse_duration,
     render_rules,
 )
-from dashboards.exprs import (  # noqa: E402
+from dashboards.exprs import (
     EXTERNAL_PREFIXES,
     EXTERNAL_SERIES,
     known_series_names,
@@ -39,6 +33,8 @@ from dashboards.exprs import (  # noqa: E402
     selectors,
     unknown_metrics,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TESTS_DIR = ROOT / "alerts" / "tests"
 RUNBOOKS = ROOT / "docs" / "runbooks"

@@ -9,18 +9,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from alerts.render import (  # noqa: E402
+from alerts.render import (
     ALERTMANAGER_PATH,
     TEMPLATES_GLOB,
     iter_alert_rules,
@@ -28,6 +22,8 @@ from alerts.render import (  # noqa: E402
     load_rules,
     render_alertmanager,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 PAGERDUTY = "pagerduty-embedwatch"
 SLACK = "slack-embedwatch"

@@ -10,18 +10,12 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from dashboards.exprs import (  # noqa: E402
+from dashboards.exprs import (
     DEFAULT_VALUES,
     annotation_queries,
     iter_panels,
@@ -32,7 +26,9 @@ from dashboards.exprs import (  # noqa: E402
     unknown_metrics,
     variable_queries,
 )
-from dashboards.generate import DASHBOARDS, build_all  # noqa: E402
+from dashboards.generate import DASHBOARDS, build_all
+
+ROOT = Path(__file__).resolve().parents[2]
 
 DASH_DIR = ROOT / "dashboards"
 DS = {"type": "prometheus", "uid": "${datasource}"}
