@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from embedwatch.config import DetectionSettings
+from embedwatch.detectors.mean_shift import MeanShiftTest
 from embedwatch.detectors.mmd import RFFMMD
 from embedwatch.events import StreamKey
 from embedwatch.stats import histogram, quantile_edges
@@ -257,6 +258,20 @@ class Baseline:
         a = self.arrays
         return RFFMMD(a["rff_weights"], a["rff_offsets"], a["rff_mean"], a["rff_eigvals"],
                       int(a["sample"].shape[0]), float(a["rff_bandwidth"][0]))
+
+    def mean_shift(self, settings: DetectionSettings) -> MeanShiftTest:
+        """The calibrated mean-shift test of this baseline, fitted on its sample.
+
+        Not stored with the baseline: it is a deterministic function of the sample, the mean and
+        the settings (seeded split), so it is derived on activation and cached on this object.
+        """
+        key = (settings.scan_components, settings.scan_shrinkage, settings.seed)
+        cache: dict[tuple[int, float, int], MeanShiftTest] = self.__dict__.setdefault("_mean_shift", {})
+        t = cache.get(key)
+        if t is None:
+            t = cache[key] = MeanShiftTest.fit(self.sample, self.mean, self.count, settings.scan_components,
+                                               settings.scan_shrinkage, settings.seed)
+        return t
 
     def projection(self, mmd: RFFMMD | None = None) -> Projection:
         """Centroid, bin edges and feature map for a :class:`embedwatch.window.Window`."""

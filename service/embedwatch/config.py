@@ -104,13 +104,39 @@ class DetectionSettings(_Section):
     baseline_sample: int = Field(1000, ge=50, description="Reference vectors kept in a baseline.")
     evaluate_every: int = Field(100, ge=1, description="Evaluate detectors every N events of a stream.")
     false_alarm_rate: float = Field(
-        1e-6, gt=0, lt=0.5, description="Per-evaluation false-alarm budget of the calibrated test."
+        1e-6, gt=0, lt=0.5,
+        description="Per-evaluation false-alarm budget of the calibrated tests, split evenly: half to the "
+        "MMD test (every evaluate_every events), half across the scan windows (every scan_every events); "
+        "without scan windows the MMD test has all of it.",
     )
     effect_size_floor: float = Field(
         0.002, ge=0,
         description="Minimum effect size (debiased MMD^2, Gaussian kernel) before a rejection counts "
         "as drift. 0.002 is about twice the largest in-distribution score seen over 1e5 events of real "
         "text-embedding streams with a 1000-event window and baseline.",
+    )
+    scan_every: int = Field(
+        20, ge=1, description="Run the recent-window mean-shift test every N events of a stream (vectorised, "
+        "O(d) per event: it keeps one running sum per scan_every events)."
+    )
+    scan_windows: list[int] = Field(
+        [100, 200, 500, 1000],
+        description="Sizes (events, multiples of scan_every) of the recent windows whose mean is tested "
+        "against the baseline mean at every scan. Small windows catch an abrupt change within tens of "
+        "events, large ones a partial or slow one. Empty: no scan (MMD test only).",
+    )
+    scan_components: int = Field(
+        64, ge=1, le=4096, description="Principal directions of the baseline kept by the mean-shift whitening."
+    )
+    scan_shrinkage: float = Field(
+        1.0, gt=0, le=1000,
+        description="Variance added to every direction of the mean-shift whitening, in units of the mean "
+        "eigenvalue of the baseline covariance (larger: closer to the plain centroid distance).",
+    )
+    scan_effect_floor: float = Field(
+        0.1, ge=0,
+        description="Minimum effect size of the mean-shift test (debiased squared whitened distance of "
+        "the window mean to the baseline mean) before a rejection counts as drift.",
     )
     rff_features: int = Field(256, ge=16, le=8192, description="Random Fourier features of the MMD test.")
     calibration_permutations: int = Field(
@@ -139,6 +165,16 @@ class DetectionSettings(_Section):
         "When more are due (a batch longer than evaluate_every), evenly spaced due points are "
         "evaluated, always including the last one; the others are skipped. Bounds detection cost.",
     )
+    @model_validator(mode="after")
+    def _check_scan(self) -> DetectionSettings:
+        bad = [w for w in self.scan_windows if w < self.scan_every or w % self.scan_every]
+        if bad:
+            raise ValueError(f"scan_windows {bad}: each must be a positive multiple of scan_every "
+                             f"({self.scan_every})")
+        if len(set(self.scan_windows)) != len(self.scan_windows):
+            raise ValueError("scan_windows must not repeat a size")
+        return self
+
     alarm_end_evaluations: int = Field(
         2, ge=1, le=1000,
         description="Consecutive evaluations with p > 100 * false_alarm_rate or score below the floor "

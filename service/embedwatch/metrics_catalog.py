@@ -111,6 +111,12 @@ METRICS: tuple[Metric, ...] = (
     Metric("embedwatch_drift_threshold", "gauge",
            "Calibrated rejection threshold of drift_score at the configured false-alarm rate.", S,
            measure="drift_threshold"),
+    Metric("embedwatch_mean_shift_threshold_ratio", "gauge",
+           "Recent-window mean-shift test at the last scan: statistic / calibrated threshold of the most "
+           "significant recent window (> 1: that window rejects).", S, measure="mean_shift_threshold_ratio"),
+    Metric("embedwatch_mean_shift_score", "gauge",
+           "Effect size of that window: debiased squared whitened distance of its mean to the baseline "
+           "mean (compared with detection.scan_effect_floor).", S, measure="mean_shift_score"),
     Metric("embedwatch_drift_p_value", "gauge", "p-value of the multivariate test.", S,
            measure="drift_p_value"),
     Metric("embedwatch_drift_effect_floor", "gauge", "Configured minimum effect size.", S,

@@ -47,6 +47,7 @@ import numpy as np
 from embedwatch.baseline import Baseline
 from embedwatch.config import DetectionSettings
 from embedwatch.detectors import DimensionMeanShift, DistributionShift, DuplicateIds, PageHinkley
+from embedwatch.detectors.mean_shift import MeanShiftTest
 from embedwatch.detectors.mmd import RFFMMD
 from embedwatch.events import StreamKey
 from embedwatch.metrics_catalog import METRICS
@@ -82,6 +83,18 @@ class Alarm:
         return d
 
 
+@dataclass(frozen=True, slots=True)
+class _ScanPoint:
+    """A scan point where a recent window's mean is loud (rejects at 100x the level), for the policy."""
+
+    index: int
+    ts: float
+    reject: bool  # some window rejects at the scan's share of the false-alarm budget (and its floor)
+    effect: float  # the most significant window's debiased statistic
+    statistic: float
+    m: int
+
+
 def _json_float(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
@@ -96,7 +109,7 @@ def _alarm_of(d: dict[str, Any]) -> Alarm:
 
 def _window_config(s: DetectionSettings) -> list[float]:
     return [s.window_events, s.window_seconds, s.buckets, s.reservoir_per_bucket, s.histogram_bins,
-            s.rff_features, s.seed]
+            s.rff_features, s.seed, s.scan_every, *s.scan_windows]
 
 
 class StreamMonitor:
@@ -133,6 +146,16 @@ class StreamMonitor:
         self._snapshot: WindowTotals | None = None
         self._derived_for: WindowTotals | None = None
         self._mmd_last: tuple[float, int] | None = None
+        # recent-window mean-shift scan: sums (and counts) of the last segments of scan_every events
+        self._ms: MeanShiftTest | None = None
+        self._pre = np.zeros((1, 0))  # running sums at the last scan points (row 0: the base)
+        self._pre_n = np.zeros(1, dtype=np.int64)
+        self._open_sum = np.zeros(0)
+        self._open_n = 0
+        self._scan_loud = False
+        self._scan_segments = np.zeros(0, dtype=np.int64)
+        self._scan_thresholds = np.zeros((3, 0))
+        self._alarm_detector = "mmd"  # the detector that started the current alarm (its end says the same)
         self._newest_ts = -math.inf
         # queries
         self._qwin = ScalarWindow(_QUERY_COLUMNS, settings.window_events, settings.window_seconds)
@@ -154,7 +177,7 @@ class StreamMonitor:
         """Make ``baseline`` the active one and start a fresh window against it."""
         if self.drifting and self._last_eval is not None:
             idx, ts = self._last_eval
-            self._alarms.append(Alarm(self._name, idx, ts, "mmd", math.nan, None, "end"))
+            self._alarms.append(Alarm(self._name, idx, ts, self._alarm_detector, math.nan, None, "end"))
         self.baseline = baseline
         self.expected_dim = baseline.dim
         self._generation += 1
@@ -166,6 +189,16 @@ class StreamMonitor:
         self._sim_shift = DistributionShift(a["sample_sims"], a["sim_hist"])
         self._norm_shift = DistributionShift(a["sample_norms"])
         self._ph = self._new_ph()
+        self._ms = baseline.mean_shift(self.settings) if self.settings.scan_windows else None
+        if self._ms is not None:
+            self._scan_segments = np.array(self.settings.scan_windows, dtype=np.int64) // self.settings.scan_every
+            # rows: threshold, relaxed threshold, null mean; one column per window size
+            self._scan_thresholds = np.array([self._scan_threshold(w) for w in self.settings.scan_windows]).T
+        self._pre = np.zeros((1, baseline.dim))
+        self._pre_n = np.zeros(1, dtype=np.int64)
+        self._open_sum = np.zeros(baseline.dim)
+        self._open_n = 0
+        self._scan_loud = False
         self.drifting = False
         self._end_streak = 0
         self._snapshot = self._derived_for = None
@@ -175,7 +208,7 @@ class StreamMonitor:
                   "similarity_ks_p_value", "similarity_wasserstein", "similarity_psi",
                   "similarity_js_divergence", "norm_ks_statistic", "norm_mean_relative_change",
                   "dimensions_drifted_ratio", "drift_score", "drift_threshold", "drift_p_value",
-                  "changepoint_score"):
+                  "changepoint_score", "mean_shift_score", "mean_shift_threshold_ratio"):
             self._measures[k] = math.nan
 
     def promote_window(self) -> Baseline:
@@ -246,18 +279,128 @@ class StreamMonitor:
         if due.size > cap:
             # Evenly spaced, anchored at the last due point (cap == 1: only the last one).
             due = due[np.unique(np.round(np.linspace(due.size - 1, 0, cap)).astype(np.int64))]
+        scans = self._scan(x, ts, first)
         alarms: list[Alarm] = []
         pos = 0
+        k = 0
         for i in due.tolist():
+            while k < len(scans) and scans[k].index <= i:
+                self._scan_policy(scans[k], alarms)
+                k += 1
             end = i - first + 1
             w.add(x[pos:end], ts[pos:end], first + pos, s.slice(pos, end))
             pos = end
             alarm = self._evaluate(i, float(ts[end - 1]))
             if alarm is not None:
                 alarms.append(alarm)
+        for sp in scans[k:]:
+            self._scan_policy(sp, alarms)
         if pos < n:
             w.add(x[pos:], ts[pos:], first + pos, s.slice(pos, n))
         return alarms
+
+    def _scan(self, x: np.ndarray, ts: np.ndarray, first: int) -> list[_ScanPoint]:
+        """Mean-shift test of the recent windows at every scan point of the batch, vectorised.
+
+        A scan point is an event ``i`` with ``(i + 1) % scan_every == 0``. The monitor keeps the
+        running sums (and counts) of the stream at its last ``max(scan_windows) / scan_every + 1``
+        scan points, relative to the oldest of them (re-based every batch, so magnitudes stay
+        bounded and nothing drifts); events after the last scan point wait in an open sum. The
+        window of size ``W`` at a scan point is the difference of two of these running sums ``W /
+        scan_every`` scan points apart, tested once that many scan points passed since the baseline
+        was activated. Returned: the scan points where some window rejects at the relaxed level
+        (the only ones the alarm policy needs).
+        """
+        ms = self._ms
+        if ms is None:
+            return []
+        st = self.settings
+        e = st.scan_every
+        n = x.shape[0]
+        ends = np.arange(((first + e) // e) * e - 1 - first, n, e)
+        if ends.size == 0:
+            self._open_sum += x.sum(axis=0, dtype=np.float64)
+            self._open_n += n
+            return []
+        c = ends.size
+        head = int(ends[0]) + 1
+        last = int(ends[-1]) + 1
+        seg = np.empty((c, x.shape[1]))
+        seg[0] = x[:head].sum(axis=0, dtype=np.float64)
+        seg[0] += self._open_sum
+        if c > 1:  # whole segments in between: one reshaped reduction
+            seg[1:] = x[head:last].reshape(c - 1, e, x.shape[1]).sum(axis=1, dtype=np.float64)
+        self._open_sum = x[last:].sum(axis=0, dtype=np.float64)
+        cnt = np.full(c, e, dtype=np.int64)
+        cnt[0] = head + self._open_n
+        self._open_n = n - last
+        # Running sums after each new segment, appended to the kept ones (a loop of vector adds:
+        # numpy's cumsum along rows is latency-bound and several times slower here).
+        r = self._pre.shape[0]
+        pre = np.empty((r + c, x.shape[1]))
+        pre[:r] = self._pre
+        for i in range(c):
+            np.add(pre[r + i - 1], seg[i], out=pre[r + i])
+        pre_n = np.concatenate([self._pre_n, self._pre_n[-1] + np.cumsum(cnt)])
+        keep = int(self._scan_segments.max()) + 1
+        k0 = max(0, r + c - keep)
+        self._pre = pre[k0:] - pre[k0]  # re-based on the oldest kept scan point
+        self._pre_n = pre_n[k0:] - pre_n[k0]
+        ks = self._scan_segments
+        hi = (r + np.arange(c))[:, None]  # row of each new scan point
+        lo = hi - ks[None, :]  # (points, windows)
+        pt, wi = np.nonzero(lo >= 0)
+        if pt.size == 0:
+            return []
+        hi_a, lo_a = hi[pt, 0], lo[pt, wi]
+        m = pre_n[hi_a] - pre_n[lo_a]
+        stat = ms.statistic((pre[hi_a] - pre[lo_a]) / m[:, None])
+        if (m == ks[wi] * e).all():  # the usual case: thresholds per window size, cached
+            thr, thr_relaxed, null = self._scan_thresholds[:, wi]
+        else:
+            thr, thr_relaxed, null = np.array([self._scan_threshold(int(v)) for v in m.tolist()]).T
+        effect = stat - null
+        ratio = stat / thr
+        big = effect >= st.scan_effect_floor
+        loud = (stat > thr_relaxed) & big
+        # Measures: the last scan point's most significant window.
+        at_last = np.flatnonzero(pt == c - 1)
+        if at_last.size:
+            j = int(at_last[np.argmax(ratio[at_last])])
+            self._measures["mean_shift_threshold_ratio"] = float(ratio[j])
+            self._measures["mean_shift_score"] = float(effect[j])
+        if not loud.any():
+            return []
+        reject = (stat > thr) & big
+        out: list[_ScanPoint] = []
+        for p in np.unique(pt[loud]).tolist():
+            sel = np.flatnonzero((pt == p) & loud)
+            j = int(sel[np.argmax(ratio[sel])])
+            out.append(_ScanPoint(first + int(ends[p]), float(ts[ends[p]]), bool(reject[sel].any()),
+                                  float(effect[j]), float(stat[j]), int(m[j])))
+        return out
+
+    def _scan_threshold(self, m: int) -> tuple[float, float, float]:
+        """(threshold, relaxed threshold, null mean) of a scan window of ``m`` events."""
+        assert self._ms is not None
+        alpha = self.settings.false_alarm_rate / 2.0 / len(self.settings.scan_windows)
+        return (self._ms.threshold(m, alpha), self._ms.threshold(m, min(100.0 * alpha, 0.5)),
+                self._ms.null_mean(m))
+
+    def _scan_policy(self, sp: _ScanPoint, alarms: list[Alarm]) -> None:
+        """A scan point where some window is loud: start an alarm if one rejects; keep one going."""
+        assert self._ms is not None
+        self._scan_loud = True
+        if sp.reject and not self.drifting:
+            self.drifting = True
+            self._end_streak = 0
+            self._drift_alarms += 1
+            self._last_eval = (sp.index, sp.ts)
+            self._alarm_detector = "mean_shift"
+            alarm = Alarm(self._name, sp.index, sp.ts, "mean_shift", sp.effect,
+                          self._ms.p_value(sp.statistic, sp.m), "start")
+            self._alarms.append(alarm)
+            alarms.append(alarm)
 
     def _changepoint_scan(self, sims: np.ndarray, ts: np.ndarray, first: int) -> None:
         assert self.baseline is not None
@@ -296,30 +439,39 @@ class StreamMonitor:
         score = stat - mmd.null_mean(m)
         self._mmd_last = (stat, m)
         self._measures["drift_score"] = score
-        self._measures["drift_threshold"] = mmd.threshold(m, s.false_alarm_rate)
+        self._measures["drift_threshold"] = mmd.threshold(m, self._mmd_alpha)
         self._measures["drift_p_value"] = math.nan  # derived lazily
         return self._policy(index, ts, score, m, stat)
+
+    @property
+    def _mmd_alpha(self) -> float:
+        """The MMD test's share of the false-alarm budget (half of it when the scan runs)."""
+        s = self.settings
+        return s.false_alarm_rate / 2.0 if s.scan_windows else s.false_alarm_rate
 
     def _policy(self, index: int, ts: float, score: float, m: int, stat: float) -> Alarm | None:
         s = self.settings
         assert self._mmd is not None
         floor = s.effect_size_floor
-        alpha = s.false_alarm_rate
+        alpha = self._mmd_alpha
+        loud_scan, self._scan_loud = self._scan_loud, False
         if not self.drifting:
             if score >= self._mmd.threshold(m, alpha) and score >= floor:
                 self.drifting = True
                 self._end_streak = 0
                 self._drift_alarms += 1
+                self._alarm_detector = "mmd"
                 alarm = Alarm(self._name, index, ts, "mmd", score, self._mmd.p_value(stat, m), "start")
                 self._alarms.append(alarm)
                 return alarm
             return None
-        if score < self._mmd.threshold(m, min(100.0 * alpha, 0.5)) or score < floor:
+        if (score < self._mmd.threshold(m, min(100.0 * alpha, 0.5)) or score < floor) and not loud_scan:
             self._end_streak += 1
             if self._end_streak >= s.alarm_end_evaluations:
                 self.drifting = False
                 self._end_streak = 0
-                alarm = Alarm(self._name, index, ts, "mmd", score, self._mmd.p_value(stat, m), "end")
+                alarm = Alarm(self._name, index, ts, self._alarm_detector, score, self._mmd.p_value(stat, m),
+                              "end")
                 self._alarms.append(alarm)
                 return alarm
         else:
@@ -462,6 +614,7 @@ class StreamMonitor:
             "alarms": [a.to_dict() for a in self._alarms],
             "changepoint_list": [a.to_dict() for a in self._changepoints],
             "window_config": _window_config(s),
+            "scan": [self._open_n, self._scan_loud, self._alarm_detector],
         }
         arrays: dict[str, np.ndarray] = {}
         if self.baseline is None and self._ref_chunks:
@@ -474,6 +627,10 @@ class StreamMonitor:
         for name, col in q._cols.items():
             arrays[f"qwin_{name}"] = col.copy()
         meta["qwin"] = [q._head, q._size, q.newest_ts]
+        if self._ms is not None:
+            arrays["scan_sums"] = self._pre
+            arrays["scan_counts"] = self._pre_n
+            arrays["scan_open_sum"] = self._open_sum
         w = self._window
         if w is not None:
             bs = list(w.buckets)
@@ -553,6 +710,15 @@ class StreamMonitor:
         wm = meta.get("window")
         if w is not None and wm is not None and meta.get("window_config") == _window_config(settings):
             m.drifting = bool(meta["drifting"])
+            sc = meta.get("scan")
+            if m._ms is not None and sc is not None and "scan_sums" in arrays:
+                pre = np.asarray(arrays["scan_sums"], dtype=np.float64)
+                if pre.ndim != 2 or pre.shape[1] != m._open_sum.shape[0] or pre.shape[0] < 1:
+                    raise ValueError("checkpointed scan sums do not fit the baseline")
+                m._pre = pre.copy()
+                m._pre_n = np.asarray(arrays["scan_counts"], dtype=np.int64).copy()
+                m._open_sum = np.asarray(arrays["scan_open_sum"], dtype=np.float64).copy()
+                m._open_n, m._scan_loud, m._alarm_detector = int(sc[0]), bool(sc[1]), str(sc[2])
             w.newest_ts = float(wm["newest_ts"])
             w.rng.bit_generator.state = wm["rng"]
             if "b_count" in arrays:

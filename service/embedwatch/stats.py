@@ -175,7 +175,7 @@ def benjamini_hochberg(p: FloatArray, alpha: float) -> np.ndarray:
     if m == 0:
         return np.zeros(0, dtype=bool)
     order = np.argsort(p, kind="mergesort")
-    ranked = p[order] * m / np.arange(1, m + 1)
+    ranked = p[order] * (m / np.arange(1, m + 1))  # the same rounding as scipy: p * (m / i)
     adjusted = np.minimum.accumulate(ranked[::-1])[::-1]
     out = np.empty(m, dtype=bool)
     out[order] = np.minimum(adjusted, 1.0) <= alpha
@@ -250,6 +250,9 @@ def weighted_chi2_isf(alpha: float, w: FloatArray) -> float:
         return 0.0
     mean, var = _cumulants(w)
     sd = math.sqrt(var)
+    if weighted_chi2_sf(mean, w) <= alpha:  # a quantile at or below the mean (alpha near 1/2 or above)
+        return float(optimize.brentq(lambda x: math.log(weighted_chi2_sf(x, w)) - math.log(alpha), 0.0, mean,
+                                     rtol=1e-10))
     lo = mean
     hi = mean + 4.0 * sd + 4.0 * float(w.max())
     while weighted_chi2_sf(hi, w) > alpha:

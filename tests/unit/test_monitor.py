@@ -111,7 +111,7 @@ def test_measures_match_batch_computations() -> None:
     b = m.baseline
     assert b is not None
     mmd = b.mmd()
-    r = mmd.test(mmd.feature_sum(win) / 400, 400, 1e-6)
+    r = mmd.test(mmd.feature_sum(win) / 400, 400, 0.5e-6)  # half the budget: the scan has the other half
     assert me["drift_score"] == pytest.approx(r.score, rel=1e-5)
     assert me["drift_p_value"] == pytest.approx(r.p_value, rel=1e-5)
     assert me["drift_threshold"] == pytest.approx(r.threshold, rel=1e-9)
@@ -129,7 +129,7 @@ def test_no_alarm_in_distribution() -> None:
 
 def test_shift_raises_one_alarm_then_ends_with_hysteresis() -> None:
     rng = np.random.default_rng(3)
-    s = det()
+    s = det(scan_windows=[])  # the MMD test alone
     m = StreamMonitor(KEY, s)
     x = np.concatenate([draw(rng, 1400), draw(rng, 1000, shift=0.6), draw(rng, 2000)])
     alarms = feed(m, x, 0, 100)
@@ -163,7 +163,7 @@ def test_effect_floor_blocks_tiny_but_significant_shifts() -> None:
     rng = np.random.default_rng(4)
     x = np.concatenate([draw(rng, 400), draw(rng, 3000, shift=0.6)])
     loud = StreamMonitor(KEY, det())
-    quiet = StreamMonitor(KEY, det(effect_size_floor=10.0))
+    quiet = StreamMonitor(KEY, det(effect_size_floor=10.0, scan_effect_floor=1e9))
     assert [a.kind for a in feed(loud, x, 0, 500)] == ["start"]
     assert feed(quiet, x, 0, 500) == []
     assert quiet.measures()["drift_p_value"] < 1e-6 and quiet.measures()["drift_detected"] == 0.0
@@ -172,7 +172,7 @@ def test_effect_floor_blocks_tiny_but_significant_shifts() -> None:
 def test_evaluation_cap_per_update_keeps_last_due_point() -> None:
     rng = np.random.default_rng(5)
     x = np.concatenate([draw(rng, 400), draw(rng, 2000, shift=1.0)])
-    m = StreamMonitor(KEY, det(max_evaluations_per_update=1))
+    m = StreamMonitor(KEY, det(max_evaluations_per_update=1, scan_windows=[]))
     m.update_embeddings(x[:400], np.arange(400.0))
     alarms = m.update_embeddings(x[400:2399], np.arange(400.0, 2399.0))
     # Due points are 449, 499, ..., 2349; with a cap of 1 only the last one is evaluated.
