@@ -162,6 +162,10 @@ def run_embedwatch(stream: qs.Stream, settings: Any, batch: int, diagnostic: boo
             "test_only_rejects_before_change": sum(1 for i in tests if ch is None or i < ch),
             "max_score_before_change": max(before, default=None),
             "max_score_after_change": max(after, default=None),
+            # the scan's statistic / threshold at its most significant window (production settings' levels
+            # are not the floorless run's: same thresholds, floors only), sampled after every batch
+            "max_scan_ratio_before_change": max((p[2] for p in probe if (ch is None or p[0] < ch)
+                                                 and math.isfinite(p[2])), default=None),
         }
     return _outcome(stream, [a.index - qs.REF_SIZE for a in starts], extra=extra)
 
@@ -252,6 +256,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "runs_with_reject_before_change": sum(1 for d in diags if d["test_only_rejects_before_change"]),
                 "max_score_before_change": max((d["max_score_before_change"] for d in diags
                                                 if d["max_score_before_change"] is not None), default=None),
+                "max_scan_ratio_before_change": max((d.get("max_scan_ratio_before_change") for d in diags
+                                                     if d.get("max_scan_ratio_before_change") is not None),
+                                                    default=None),
                 "median_max_score_after_change": _median([d["max_score_after_change"] for d in diags
                                                           if d["max_score_after_change"] is not None])}
     return out
@@ -757,6 +764,12 @@ def build_findings(summaries: dict[str, dict[str, Any]], head: dict[str, Any], n
                  "vs the alarm): " + "; ".join(floor_limited) + ". For tuning: the largest mean-shift effect size "
                  f"seen on null/control streams was {worst_null:.4f}, and the test alone rejected on {null_rej} "
                  "null/control runs.")
+    null_ratio = [v.get("test_only", {}).get("max_scan_ratio_before_change") for k, v in summaries["embedwatch"].items()
+                  if qs.family(k) in NO_CHANGE_FAMILIES]
+    null_ratio = [r for r in null_ratio if r is not None]
+    if null_ratio:
+        f.append(f"Mean-shift scan on the null and control streams: its statistic reached at most "
+                 f"{max(null_ratio):.2f} x its calibrated threshold (sampled after every batch of events).")
     if ratios:
         f.append("Update throughput vs alibi (target >= 100x): " + ", ".join(
             f"{k.removeprefix('embedwatch_over_')} {v:,.0f}x ({'met' if v >= 100 else 'NOT met'})"

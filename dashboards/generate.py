@@ -439,6 +439,14 @@ def stream_detail() -> dict[str, Any]:
         targets((by_stream("max", "embedwatch_drift_score"), "score " + STREAM_LEGEND),
                 (by_stream("max", "embedwatch_drift_threshold"), "threshold " + STREAM_LEGEND)),
         "none", min_=0, overrides=[dashed("^threshold .*")])
+    mshift = timeseries(
+        "Recent-window mean shift / calibrated threshold",
+        "Mean-shift scan (every 20 events over the last 100-1000 events): whitened distance of the "
+        "recent window mean to the baseline mean, divided by its calibrated threshold, for the most "
+        "significant window. Above 1 the scan rejects (an alarm also needs its effect above "
+        "scan_effect_floor); an abrupt change shows here first.",
+        targets((by_stream("max", "embedwatch_mean_shift_threshold_ratio"), STREAM_LEGEND)),
+        "none", min_=0, steps=((1, "red"),))
     pvalue = timeseries(
         "Drift test p-value", "p-value of the multivariate test (log scale); small = significant.",
         targets((by_stream("max", "embedwatch_drift_p_value"), STREAM_LEGEND)), "none", log=True)
@@ -557,7 +565,7 @@ def stream_detail() -> dict[str, Any]:
         "eps", min_=0)
     panels = layout([
         [(state, 24, 5)],
-        [(score, 12, 8), (pvalue, 6, 8), (effect, 6, 8)],
+        [(score, 8, 8), (mshift, 8, 8), (pvalue, 4, 8), (effect, 4, 8)],
         [(cos, 12, 8), (euc, 12, 8)],
         [(sim_heat, 12, 9), (ks, 6, 9), (ks_p, 6, 9)],
         [(divergences, 12, 8), (dims, 12, 8)],
