@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy import linalg
 
 from embedwatch.stats import weighted_chi2_isf, weighted_chi2_sf
 
@@ -108,16 +109,23 @@ class MeanShiftTest:
         h = n // 2
         a = x[perm[:h]] - x[perm[:h]].mean(axis=0)
         b = x[perm[h:]] - x[perm[h:]].mean(axis=0)
-        # Principal directions of half A from its thin SVD (cost O(h^2 d), not O(d^3)).
-        _, sv, vt = np.linalg.svd(a, full_matrices=False)
-        lam = sv * sv / (h - 1.0)
+        # Top-k principal directions of half A: only those eigenpairs are computed (the trace gives
+        # eps), from the smaller of the d x d covariance and the h x h Gram matrix.
         eps = shrinkage * float(np.sum(a * a)) / ((h - 1.0) * d)
         eps = eps if eps > 0 and math.isfinite(eps) else 1e-12
-        k = min(int(components), int(lam.shape[0]))
-        basis = vt[:k].T
-        gains = 1.0 / (lam[:k] + eps) - 1.0 / eps
+        k = min(int(components), h - 1, d)
+        if d <= h:
+            lam, vec = linalg.eigh(a.T @ a / (h - 1.0), subset_by_index=[d - k, d - 1])
+            lam, basis = lam[::-1], vec[:, ::-1]
+        else:
+            lam, vec = linalg.eigh(a @ a.T / (h - 1.0), subset_by_index=[h - k, h - 1])
+            lam, vec = lam[::-1], vec[:, ::-1]
+            basis = a.T @ vec  # right singular vectors from the left ones
+            basis /= np.maximum(np.linalg.norm(basis, axis=0), 1e-300)
+        lam = np.clip(lam, 0.0, None)
+        gains = 1.0 / (lam + eps) - 1.0 / eps
         # Half B whitened by S^-1/2 = I/sqrt(eps) + U diag(1/sqrt(lam+eps) - 1/sqrt(eps)) U'.
-        r = 1.0 / np.sqrt(lam[:k] + eps) - 1.0 / math.sqrt(eps)
+        r = 1.0 / np.sqrt(lam + eps) - 1.0 / math.sqrt(eps)
         y = b / math.sqrt(eps) + ((b @ basis) * r) @ basis.T
         gram = y @ y.T if y.shape[0] < d else y.T @ y
         w = np.linalg.eigvalsh(gram / (y.shape[0] - 1.0))
