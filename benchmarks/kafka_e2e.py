@@ -131,6 +131,58 @@ def _error_line(log: str) -> str:
     return (errs[-1] if errs else (lines[-1] if lines else ""))[:400]
 
 
+_FLOOR_SCRIPT = r"""
+import json, sys, time, uuid
+backend, bootstrap, topic, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+group = "bench-floor-" + uuid.uuid4().hex[:8]
+got, nbytes, first, deadline = 0, 0, None, time.monotonic() + 120
+if backend == "confluent":
+    import confluent_kafka
+    c = confluent_kafka.Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    c.subscribe([topic])
+    while got < n and time.monotonic() < deadline:
+        msgs = c.consume(num_messages=2000, timeout=1.0)
+        if msgs and first is None:
+            first, got = time.perf_counter(), -len(msgs)  # the rate starts after the first batch
+        for m in msgs:
+            if m.error() is None:
+                nbytes += len(m.value())
+                got += 1
+else:
+    import kafka
+    c = kafka.KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group, auto_offset_reset="earliest",
+                            enable_auto_commit=False, max_poll_records=2000, fetch_max_bytes=64 * 2**20,
+                            max_partition_fetch_bytes=16 * 2**20)
+    while got < n and time.monotonic() < deadline:
+        polled = c.poll(timeout_ms=1000, max_records=2000)
+        recs = [r for rs in polled.values() for r in rs]
+        if recs and first is None:
+            first, got = time.perf_counter(), -len(recs)
+        for r in recs:
+            nbytes += len(r.value)
+            got += 1
+t = time.perf_counter()
+c.close()
+print(json.dumps({"events": got, "seconds": t - first if first else None}))
+"""
+
+
+def consume_floor(broker: Broker, topic: str, n: int, backend: str) -> dict[str, Any]:
+    """The Kafka client alone: consume the topic with a fresh group and touch each value, nothing else.
+
+    The ceiling any service on this client can reach on this machine (same broker, same messages).
+    """
+    p = subprocess.run([sys.executable, "-c", _FLOOR_SCRIPT, backend, broker.bootstrap, topic, str(n)],
+                       capture_output=True, text=True, timeout=200)
+    if p.returncode != 0:
+        return {"error": p.stderr.strip()[-500:]}
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    rate = r["events"] / r["seconds"] if r["seconds"] else None
+    return {"rate": figure(rate, "events/s", note="client consume loop only (no decode, no statistics)"),
+            "measured_events": r["events"], "measured_seconds": round(r["seconds"] or 0.0, 2)}
+
+
 def bench_e2e(broker: Broker, n_json: int, n_b64: int, backends: list[str], workdir: Path,
               variants: dict[str, dict[str, str] | None]) -> dict[str, Any]:
     """Each encoding is produced once; every (variant, backend) consumes it with its own group."""
@@ -142,6 +194,11 @@ def bench_e2e(broker: Broker, n_json: int, n_b64: int, backends: list[str], work
         prod = produce_flat_out(broker, topic, n, enc)
         out["produce"][enc] = prod
         print(f"  produced {n} {enc} events ({prod['bytes'] / 2**20:.0f} MiB) in {prod['seconds']} s", flush=True)
+        floors = out.setdefault("client_floor", {}).setdefault(enc, {})
+        for backend in backends:
+            floors[backend] = consume_floor(broker, topic, n, backend)
+            print(f"  client floor {enc} {backend}: "
+                  f"{floors[backend].get('rate', {}).get('value') or floors[backend].get('error')}", flush=True)
         for variant, env in variants.items():
             entry = out[variant].setdefault(enc, {})
             for backend in backends:

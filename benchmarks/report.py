@@ -189,8 +189,20 @@ def render(r: dict[str, Any]) -> str:
                     continue
                 rows.append([variant.replace("_", " "), enc, be, _n(_v(e, "rate")), _n(_v(e, "cpu_cores"), 2),
                              f"{e.get('measured_events', 0):,} in {e.get('measured_seconds')} s"])
+    for enc in ("json", "b64"):
+        for be in ("confluent", "kafka-python"):
+            fl = _v(r, "e2e", "client_floor", enc, be)
+            if fl is None:
+                continue
+            if "error" in fl:
+                rows.append(["client alone", enc, be, "failed: " + str(fl["error"])[:120].replace("|", "/"), "", ""])
+                continue
+            rows.append(["client alone (consume loop, no decode)", enc, be, _n(_v(fl, "rate")), "",
+                         f"{fl.get('measured_events', 0):,} in {fl.get('measured_seconds')} s"])
     if rows:
         parts.append("### End to end (Kafka -> decode -> statistics -> metrics), 384-d, one process\n\n"
+                     "The \"client alone\" rows are the ceiling set by the Kafka client library on this machine: "
+                     "the same topic consumed by a bare loop that only touches each message value.\n\n"
                      + _table(["BLAS", "Encoding", "Backend", "Events/s", "CPU (cores)", "Measured"], rows))
 
     # ---- decoding

@@ -139,9 +139,6 @@ class DetectionSettings(_Section):
         "the window mean to the baseline mean) before a rejection counts as drift.",
     )
     rff_features: int = Field(256, ge=16, le=8192, description="Random Fourier features of the MMD test.")
-    calibration_permutations: int = Field(
-        200, ge=20, le=10_000, description="Permutations used to calibrate the test threshold."
-    )
     histogram_bins: int = Field(64, ge=8, le=1024, description="Bins of similarity/norm histograms.")
     dimension_alpha: float = Field(0.01, gt=0, lt=1, description="FDR level for the per-dimension test.")
     no_match_threshold: float = Field(
