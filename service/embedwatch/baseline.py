@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from embedwatch.config import DetectionSettings
-from embedwatch.detectors.mmd import RFFMMD
+from embedwatch.detectors.mmd import RFFMMD, shared_matrix
 from embedwatch.events import StreamKey
 from embedwatch.stats import histogram, quantile_edges
 from embedwatch.window import Projection
@@ -42,12 +42,37 @@ ARRAY_DTYPES: dict[str, str] = {
     "norm_edges": "float64",
     "norm_hist": "int64",
     "sim_moments": "float64",  # [mean, std] of the reference similarities (change-point scale)
-    "rff_weights": "float32",  # (d, D)
+    # (d, D) standard-normal frequencies G (the kernel's are G / rff_bandwidth): the same for every
+    # baseline of one seed, d and D, so held once per process (detectors.mmd.shared_frequencies)
+    "rff_normal": "float32",
     "rff_offsets": "float32",  # (D,)
     "rff_mean": "float64",  # (D,) mean feature vector of the sample
     "rff_eigvals": "float64",  # (D,) eigenvalues of the sample's feature covariance
     "rff_bandwidth": "float64",  # (1,) Gaussian kernel bandwidth
 }
+
+
+#: Arrays of the earlier layout (same schema_version), still read: a baseline holding
+#: ``rff_weights`` (its own (d, D) frequencies, already divided by the bandwidth) instead of
+#: ``rff_normal`` keeps and uses them as they are.
+LEGACY_ARRAY_DTYPES: dict[str, str] = {"rff_weights": "float32"}
+
+
+def _layout(arrays: Mapping[str, Any]) -> dict[str, str]:
+    """Array names and dtypes of a baseline: the current layout, or the earlier one it was saved in."""
+    if "rff_normal" not in arrays and "rff_weights" in arrays:
+        names = {k: v for k, v in ARRAY_DTYPES.items() if k != "rff_normal"}
+        names.update(LEGACY_ARRAY_DTYPES)
+        return names
+    return dict(ARRAY_DTYPES)
+
+
+def _freeze_all(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Read-only C-order copies in the layout's dtypes; the frequency matrix is the shared one."""
+    out = {k: _frozen(np.asarray(arrays[k]), dtype) for k, dtype in _layout(arrays).items()}
+    if "rff_normal" in out:
+        out["rff_normal"] = shared_matrix(out["rff_normal"])
+    return out
 
 
 def content_hash(arrays: Mapping[str, np.ndarray]) -> str:
@@ -167,13 +192,13 @@ class Baseline:
             "norm_edges": norm_edges,
             "norm_hist": histogram(all_norms, norm_edges),
             "sim_moments": np.array([all_sims.mean(), all_sims.std(ddof=1) if all_sims.size > 1 else 0.0]),
-            "rff_weights": mmd.weights,
+            "rff_normal": mmd.weights,
             "rff_offsets": mmd.offsets,
             "rff_mean": mmd.reference_mean,
             "rff_eigvals": mmd.eigvals,
             "rff_bandwidth": np.array([mmd.bandwidth]),
         }
-        frozen = {k: _frozen(v, ARRAY_DTYPES[k]) for k, v in arrays.items()}
+        frozen = _freeze_all(arrays)
         return cls(key=key, created_at=float(created_at), count=int(count), source=str(source),
                    arrays=frozen, content_hash=content_hash(frozen))
 
@@ -183,10 +208,10 @@ class Baseline:
         version = int(metadata.get("schema_version", -1))
         if version != SCHEMA_VERSION:
             raise ValueError(f"unsupported baseline schema_version {version} (expected {SCHEMA_VERSION})")
-        missing = sorted(set(ARRAY_DTYPES) - set(arrays))
+        missing = sorted(set(_layout(arrays)) - set(arrays))
         if missing:
             raise ValueError(f"baseline arrays missing: {', '.join(missing)}")
-        frozen = {k: _frozen(np.asarray(arrays[k]), ARRAY_DTYPES[k]) for k in ARRAY_DTYPES}
+        frozen = _freeze_all(arrays)
         digest = content_hash(frozen)
         if digest != metadata.get("content_hash"):
             raise ValueError("baseline content hash mismatch: arrays do not match their metadata")
@@ -255,8 +280,12 @@ class Baseline:
     def mmd(self) -> RFFMMD:
         """The calibrated MMD^2 test frozen with this baseline."""
         a = self.arrays
+        bw = float(a["rff_bandwidth"][0])
+        if "rff_normal" in a:
+            return RFFMMD(a["rff_normal"], a["rff_offsets"], a["rff_mean"], a["rff_eigvals"],
+                          int(a["sample"].shape[0]), bw, 1.0 / bw)
         return RFFMMD(a["rff_weights"], a["rff_offsets"], a["rff_mean"], a["rff_eigvals"],
-                      int(a["sample"].shape[0]), float(a["rff_bandwidth"][0]))
+                      int(a["sample"].shape[0]), bw)
 
     def projection(self, mmd: RFFMMD | None = None) -> Projection:
         """Centroid, bin edges and feature map for a :class:`embedwatch.window.Window`."""
