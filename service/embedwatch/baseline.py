@@ -34,7 +34,9 @@ SCHEMA_VERSION = 1
 ARRAY_DTYPES: dict[str, str] = {
     "mean": "float64",  # (d,) per-dimension mean = centroid
     "var": "float64",  # (d,) per-dimension unbiased variance
-    "sample": "float32",  # (s, d) reference vectors
+    # (s, d) reference vectors, float16: half the memory of the largest array of a baseline; kept
+    # float32 when float16 would change a row by more than SAMPLE_FLOAT16_TOLERANCE (out of range)
+    "sample": "float16",
     "sample_sims": "float64",  # (s,) cosine similarity of the sample to the centroid
     "sample_norms": "float64",  # (s,) L2 norms of the sample
     "sim_edges": "float64",  # interior quantile edges of the similarity histogram
@@ -58,18 +60,40 @@ ARRAY_DTYPES: dict[str, str] = {
 LEGACY_ARRAY_DTYPES: dict[str, str] = {"rff_weights": "float32"}
 
 
-def _layout(arrays: Mapping[str, Any]) -> dict[str, str]:
+#: Largest relative L2 change of a sample row that float16 storage may make (its rounding alone
+#: is at most 2**-11 ~ 4.9e-4; more means values outside float16's normal range).
+SAMPLE_FLOAT16_TOLERANCE = 1e-3
+
+
+def _sample_dtype(sample: np.ndarray, stored: bool) -> str:
+    """float16 when it represents the sample well; a stored sample keeps its dtype (float32: the
+    earlier layout, or a sample float16 could not hold), since its bytes are hashed."""
+    a = np.asarray(sample)
+    if stored:
+        return "float32" if a.dtype == np.float32 else ARRAY_DTYPES["sample"]
+    x = a.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        err = np.linalg.norm(x.astype(np.float16).astype(np.float64) - x, axis=1)
+        rel = np.where(err > 0, err / np.linalg.norm(x, axis=1), 0.0)
+    ok = bool(np.all(np.isfinite(rel)) and (rel.size == 0 or rel.max() <= SAMPLE_FLOAT16_TOLERANCE))
+    return ARRAY_DTYPES["sample"] if ok else "float32"
+
+
+def _layout(arrays: Mapping[str, Any], stored: bool) -> dict[str, str]:
     """Array names and dtypes of a baseline: the current layout, or the earlier one it was saved in."""
+    names = dict(ARRAY_DTYPES)
     if "rff_normal" not in arrays and "rff_weights" in arrays:
-        names = {k: v for k, v in ARRAY_DTYPES.items() if k != "rff_normal"}
+        del names["rff_normal"]
         names.update(LEGACY_ARRAY_DTYPES)
-        return names
-    return dict(ARRAY_DTYPES)
+    if "sample" in arrays:
+        names["sample"] = _sample_dtype(arrays["sample"], stored)
+    return names
 
 
-def _freeze_all(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Read-only C-order copies in the layout's dtypes; the frequency matrix is the shared one."""
-    out = {k: _frozen(np.asarray(arrays[k]), dtype) for k, dtype in _layout(arrays).items()}
+def _freeze_all(arrays: Mapping[str, np.ndarray], stored: bool) -> dict[str, np.ndarray]:
+    """Read-only C-order copies in the layout's dtypes; the frequency matrix is the shared one.
+    ``stored``: the arrays come from :meth:`Baseline.to_arrays` (their dtypes are kept)."""
+    out = {k: _frozen(np.asarray(arrays[k]), dtype) for k, dtype in _layout(arrays, stored).items()}
     if "rff_normal" in out:
         out["rff_normal"] = shared_matrix(out["rff_normal"])
     return out
@@ -198,7 +222,7 @@ class Baseline:
             "rff_eigvals": mmd.eigvals,
             "rff_bandwidth": np.array([mmd.bandwidth]),
         }
-        frozen = _freeze_all(arrays)
+        frozen = _freeze_all(arrays, stored=False)
         return cls(key=key, created_at=float(created_at), count=int(count), source=str(source),
                    arrays=frozen, content_hash=content_hash(frozen))
 
@@ -208,10 +232,10 @@ class Baseline:
         version = int(metadata.get("schema_version", -1))
         if version != SCHEMA_VERSION:
             raise ValueError(f"unsupported baseline schema_version {version} (expected {SCHEMA_VERSION})")
-        missing = sorted(set(_layout(arrays)) - set(arrays))
+        missing = sorted(set(_layout(arrays, stored=True)) - set(arrays))
         if missing:
             raise ValueError(f"baseline arrays missing: {', '.join(missing)}")
-        frozen = _freeze_all(arrays)
+        frozen = _freeze_all(arrays, stored=True)
         digest = content_hash(frozen)
         if digest != metadata.get("content_hash"):
             raise ValueError("baseline content hash mismatch: arrays do not match their metadata")

@@ -33,8 +33,9 @@ def test_statistics_of_the_reference() -> None:
     assert b.count == 200 and b.dim == 12 and b.created_at == 299.0
     a = b.to_arrays()
     assert a["sample"].shape == (64, 12)  # bounded by baseline_sample
-    # The sample is made of reference rows.
-    rows = {r.tobytes() for r in x}
+    # The sample is made of reference rows (stored as float16).
+    rows = {r.tobytes() for r in x.astype(np.float16)}
+    assert a["sample"].dtype == np.float16
     assert all(r.tobytes() in rows for r in a["sample"])
     unit = x64.mean(0) / np.linalg.norm(x64.mean(0))
     sims = x64 @ unit / np.linalg.norm(x64, axis=1)
@@ -147,3 +148,26 @@ def test_baselines_of_the_earlier_layout_are_still_read() -> None:
     np.testing.assert_allclose(old.mmd().features(x), b.mmd().features(x), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="missing"):
         Baseline.from_arrays(md, {k: v for k, v in arrays.items() if k != "rff_weights"})
+
+
+@pytest.mark.parametrize("scale", [1e6, 1e-9])
+def test_sample_float16_cannot_hold_stays_float32(scale: float) -> None:
+    rng = np.random.default_rng(5)
+    x = ((rng.normal(size=(100, 6)) + 0.3) * scale).astype(np.float32)
+    b = Baseline.from_vectors(KEY, x, None, "test", DET)
+    sample = b.to_arrays()["sample"]
+    assert sample.dtype == np.float32
+    rows = {r.tobytes() for r in x}
+    assert all(r.tobytes() in rows for r in sample)
+    r = Baseline.from_arrays(b.metadata, {k: np.array(v) for k, v in b.to_arrays().items()})
+    assert r.to_arrays()["sample"].dtype == np.float32 and r.content_hash == b.content_hash
+
+
+def test_float32_sample_of_the_earlier_layout_is_read_as_stored() -> None:
+    b, x = make(6)
+    arrays = {k: np.array(v) for k, v in b.to_arrays().items()}
+    arrays["sample"] = x[:64].copy()
+    md = {**b.metadata, "content_hash": content_hash(arrays)}
+    old = Baseline.from_arrays(md, arrays)
+    assert old.sample.dtype == np.float32
+    np.testing.assert_array_equal(old.sample, x[:64])
