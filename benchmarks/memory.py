@@ -89,10 +89,12 @@ def main() -> int:
         "mmd_detector": stream_bytes(getattr(mon, "_mmd", None)),
         "monitor_total_numpy": stream_bytes(mon),
     }
-    store = svc.baselines
-    blobs = getattr(store, "_blobs", None)
-    if isinstance(blobs, dict) and blobs:
-        breakdown["baseline_store_blobs_per_stream"] = int(sum(len(b) for b in blobs.values()) / streams)
+    # What the in-memory baseline store holds beyond the monitors' own arrays (0 when it keeps
+    # the monitors' Baseline objects by reference).
+    held = {id(a) for a in shared_arrays}
+    for m in svc.router.monitors.values():
+        _nbytes(m, held)
+    breakdown["baseline_store_extra_per_stream"] = int(_nbytes(svc.baselines, held) / streams)
     comps = svc.router.comparisons
     if comps:
         breakdown["version_comparison_per_stream"] = int(stream_bytes(comps) / streams)
