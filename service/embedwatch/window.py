@@ -312,7 +312,7 @@ class Bucket:
             slots = np.flatnonzero(owner >= 0)
             if slots.size:
                 rows = owner[slots]
-                if slots.size == k:
+                if slots.size == k and x.dtype == self.reservoir.dtype:
                     x.take(rows, axis=0, out=self.reservoir)
                     self.res_index[:] = rows
                     self.res_index += first_index
