@@ -171,3 +171,18 @@ def test_float32_sample_of_the_earlier_layout_is_read_as_stored() -> None:
     old = Baseline.from_arrays(md, arrays)
     assert old.sample.dtype == np.float32
     np.testing.assert_array_equal(old.sample, x[:64])
+
+
+def test_shared_frequency_matrix_lives_only_while_used() -> None:
+    import gc
+    import weakref
+
+    b, _ = make(7, d=17)
+    ref = weakref.ref(b.to_arrays()["rff_normal"])
+    again, _ = make(8, d=17)
+    assert again.to_arrays()["rff_normal"] is ref()
+    del b, again
+    gc.collect()
+    assert ref() is None  # not kept alive by the process-wide sharing
+    np.testing.assert_array_equal(make(7, d=17)[0].to_arrays()["rff_normal"],
+                                  RFFMMD.draw(17, 32, 1.0, DET.seed)[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -204,11 +205,13 @@ class RFFMMD:
         )
 
 
-_SHARED_MAX = 64
 _shared_lock = threading.Lock()
-#: (seed, d, D) -> (G, phases), and content digest -> G: the read-only matrices handed out.
-_by_seed: OrderedDict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
-_by_digest: OrderedDict[tuple[tuple[int, ...], str], np.ndarray] = OrderedDict()
+# The read-only matrices handed out, by content and by seed. Weak: a matrix lives as long as a
+# baseline or detector uses it (d * D * 4 bytes can be large), never because it was cached.
+_by_digest: weakref.WeakValueDictionary[tuple[tuple[int, ...], str], np.ndarray] = weakref.WeakValueDictionary()
+_by_seed: weakref.WeakValueDictionary[tuple[int, int, int], np.ndarray] = weakref.WeakValueDictionary()
+_PHASES_MAX = 256
+_phases: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()  # small: D floats each
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
@@ -217,45 +220,43 @@ def _read_only(a: np.ndarray) -> np.ndarray:
 
 
 def shared_matrix(a: np.ndarray) -> np.ndarray:
-    """``a`` (float32, C order) as a read-only array shared by every equal matrix of the process.
+    """``a`` (float32, C order) as a read-only array shared by every equal matrix in use.
 
     Baselines loaded from a store carry their own copy of ``G``; interning it by content makes
-    them share one (exact byte equality, so features are unchanged). Bounded registry: an evicted
-    matrix stays valid for its holders, it is only no longer shared with later ones.
+    them share one (exact byte equality, so features are unchanged).
     """
     a = np.ascontiguousarray(a, dtype=np.float32)
     key = (tuple(a.shape), hashlib.sha256(a.tobytes()).hexdigest())
     with _shared_lock:
         hit = _by_digest.get(key)
         if hit is not None and np.array_equal(hit, a):
-            _by_digest.move_to_end(key)
             return hit
         out = _read_only(a.copy() if a.flags.writeable or a.base is not None else a)
         _by_digest[key] = out
-        while len(_by_digest) > _SHARED_MAX:
-            _by_digest.popitem(last=False)
         return out
 
 
 def shared_frequencies(dim: int, n_features: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The standard-normal ``(dim, n_features)`` float32 matrix ``G`` and the phases of a seed
-    (read-only, one copy per process: see :class:`RFFMMD`). Same random stream as before the
-    matrices were shared: ``G`` then the phases from ``default_rng([seed, dim, n_features, ...])``."""
+    (read-only, one copy per process while in use: see :class:`RFFMMD`). Same random stream as
+    before the matrices were shared: ``G`` then the phases from
+    ``default_rng([seed, dim, n_features, ...])``."""
     key = (int(seed), int(dim), int(n_features))
     with _shared_lock:
-        hit = _by_seed.get(key)
-        if hit is not None:
-            _by_seed.move_to_end(key)
-            return hit
+        g = _by_seed.get(key)
+        b = _phases.get(key)
+        if g is not None and b is not None:
+            _phases.move_to_end(key)
+            return g, b
     rng = np.random.default_rng([seed, dim, n_features, 0x4D4D44])
-    g = rng.standard_normal((dim, n_features)).astype(np.float32)
+    g = shared_matrix(rng.standard_normal((dim, n_features)).astype(np.float32))
     b = _read_only(rng.uniform(0.0, 2.0 * math.pi, size=n_features).astype(np.float32))
-    pair = (shared_matrix(g), b)
     with _shared_lock:
-        _by_seed[key] = pair
-        while len(_by_seed) > _SHARED_MAX:
-            _by_seed.popitem(last=False)
-    return pair
+        _by_seed[key] = g
+        _phases[key] = b
+        while len(_phases) > _PHASES_MAX:
+            _phases.popitem(last=False)
+    return g, b
 
 
 def covariance_eigvals(feats: np.ndarray) -> np.ndarray:
