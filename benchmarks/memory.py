@@ -8,7 +8,8 @@ Each stream gets ``reference_size + window_events`` events (its baseline is buil
 tracking hold their state too; baselines are saved to the in-memory baseline store as with
 ``state.backend: none``). RSS is read before the first stream and after the last; the per-stream
 figure is the difference divided by S. A breakdown of the largest numpy arrays per stream is
-reported too (nbytes, from the objects themselves), to show where the memory goes.
+reported too (nbytes, from the objects themselves), to show where the memory goes; arrays shared
+by every stream (the random-feature frequency matrix) are left out of it and reported once.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import psutil
 
 from embedwatch.app import Service
 from embedwatch.config import Settings
+from embedwatch.detectors import mmd as mmd_module
 from embedwatch.events import Block, DecodedBatch, Kind, StreamKey
 from embedwatch.produce import EventGenerator, GeneratorConfig
 
@@ -76,25 +78,33 @@ def main() -> int:
     gc.collect()
     rss1 = proc.memory_info().rss
     mon = next(iter(svc.router.monitors.values()))
+    shared_arrays = list(getattr(mmd_module, "_by_digest", {}).values())
+
+    def stream_bytes(obj: Any) -> int:
+        return _nbytes(obj, {id(a) for a in shared_arrays})
+
     breakdown = {
-        "baseline_arrays": _nbytes(mon.baseline.arrays if mon.baseline is not None else {}, set()),
-        "window": _nbytes(getattr(mon, "_window", None), set()),
-        "mmd_detector": _nbytes(getattr(mon, "_mmd", None), set()),
-        "monitor_total_numpy": _nbytes(mon, set()),
+        "baseline_arrays": stream_bytes(mon.baseline.arrays if mon.baseline is not None else {}),
+        "window": stream_bytes(getattr(mon, "_window", None)),
+        "mmd_detector": stream_bytes(getattr(mon, "_mmd", None)),
+        "monitor_total_numpy": stream_bytes(mon),
     }
-    store = svc.baselines
-    blobs = getattr(store, "_blobs", None)
-    if isinstance(blobs, dict) and blobs:
-        breakdown["baseline_store_blobs_per_stream"] = int(sum(len(b) for b in blobs.values()) / streams)
+    # What the in-memory baseline store holds beyond the monitors' own arrays (0 when it keeps
+    # the monitors' Baseline objects by reference).
+    held = {id(a) for a in shared_arrays}
+    for m in svc.router.monitors.values():
+        _nbytes(m, held)
+    breakdown["baseline_store_extra_per_stream"] = int(_nbytes(svc.baselines, held) / streams)
     comps = svc.router.comparisons
     if comps:
-        breakdown["version_comparison_per_stream"] = int(_nbytes(comps, set()) / streams)
+        breakdown["version_comparison_per_stream"] = int(stream_bytes(comps) / streams)
     print(json.dumps({
         "streams": streams, "dim": dim, "events_per_stream": per_stream,
         "live_streams": len(svc.router.monitors),
         "rss_before_mb": rss0 / 2**20, "rss_after_mb": rss1 / 2**20,
         "mb_per_stream": (rss1 - rss0) / 2**20 / streams,
         "numpy_bytes_per_stream": {k: round(v / 2**20, 3) for k, v in breakdown.items()},
+        "shared_numpy_mb": round(sum(int(a.nbytes) for a in shared_arrays) / 2**20, 3),
     }))
     return 0
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from embedwatch.config import DetectionSettings
 from embedwatch.detectors.mean_shift import MeanShiftTest
-from embedwatch.detectors.mmd import RFFMMD
+from embedwatch.detectors.mmd import RFFMMD, shared_matrix
 from embedwatch.events import StreamKey
 from embedwatch.stats import histogram, quantile_edges
 from embedwatch.window import Projection
@@ -35,7 +35,9 @@ SCHEMA_VERSION = 1
 ARRAY_DTYPES: dict[str, str] = {
     "mean": "float64",  # (d,) per-dimension mean = centroid
     "var": "float64",  # (d,) per-dimension unbiased variance
-    "sample": "float32",  # (s, d) reference vectors
+    # (s, d) reference vectors, float16: half the memory of the largest array of a baseline; kept
+    # float32 when float16 would change a row by more than SAMPLE_FLOAT16_TOLERANCE (out of range)
+    "sample": "float16",
     "sample_sims": "float64",  # (s,) cosine similarity of the sample to the centroid
     "sample_norms": "float64",  # (s,) L2 norms of the sample
     "sim_edges": "float64",  # interior quantile edges of the similarity histogram
@@ -43,12 +45,59 @@ ARRAY_DTYPES: dict[str, str] = {
     "norm_edges": "float64",
     "norm_hist": "int64",
     "sim_moments": "float64",  # [mean, std] of the reference similarities (change-point scale)
-    "rff_weights": "float32",  # (d, D)
+    # (d, D) standard-normal frequencies G (the kernel's are G / rff_bandwidth): the same for every
+    # baseline of one seed, d and D, so held once per process (detectors.mmd.shared_frequencies)
+    "rff_normal": "float32",
     "rff_offsets": "float32",  # (D,)
     "rff_mean": "float64",  # (D,) mean feature vector of the sample
     "rff_eigvals": "float64",  # (D,) eigenvalues of the sample's feature covariance
     "rff_bandwidth": "float64",  # (1,) Gaussian kernel bandwidth
 }
+
+
+#: Arrays of the earlier layout (same schema_version), still read: a baseline holding
+#: ``rff_weights`` (its own (d, D) frequencies, already divided by the bandwidth) instead of
+#: ``rff_normal`` keeps and uses them as they are.
+LEGACY_ARRAY_DTYPES: dict[str, str] = {"rff_weights": "float32"}
+
+
+#: Largest relative L2 change of a sample row that float16 storage may make (its rounding alone
+#: is at most 2**-11 ~ 4.9e-4; more means values outside float16's normal range).
+SAMPLE_FLOAT16_TOLERANCE = 1e-3
+
+
+def _sample_dtype(sample: np.ndarray, stored: bool) -> str:
+    """float16 when it represents the sample well; a stored sample keeps its dtype (float32: the
+    earlier layout, or a sample float16 could not hold), since its bytes are hashed."""
+    a = np.asarray(sample)
+    if stored:
+        return "float32" if a.dtype == np.float32 else ARRAY_DTYPES["sample"]
+    x = a.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        err = np.linalg.norm(x.astype(np.float16).astype(np.float64) - x, axis=1)
+        rel = np.where(err > 0, err / np.linalg.norm(x, axis=1), 0.0)
+    ok = bool(np.all(np.isfinite(rel)) and (rel.size == 0 or rel.max() <= SAMPLE_FLOAT16_TOLERANCE))
+    return ARRAY_DTYPES["sample"] if ok else "float32"
+
+
+def _layout(arrays: Mapping[str, Any], stored: bool) -> dict[str, str]:
+    """Array names and dtypes of a baseline: the current layout, or the earlier one it was saved in."""
+    names = dict(ARRAY_DTYPES)
+    if "rff_normal" not in arrays and "rff_weights" in arrays:
+        del names["rff_normal"]
+        names.update(LEGACY_ARRAY_DTYPES)
+    if "sample" in arrays:
+        names["sample"] = _sample_dtype(arrays["sample"], stored)
+    return names
+
+
+def _freeze_all(arrays: Mapping[str, np.ndarray], stored: bool) -> dict[str, np.ndarray]:
+    """Read-only C-order copies in the layout's dtypes; the frequency matrix is the shared one.
+    ``stored``: the arrays come from :meth:`Baseline.to_arrays` (their dtypes are kept)."""
+    out = {k: _frozen(np.asarray(arrays[k]), dtype) for k, dtype in _layout(arrays, stored).items()}
+    if "rff_normal" in out:
+        out["rff_normal"] = shared_matrix(out["rff_normal"])
+    return out
 
 
 def content_hash(arrays: Mapping[str, np.ndarray]) -> str:
@@ -168,13 +217,13 @@ class Baseline:
             "norm_edges": norm_edges,
             "norm_hist": histogram(all_norms, norm_edges),
             "sim_moments": np.array([all_sims.mean(), all_sims.std(ddof=1) if all_sims.size > 1 else 0.0]),
-            "rff_weights": mmd.weights,
+            "rff_normal": mmd.weights,
             "rff_offsets": mmd.offsets,
             "rff_mean": mmd.reference_mean,
             "rff_eigvals": mmd.eigvals,
             "rff_bandwidth": np.array([mmd.bandwidth]),
         }
-        frozen = {k: _frozen(v, ARRAY_DTYPES[k]) for k, v in arrays.items()}
+        frozen = _freeze_all(arrays, stored=False)
         return cls(key=key, created_at=float(created_at), count=int(count), source=str(source),
                    arrays=frozen, content_hash=content_hash(frozen))
 
@@ -184,10 +233,10 @@ class Baseline:
         version = int(metadata.get("schema_version", -1))
         if version != SCHEMA_VERSION:
             raise ValueError(f"unsupported baseline schema_version {version} (expected {SCHEMA_VERSION})")
-        missing = sorted(set(ARRAY_DTYPES) - set(arrays))
+        missing = sorted(set(_layout(arrays, stored=True)) - set(arrays))
         if missing:
             raise ValueError(f"baseline arrays missing: {', '.join(missing)}")
-        frozen = {k: _frozen(np.asarray(arrays[k]), ARRAY_DTYPES[k]) for k in ARRAY_DTYPES}
+        frozen = _freeze_all(arrays, stored=True)
         digest = content_hash(frozen)
         if digest != metadata.get("content_hash"):
             raise ValueError("baseline content hash mismatch: arrays do not match their metadata")
@@ -256,8 +305,12 @@ class Baseline:
     def mmd(self) -> RFFMMD:
         """The calibrated MMD^2 test frozen with this baseline."""
         a = self.arrays
+        bw = float(a["rff_bandwidth"][0])
+        if "rff_normal" in a:
+            return RFFMMD(a["rff_normal"], a["rff_offsets"], a["rff_mean"], a["rff_eigvals"],
+                          int(a["sample"].shape[0]), bw, 1.0 / bw)
         return RFFMMD(a["rff_weights"], a["rff_offsets"], a["rff_mean"], a["rff_eigvals"],
-                      int(a["sample"].shape[0]), float(a["rff_bandwidth"][0]))
+                      int(a["sample"].shape[0]), bw)
 
     def mean_shift(self, settings: DetectionSettings) -> MeanShiftTest:
         """The calibrated mean-shift test of this baseline, fitted on its sample.

@@ -6,17 +6,17 @@ array of events. An embedding event carries ``model``, ``model_version``, option
 (base64 of little-endian float32). A query event may add ``query_id``, ``results`` (best first,
 ``{"id", "score"}``) and ``relevant_ids``.
 
-Decoding is per message (orjson) but the numeric work is per block: all vectors of one stream
-and one dimension in a batch are converted to one float32 array with a single numpy call, and
-validity (finite, non-zero) is checked on the whole block. Nothing here raises on bad input:
-every event ends up in a block or in :attr:`DecodedBatch.rejections`.
+Decoding is per message (orjson): each number list is converted to a float32 row as soon as its
+message is parsed, so the batch's parsed documents (hundreds of thousands of Python floats) are
+freed message by message instead of piling up; the rows of one stream and one dimension are
+joined into one block and validity (finite, non-zero) is checked on the whole block. Nothing
+here raises on bad input: every event ends up in a block or in :attr:`DecodedBatch.rejections`.
 """
 
 from __future__ import annotations
 
 import binascii
 import gc
-import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -262,6 +262,8 @@ def _vector_source(ev: dict[str, Any], limits: DecodeLimits, required: bool) -> 
 
 
 _a2b_base64 = binascii.a2b_base64
+_fromiter = np.fromiter
+_F32 = np.dtype(np.float32)
 _INF = math.inf
 _NAN = math.nan
 
@@ -299,10 +301,11 @@ def _query_fields(ev: dict[str, Any], k: int) -> tuple[float, float, float, floa
 class _Group:
     """Accumulates the events of one (stream, kind, dim-or-list) before the block conversion."""
 
-    __slots__ = ("ids", "lat", "msg", "payloads", "q", "raw", "ts")
+    __slots__ = ("ids", "lat", "lists", "msg", "payloads", "q", "raw", "ts")
 
     def __init__(self) -> None:
-        self.raw: list[Any] = []
+        self.raw: list[Any] = []  # float32 rows, or b64 bytes, or None; a list if it did not convert
+        self.lists = False  # some row is still a list
         self.ts: list[float] = []
         self.lat: list[float] = []
         self.ids: list[str | None] = []
@@ -337,7 +340,9 @@ class Decoder:
         if paused:
             gc.disable()
         try:
-            return self._decode(messages, now)
+            # A value beyond float32 range becomes inf (rejected later as non_finite), silently.
+            with np.errstate(over="ignore", invalid="ignore"):
+                return self._decode(messages, now)
         finally:
             if paused:
                 gc.enable()
@@ -415,7 +420,7 @@ class Decoder:
             if len(self._keys) >= 4096:
                 self._keys.clear()
             self._keys[labels] = stream
-        src = _vector_source(ev, lim, required=kind is Kind.EMBEDDING)
+        src: Any = _vector_source(ev, lim, required=kind is Kind.EMBEDDING)
         v = get("ts")
         ts = v if type(v) is float and 0.0 <= v < _INF else _timestamp(ev, default_ts)
         v = get("latency_ms")
@@ -446,6 +451,12 @@ class Decoder:
         g = groups.get(gkey)
         if g is None:
             g = groups[gkey] = _Group()
+        if shape > 0:
+            try:
+                # Now, while the list is hot, and so that the parsed document can be freed.
+                src = _fromiter(src, _F32, shape)
+            except (TypeError, ValueError, OverflowError):
+                g.lists = True  # kept as a list: judged row by row in _list_block
         g.raw.append(src)
         g.ts.append(ts)
         g.lat.append(lat)
@@ -466,7 +477,7 @@ class Decoder:
             # One copy of all payloads, one reinterpretation: the b64 fast path.
             vectors = np.frombuffer(b"".join(g.raw), dtype="<f4").reshape(n, -1).astype(np.float32)
         else:
-            vectors = _list_block(g.raw, bad, reasons)
+            vectors = _list_block(g.raw, g.lists, bad, reasons)
         if vectors.shape[1]:
             finite = np.isfinite(vectors).all(axis=1)
             for i in np.flatnonzero(~finite & ~bad):
@@ -500,26 +511,20 @@ class Decoder:
             out.blocks.append(block)
 
 
-def _list_block(raw: list[Any], bad: np.ndarray, reasons: dict[int, tuple[Reason, str]]) -> np.ndarray:
-    """Stack same-length number lists into float32 with one numpy call; isolate bad rows if any."""
+def _list_block(raw: list[Any], lists: bool, bad: np.ndarray,
+                reasons: dict[int, tuple[Reason, str]]) -> np.ndarray:
+    """Join same-length rows into one float32 block. Rows are float32 arrays (converted when
+    parsed) or, for a list that did not convert (``lists``), the list itself: only then is each
+    such row checked on its own, and the bad ones marked."""
     n, dim = len(raw), len(raw[0])
-    try:
-        # One pass straight to float32 (each Python number rounds once, as through float64 before);
-        # a value beyond float32 range becomes inf and is rejected later as non_finite.
-        with np.errstate(over="ignore", invalid="ignore"):
-            return np.fromiter(itertools.chain.from_iterable(raw), dtype=np.float32, count=n * dim).reshape(n, dim)
-    except (TypeError, ValueError, OverflowError):
-        pass
-    try:
-        arr = np.array(raw, dtype=np.float64)
-        if arr.ndim == 2:
-            return _to_f32(arr)
-    except (TypeError, ValueError, OverflowError):
-        pass
+    if not lists:
+        return np.concatenate(raw).reshape(n, dim)
     # Slow path, only for batches holding a malformed vector: find the culprits row by row.
-    dim = len(raw[0])
-    rows = np.zeros((len(raw), dim), dtype=np.float64)
+    rows = np.zeros((n, dim), dtype=np.float64)
     for i, r in enumerate(raw):
+        if type(r) is np.ndarray:
+            rows[i] = r
+            continue
         try:
             row = np.array(r, dtype=np.float64)
             if row.ndim != 1 or any(isinstance(x, bool) for x in r):

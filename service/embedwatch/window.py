@@ -51,6 +51,15 @@ _CHUNK = 256
 _tls = threading.local()
 
 
+def _ones(n: int) -> np.ndarray:
+    """A read-only float64 vector of ``n`` ones (``n <= _CHUNK``), shared: row sums as one BLAS call."""
+    return _ONES[:n]
+
+
+_ONES = np.ones(_CHUNK)
+_ONES.flags.writeable = False
+
+
 def _float64_rows(x: np.ndarray) -> np.ndarray:
     """``x`` (at most :data:`_CHUNK` rows) converted into a reused per-thread float64 buffer.
 
@@ -102,7 +111,9 @@ class Projection:
     features: FeatureSum | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_centroid64", np.asarray(self.centroid_unit, dtype=np.float64).ravel())
+        c64 = np.asarray(self.centroid_unit, dtype=np.float64).ravel()
+        object.__setattr__(self, "_centroid64", c64)
+        object.__setattr__(self, "_ones", np.ones(c64.shape[0]))
 
     @property
     def sim_bins(self) -> int:
@@ -119,9 +130,9 @@ class Projection:
         copy of the whole batch costs a memory pass and ``n * d * 8`` bytes for nothing).
         """
         x = np.asarray(x)
-        n, d = x.shape
+        n = x.shape[0]
         c: np.ndarray = self._centroid64  # type: ignore[attr-defined]
-        ones = np.ones(d)
+        ones: np.ndarray = self._ones  # type: ignore[attr-defined]
         sq_norms = np.empty(n)
         dots = np.empty(n)
         for a in range(0, n, _CHUNK):
@@ -262,7 +273,7 @@ class Bucket:
             self.start_ts = float(ts[0])
         for a in range(0, n, _CHUNK):
             c64 = _float64_rows(x[a : a + _CHUNK])
-            ones = np.ones(c64.shape[0])
+            ones = _ones(c64.shape[0])
             self.sum += ones @ c64
             np.multiply(c64, c64, out=c64)  # exact: a float32 squared fits a float64
             self.sumsq += ones @ c64
@@ -277,28 +288,39 @@ class Bucket:
 
     def _sample_into(self, x: np.ndarray, seen: int, first_index: int) -> None:
         """Vectorised Algorithm R: event t (0-based in the bucket) lands in slot t if t < k, else in
-        slot j ~ U{0..t} when j < k; a later event overwrites an earlier one in the same slot."""
+        slot j ~ U{0..t} when j < k; a later event overwrites an earlier one in the same slot.
+
+        Only the last writer of each slot is copied (one gather of at most k rows), never a row
+        that a later row of the same call overwrites.
+        """
         k = self.reservoir_size
         n = x.shape[0]
         nfill = min(n, max(0, k - seen))
-        if nfill:
-            self.reservoir[seen : seen + nfill] = x[:nfill]
-            self.res_index[seen : seen + nfill] = np.arange(first_index, first_index + nfill)
-            self._dirty[seen : seen + nfill] = True
-        if nfill < n:
+        if nfill == n:
+            self.reservoir[seen : seen + n] = x
+            self.res_index[seen : seen + n] = np.arange(first_index, first_index + n)
+            self._dirty[seen : seen + n] = True
+        else:
             t = np.arange(seen + nfill, seen + n)
             j = (self.rng.random(t.shape[0]) * (t + 1)).astype(np.int64)
             keep = np.flatnonzero(j < k)
-            if keep.size:
-                slots = j[keep]
-                rows = keep + nfill
-                if keep.size > 1:
-                    # Last writer wins: keep, per slot, the latest row (rows are increasing).
-                    uniq, pos_rev = np.unique(slots[::-1], return_index=True)
-                    slots, rows = uniq, rows[::-1][pos_rev]
-                self.reservoir[slots] = x[rows]
-                self.res_index[slots] = first_index + rows
-                self._dirty[slots] = True
+            # Row of the batch that writes each slot last (-1: none); rows increase, so the last
+            # writer is the largest.
+            owner = np.full(k, -1, dtype=np.int64)
+            owner[seen : seen + nfill] = np.arange(nfill)
+            np.maximum.at(owner, j[keep], keep + nfill)
+            slots = np.flatnonzero(owner >= 0)
+            if slots.size:
+                rows = owner[slots]
+                if slots.size == k and x.dtype == self.reservoir.dtype:
+                    x.take(rows, axis=0, out=self.reservoir)
+                    self.res_index[:] = rows
+                    self.res_index += first_index
+                    self._dirty[:] = True
+                else:
+                    self.reservoir[slots] = x[rows]
+                    self.res_index[slots] = first_index + rows
+                    self._dirty[slots] = True
         self.res_n = min(k, seen + n)
         self._version += 1
 
@@ -499,16 +521,16 @@ class Window:
                                 math.nan, math.nan)
         fsum = None
         if with_features and p.features is not None:
-            fsum = np.sum(self._feature_sums(bs, p.features), axis=0)
+            fsum = _total(self._feature_sums(bs, p.features))
         elif with_features and p.feature_sum is not None:
             fn = p.feature_sum
-            fsum = np.sum([b.feature_sum(fn) for b in bs], axis=0)
+            fsum = _total([b.feature_sum(fn) for b in bs])
         return WindowTotals(
             count=sum(b.count for b in bs),
-            sum=np.sum([b.sum for b in bs], axis=0),
-            sumsq=np.sum([b.sumsq for b in bs], axis=0),
-            sim_hist=np.sum([b.sim_hist for b in bs], axis=0),
-            norm_hist=np.sum([b.norm_hist for b in bs], axis=0),
+            sum=_total([b.sum for b in bs]),
+            sumsq=_total([b.sumsq for b in bs]),
+            sim_hist=_total([b.sim_hist for b in bs]),
+            norm_hist=_total([b.norm_hist for b in bs]),
             sims=np.concatenate([b.sims for b in bs]),
             norms=np.concatenate([b.norms for b in bs]),
             sample_n=sum(b.res_n for b in bs),
@@ -517,13 +539,14 @@ class Window:
             max_ts=max(b.max_ts for b in bs),
         )
 
-
     @staticmethod
     def _feature_sums(bs: Sequence[Bucket], features: FeatureSum) -> list[np.ndarray]:
         """Feature sums of ``bs``: the stale rows of every bucket mapped in one matrix product."""
         plan = [(b, b.stale_slots()) for b in bs if b.features_stale]
         if plan:
-            rows = [b.reservoir[slots] for b, slots in plan]
+            # All slots stale (the common case): a view, not a fancy-index copy.
+            rows = [b.reservoir[: b.res_n] if slots.shape[0] == b.res_n else b.reservoir[slots]
+                    for b, slots in plan]
             feats = features(np.concatenate(rows)) if len(rows) > 1 else features(rows[0])
             off = 0
             for b, slots in plan:
@@ -536,6 +559,15 @@ class Window:
             if b._feat_rows is not None and b.final:
                 b._feat_rows = None  # closed without a change since: its rows are no longer needed
         return out
+
+
+def _total(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Sum of equal-shape arrays, added in order into a fresh array: what ``np.sum(parts, axis=0)``
+    gives, without first stacking the list into a new 2-D array (4x the cost for ~10 vectors)."""
+    out = parts[0].copy()
+    for p in parts[1:]:
+        out += p
+    return out
 
 
 class ScalarWindow:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from embedwatch.baseline import ARRAY_DTYPES, SCHEMA_VERSION, Baseline, content_hash
 from embedwatch.config import DetectionSettings
+from embedwatch.detectors.mmd import RFFMMD
 from embedwatch.events import StreamKey
 from embedwatch.stats import histogram
 
@@ -32,8 +33,9 @@ def test_statistics_of_the_reference() -> None:
     assert b.count == 200 and b.dim == 12 and b.created_at == 299.0
     a = b.to_arrays()
     assert a["sample"].shape == (64, 12)  # bounded by baseline_sample
-    # The sample is made of reference rows.
-    rows = {r.tobytes() for r in x}
+    # The sample is made of reference rows (stored as float16).
+    rows = {r.tobytes() for r in x.astype(np.float16)}
+    assert a["sample"].dtype == np.float16
     assert all(r.tobytes() in rows for r in a["sample"])
     unit = x64.mean(0) / np.linalg.norm(x64.mean(0))
     sims = x64 @ unit / np.linalg.norm(x64, axis=1)
@@ -42,7 +44,7 @@ def test_statistics_of_the_reference() -> None:
     assert a["sim_moments"][0] == pytest.approx(sims.mean(), rel=1e-12)
     assert set(a) == set(ARRAY_DTYPES)
     assert all(str(v.dtype) == ARRAY_DTYPES[k] for k, v in a.items())
-    assert a["rff_weights"].shape == (12, 32) and a["rff_eigvals"].shape == (32,)
+    assert a["rff_normal"].shape == (12, 32) and a["rff_eigvals"].shape == (32,)
     with pytest.raises(ValueError):
         a["mean"][0] = 1.0  # frozen
 
@@ -103,3 +105,84 @@ def test_from_statistics_uses_exact_moments() -> None:
     b = Baseline.from_statistics(KEY, 5000, mean, var, sample, 12.0, "window", DET)
     np.testing.assert_array_equal(b.mean, mean)
     assert b.count == 5000 and b.source == "window" and b.to_arrays()["sample"].shape == (50, 4)
+
+
+def test_frequency_matrix_is_shared_by_baselines_of_one_seed_and_dimension() -> None:
+    b1, _ = make(1)
+    b2, _ = make(2)
+    g = b1.to_arrays()["rff_normal"]
+    assert g is b2.to_arrays()["rff_normal"]  # one matrix per process, not one per stream
+    assert not g.flags.writeable
+    # A baseline read back from (copied) arrays shares it too, and is the same baseline.
+    r = Baseline.from_arrays(b1.metadata, {k: np.array(v) for k, v in b1.to_arrays().items()})
+    assert r.to_arrays()["rff_normal"] is g and r.content_hash == b1.content_hash
+    assert make(1, d=13)[0].to_arrays()["rff_normal"].shape == (13, 32)
+
+
+def test_shared_frequencies_give_the_per_stream_matrix_features() -> None:
+    """(x @ G) / s, with G shared, equals x @ (G / s) (the per-stream matrix of the earlier layout)
+    up to float32 rounding."""
+    b, x = make(3, n=300, d=24)
+    new = b.mmd()
+    a = b.to_arrays()
+    w, phases = RFFMMD.draw(24, 32, new.bandwidth, DET.seed)
+    np.testing.assert_array_equal(phases, a["rff_offsets"])
+    old = RFFMMD(w, phases, new.reference_mean, new.eigvals, new.n_reference, new.bandwidth)
+    np.testing.assert_allclose(new.features(x), old.features(x), rtol=0, atol=1e-5)
+    # Bit-for-bit repeatable within a process, and row by row.
+    np.testing.assert_array_equal(new.features(x), b.mmd().features(x))
+    np.testing.assert_array_equal(new.features(x[5:6]), new.features(x)[5:6])
+
+
+def test_baselines_of_the_earlier_layout_are_still_read() -> None:
+    """A baseline saved with its own ``rff_weights`` (G / s) loads and keeps using that matrix."""
+    b, x = make(4)
+    arrays = {k: np.array(v) for k, v in b.to_arrays().items()}
+    del arrays["rff_normal"]
+    arrays["rff_weights"] = RFFMMD.draw(12, 32, b.mmd().bandwidth, DET.seed)[0]
+    md = {**b.metadata, "content_hash": content_hash(arrays)}
+    old = Baseline.from_arrays(md, arrays)
+    assert set(old.to_arrays()) == set(arrays)
+    np.testing.assert_array_equal(old.mmd().weights, arrays["rff_weights"])
+    assert old.mmd().weight_scale == 1.0
+    np.testing.assert_allclose(old.mmd().features(x), b.mmd().features(x), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="missing"):
+        Baseline.from_arrays(md, {k: v for k, v in arrays.items() if k != "rff_weights"})
+
+
+@pytest.mark.parametrize("scale", [1e6, 1e-9])
+def test_sample_float16_cannot_hold_stays_float32(scale: float) -> None:
+    rng = np.random.default_rng(5)
+    x = ((rng.normal(size=(100, 6)) + 0.3) * scale).astype(np.float32)
+    b = Baseline.from_vectors(KEY, x, None, "test", DET)
+    sample = b.to_arrays()["sample"]
+    assert sample.dtype == np.float32
+    rows = {r.tobytes() for r in x}
+    assert all(r.tobytes() in rows for r in sample)
+    r = Baseline.from_arrays(b.metadata, {k: np.array(v) for k, v in b.to_arrays().items()})
+    assert r.to_arrays()["sample"].dtype == np.float32 and r.content_hash == b.content_hash
+
+
+def test_float32_sample_of_the_earlier_layout_is_read_as_stored() -> None:
+    b, x = make(6)
+    arrays = {k: np.array(v) for k, v in b.to_arrays().items()}
+    arrays["sample"] = x[:64].copy()
+    md = {**b.metadata, "content_hash": content_hash(arrays)}
+    old = Baseline.from_arrays(md, arrays)
+    assert old.sample.dtype == np.float32
+    np.testing.assert_array_equal(old.sample, x[:64])
+
+
+def test_shared_frequency_matrix_lives_only_while_used() -> None:
+    import gc
+    import weakref
+
+    b, _ = make(7, d=17)
+    ref = weakref.ref(b.to_arrays()["rff_normal"])
+    again, _ = make(8, d=17)
+    assert again.to_arrays()["rff_normal"] is ref()
+    del b, again
+    gc.collect()
+    assert ref() is None  # not kept alive by the process-wide sharing
+    np.testing.assert_array_equal(make(7, d=17)[0].to_arrays()["rff_normal"],
+                                  RFFMMD.draw(17, 32, 1.0, DET.seed)[0])

@@ -100,6 +100,19 @@ def test_array_message_rejects_only_bad_elements() -> None:
     assert orjson.loads(bad.payload)["embedding"] == [0, 0, 0]
 
 
+def test_a_malformed_vector_among_good_ones_is_rejected_alone() -> None:
+    """Rows are converted as they are parsed; one that does not convert is judged on its own and
+    the others keep their exact float32 values."""
+    good = [[0.1, -0.2, 0.3], [1e-3, 2.5, -7.0], [3.0, 4.0, 5.0]]
+    docs = [ev(embedding=good[0]), ev(embedding=[1.0, "x", 2.0]), ev(embedding=good[1]),
+            ev(embedding=[1.0, [2.0], 3.0]), ev(embedding=good[2])]
+    out = Decoder().decode([msg(d) for d in docs])
+    assert [(r.message_index, r.reason) for r in out.rejections] == [(1, Reason.SCHEMA), (3, Reason.SCHEMA)]
+    (block,) = out.blocks
+    np.testing.assert_array_equal(block.vectors, np.array(good, dtype=np.float32))
+    assert block.vectors.dtype == np.float32 and block.message_index.tolist() == [0, 2, 4]
+
+
 def test_queries() -> None:
     q = {"model": "m", "model_version": "1", "results": [{"id": "a", "score": 0.9}, {"id": "b", "score": 0.5},
                                                        {"id": "c", "score": 0.1}],

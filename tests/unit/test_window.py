@@ -95,6 +95,30 @@ def test_reservoir_is_a_bounded_sample_of_the_bucket(n: int, k: int, seed: int, 
     assert_valid_reservoir(b, x, 1000)
 
 
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 300), k=st.integers(1, 40), seed=st.integers(0, 10**6),
+       cuts=st.lists(st.integers(1, 299), max_size=5))
+def test_reservoir_equals_sequential_algorithm_r(n: int, k: int, seed: int, cuts: list[int]) -> None:
+    """The vectorised update (only each slot's last writer copied) leaves exactly the reservoir
+    of Algorithm R run event by event on the same random numbers (one draw per call, as above)."""
+    x, ts = data(seed, n)
+    b = Bucket(DIM, PROJ.sim_bins, PROJ.norm_bins, k, n, np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    res = np.zeros((k, DIM), dtype=np.float32)
+    index = np.full(k, -1, dtype=np.int64)
+    bounds = [0, *sorted({c for c in cuts if c < n}), n]
+    for a, e in itertools.pairwise(bounds):
+        b.add(x[a:e], PROJ.summarise(x[a:e]), ts[a:e], 7 + a)
+        late = [t for t in range(a, e) if t >= k]
+        u = iter(rng.random(len(late)).tolist()) if late else iter([])
+        for t in range(a, e):
+            slot = t if t < k else int(next(u) * (t + 1))
+            if slot < k:
+                res[slot], index[slot] = x[t], 7 + t
+    np.testing.assert_array_equal(b.reservoir[: b.res_n], res[: b.res_n])
+    np.testing.assert_array_equal(b.res_index, index)
+
+
 def test_reservoir_sampling_is_uniform() -> None:
     """Every event of a bucket is kept with probability k/n, however the bucket was fed."""
     n, k, reps = 200, 20, 400

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,10 +49,15 @@ class RFFMMD:
     ``false_alarm_rate`` are analytic, so a 1e-6 level needs no 1e6 permutations. The reported
     ``score`` is debiased by the null mean ``(1/m + 1/n) sum lambda_i``.
 
+    **Shared frequencies.** ``W = G / s`` with ``G`` standard normal, drawn from ``(seed, d, D)``
+    only, so ``x W == (x G) / s``: every baseline of the same seed, dimension and feature count uses
+    one read-only ``G`` (:func:`shared_frequencies`, about ``d * D * 4`` bytes per process instead
+    of per stream) and keeps only its bandwidth.
+
     Parameters
     ----------
     weights
-        ``(d, D)`` float32 frequency matrix ``W``.
+        ``(d, D)`` float32 frequency matrix: ``W`` itself, or ``G`` when ``weight_scale`` is ``1/s``.
     offsets
         ``(D,)`` float32 phases ``b``.
     reference_mean
@@ -59,6 +68,8 @@ class RFFMMD:
         Size of the reference sample the mean and covariance come from.
     bandwidth
         The kernel bandwidth ``s`` (informational).
+    weight_scale
+        Factor applied to ``x @ weights`` (``1/s`` with the shared ``G``; 1 with a scaled ``W``).
 
     Examples
     --------
@@ -92,8 +103,11 @@ class RFFMMD:
         eigvals: np.ndarray,
         n_reference: int,
         bandwidth: float,
+        weight_scale: float = 1.0,
     ) -> None:
         self.weights = np.ascontiguousarray(weights, dtype=np.float32)
+        self.weight_scale = float(weight_scale)
+        self._wscale = np.float32(weight_scale)
         self.offsets = np.ascontiguousarray(offsets, dtype=np.float32)
         self.reference_mean = np.asarray(reference_mean, dtype=np.float64)
         self.eigvals = np.clip(np.asarray(eigvals, dtype=np.float64), 0.0, None)
@@ -109,7 +123,8 @@ class RFFMMD:
 
     @staticmethod
     def draw(dim: int, n_features: int, bandwidth: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """The seeded random frequencies and phases for a given dimension and bandwidth."""
+        """A per-baseline frequency matrix ``G / bandwidth`` (float32) and the phases, as baselines
+        of the earlier layout stored them (``rff_weights``); new ones use :func:`shared_frequencies`."""
         rng = np.random.default_rng([seed, dim, n_features, 0x4D4D44])
         w = (rng.standard_normal((dim, n_features)) / bandwidth).astype(np.float32)
         b = rng.uniform(0.0, 2.0 * math.pi, size=n_features).astype(np.float32)
@@ -117,14 +132,16 @@ class RFFMMD:
 
     @classmethod
     def fit(cls, sample: np.ndarray, n_features: int, seed: int) -> RFFMMD:
-        """Bandwidth by median heuristic, seeded features, reference mean and null eigenvalues."""
+        """Bandwidth by median heuristic, seeded (shared) frequencies, reference mean and null
+        eigenvalues. :attr:`weights` is the shared read-only ``G``; ``weight_scale = 1/bandwidth``."""
         sample = np.asarray(sample, dtype=np.float32)
         bandwidth = median_pairwise_distance(sample, seed=seed)
-        w, b = cls.draw(sample.shape[1], n_features, bandwidth, seed)
-        probe = cls(w, b, np.zeros(n_features), np.zeros(n_features), max(sample.shape[0], 1), bandwidth)
+        g, b = shared_frequencies(sample.shape[1], n_features, seed)
+        inv = 1.0 / bandwidth
+        probe = cls(g, b, np.zeros(n_features), np.zeros(n_features), max(sample.shape[0], 1), bandwidth, inv)
         feats = probe.features(sample).astype(np.float64)
         mean = feats.mean(axis=0)
-        return cls(w, b, mean, covariance_eigvals(feats), sample.shape[0], bandwidth)
+        return cls(g, b, mean, covariance_eigvals(feats), sample.shape[0], bandwidth, inv)
 
     def features(self, x: np.ndarray) -> np.ndarray:
         """``(n, D)`` float32 feature matrix ``sqrt(2/D) cos(x W + b)``.
@@ -138,6 +155,8 @@ class RFFMMD:
         if x.ndim == 2 and x.shape[0] == 1:
             return self.features(np.concatenate([x, x]))[:1]
         z = x @ self.weights
+        if self._wscale != 1:
+            z *= self._wscale
         z += self.offsets
         np.cos(z, out=z)
         z *= self._scale
@@ -184,6 +203,60 @@ class RFFMMD:
             p_value=self.p_value(stat, m),
             m=int(m),
         )
+
+
+_shared_lock = threading.Lock()
+# The read-only matrices handed out, by content and by seed. Weak: a matrix lives as long as a
+# baseline or detector uses it (d * D * 4 bytes can be large), never because it was cached.
+_by_digest: weakref.WeakValueDictionary[tuple[tuple[int, ...], str], np.ndarray] = weakref.WeakValueDictionary()
+_by_seed: weakref.WeakValueDictionary[tuple[int, int, int], np.ndarray] = weakref.WeakValueDictionary()
+_PHASES_MAX = 256
+_phases: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()  # small: D floats each
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+def shared_matrix(a: np.ndarray) -> np.ndarray:
+    """``a`` (float32, C order) as a read-only array shared by every equal matrix in use.
+
+    Baselines loaded from a store carry their own copy of ``G``; interning it by content makes
+    them share one (exact byte equality, so features are unchanged).
+    """
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    key = (tuple(a.shape), hashlib.sha256(a.tobytes()).hexdigest())
+    with _shared_lock:
+        hit = _by_digest.get(key)
+        if hit is not None and np.array_equal(hit, a):
+            return hit
+        out = _read_only(a.copy() if a.flags.writeable or a.base is not None else a)
+        _by_digest[key] = out
+        return out
+
+
+def shared_frequencies(dim: int, n_features: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The standard-normal ``(dim, n_features)`` float32 matrix ``G`` and the phases of a seed
+    (read-only, one copy per process while in use: see :class:`RFFMMD`). Same random stream as
+    before the matrices were shared: ``G`` then the phases from
+    ``default_rng([seed, dim, n_features, ...])``."""
+    key = (int(seed), int(dim), int(n_features))
+    with _shared_lock:
+        g = _by_seed.get(key)
+        b = _phases.get(key)
+        if g is not None and b is not None:
+            _phases.move_to_end(key)
+            return g, b
+    rng = np.random.default_rng([seed, dim, n_features, 0x4D4D44])
+    g = shared_matrix(rng.standard_normal((dim, n_features)).astype(np.float32))
+    b = _read_only(rng.uniform(0.0, 2.0 * math.pi, size=n_features).astype(np.float32))
+    with _shared_lock:
+        _by_seed[key] = g
+        _phases[key] = b
+        while len(_phases) > _PHASES_MAX:
+            _phases.popitem(last=False)
+    return g, b
 
 
 def covariance_eigvals(feats: np.ndarray) -> np.ndarray:
