@@ -135,7 +135,7 @@ _FLOOR_SCRIPT = r"""
 import json, sys, time, uuid
 backend, bootstrap, topic, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 group = "bench-floor-" + uuid.uuid4().hex[:8]
-got, nbytes, first, deadline = 0, 0, None, time.monotonic() + 120
+got, skip, nbytes, first, deadline = 0, 0, 0, None, time.monotonic() + 120
 if backend == "confluent":
     import confluent_kafka
     c = confluent_kafka.Consumer({"bootstrap.servers": bootstrap, "group.id": group,
@@ -143,12 +143,12 @@ if backend == "confluent":
     c.subscribe([topic])
     while got < n and time.monotonic() < deadline:
         msgs = c.consume(num_messages=2000, timeout=1.0)
-        if msgs and first is None:
-            first, got = time.perf_counter(), -len(msgs)  # the rate starts after the first batch
         for m in msgs:
             if m.error() is None:
                 nbytes += len(m.value())
                 got += 1
+        if msgs and first is None:
+            first, skip = time.perf_counter(), got  # the rate starts after the first batch
 else:
     import kafka
     c = kafka.KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group, auto_offset_reset="earliest",
@@ -157,14 +157,14 @@ else:
     while got < n and time.monotonic() < deadline:
         polled = c.poll(timeout_ms=1000, max_records=2000)
         recs = [r for rs in polled.values() for r in rs]
-        if recs and first is None:
-            first, got = time.perf_counter(), -len(recs)
         for r in recs:
             nbytes += len(r.value)
             got += 1
+        if recs and first is None:
+            first, skip = time.perf_counter(), got
 t = time.perf_counter()
 c.close()
-print(json.dumps({"events": got, "seconds": t - first if first else None}))
+print(json.dumps({"events": got - skip, "seconds": t - first if first else None, "total": got}))
 """
 
 
@@ -178,6 +178,8 @@ def consume_floor(broker: Broker, topic: str, n: int, backend: str) -> dict[str,
     if p.returncode != 0:
         return {"error": p.stderr.strip()[-500:]}
     r = json.loads(p.stdout.strip().splitlines()[-1])
+    if r["total"] < n:
+        return {"error": f"consumed {r['total']}/{n} within 120 s"}
     rate = r["events"] / r["seconds"] if r["seconds"] else None
     return {"rate": figure(rate, "events/s", note="client consume loop only (no decode, no statistics)"),
             "measured_events": r["events"], "measured_seconds": round(r["seconds"] or 0.0, 2)}
