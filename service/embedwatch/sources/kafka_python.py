@@ -97,6 +97,10 @@ class KafkaPythonSource:
                 reconnect_backoff_ms=200,
                 reconnect_backoff_max_ms=5000,
                 request_timeout_ms=max(30_000, k.session_timeout_ms + 5000),
+                # A subscription whose topic had no partition metadata yet (just created) stays with
+                # an empty assignment until the next refresh: 5 minutes by default. 10 s also finds
+                # new partitions sooner; the cost is one small metadata request per 10 s.
+                metadata_max_age_ms=10_000,
                 **_bootstrap_kwargs(KafkaConsumer),
                 **security_kwargs(k),
             )
