@@ -392,15 +392,19 @@ class StreamMonitor:
         assert self._ms is not None
         self._scan_loud = True
         if sp.reject and not self.drifting:
-            self.drifting = True
-            self._end_streak = 0
-            self._drift_alarms += 1
             self._last_eval = (sp.index, sp.ts)
-            self._alarm_detector = "mean_shift"
-            alarm = Alarm(self._name, sp.index, sp.ts, "mean_shift", sp.effect,
-                          self._ms.p_value(sp.statistic, sp.m), "start")
-            self._alarms.append(alarm)
-            alarms.append(alarm)
+            alarms.append(self._start_alarm("mean_shift", sp.index, sp.ts, sp.effect,
+                                            self._ms.p_value(sp.statistic, sp.m)))
+
+    def _start_alarm(self, detector: str, index: int, ts: float, score: float, p_value: float) -> Alarm:
+        """Enter the drifting state; the alarm is recorded and returned."""
+        self.drifting = True
+        self._end_streak = 0
+        self._drift_alarms += 1
+        self._alarm_detector = detector
+        alarm = Alarm(self._name, index, ts, detector, score, p_value, "start")
+        self._alarms.append(alarm)
+        return alarm
 
     def _changepoint_scan(self, sims: np.ndarray, ts: np.ndarray, first: int) -> None:
         assert self.baseline is not None
@@ -457,13 +461,7 @@ class StreamMonitor:
         loud_scan, self._scan_loud = self._scan_loud, False
         if not self.drifting:
             if score >= self._mmd.threshold(m, alpha) and score >= floor:
-                self.drifting = True
-                self._end_streak = 0
-                self._drift_alarms += 1
-                self._alarm_detector = "mmd"
-                alarm = Alarm(self._name, index, ts, "mmd", score, self._mmd.p_value(stat, m), "start")
-                self._alarms.append(alarm)
-                return alarm
+                return self._start_alarm("mmd", index, ts, score, self._mmd.p_value(stat, m))
             return None
         if (score < self._mmd.threshold(m, min(100.0 * alpha, 0.5)) or score < floor) and not loud_scan:
             self._end_streak += 1

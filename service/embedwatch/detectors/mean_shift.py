@@ -7,7 +7,7 @@ import math
 import numpy as np
 from scipy import linalg
 
-from embedwatch.stats import weighted_chi2_isf, weighted_chi2_sf
+from embedwatch.stats import TwoSampleNull
 
 
 class MeanShiftTest:
@@ -83,8 +83,7 @@ class MeanShiftTest:
         self.epsilon = float(epsilon)
         self.eigvals = np.clip(np.asarray(eigvals, dtype=np.float64), 0.0, None)
         self.n_reference = int(n_reference)
-        self._trace = float(self.eigvals.sum())
-        self._thresholds: dict[tuple[int, float], float] = {}
+        self._null = TwoSampleNull(self.eigvals, self.n_reference)
 
     @classmethod
     def fit(
@@ -144,19 +143,12 @@ class MeanShiftTest:
 
     def null_mean(self, m: int) -> float:
         """Expected ``T`` under H0 for a window of ``m`` events."""
-        return (1.0 / m + 1.0 / self.n_reference) * self._trace
+        return self._null.mean(m)
 
     def threshold(self, m: int, alpha: float) -> float:
         """Rejection threshold of ``T`` at level ``alpha`` for a window of ``m`` events (cached)."""
-        key = (int(m), float(alpha))
-        t = self._thresholds.get(key)
-        if t is None:
-            t = weighted_chi2_isf(alpha, (1.0 / m + 1.0 / self.n_reference) * self.eigvals)
-            if len(self._thresholds) > 1024:
-                self._thresholds.clear()
-            self._thresholds[key] = t
-        return t
+        return self._null.isf(m, alpha)
 
     def p_value(self, statistic: float, m: int) -> float:
         """``P(T >= statistic)`` under H0 for a window of ``m`` events."""
-        return weighted_chi2_sf(statistic, (1.0 / m + 1.0 / self.n_reference) * self.eigvals)
+        return self._null.sf(statistic, m)

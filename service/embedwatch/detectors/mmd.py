@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from embedwatch.stats import median_pairwise_distance, weighted_chi2_isf, weighted_chi2_sf
+from embedwatch.stats import TwoSampleNull, median_pairwise_distance
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +114,7 @@ class RFFMMD:
         self.n_reference = int(n_reference)
         self.bandwidth = float(bandwidth)
         self._scale = np.float32(math.sqrt(2.0 / self.weights.shape[1]))
-        self._trace = float(self.eigvals.sum())
-        self._thresholds: dict[tuple[int, float], float] = {}
+        self._null = TwoSampleNull(self.eigvals, self.n_reference)
 
     @property
     def n_features(self) -> int:
@@ -171,24 +170,15 @@ class RFFMMD:
 
     def null_mean(self, m: int) -> float:
         """Expected raw statistic under H0 for a window of ``m`` sampled vectors."""
-        return (1.0 / m + 1.0 / self.n_reference) * self._trace
+        return self._null.mean(m)
 
     def threshold(self, m: int, alpha: float) -> float:
         """Debiased rejection threshold of ``score`` at level ``alpha`` for window size ``m``."""
-        key = (int(m), float(alpha))
-        t = self._thresholds.get(key)
-        if t is None:
-            c = 1.0 / m + 1.0 / self.n_reference
-            t = weighted_chi2_isf(alpha, c * self.eigvals) - self.null_mean(m)
-            if len(self._thresholds) > 512:
-                self._thresholds.clear()
-            self._thresholds[key] = t
-        return t
+        return self._null.isf(m, alpha) - self._null.mean(m)
 
     def p_value(self, statistic: float, m: int) -> float:
         """``P(raw statistic >= statistic)`` under H0 for a window of ``m`` sampled vectors."""
-        c = 1.0 / m + 1.0 / self.n_reference
-        return weighted_chi2_sf(statistic, c * self.eigvals)
+        return self._null.sf(statistic, m)
 
     def test(self, window_mean: np.ndarray, m: int, alpha: float) -> MMDResult:
         """Test a window whose mean feature vector over ``m`` sampled vectors is ``window_mean``."""
