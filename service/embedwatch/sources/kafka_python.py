@@ -97,9 +97,8 @@ class KafkaPythonSource:
                 reconnect_backoff_ms=200,
                 reconnect_backoff_max_ms=5000,
                 request_timeout_ms=max(30_000, k.session_timeout_ms + 5000),
-                # A subscription whose topic had no partition metadata yet (just created) stays with
-                # an empty assignment until the next refresh: 5 minutes by default. 10 s also finds
-                # new partitions sooner; the cost is one small metadata request per 10 s.
+                # A topic created after the subscription, or new partitions, are found at the next
+                # metadata refresh: 5 minutes by default; the cost of 10 s is one small request.
                 metadata_max_age_ms=10_000,
                 **_bootstrap_kwargs(KafkaConsumer),
                 **security_kwargs(k),
@@ -113,6 +112,15 @@ class KafkaPythonSource:
         if self._failures:
             log.info("kafka: connected to %s after %d failed attempts", _describe(k), self._failures)
             self._failures = 0
+        for topic in self._topics:
+            # Fetch the topics' metadata before joining: a first join without partition metadata
+            # (a topic created moments ago) gets an empty assignment, and kafka-python 3.0 then
+            # sometimes stalls in the rejoin that follows. A missing topic is fine: it is joined
+            # later through the metadata refresh below.
+            try:
+                consumer.partitions_for_topic(topic)
+            except KafkaError as e:
+                log.warning("kafka: no metadata for topic %s yet: %s", topic, e)
         if self._listener is not None:
             consumer.subscribe(self._topics, listener=_Listener(self._listener))
         else:
