@@ -6,11 +6,15 @@ array of events. An embedding event carries ``model``, ``model_version``, option
 (base64 of little-endian float32). A query event may add ``query_id``, ``results`` (best first,
 ``{"id", "score"}``) and ``relevant_ids``.
 
-Decoding is per message (orjson): each number list is converted to a float32 row as soon as its
-message is parsed, so the batch's parsed documents (hundreds of thousands of Python floats) are
-freed message by message instead of piling up; the rows of one stream and one dimension are
-joined into one block and validity (finite, non-zero) is checked on the whole block. Nothing
-here raises on bad input: every event ends up in a block or in :attr:`DecodedBatch.rejections`.
+Decoding is per message. The common embedding event (one JSON object whose only array is its
+``embedding``) is parsed with simdjson, which reads the number list straight into a C buffer: no
+Python float is made for it (2-3x faster than orjson on a 384-d event). Every other message (event
+arrays, queries, b64 events, anything simdjson refuses, or when pysimdjson is not installed) goes
+through orjson, and a number list is converted to a float32 row as soon as its message is parsed,
+so the parsed documents do not pile up. Both paths hand the same field values to the same checks.
+The rows of one stream and one dimension are joined into one block and validity (finite,
+non-zero) is checked on the whole block. Nothing here raises on bad input: every event ends up in
+a block or in :attr:`DecodedBatch.rejections`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
+
+_simdjson: Any
+try:
+    import simdjson as _simdjson
+except ImportError:  # pragma: no cover - an optional speed-up: orjson decodes everything without it
+    _simdjson = None
 
 DEFAULT_SEGMENT = "default"
 
@@ -262,6 +272,8 @@ def _vector_source(ev: dict[str, Any], limits: DecodeLimits, required: bool) -> 
 
 
 _a2b_base64 = binascii.a2b_base64
+_SJ_OBJECT: Any = _simdjson.Object if _simdjson is not None else None
+_SJ_ARRAY: Any = _simdjson.Array if _simdjson is not None else None
 _fromiter = np.fromiter
 _F32 = np.dtype(np.float32)
 _INF = math.inf
@@ -331,6 +343,53 @@ class Decoder:
         # (model, model_version, segment) values already validated -> their StreamKey. Labels repeat
         # on almost every event, so validating each distinct triple once saves three checks per event.
         self._keys: dict[tuple[Any, Any, Any], StreamKey] = {}
+        self._parser: Any = _simdjson.Parser() if _simdjson is not None else None
+
+    def _fast_event(self, value: bytes) -> tuple[dict[str, Any], np.ndarray] | None:
+        """``(fields, float32 row)`` of a plain embedding event via simdjson, or ``None``: use orjson.
+
+        Taken only when the message holds exactly one ``[`` (so the embedding is the only array and
+        holds no nested one: simdjson's buffer read would flatten those) and every other field is a
+        scalar; the fields are what orjson would give (last duplicate key wins), so the checks and
+        their error details are those of the orjson path. Anything else, including every document
+        simdjson refuses (NaN tokens, numbers beyond float64, bad UTF-8), returns ``None``.
+        """
+        if self._parser is None:
+            return None
+        first = value.find(b"[")  # two memchr scans: a third of the cost of bytes.count
+        if first < 0 or value.find(b"[", first + 1) >= 0:
+            return None
+        doc: Any = None
+        emb: Any = None
+        v: Any = None
+        try:
+            doc = self._parser.parse(value)
+            if type(doc) is not _SJ_OBJECT:
+                return None
+            ev: dict[str, Any] = {}
+            keys = list(doc.keys())
+            for k in keys:
+                v = doc[k]  # lazily: an array stays a proxy (``items()`` would build its list)
+                if type(v) is _SJ_ARRAY:
+                    if k != "embedding":
+                        return None
+                    emb = v
+                elif type(v) is _SJ_OBJECT:
+                    return None
+                else:
+                    ev[k] = v
+            if emb is None or "embedding_b64" in ev or len(ev) + 1 != len(keys):
+                return None  # a b64 event, or a duplicate key (orjson keeps the last one)
+            n = len(emb)
+            if n == 0 or n > self.limits.max_dim:
+                return None  # the orjson path words the error
+            row = np.frombuffer(emb.as_buffer(of_type="d"), dtype=np.float64).astype(_F32)
+            return (ev, row) if row.shape[0] == n else None
+        except (ValueError, TypeError, KeyError, RuntimeError):
+            return None  # e.g. a key holding NUL, which simdjson lists but cannot look up
+        finally:
+            # simdjson refuses to parse again while a proxy of the last document is alive.
+            del doc, emb, v
 
     def decode(self, messages: Sequence[Message], now: float | None = None) -> DecodedBatch:
         # The batch's parsed documents (thousands of dicts and number lists) stay alive until the
@@ -363,6 +422,13 @@ class Decoder:
                 continue
             default_ts = (msg.timestamp_ms / 1000.0) if msg.timestamp_ms is not None else (now or 0.0)
             kind = Kind.QUERY if msg.topic in self.query_topics else Kind.EMBEDDING
+            fast = self._fast_event(value) if kind is Kind.EMBEDDING else None
+            if fast is not None:
+                try:
+                    self._one(fast[0], kind, default_ts, mi, value, groups, fast[1])
+                except _Bad as e:
+                    out.rejections.append(Rejection(mi, e.reason, e.detail, value, _stream_or_none(fast[0], lim)))
+                continue
             try:
                 doc = _loads(value)
             except _Bad as e:
@@ -401,7 +467,10 @@ class Decoder:
         mi: int,
         payload: bytes,
         groups: dict[tuple[StreamKey, Kind, int | str], _Group],
+        row: np.ndarray | None = None,
     ) -> None:
+        """Check one event and add it to its group; ``row``: its embedding, already a float32 row
+        (the simdjson path; ``ev`` then holds every other field)."""
         # Common, well-formed values are checked inline; anything else goes through the same
         # helpers (and so the same checks, order and error details) as before.
         lim = self.limits
@@ -420,7 +489,7 @@ class Decoder:
             if len(self._keys) >= 4096:
                 self._keys.clear()
             self._keys[labels] = stream
-        src: Any = _vector_source(ev, lim, required=kind is Kind.EMBEDDING)
+        src: Any = row if row is not None else _vector_source(ev, lim, required=kind is Kind.EMBEDDING)
         v = get("ts")
         ts = v if type(v) is float and 0.0 <= v < _INF else _timestamp(ev, default_ts)
         v = get("latency_ms")
@@ -451,7 +520,7 @@ class Decoder:
         g = groups.get(gkey)
         if g is None:
             g = groups[gkey] = _Group()
-        if shape > 0:
+        if shape > 0 and row is None:
             try:
                 # Now, while the list is hot, and so that the parsed document can be freed.
                 src = _fromiter(src, _F32, shape)

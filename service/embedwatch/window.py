@@ -28,8 +28,9 @@ the whole batch). Evaluation (:meth:`Window.totals`) is O(buckets * d + window e
 random-feature map of the reservoir rows that changed since the last evaluation: with a
 :attr:`Projection.features` map, the features of every stale bucket are computed in one matrix
 product, and a bucket still open keeps the feature rows of its reservoir slots, so a later
-evaluation maps only the slots overwritten since (the sum is then re-added from the kept rows:
-bit-for-bit what a recomputation gives, never a running sum that drifts).
+evaluation maps only the slots overwritten since (the sum is then re-added from the kept rows,
+never a running sum that drifts: it equals a recomputation up to the float32 rounding of the
+feature map, see :meth:`embedwatch.detectors.mmd.RFFMMD.features`).
 """
 
 from __future__ import annotations

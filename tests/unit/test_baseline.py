@@ -129,9 +129,14 @@ def test_shared_frequencies_give_the_per_stream_matrix_features() -> None:
     np.testing.assert_array_equal(phases, a["rff_offsets"])
     old = RFFMMD(w, phases, new.reference_mean, new.eigvals, new.n_reference, new.bandwidth)
     np.testing.assert_allclose(new.features(x), old.features(x), rtol=0, atol=1e-5)
-    # Bit-for-bit repeatable within a process, and row by row.
+    # Bit-for-bit repeatable within a process; row by row where the BLAS kernel rounds a row
+    # independently of its position in the call (see test_window), else to float32 rounding.
     np.testing.assert_array_equal(new.features(x), b.mmd().features(x))
-    np.testing.assert_array_equal(new.features(x[5:6]), new.features(x)[5:6])
+    g = np.asarray(a["rff_normal"], dtype=np.float32)
+    if np.array_equal(x[5:7] @ g, (x @ g)[5:7]):
+        np.testing.assert_array_equal(new.features(x[5:6]), new.features(x)[5:6])
+    else:
+        np.testing.assert_allclose(new.features(x[5:6]), new.features(x)[5:6], rtol=0, atol=1e-6)
 
 
 def test_baselines_of_the_earlier_layout_are_still_read() -> None:

@@ -173,3 +173,65 @@ def test_deeply_nested_array_elements_are_dead_lettered_without_crashing() -> No
     assert out.blocks == []
     assert len(out.rejections) == 1
     assert out.rejections[0].reason is Reason.SCHEMA
+
+
+def _orjson_only() -> Decoder:
+    d = Decoder()
+    d._parser = None  # every message through the orjson path
+    return d
+
+
+def _outcome(out: object) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    blocks = sorted(out.blocks, key=lambda b: int(b.message_index[0]))  # type: ignore[attr-defined]
+    return ([(b.stream, b.kind, b.vectors.dtype.str, b.vectors.tobytes(), b.vectors.shape, b.ts.tobytes(),
+              b.latency_s.tobytes(), b.ids, b.message_index.tolist(), b.payloads) for b in blocks],
+            [(r.message_index, r.reason, r.detail, r.payload, r.stream)
+             for r in out.rejections])  # type: ignore[attr-defined]
+
+
+def test_plain_embedding_events_take_the_simdjson_path() -> None:
+    d = Decoder()
+    assert d._parser is not None, "pysimdjson is a dependency"
+    raw = json.dumps(ev(ts=1.7e9, latency_ms=3.5, id="a", embedding=[0.1, 3, -2.5e-3])).encode()
+    fast = d._fast_event(raw)
+    assert fast is not None
+    fields, row = fast
+    assert fields == {"model": "m", "model_version": "1", "ts": 1.7e9, "latency_ms": 3.5, "id": "a"}
+    np.testing.assert_array_equal(row, np.array([0.1, 3, -2.5e-3], dtype=np.float32))
+    # Not taken: nested arrays (simdjson's buffer read would flatten them), non-number elements,
+    # NaN tokens, other arrays, b64 events, event arrays; the orjson path judges those.
+    for doc in (ev(embedding=[[1.0], [2.0]]), ev(embedding=[1.0, True]), ev(embedding=[1.0, None]),
+                ev(tags=["x"]), ev(embedding_b64="AACAPw=="), [ev()], ev(embedding=[])):
+        assert d._fast_event(json.dumps(doc).encode()) is None, doc
+    assert d._fast_event(b'{"model":"m","model_version":"1","embedding":[NaN, 1]}') is None
+    out = d.decode([msg(ev(embedding=[[1.0], [2.0]]))])
+    assert out.blocks == [] and out.rejections[0].reason is Reason.SCHEMA
+
+
+numbers = st.one_of(st.floats(allow_nan=False, width=64), st.integers(-(2**70), 2**70),
+                    st.sampled_from([0, 0.0, -0.0, 1e-45, 3.5e38, 1e39, -1e308]))
+scalars = st.none() | st.booleans() | numbers | st.text(max_size=8)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(
+    st.fixed_dictionaries(
+        {"model": st.sampled_from(["m", "n"]) | scalars, "model_version": st.sampled_from(["1", "2"]) | scalars},
+        optional={"embedding": st.lists(numbers, min_size=0, max_size=6) | st.lists(scalars, max_size=4)
+                  | json_values,
+                  "segment": st.sampled_from(["a", "b/c", ""]) | scalars, "ts": scalars, "latency_ms": scalars,
+                  "id": scalars, "extra": json_values, "embedding_b64": st.sampled_from(["AACAPw==", "!"])},
+    ).map(lambda e: json.dumps(e).encode()),
+    st.sampled_from([b'{"model":"m","model_version":"1","embedding":[1,2],"model":"x"}',
+                     b'{"model":"m","model_version":"1","embedding":[1,2],"embedding":[3]}',
+                     b'{"model":"m","model_version":"1","embedding":[NaN,2]}',
+                     b'{"model":"m","model_version":"1","embedding":[1e400,2]}',
+                     b'{"model":"m\\ud800","model_version":"1","embedding":[1,2]}',
+                     b'{"model":"m","model_version":"1","embedding":[18446744073709551616,2]}',
+                     b'{"model":"m","model_version":"1","embedding":[1,2]} ',
+                     b'{"model":"m","model_version":"1","embedding":[1,2]}x',
+                     b'{"model":"m","model_version":"1","\\u0000":1,"embedding":[1,2]}',
+                     b'{"model":"m","model_version":"1","embedding":[[1],[2.5]]}'])), max_size=12))
+def test_simdjson_path_decodes_exactly_like_the_orjson_path(raws: list[bytes]) -> None:
+    msgs = [msg(None, raw=r) for r in raws]
+    assert _outcome(Decoder().decode(msgs)) == _outcome(_orjson_only().decode(msgs))

@@ -145,10 +145,12 @@ class RFFMMD:
     def features(self, x: np.ndarray) -> np.ndarray:
         """``(n, D)`` float32 feature matrix ``sqrt(2/D) cos(x W + b)``.
 
-        Row by row: a row's features do not depend on the other rows of the call (a single row
-        goes through the matrix-matrix kernel too; BLAS would otherwise use a matrix-vector
-        kernel that rounds differently), so feature rows computed in different batches sum to
-        exactly the same totals.
+        A single row goes through the matrix-matrix kernel too (BLAS would otherwise use a
+        matrix-vector kernel that rounds differently). Whether a row's features are then
+        bit-for-bit independent of the other rows of the call depends on the BLAS kernel: they
+        are with OpenBLAS's SkylakeX sgemm; with its Haswell one a row's rounding depends on its
+        position in the call (up to ~1e-6 in ``x W``), so feature sums built from different
+        batches agree to float32 rounding, not to the bit.
         """
         x = np.asarray(x, dtype=np.float32)
         if x.ndim == 2 and x.shape[0] == 1:
