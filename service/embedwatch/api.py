@@ -19,6 +19,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from embedwatch.events import StreamKey
+from embedwatch.exporter import ExporterRegistry
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,9 @@ def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
             path = urlsplit(self.path).path.rstrip("/") or "/"
             try:
                 if path == "/metrics":
-                    self._send(200, generate_latest(backend.registry), CONTENT_TYPE_LATEST)
+                    reg = backend.registry
+                    body = reg.exposition() if isinstance(reg, ExporterRegistry) else generate_latest(reg)
+                    self._send(200, body, CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
                     ok = backend.healthy()
                     self._json(200 if ok else 503, {"status": "ok" if ok else "unhealthy"})

@@ -83,3 +83,38 @@ def test_metrics_doc_is_current() -> None:
 
     committed = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text(encoding="utf-8")
     assert committed == reference_markdown(), "run `make docs` to regenerate docs/metrics.md"
+
+
+labels3 = st.tuples(st.text(max_size=6), st.sampled_from(["1", 'v"2', "a\\b", "x\ny", "é✓"]), st.text(max_size=3))
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.tuples(labels3, st.integers(0, 10**12)), max_size=6),
+       gauges=st.lists(st.tuples(labels3, st.floats(allow_nan=True, allow_infinity=True)), max_size=6),
+       hists=st.lists(st.tuples(st.sampled_from(["embedwatch_embedding_norm", "embedwatch_similarity_to_baseline"]),
+                                labels3, st.lists(st.floats(-2, 70, allow_nan=False), min_size=1, max_size=20)),
+                      max_size=4),
+       emptied=st.booleans())
+def test_fast_exposition_is_byte_for_byte_prometheus_client(
+        counts: list[tuple[tuple[str, str, str], int]], gauges: list[tuple[tuple[str, str, str], float]],
+        hists: list[tuple[str, tuple[str, str, str], list[float]]], emptied: bool) -> None:
+    ex = Exporter()
+    for lab, n in counts:
+        ex.counters.inc("embedwatch_events_total", (*lab, "embedding"), n)
+    for lab, v in gauges:
+        ex.set_gauge("embedwatch_drift_score", lab, v)
+    ex.gauge_sources.append(lambda: [("embedwatch_drift_p_value", lab, v) for lab, v in gauges])
+    ex.set_gauge("embedwatch_kafka_connected", (), 1.0)
+    for name, lab, vals in hists:
+        ex.histograms.observe(name, lab, np.array(vals))
+    if emptied:  # a metric whose every series was dropped is not exported at all
+        ex.counters.drop("embedwatch_events_total", lambda _: True)
+        ex.gauges["embedwatch_drift_score"].clear()
+    reg = make_registry(ex, process_metrics=False)
+    for _ in range(2):  # the second time from the cached series prefixes
+        assert reg.exposition() == generate_latest(reg)
+    # With the process collectors (whose values move between two scrapes): the same families.
+    full = make_registry(ex)
+    fams = [f.name for f in text_string_to_metric_families(full.exposition().decode())]
+    assert fams == [f.name for f in text_string_to_metric_families(generate_latest(full).decode())]
+    assert "process_cpu_seconds" in fams
