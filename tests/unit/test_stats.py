@@ -134,3 +134,19 @@ def test_weighted_chi2_tail_matches_monte_carlo_for_unequal_weights() -> None:
 def test_median_pairwise_distance_matches_pdist() -> None:
     x = np.random.default_rng(4).normal(size=(300, 6))
     assert stats.median_pairwise_distance(x) == pytest.approx(float(np.median(pdist(x))), rel=1e-9)
+
+
+def test_two_sample_null_quantiles_scale_with_the_window_and_cost_one_root_per_level(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    w = np.random.default_rng(5).gamma(0.5, 1e-3, size=64)
+    null = stats.TwoSampleNull(w, n_reference=1000)
+    roots = []
+    real = stats.weighted_chi2_isf
+    monkeypatch.setattr(stats, "weighted_chi2_isf", lambda a, ww: roots.append(a) or real(a, ww))
+    for m in (2, 37, 64, 100, 640, 999, 10**6):
+        for alpha in (1e-6, 0.01, 0.5):
+            want = real(alpha, null.scale(m) * w)  # the quantile of the scaled law, found directly
+            assert null.isf(m, alpha) == pytest.approx(want, rel=1e-8)
+            # and it is the level-alpha point of the scaled law's tail
+            assert stats.weighted_chi2_sf(null.isf(m, alpha), null.scale(m) * w) == pytest.approx(alpha, rel=1e-6)
+    assert sorted(roots) == [1e-6, 0.01, 0.5]
