@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import base64
 import gc
+import json
+import subprocess
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -225,13 +229,27 @@ def bench_core_router(streams: int, dim: int, n: int, encoding: str = "b64") -> 
     }
 
 
+def _point(streams: int, dim: int, n: int) -> dict[str, Any]:
+    """:func:`bench_core_router` in a fresh interpreter (one BLAS thread).
+
+    Each point gets a process of its own: run after each other in one process, a point inherited
+    the previous one's heap (1000 streams' worth of freed arrays) and measured up to 2x slow.
+    """
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "point", str(streams), str(dim), str(n)],
+                       capture_output=True, text=True, timeout=1800)
+    if p.returncode != 0:
+        raise RuntimeError(f"scaling point {streams}x{dim}: {p.stderr.strip()[-500:]}")
+    out: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
+    return out
+
+
 def bench_scaling(n_per_point: int, streams_list: list[int], dims: list[int],
                   dim_streams: int = 10, min_events_per_stream: int = 200) -> dict[str, Any]:
-    out: dict[str, Any] = {"streams": {}, "dims": {}}
+    out: dict[str, Any] = {"streams": {}, "dims": {}, "isolation": "one process per point"}
     for s in streams_list:
         n = max(n_per_point, s * min_events_per_stream)
         t0 = time.perf_counter()
-        r = bench_core_router(s, 384, n)
+        r = _point(s, 384, n)
         r["events"] = n
         r["dim"] = 384
         r["seconds_incl_setup"] = round(time.perf_counter() - t0, 1)
@@ -240,10 +258,17 @@ def bench_scaling(n_per_point: int, streams_list: list[int], dims: list[int],
               flush=True)
     for d in dims:
         n = max(n_per_point, dim_streams * min_events_per_stream)
-        r = bench_core_router(dim_streams, d, n)
+        r = _point(dim_streams, d, n)
         r["events"] = n
         r["streams"] = dim_streams
         out["dims"][str(d)] = r
         print(f"  dim={d}: core {r['core']['value']:.0f}/s, decode+core {r['decode_core']['value']:.0f}/s",
               flush=True)
     return out
+
+
+if __name__ == "__main__":  # python micro.py point STREAMS DIM N -> one JSON object (see _point)
+    if len(sys.argv) != 5 or sys.argv[1] != "point":
+        raise SystemExit("usage: micro.py point STREAMS DIM N")
+    with threadpool_limits(1):
+        print(json.dumps(bench_core_router(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))
