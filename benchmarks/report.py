@@ -226,7 +226,8 @@ def render(r: dict[str, Any]) -> str:
             ["b64", "Decoder.decode", _n(_v(d, "b64", "decoder")), ""],
             ["b64", "bare memory copy (np.frombuffer of joined bytes)", _n(_v(d, "b64", "baseline_memcopy")),
              _n(_v(d, "b64", "slowdown_vs_memcopy"), 1, "x slower")],
-            ["b64", "minimal parse (orjson + b64decode, no validation)", _n(_v(d, "b64", "baseline_minimal_parse")),
+            ["b64", "minimal parse (orjson + pybase64 b64decode, no validation)",
+             _n(_v(d, "b64", "baseline_minimal_parse")),
              _n(_v(d, "b64", "slowdown_vs_minimal_parse"), 2, "x slower")],
         ]
         parts.append("### Decoding alone (384-d, batches of 2000, one BLAS thread)\n\n"

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from embedwatch.events import DecodeLimits, Decoder, Kind, Message, Reason, StreamKey
@@ -235,3 +235,25 @@ scalars = st.none() | st.booleans() | numbers | st.text(max_size=8)
 def test_simdjson_path_decodes_exactly_like_the_orjson_path(raws: list[bytes]) -> None:
     msgs = [msg(None, raw=r) for r in raws]
     assert _outcome(Decoder().decode(msgs)) == _outcome(_orjson_only().decode(msgs))
+
+
+@settings(max_examples=500, deadline=None)
+@example("AACAPwAAAEAAAEBA====")  # [1, 2, 3] + excess padding: Python accepts it, pybase64 alone would not
+@example("AAAAAAA=")
+@example("AACA\nPw==")  # 1.0f with a newline, a blank, a URL-safe character: all refused
+@example("AACA Pw==")
+@example("AACA-Pw==")
+@example("AAAAAAAA")
+@given(st.one_of(st.text(alphabet="AQgw+/=", max_size=16), st.text(alphabet="AQgw+/= \n-_é", max_size=12),
+                 st.binary(min_size=4, max_size=12).map(lambda b: base64.b64encode(b).decode())))
+def test_b64_fields_are_judged_exactly_like_b64decode_validate(s: str) -> None:
+    try:
+        want: bytes | None = base64.b64decode(s, validate=True)
+    except ValueError:  # binascii.Error is one
+        want = None
+    out = Decoder().decode([msg(ev(embedding=None, embedding_b64=s))])
+    if want is None or len(want) % 4 or not want:
+        assert out.blocks == [] and out.rejections[0].reason is Reason.SCHEMA, (s, want)
+    elif np.isfinite(np.frombuffer(want, "<f4")).all() and np.frombuffer(want, "<f4").any():
+        assert out.rejections == [], s
+        assert out.blocks[0].vectors.tobytes() == want
