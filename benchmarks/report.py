@@ -165,10 +165,12 @@ def render(r: dict[str, Any]) -> str:
     for be in ("confluent", "kafka-python"):
         a = _v(r, "latency", "as_shipped", "b64", be, "p99")
         o = _v(r, "latency", "blas_1_thread", "b64", be, "p99")
-        best = min([x for x in (a, o) if x is not None], default=None)
-        rows.append([f"Event-to-metric p99 at 10k events/s, {be}", "<= 1 s",
+        # Both columns run the same service (it sets its BLAS threads itself): two runs of one
+        # configuration, so the target counts as met only if both are within it.
+        worst = max([x for x in (a, o) if x is not None], default=None)
+        rows.append([f"Event-to-metric p99 at 10k events/s, {be} (both runs)", "<= 1 s",
                      "failed" if _err(r, "latency", "as_shipped", "b64", be) else _n(a, 2, " s"), _n(o, 2, " s"),
-                     _met(None if best is None else best <= 1.0)])
+                     _met(None if worst is None else worst <= 1.0)])
     mem = (r.get("memory") or {}).get("200x768") or {}
     rows.append(["RSS, 200 streams x 768-d", "<= 300 MB", "", _n(mem.get("rss_after_mb"), 0, " MiB"),
                  _met(None if mem.get("rss_after_mb") is None else mem["rss_after_mb"] <= 300)])
