@@ -276,8 +276,6 @@ def _vector_source(ev: dict[str, Any], limits: DecodeLimits, required: bool) -> 
     return v
 
 
-
-
 def _b64decode(s: str) -> bytes:
     """``base64.b64decode(s, validate=True)``: same answers, pybase64's SIMD speed on valid input.
 
@@ -291,6 +289,8 @@ def _b64decode(s: str) -> bytes:
         except (binascii.Error, ValueError):
             pass
     return binascii.a2b_base64(s, strict_mode=True)  # what base64.b64decode(validate=True) runs
+
+
 _SJ_OBJECT: Any = _simdjson.Object if _simdjson is not None else None
 _SJ_ARRAY: Any = _simdjson.Array if _simdjson is not None else None
 _fromiter = np.fromiter

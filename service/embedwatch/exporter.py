@@ -98,8 +98,11 @@ class Histograms:
                         [(labels, np.cumsum(counts), sums.get(labels, 0.0)) for labels, counts in list(per.items())]))
         return out
 
-    def families(self) -> Iterator[Metric]:
-        for name, edges, series in self.snapshot():
+    @staticmethod
+    def families(snapshot: list[tuple[str, np.ndarray, list[tuple[LabelValues, np.ndarray, float]]]]
+                 ) -> Iterator[Metric]:
+        """prometheus_client families of a :meth:`snapshot`."""
+        for name, edges, series in snapshot:
             m = BY_NAME[name]
             fam = HistogramMetricFamily(name, m.help, labels=list(m.labels))
             for labels, cum, total in series:
@@ -174,13 +177,13 @@ class Exporter(Collector):
         # the exposition text must not hold up the service loop waiting on the lock.
         with self.lock:
             series = self._series_locked()
-            hists = list(self.histograms.families())
+            hists = self.histograms.snapshot()
         for name, samples in series.items():
             fam = _family(name)
             for labels, v in samples:
                 fam.add_metric(list(labels), v)
             yield fam
-        yield from hists
+        yield from Histograms.families(hists)
 
     def _series_locked(self) -> dict[str, list[tuple[LabelValues, float]]]:
         """Every gauge and counter sample, by metric name in exposition order (a name appears
