@@ -413,7 +413,9 @@ class Service:
         with self.exporter.lock:
             for p, c in positions.items():
                 self.durable[p] = (c.offset, ledgers[p])
-                self.floor.pop(p, None)
+            # The floor stays: a commit does not move the consumer, which may still be reading
+            # below it (resumed from a commit older than the checkpoint); _handle_batch drops it
+            # once the partition's records reach it.
 
     def _checkpoint_records(self, partitions: Iterable[PartitionId]
                             ) -> tuple[dict[str, bytes], dict[PartitionId, Committed], dict[PartitionId, Ledger]]:

@@ -113,6 +113,53 @@ def test_kill_9_three_times_matches_an_uninterrupted_run(kafka_bootstrap: str, u
         svc.close()
 
 
+def test_crash_between_checkpoint_and_commit_counts_nothing_twice(kafka_bootstrap: str, unique_topics,
+                                                                   fresh_topic_prefix: str, tmp_path: Path) -> None:
+    """A kill between the checkpoint write and the offset commit leaves the group's committed offset
+    behind the checkpoint. The successor resumes from that commit and must skip, not count again,
+    every record the checkpoint already holds, also after its own first checkpoint (which commits
+    while the consumer is still reading below the checkpoint's offset)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    n = 6000
+    (topic,) = unique_topics("embeddings", partitions=1)
+    unique_topics("embeddings.dlq", partitions=1)
+    _produce(kafka_bootstrap, topic, _drifted_workload(n))
+    # Small polls and frequent checkpoints: several checkpoints fall while the successor is still
+    # reading the records below the checkpoint's offset.
+    cfg = _config(kafka_bootstrap, fresh_topic_prefix, "g", kafka={"max_poll_records": 5},
+                  state={"checkpoint_interval_s": 0.02})
+    a = ServiceProcess(tmp_path, cfg, "a").start()
+    try:
+        a.wait_for(lambda m: _ledger(m) >= n, timeout=120, what="first run drained")
+        want = _per_stream(a.metrics(), "embedwatch_events_total")
+        assert a.terminate()[0] == 0  # graceful: checkpoint and commit at offset n
+    finally:
+        a.close()
+    assert sum(want.values()) == n
+    # The state a crash between checkpoint and commit leaves: the checkpoint at n, the commit at n/10.
+    rewind = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": cfg["kafka"]["group_id"],
+                       "enable.auto.commit": False})
+    try:
+        rewind.commit(offsets=[TopicPartition(topic, 0, n // 10)], asynchronous=False)
+        [tp] = rewind.committed([TopicPartition(topic, 0)], timeout=10)
+        assert tp.offset == n // 10
+    finally:
+        rewind.close()
+    b = ServiceProcess(tmp_path, cfg, "b").start()
+    try:
+        lag = "embedwatch_consumer_lag_messages"
+        b.wait_for(lambda m: lag in m and metric_sum(m, lag) == 0
+                   and metric_sum(m, "embedwatch_checkpoints_total") >= 3,
+                   timeout=120, what="second run caught up and checkpointed")
+        time.sleep(1.0)
+        got = b.metrics()
+        assert _ledger(got) == n
+        assert _per_stream(got, "embedwatch_events_total") == want
+    finally:
+        b.close()
+
+
 def test_broker_outage_no_crash_nothing_lost(tmp_path: Path, fresh_topic_prefix: str) -> None:
     broker = LocalKafka(tmp_path / "kafka")
     bootstrap = broker.start()
