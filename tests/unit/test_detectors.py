@@ -41,6 +41,33 @@ def test_page_hinkley_matches_river(seed: int, mode: str, alpha: float, delta: f
     assert got == want
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), mode=st.sampled_from(["up", "down", "both"]),
+       alpha=st.sampled_from([1.0, 1 - 1e-4, 0.99]), threshold=st.sampled_from([2.0, 5.0, 50.0]),
+       sizes=st.lists(st.integers(1, 64), min_size=1, max_size=40))
+def test_page_hinkley_small_batch_loop_equals_the_vectorised_pass(seed: int, mode: str, alpha: float,
+                                                                  threshold: float, sizes: list[int]) -> None:
+    """Batches up to ``_SMALL`` run as a plain loop: same detections, bit-identical state."""
+    import embedwatch.detectors.page_hinkley as ph_module
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, sum(sizes)) + np.repeat(rng.normal(0, 2, len(sizes)), sizes)
+    kw = dict(min_instances=10, delta=0.05, threshold=threshold, alpha=alpha, mode=mode)
+    loop, vec = PageHinkley(**kw), PageHinkley(**kw)  # type: ignore[arg-type]
+    assert max(sizes) <= ph_module._SMALL
+    start = 0
+    for k in sizes:
+        got = loop.update_many(x[start : start + k])
+        saved, ph_module._SMALL = ph_module._SMALL, 0
+        try:
+            want = vec.update_many(x[start : start + k])
+        finally:
+            ph_module._SMALL = saved
+        assert got.tolist() == want.tolist()
+        assert vars(loop) == vars(vec)
+        start += k
+
+
 def test_page_hinkley_detects_a_shift_and_not_noise() -> None:
     rng = np.random.default_rng(7)
     ph = PageHinkley(delta=0.5, threshold=50.0, alpha=1.0)
@@ -160,15 +187,29 @@ def brute_force_duplicates(batches: list[list[str | None]], capacity: int) -> li
     return out
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(batches=st.lists(st.lists(st.one_of(st.none(), st.sampled_from("abcdefghij")), max_size=12),
                         max_size=10),
-       capacity=st.integers(1, 15))
-def test_duplicate_ids_match_a_brute_force_reference(batches: list[list[str | None]], capacity: int) -> None:
-    d = DuplicateIds(capacity)
-    got = [d.update(b) for b in batches]
+       capacity=st.integers(1, 15), small=st.sampled_from([-1, 4, 64]), merge_every=st.sampled_from([1, 3, 256]))
+def test_duplicate_ids_match_a_brute_force_reference(batches: list[list[str | None]], capacity: int, small: int,
+                                                     merge_every: int) -> None:
+    """Every mix of the vectorised path (batches longer than ``small``) and the buffered per-id
+    path, merged into the sorted copy every ``merge_every`` changes, counts what brute force does."""
+    import embedwatch.detectors.duplicates as dup_module
+
+    saved = dup_module._SMALL, dup_module._MERGE_EVERY
+    dup_module._SMALL, dup_module._MERGE_EVERY = small, merge_every
+    try:
+        d = DuplicateIds(capacity)
+        got = [d.update(b) for b in batches]
+        d._merge()
+        ring = d._ring[(d._head - d._size + np.arange(d._size)) % capacity] if d._size else d._sorted
+    finally:
+        dup_module._SMALL, dup_module._MERGE_EVERY = saved
     assert got == brute_force_duplicates(batches, capacity)
     assert d.total == sum(got)
+    # The sorted copy holds exactly the ring's hashes once merged.
+    assert d._sorted.tolist() == sorted(ring.tolist())
 
 
 def test_covariance_eigvals_match_numpy_in_both_regimes() -> None:

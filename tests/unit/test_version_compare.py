@@ -217,10 +217,22 @@ def _ring_model(batches: list[list[str | None]], vecs: list[np.ndarray], cap: in
 
 @settings(max_examples=60, deadline=None)
 @given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=6), universe=st.integers(1, 60),
-       cap=st.integers(2, 30), none_share=st.floats(0, 0.3), seed=st.integers(0, 2**32 - 1))
+       cap=st.integers(2, 30), none_share=st.floats(0, 0.3), seed=st.integers(0, 2**32 - 1),
+       loop_max=st.sampled_from([-1, 64]))
 def test_single_version_ring_matches_brute_force(sizes: list[int], universe: int, cap: int,
-                                                  none_share: float, seed: int) -> None:
-    """The vectorised single-version update keeps exactly the most recent ids and vectors."""
+                                                  none_share: float, seed: int, loop_max: int) -> None:
+    """Both single-version updates (the bulk ring update, ``loop_max=-1``, and the per-id loop
+    small batches take) keep exactly the most recent ids and vectors."""
+    import embedwatch.detectors.version_compare as vc_module
+
+    saved, vc_module._LOOP_MAX = vc_module._LOOP_MAX, loop_max
+    try:
+        _check_single_version_ring(sizes, universe, cap, none_share, seed)
+    finally:
+        vc_module._LOOP_MAX = saved
+
+
+def _check_single_version_ring(sizes: list[int], universe: int, cap: int, none_share: float, seed: int) -> None:
     rng = np.random.default_rng(seed)
     vc = VersionComparison("m", probe_size=cap, k=2)
     batches: list[list[str | None]] = []

@@ -5,6 +5,10 @@ from __future__ import annotations
 import numpy as np
 from scipy.signal import lfilter
 
+#: Batches up to this size run as a plain loop (:meth:`PageHinkley._scan_small`): below it the
+#: loop is cheaper than the vectorised pass's fixed cost.
+_SMALL = 64
+
 
 class PageHinkley:
     """Page-Hinkley test over a stream of scores, processing a whole batch with numpy.
@@ -98,9 +102,52 @@ class PageHinkley:
         stat = np.where(ready, np.maximum(test_inc, test_dec), 0.0)
         return first, mean, np.asarray(s_inc), np.asarray(s_dec), np.stack([min_inc, max_dec, stat])
 
+    def _scan_small(self, x: list[float]) -> int:
+        """:meth:`_scan` for a few values as a plain loop, updating the state; first detection or -1.
+
+        A handful of numpy and ``lfilter`` calls cost about 100 us whatever the batch size, and
+        with many streams each update carries only a few events. Same operations in the same
+        order as :meth:`_scan` (the mean from a running sum over the base ``n * mean``, the faded
+        sums ``(dev -/+ delta) + alpha * s``), so the state is bit-identical either way.
+        """
+        alpha, delta, thr = self.alpha, self.delta, self.threshold
+        up, down = self.mode != "down", self.mode != "up"
+        n0 = self.n
+        base = n0 * self.mean
+        c = 0.0
+        s_inc, s_dec = self.sum_increase, self.sum_decrease
+        lo, hi = self.min_increase, self.max_decrease
+        mean = self.mean
+        stat = self.statistic
+        for i, v in enumerate(x):
+            n = n0 + i + 1
+            c += v
+            mean = (base + c) / n
+            dev = v - mean
+            s_inc = (dev - delta) + alpha * s_inc
+            s_dec = (dev + delta) + alpha * s_dec
+            lo = min(lo, s_inc)
+            hi = max(hi, s_dec)
+            t_inc, t_dec = s_inc - lo, hi - s_dec
+            if n >= self.min_instances:
+                stat = max(t_inc, t_dec)
+                if (up and t_inc > thr) or (down and t_dec > thr):
+                    self._set(n, mean, s_inc, s_dec, lo, hi, stat)
+                    return i
+            else:
+                stat = 0.0
+        self._set(n0 + len(x), mean, s_inc, s_dec, lo, hi, stat)
+        return -1
+
+    def _set(self, n: int, mean: float, s_inc: float, s_dec: float, lo: float, hi: float, stat: float) -> None:
+        self.n, self.mean, self.sum_increase, self.sum_decrease = n, mean, s_inc, s_dec
+        self.min_increase, self.max_decrease, self.statistic = lo, hi, stat
+
     def update_many(self, x: np.ndarray) -> np.ndarray:
         """Feed a batch of values; return the 0-based offsets (within ``x``) of detected changes."""
         x = np.asarray(x, dtype=np.float64)
+        if x.shape[0] <= _SMALL:
+            return self._update_small(x.tolist())
         found: list[int] = []
         start = 0
         while start < x.shape[0]:
@@ -120,4 +167,16 @@ class PageHinkley:
             found.append(start + first)
             self.reset()
             start += end
+        return np.asarray(found, dtype=np.int64)
+
+    def _update_small(self, x: list[float]) -> np.ndarray:
+        found: list[int] = []
+        start = 0
+        while start < len(x):
+            first = self._scan_small(x[start:])
+            if first < 0:
+                break
+            found.append(start + first)
+            self.reset()
+            start += first + 1
         return np.asarray(found, dtype=np.int64)

@@ -49,6 +49,11 @@ RESULT_KEYS = (
 )
 
 
+#: A single version's batch of at most this many ids takes the per-id loop of :meth:`update`
+#: (O(batch)); a longer one the bulk ring update (:meth:`VersionComparison._update_alone`,
+#: O(probe)), whose fixed cost is about a hundred ids' worth of the loop.
+_LOOP_MAX = 64
+
 class _Probe:
     """Vectors of one version keyed by id: pinned (shared) rows plus a FIFO ring of recent ones."""
 
@@ -141,7 +146,7 @@ class VersionComparison:
             return
         others = [p for v, p in self._versions.items() if v != model_version]
         if not others:
-            if not probe.pinned:
+            if not probe.pinned and len(ids) > _LOOP_MAX:
                 self._update_alone(probe, ids, vectors)
                 return
         else:
