@@ -49,6 +49,11 @@ class ConfluentSource:
             "max.partition.fetch.bytes": max(1 << 20, settings.limits.max_message_bytes),
             "fetch.max.bytes": max(50 << 20, settings.limits.max_message_bytes),
             "reconnect.backoff.ms": 200,
+            # Once a partition's prefetch queue passes its thresholds (queued.min.messages,
+            # queued.max.messages.kbytes), librdkafka waits fetch.queue.backoff.ms (1 s by default)
+            # before fetching it again. The service drains the queue sooner than that and then sat
+            # idle in consume(): about a fifth of a run on a backlog (py-spy). 10 ms keeps it fed.
+            "fetch.queue.backoff.ms": 10,
             "reconnect.backoff.max.ms": 5000,
             "error_cb": self._on_error,
             **security_config(k),
