@@ -10,6 +10,7 @@ checks that the committed file matches, so the reference cannot go stale.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +42,10 @@ class KafkaSettings(_Section):
         ".dlq", min_length=1, description="Dead-letter topic of a topic is `<topic><dlq_suffix>`."
     )
     backend: Literal["kafka-python", "confluent"] = Field(
-        "kafka-python", description="Client library: kafka-python, or confluent-kafka (faster)."
+        "kafka-python",
+        description="Client library: kafka-python (pure Python, always installed), or confluent-kafka "
+        "(librdkafka; about twice the throughput, see docs/benchmarks.md; needs the `confluent` extra, "
+        "which the container image includes and the Helm chart selects).",
     )
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         "earliest", description="Where a group with no committed offset starts."
@@ -71,6 +75,14 @@ class KafkaSettings(_Section):
             self.sasl_mechanism is None or self.sasl_username is None or self.sasl_password is None
         ):
             raise ValueError("SASL_* security_protocol needs sasl_mechanism, sasl_username, sasl_password")
+        return self
+
+    @model_validator(mode="after")
+    def _backend_installed(self) -> KafkaSettings:
+        # Caught by `config check` and at start-up, not as an ImportError once the service runs.
+        if self.backend == "confluent" and importlib.util.find_spec("confluent_kafka") is None:
+            raise ValueError("backend 'confluent' needs the confluent-kafka package: "
+                             "pip install 'embedwatch[confluent]'")
         return self
 
     def dlq_topic(self, topic: str) -> str:

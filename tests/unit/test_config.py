@@ -38,6 +38,24 @@ def test_bad_value_names_the_key(tmp_path: Path, text: str, key: str) -> None:
     assert key in str(e.value)
 
 
+def test_confluent_backend_without_its_package_is_a_config_error(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``kafka.backend: confluent`` where confluent-kafka is not installed fails at load time (so
+    ``config check`` and start-up say what to install), not with an ImportError once running."""
+    import importlib.util
+
+    f = tmp_path / "c.yaml"
+    f.write_text("kafka:\n  backend: confluent\n")
+    assert load_settings(f).kafka.backend == "confluent"  # installed here (dev extras)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "confluent_kafka" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"kafka.*embedwatch\[confluent\]"):
+        load_settings(f)
+    f.write_text("kafka:\n  backend: kafka-python\n")
+    assert load_settings(f).kafka.backend == "kafka-python"
+
+
 def test_unknown_env_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EMBEDWATCH_KAFKA__GROUPID", "x")
     with pytest.raises(ConfigError, match="EMBEDWATCH_KAFKA__GROUPID"):
