@@ -538,11 +538,16 @@ class Service:
     def _handle_batch(self, messages: list[Message], source: Source, sink: DeadLetterSink) -> None:
         t0 = time.perf_counter()
         owned = self._assigned
-        if any(PartitionId(m.topic, m.partition) not in owned for m in messages):
+        # Per-message work here is plain tuples: a (topic, partition) tuple equals and hashes like
+        # the PartitionId NamedTuple, and building one PartitionId per record cost more than the
+        # rest of this method's bookkeeping.
+        keys = [(m.topic, m.partition) for m in messages]
+        if not set(keys) <= owned:
             # Records fetched before a rebalance took their partition away: the new owner reads
             # them from its restored position, so processing them here would count them twice.
             n = len(messages)
-            messages = [m for m in messages if PartitionId(m.topic, m.partition) in owned]
+            messages = [m for m, k in zip(messages, keys, strict=True) if k in owned]
+            keys = [(m.topic, m.partition) for m in messages]
             log.info("dropped %d records of partitions revoked during the poll", n - len(messages))
             if not messages:
                 return
@@ -554,11 +559,19 @@ class Service:
                 del floor[p]
             if not messages:
                 return
-        parts: dict[PartitionId, tuple[int, int]] = {}
-        for m in messages:
-            p = PartitionId(m.topic, m.partition)
-            lo, hi = parts.get(p, (m.offset, m.offset))
-            parts[p] = (min(lo, m.offset), max(hi, m.offset))
+            keys = [(m.topic, m.partition) for m in messages]
+        # Partition index of every message (in order of first appearance) and each partition's
+        # lowest and highest offset in the batch.
+        first_seen: dict[tuple[str, int], int] = {}
+        msg_part = np.fromiter((first_seen.setdefault(k, len(first_seen)) for k in keys), dtype=np.int64,
+                               count=len(keys))
+        offsets = np.fromiter((m.offset for m in messages), dtype=np.int64, count=len(messages))
+        lo_off = np.full(len(first_seen), np.iinfo(np.int64).max, dtype=np.int64)
+        hi_off = np.full(len(first_seen), -1, dtype=np.int64)
+        np.minimum.at(lo_off, msg_part, offsets)
+        np.maximum.at(hi_off, msg_part, offsets)
+        parts: dict[PartitionId, tuple[int, int]] = {
+            PartitionId(*k): (int(lo_off[i]), int(hi_off[i])) for k, i in first_seen.items()}
         for p in parts:
             self.ledgers.setdefault(p, Ledger())
         # Mark the batch in flight at the last durable point: a successor after a crash knows what
@@ -585,9 +598,7 @@ class Service:
         if not self._retry(flush, "dead-letter write"):
             return  # stopping before the dead letters were acknowledged: nothing committed, replayed later
         # Per-partition outcome counts, vectorised over the batch's events.
-        pidx = {p: i for i, p in enumerate(parts)}
-        msg_part = np.fromiter((pidx[PartitionId(m.topic, m.partition)] for m in messages),
-                               dtype=np.int64, count=len(messages))
+        pidx = {p: i for i, p in enumerate(parts)}  # the order of msg_part's indices
         acc = np.zeros(len(parts), dtype=np.int64)
         for b in batch.blocks:
             acc += np.bincount(msg_part[b.message_index], minlength=len(parts))

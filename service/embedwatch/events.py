@@ -79,9 +79,14 @@ class StreamKey(NamedTuple):
         return cls(*parts)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
-    """A source-agnostic message: what a Kafka record or a file line gives the decoder."""
+    """A source-agnostic message: what a Kafka record or a file line gives the decoder.
+
+    Treat it as read-only. It is not ``frozen``: a frozen dataclass sets each field through
+    ``object.__setattr__``, three times the cost of this one per record (about 1.5 of the 50 µs an
+    event takes end to end).
+    """
 
     value: bytes
     topic: str = ""
