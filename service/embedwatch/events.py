@@ -369,8 +369,12 @@ class Decoder:
         self._keys: dict[tuple[Any, Any, Any], StreamKey] = {}
         self._parser: Any = _simdjson.Parser() if _simdjson is not None else None
 
-    def _fast_event(self, value: bytes) -> tuple[dict[str, Any], np.ndarray] | None:
-        """``(fields, float32 row)`` of a plain embedding event via simdjson, or ``None``: use orjson.
+    def _fast_event(self, value: bytes) -> tuple[dict[str, Any], memoryview[float]] | None:
+        """``(fields, float64 numbers)`` of a plain embedding event via simdjson, or ``None``: use orjson.
+
+        The numbers stay a float64 buffer (a ``memoryview`` of format ``d``) until the block is
+        assembled: one join and one float32 conversion per block cost 0.5 µs a row, a conversion
+        per row 2.8 µs.
 
         Taken only when the message holds exactly one ``[`` (so the embedding is the only array and
         holds no nested one: simdjson's buffer read would flatten those) and every other field is a
@@ -407,8 +411,8 @@ class Decoder:
             n = len(emb)
             if n == 0 or n > self.limits.max_dim:
                 return None  # the orjson path words the error
-            row = np.frombuffer(emb.as_buffer(of_type="d"), dtype=np.float64).astype(_F32)
-            return (ev, row) if row.shape[0] == n else None
+            row = memoryview(emb.as_buffer(of_type="d")).cast("d")
+            return (ev, row) if len(row) == n else None
         except (ValueError, TypeError, KeyError, RuntimeError):
             return None  # e.g. a key holding NUL, which simdjson lists but cannot look up
         finally:
@@ -491,10 +495,10 @@ class Decoder:
         mi: int,
         payload: bytes,
         groups: dict[tuple[StreamKey, Kind, int | str], _Group],
-        row: np.ndarray | None = None,
+        row: memoryview[float] | None = None,
     ) -> None:
-        """Check one event and add it to its group; ``row``: its embedding, already a float32 row
-        (the simdjson path; ``ev`` then holds every other field)."""
+        """Check one event and add it to its group; ``row``: its embedding, already numbers (the
+        simdjson path's float64 buffer; ``ev`` then holds every other field)."""
         # Common, well-formed values are checked inline; anything else goes through the same
         # helpers (and so the same checks, order and error details) as before.
         lim = self.limits
@@ -607,15 +611,18 @@ class Decoder:
 def _list_block(raw: list[Any], lists: bool, bad: np.ndarray,
                 reasons: dict[int, tuple[Reason, str]]) -> np.ndarray:
     """Join same-length rows into one float32 block. Rows are float32 arrays (converted when
-    parsed) or, for a list that did not convert (``lists``), the list itself: only then is each
-    such row checked on its own, and the bad ones marked."""
+    parsed), float64 buffers (the simdjson path) or, for a list that did not convert (``lists``),
+    the list itself: only then is each such row checked on its own, and the bad ones marked."""
     n, dim = len(raw), len(raw[0])
     if not lists:
-        return np.concatenate(raw).reshape(n, dim)
+        if all(type(r) is memoryview for r in raw):  # every row from simdjson: one join, one cast
+            return _to_f32(np.frombuffer(b"".join(raw), dtype=np.float64).reshape(n, dim))
+        return np.concatenate([_to_f32(np.frombuffer(r, dtype=np.float64)) if type(r) is memoryview else r
+                               for r in raw]).reshape(n, dim)
     # Slow path, only for batches holding a malformed vector: find the culprits row by row.
     rows = np.zeros((n, dim), dtype=np.float64)
     for i, r in enumerate(raw):
-        if type(r) is np.ndarray:
+        if type(r) is np.ndarray or type(r) is memoryview:
             rows[i] = r
             continue
         try:

@@ -197,7 +197,11 @@ def test_plain_embedding_events_take_the_simdjson_path() -> None:
     assert fast is not None
     fields, row = fast
     assert fields == {"model": "m", "model_version": "1", "ts": 1.7e9, "latency_ms": 3.5, "id": "a"}
-    np.testing.assert_array_equal(row, np.array([0.1, 3, -2.5e-3], dtype=np.float32))
+    # The parsed doubles themselves; the block is converted to float32 once, when assembled.
+    assert row.format == "d" and row.tolist() == [0.1, 3.0, -2.5e-3]
+    block = d.decode([msg(None, raw=raw)]).blocks[0]
+    assert block.vectors.dtype == np.float32
+    np.testing.assert_array_equal(block.vectors[0], np.array([0.1, 3, -2.5e-3], dtype=np.float32))
     # Not taken: nested arrays (simdjson's buffer read would flatten them), non-number elements,
     # NaN tokens, other arrays, b64 events, event arrays; the orjson path judges those.
     for doc in (ev(embedding=[[1.0], [2.0]]), ev(embedding=[1.0, True]), ev(embedding=[1.0, None]),
