@@ -542,24 +542,29 @@ class Service:
         # the PartitionId NamedTuple, and building one PartitionId per record cost more than the
         # rest of this method's bookkeeping.
         keys = [(m.topic, m.partition) for m in messages]
-        if not set(keys) <= owned:
+        present = set(keys)
+        if not present <= owned:
             # Records fetched before a rebalance took their partition away: the new owner reads
             # them from its restored position, so processing them here would count them twice.
             n = len(messages)
             messages = [m for m, k in zip(messages, keys, strict=True) if k in owned]
             keys = [(m.topic, m.partition) for m in messages]
+            present = set(keys)
             log.info("dropped %d records of partitions revoked during the poll", n - len(messages))
             if not messages:
                 return
-        if self.floor:
+        floor = self.floor
+        if floor and not floor.keys().isdisjoint(present):
             # Already reflected in the restored checkpoint (a crash between checkpoint and commit).
-            floor = self.floor
-            messages = [m for m in messages if m.offset >= floor.get(PartitionId(m.topic, m.partition), -1)]
-            for p in [p for p in floor if any(m.topic == p.topic and m.partition == p.partition for m in messages)]:
-                del floor[p]
+            # A floor may stay a long time (its partition idle), so batches of other partitions
+            # skip this filter.
+            by_tuple: dict[tuple[str, int], int] = floor  # type: ignore[assignment]  # equal keys
+            kept = [(m, k) for m, k in zip(messages, keys, strict=True) if m.offset >= by_tuple.get(k, -1)]
+            messages, keys = [m for m, _ in kept], [k for _, k in kept]
+            for k in set(keys) & by_tuple.keys():
+                del by_tuple[k]
             if not messages:
                 return
-            keys = [(m.topic, m.partition) for m in messages]
         # Partition index of every message (in order of first appearance) and each partition's
         # lowest and highest offset in the batch.
         first_seen: dict[tuple[str, int], int] = {}

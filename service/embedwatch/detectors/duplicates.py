@@ -125,15 +125,13 @@ class DuplicateIds:
     def _merge(self) -> None:
         """Apply the pending evictions and additions to ``_sorted``."""
         if self._gone:
-            gone = np.sort(np.repeat(np.fromiter(self._gone.keys(), dtype=np.int64, count=len(self._gone)),
-                                     np.fromiter(self._gone.values(), dtype=np.int64, count=len(self._gone))))
+            gone = _expand(self._gone)
             at = np.searchsorted(self._sorted, gone)
             run = np.arange(gone.size) - np.searchsorted(gone, gone)
             self._sorted = np.delete(self._sorted, at + run)
             self._gone = {}
         if self._fresh:
-            add = np.sort(np.repeat(np.fromiter(self._fresh.keys(), dtype=np.int64, count=len(self._fresh)),
-                                    np.fromiter(self._fresh.values(), dtype=np.int64, count=len(self._fresh))))
+            add = _expand(self._fresh)
             self._sorted = np.insert(self._sorted, np.searchsorted(self._sorted, add), add)
             self._fresh = {}
         self._nfresh = 0
@@ -172,3 +170,10 @@ class DuplicateIds:
         hs = np.sort(h)
         self._sorted = np.insert(self._sorted, np.searchsorted(self._sorted, hs), hs)
         return dups
+
+
+def _expand(counts: dict[int, int]) -> np.ndarray:
+    """The sorted hashes of ``{hash: count}``, each repeated ``count`` times."""
+    n = len(counts)
+    return np.sort(np.repeat(np.fromiter(counts.keys(), dtype=np.int64, count=n),
+                             np.fromiter(counts.values(), dtype=np.int64, count=n)))

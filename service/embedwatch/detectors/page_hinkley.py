@@ -103,7 +103,8 @@ class PageHinkley:
         return first, mean, np.asarray(s_inc), np.asarray(s_dec), np.stack([min_inc, max_dec, stat])
 
     def _scan_small(self, x: list[float]) -> int:
-        """:meth:`_scan` for a few values as a plain loop, updating the state; first detection or -1.
+        """:meth:`_scan` for a few values as a plain loop: first detection or -1 (then the state is
+        updated; after a detection the caller resets it).
 
         A handful of numpy and ``lfilter`` calls cost about 100 us whatever the batch size, and
         with many streams each update carries only a few events. Same operations in the same
@@ -132,16 +133,12 @@ class PageHinkley:
             if n >= self.min_instances:
                 stat = max(t_inc, t_dec)
                 if (up and t_inc > thr) or (down and t_dec > thr):
-                    self._set(n, mean, s_inc, s_dec, lo, hi, stat)
-                    return i
+                    return i  # the caller resets the state
             else:
                 stat = 0.0
-        self._set(n0 + len(x), mean, s_inc, s_dec, lo, hi, stat)
-        return -1
-
-    def _set(self, n: int, mean: float, s_inc: float, s_dec: float, lo: float, hi: float, stat: float) -> None:
-        self.n, self.mean, self.sum_increase, self.sum_decrease = n, mean, s_inc, s_dec
+        self.n, self.mean, self.sum_increase, self.sum_decrease = n0 + len(x), mean, s_inc, s_dec
         self.min_increase, self.max_decrease, self.statistic = lo, hi, stat
+        return -1
 
     def update_many(self, x: np.ndarray) -> np.ndarray:
         """Feed a batch of values; return the 0-based offsets (within ``x``) of detected changes."""
