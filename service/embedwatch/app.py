@@ -164,6 +164,10 @@ class Service:
         self.persistent = not isinstance(self.state_backend, NullStateBackend)
         self._state_records: dict[str, bytes] = dict(state_records or {})
         self._last_checkpoint = time.monotonic()
+        # A batch was processed in memory but abandoned before its commit (stop requested while the
+        # broker was unreachable): the in-memory state is ahead of every position, so it must not be
+        # checkpointed; the next owner replays the batch from the last durable point.
+        self._state_ahead = False
         self.exporter.set_gauge("embedwatch_up", (), 1.0)
         # Counters that exist from the start, so rate() and alerts see 0 rather than no series.
         for name in ("embedwatch_dead_letter_errors_total", "embedwatch_rebalances_total",
@@ -393,6 +397,10 @@ class Service:
         The records are built under the exporter lock (a consistent cut between batches) and
         written outside it, so /metrics keeps answering while the backend is slow or down.
         """
+        if self._state_ahead:
+            log.warning("a batch was abandoned after it was processed: no checkpoint, the next owner "
+                        "resumes from the last durable point")
+            return
         with self.exporter.lock:
             records, positions, ledgers = self._checkpoint_records(partitions)
         if not records:
@@ -579,16 +587,26 @@ class Service:
             PartitionId(*k): (int(lo_off[i]), int(hi_off[i])) for k, i in first_seen.items()}
         for p in parts:
             self.ledgers.setdefault(p, Ledger())
+        batch, rejections = self.process(messages)
         # Mark the batch in flight at the last durable point: a successor after a crash knows what
-        # it processes a second time.
+        # it processes a second time. process() only changed this process's memory, so the marker
+        # can follow it; it must reach the broker before anything outside (dead letters) does.
         inflight: dict[PartitionId, Committed] = {}
         for p, (lo, hi) in parts.items():
             offset, ledger = self.durable.get(p, (lo, self.ledgers[p]))
             inflight[p] = Committed(offset, ledger.encode(inflight_end=hi + 1))
-        # Asynchronous: it only tells a successor what it replays, and commits to one coordinator
-        # are applied in order, so the batch's final commit below still wins.
-        source.commit(inflight, asynchronous=True)
-        batch, rejections = self.process(messages)
+        if rejections:
+            # Synchronous: a crash after the dead letters are flushed must find the marker, or the
+            # successor writes them again without counting a replay. Only such batches pay the
+            # round trip.
+            if not self._commit(source, inflight):
+                # The partitions moved on or a stop came first: the batch is the next owner's.
+                self._state_ahead = self.stop_requested.is_set()
+                return
+        else:
+            # Asynchronous: it only tells a successor what it replays, and commits to one
+            # coordinator are applied in order, so the batch's final commit below still wins.
+            source.commit(inflight, asynchronous=True)
         for r in rejections:
             m = messages[r.message_index]
             sink.send(self.settings.kafka.dlq_topic(m.topic), r.payload, m.key, dlq_headers(m, r))
@@ -601,7 +619,9 @@ class Service:
                 raise
 
         if not self._retry(flush, "dead-letter write"):
-            return  # stopping before the dead letters were acknowledged: nothing committed, replayed later
+            # Stopping before the dead letters were acknowledged: nothing committed, replayed later.
+            self._state_ahead = True
+            return
         # Per-partition outcome counts, vectorised over the batch's events.
         pidx = {p: i for i, p in enumerate(parts)}  # the order of msg_part's indices
         acc = np.zeros(len(parts), dtype=np.int64)

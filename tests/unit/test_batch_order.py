@@ -1,0 +1,181 @@
+"""The order of a batch's side effects (what a crash at any point leaves behind).
+
+The loop's Kafka path is tested end to end against the real broker (tests/integration); a kill at
+the exact moment between two effects cannot be placed there, so the order itself is checked here
+with a recording source and sink (plain fakes of the two protocols, no Kafka involved).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import orjson
+import pytest
+
+from embedwatch.app import Service
+from embedwatch.config import Settings
+from embedwatch.events import Message
+from embedwatch.sources.base import Committed, PartitionId
+from embedwatch.state import FileStateBackend, checkpoint_key, decode_checkpoint
+
+TOPIC = "embeddings"
+P0 = PartitionId(TOPIC, 0)
+
+
+def _event(i: int, bad: bool = False) -> bytes:
+    vec = [0.0] * 8 if bad else [1.0 + (i % 5) * 0.1] + [0.5] * 7
+    return orjson.dumps({"model": "m", "model_version": "v1", "embedding": vec, "event_id": f"e{i}"})
+
+
+def _messages(lo: int, n: int, bad_every: int = 0) -> list[Message]:
+    return [Message(_event(i, bad=bool(bad_every) and i % bad_every == bad_every - 1), TOPIC, 0, i)
+            for i in range(lo, lo + n)]
+
+
+class RecordingSource:
+    """Hands out prepared batches and records every commit in one log shared with the sink."""
+
+    def __init__(self, log: list[tuple[str, object]], batches: list[list[Message]], svc: Service) -> None:
+        self.log, self.batches, self.svc = log, batches, svc
+        self.fail_commits = False
+        self.first_poll = True
+        self.polled = 0
+        self.on_batch: dict[int, Callable[[], None]] = {}  # run before handing out batch i
+
+    def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
+        if self.first_poll:
+            self.first_poll = False
+            self.svc.on_assigned([P0])
+        if not self.batches:
+            self.svc.stop_requested.set()
+            return []
+        hook = self.on_batch.get(self.polled)
+        if hook is not None:
+            hook()
+        self.polled += 1
+        return self.batches.pop(0)
+
+    def commit(self, positions: dict[PartitionId, Committed], asynchronous: bool = False) -> None:
+        if self.fail_commits and not asynchronous:
+            self.log.append(("commit-failed", None))
+            raise ConnectionError("broker unreachable")
+        for p, c in positions.items():
+            meta = orjson.loads(c.metadata)
+            self.log.append(("commit-async" if asynchronous else "commit", (p, c.offset, meta.get("f"))))
+
+    def committed(self, partitions: Sequence[PartitionId]) -> dict[PartitionId, Committed | None]:
+        return dict.fromkeys(partitions)
+
+    def assignment(self) -> set[PartitionId]:
+        return {P0}
+
+    def end_offsets(self, partitions: Sequence[PartitionId]) -> dict[PartitionId, int]:
+        return dict.fromkeys(partitions, 0)
+
+    def position(self, partition: PartitionId) -> int | None:
+        return None
+
+    def connected(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.log.append(("close", None))
+
+
+class RecordingSink:
+    def __init__(self, log: list[tuple[str, object]]) -> None:
+        self.log = log
+        self.fail_flush = False
+
+    def send(self, topic: str, value: bytes, key: bytes | None, headers: list[tuple[str, bytes]]) -> None:
+        self.log.append(("send", dict(headers)["embedwatch-source-offset"].decode()))
+
+    def flush(self, timeout_s: float) -> None:
+        if self.fail_flush:
+            raise ConnectionError("broker unreachable")
+        self.log.append(("flush", None))
+
+    def close(self) -> None:
+        pass
+
+
+def _service(tmp_path: Path | None = None, checkpoint_interval_s: float = 3600.0) -> Service:
+    settings = Settings(kafka={"poll_timeout_ms": 1},  # type: ignore[arg-type]
+                        state={"checkpoint_interval_s": checkpoint_interval_s})
+    backend = FileStateBackend(tmp_path) if tmp_path is not None else None
+    return Service(settings, state_backend=backend)
+
+
+def test_the_in_flight_marker_reaches_the_broker_before_any_dead_letter() -> None:
+    log: list[tuple[str, object]] = []
+    svc = _service()
+    # First batch clean, second with a zero vector every 10 events (dead-lettered).
+    source = RecordingSource(log, [_messages(0, 50), _messages(50, 50, bad_every=10)], svc)
+    svc.run(source, RecordingSink(log))
+    first_send = next(i for i, (what, _) in enumerate(log) if what == "send")
+    markers = [(i, arg) for i, (what, arg) in enumerate(log)
+               if what in ("commit", "commit-async") and arg[2] is not None]  # type: ignore[index]
+    # The clean batch marks itself in flight asynchronously (no round trip).
+    assert log[markers[0][0]][0] == "commit-async"
+    assert markers[0][1] == (P0, 0, 50)
+    # The batch with dead letters: a synchronous marker naming the batch's end, before any send.
+    sync_markers = [(i, arg) for i, arg in markers if log[i][0] == "commit"]
+    assert sync_markers, log
+    i, arg = sync_markers[0]
+    assert i < first_send
+    assert arg == (P0, 50, 100)
+    assert [arg for what, arg in log if what == "send"] == [str(o) for o in range(59, 100, 10)]
+    # And the batch's own commit (no marker) after the flush.
+    flush_at = log.index(("flush", None))
+    assert ("commit", (P0, 100, None)) in log[flush_at:]
+
+
+def test_no_dead_letter_is_sent_when_the_marker_cannot_be_committed() -> None:
+    log: list[tuple[str, object]] = []
+    svc = _service()
+    source = RecordingSource(log, [_messages(0, 50, bad_every=10)], svc)
+    source.fail_commits = True
+    sink = RecordingSink(log)
+    svc._retry = lambda fn, what, still_relevant=lambda: True, max_delay_s=10.0: (  # type: ignore[method-assign]
+        _try_once(fn))
+    svc.run(source, sink)
+    assert not [e for e in log if e[0] == "send"]
+    assert ("commit-failed", None) in log
+
+
+def _try_once(fn: object) -> bool:
+    try:
+        fn()  # type: ignore[operator]
+    except ConnectionError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("fail", ["flush", "marker"])
+def test_a_batch_abandoned_at_stop_is_not_checkpointed(tmp_path: Path, fail: str) -> None:
+    """Its effects are in memory but in no position: a checkpoint would make the next owner count
+    it twice. The checkpoint written after the previous batch must stay the one on disk."""
+    log: list[tuple[str, object]] = []
+    svc = _service(tmp_path, checkpoint_interval_s=1e-9)  # a checkpoint after every batch
+    source = RecordingSource(log, [_messages(0, 40), _messages(40, 40, bad_every=10)], svc)
+    sink = RecordingSink(log)
+    source.on_batch = {1: lambda: setattr(sink if fail == "flush" else source,
+                                          "fail_flush" if fail == "flush" else "fail_commits", True)}
+    real_retry = svc._retry
+
+    def retry(fn, what, still_relevant=lambda: True, max_delay_s=10.0):  # type: ignore[no-untyped-def]
+        if sink.fail_flush or source.fail_commits:
+            svc.stop_requested.set()  # a SIGTERM during the outage: the retry gives up
+            return _try_once(fn)
+        return real_retry(fn, what, still_relevant, max_delay_s)
+
+    svc._retry = retry  # type: ignore[method-assign]
+    svc.run(source, sink)
+    assert ("send" in {e[0] for e in log}) == (fail == "flush")
+    records = FileStateBackend(tmp_path).read_new()
+    ckpt = decode_checkpoint(records[checkpoint_key(svc.settings.kafka.group_id, TOPIC, 0)])
+    assert ckpt.offset == 40
+    assert ckpt.ledger == {"a": 40, "d": 0}
+    (stream,) = ckpt.streams
+    assert stream.meta["events"] == 40
