@@ -1,15 +1,19 @@
 """Memory: RSS of a service holding S streams of dimension D with default windows (run in a fresh process).
 
-    python memory.py STREAMS DIM   -> one JSON object on stdout
+    python memory.py STREAMS DIM [EVENTS]   -> one JSON object on stdout
 
-Each stream gets ``reference_size + window_events`` events (its baseline is built from the first
-``reference_size``, then its window fills), routed exactly as the service routes them
+Each stream gets ``EVENTS`` events, by default ``reference_size + window_events`` (its baseline
+is built from the first ``reference_size``, then its window fills); with
+``reference_size + window_events + duplicate_window`` its duplicate-id memory is full as well,
+the steady state of a stream that runs for long. Events are routed exactly as the service routes them
 (``StreamRouter.route`` on decoded blocks, with event ids, so version comparison and duplicate
 tracking hold their state too; baselines are saved to the in-memory baseline store as with
-``state.backend: none``). RSS is read before the first stream and after the last; the per-stream
-figure is the difference divided by S. A breakdown of the largest numpy arrays per stream is
-reported too (nbytes, from the objects themselves), to show where the memory goes; arrays shared
-by every stream (the random-feature frequency matrix) are left out of it and reported once.
+``state.backend: none``). RSS is read before the first stream and after the last, after the
+heap trim the service's loop runs every ``limits.heap_trim_interval_s`` (RSS before the trim is
+reported too); the per-stream figure is the difference divided by S. A breakdown of the largest
+numpy arrays per stream is reported too (nbytes, from the objects themselves), to show where the
+memory goes; arrays shared by every stream (the random-feature frequency matrix) are left out of
+it and reported once.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import time
 from typing import Any
 
 import numpy as np
 import psutil
 
+from embedwatch import heap
 from embedwatch.app import Service
 from embedwatch.config import Settings
 from embedwatch.detectors import mmd as mmd_module
@@ -57,13 +63,14 @@ def _nbytes(obj: Any, seen: set[int], depth: int = 0) -> int:
 
 def main() -> int:
     streams, dim = int(sys.argv[1]), int(sys.argv[2])
+    events = int(sys.argv[3]) if len(sys.argv) > 3 else None
     settings = Settings(limits={"max_streams": max(200, streams)})  # type: ignore[arg-type]
     svc = Service(settings)
     proc = psutil.Process()
     gc.collect()
     rss0 = proc.memory_info().rss
     d = settings.detection
-    per_stream = d.reference_size + d.window_events
+    per_stream = events if events is not None else d.reference_size + d.window_events
     gen = EventGenerator(GeneratorConfig(streams=streams, dim=dim, seed=11))
     for s, spec in enumerate(gen.streams):
         key = StreamKey(spec.model, spec.model_version, spec.segment)
@@ -76,6 +83,11 @@ def main() -> int:
                           message_index=np.arange(n, dtype=np.int64), payloads=[b""] * n)
             svc.router.route(DecodedBatch(blocks=[block]))
     gc.collect()
+    rss_untrimmed = proc.memory_info().rss
+    # What the service's loop does every limits.heap_trim_interval_s: freed heap pages go back.
+    t = time.perf_counter()
+    heap.trim()
+    trim_ms = (time.perf_counter() - t) * 1e3
     rss1 = proc.memory_info().rss
     mon = next(iter(svc.router.monitors.values()))
     shared_arrays = list(getattr(mmd_module, "_by_digest", {}).values())
@@ -87,6 +99,7 @@ def main() -> int:
         "baseline_arrays": stream_bytes(mon.baseline.arrays if mon.baseline is not None else {}),
         "window": stream_bytes(getattr(mon, "_window", None)),
         "mmd_detector": stream_bytes(getattr(mon, "_mmd", None)),
+        "duplicate_ids": stream_bytes(getattr(mon, "_dups", None)),
         "monitor_total_numpy": stream_bytes(mon),
     }
     # What the in-memory baseline store holds beyond the monitors' own arrays (0 when it keeps
@@ -102,6 +115,7 @@ def main() -> int:
         "streams": streams, "dim": dim, "events_per_stream": per_stream,
         "live_streams": len(svc.router.monitors),
         "rss_before_mb": rss0 / 2**20, "rss_after_mb": rss1 / 2**20,
+        "rss_after_untrimmed_mb": rss_untrimmed / 2**20, "heap_trim_ms": round(trim_ms, 2),
         "mb_per_stream": (rss1 - rss0) / 2**20 / streams,
         "numpy_bytes_per_stream": {k: round(v / 2**20, 3) for k, v in breakdown.items()},
         "shared_numpy_mb": round(sum(int(a.nbytes) for a in shared_arrays) / 2**20, 3),

@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _util import ROOT, figure, kafka_broker, loadavg, machine_info  # noqa: E402
+from embedwatch.config import Settings  # noqa: E402
 
 RESULTS = HERE / "results.json"
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -43,10 +44,10 @@ def _sizes(quick: bool) -> dict[str, Any]:
     if quick:
         return {"decode_n": 6_000, "core_n": 20_000, "scale_n": 10_000, "streams": [1, 10, 100],
                 "dims": [128, 384, 768, 1536], "e2e_json": 30_000, "e2e_b64": 60_000, "latency_s": 8.0,
-                "mem_streams": 50, "min_per_stream": 120}
+                "mem_streams": 50, "mem_steady_streams": (2, 4), "min_per_stream": 120}
     return {"decode_n": 20_000, "core_n": 40_000, "scale_n": 20_000, "streams": [1, 10, 100, 1000],
             "dims": [128, 384, 768, 1536, 3072], "e2e_json": 60_000, "e2e_b64": 120_000, "latency_s": 15.0,
-            "mem_streams": 200, "min_per_stream": 60}
+            "mem_streams": 200, "mem_steady_streams": (4, 16), "min_per_stream": 60}
 
 
 def _timed(name: str, fn: Any, results: dict[str, Any]) -> None:
@@ -105,12 +106,17 @@ def run_scaling(sz: dict[str, Any]) -> dict[str, Any]:
     return r
 
 
+def _memory_point(streams: int, dim: int, events: int | None = None) -> dict[str, Any]:
+    args = [sys.executable, str(HERE / "memory.py"), str(streams), str(dim)] + ([str(events)] if events else [])
+    p = subprocess.run(args, capture_output=True, text=True, check=True, env={**os.environ, **ONE_THREAD}, cwd=HERE)
+    r: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
+    return r
+
+
 def run_memory(sz: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for streams, dim in ((sz["mem_streams"], 768),):
-        p = subprocess.run([sys.executable, str(HERE / "memory.py"), str(streams), str(dim)], capture_output=True,
-                           text=True, check=True, env={**os.environ, **ONE_THREAD}, cwd=HERE)
-        r = json.loads(p.stdout.strip().splitlines()[-1])
+        r = _memory_point(streams, dim)
         total = r["rss_after_mb"]
         r["rss_after"] = figure(total, "MiB", target="<= 300 (200 streams x 768-d)",
                                 target_met=(total <= 300) if streams == 200 else None)
@@ -119,6 +125,23 @@ def run_memory(sz: dict[str, Any]) -> dict[str, Any]:
             r["projected_200_streams_mb"] = figure(r["rss_before_mb"] + 200 * r["mb_per_stream"], "MiB")
         out[f"{streams}x{dim}"] = r
         print(f"  {streams} streams x {dim}-d: RSS {total:.0f} MiB, {r['mb_per_stream']:.2f} MiB/stream", flush=True)
+    # Steady state: a stream that has run long also holds a full duplicate-id memory. Feeding 200
+    # streams that far takes 20M events, so two smaller counts are fed and the slope between them
+    # is the per-stream figure (the process's fixed growth cancels out).
+    d = Settings().detection
+    events = d.reference_size + d.window_events + d.duplicate_window
+    lo_s, hi_s = sz["mem_steady_streams"]
+    lo, hi = _memory_point(lo_s, 768, events), _memory_point(hi_s, 768, events)
+    slope = (hi["rss_after_mb"] - lo["rss_after_mb"]) / (hi_s - lo_s)
+    projected = hi["rss_after_mb"] + (200 - hi_s) * slope
+    out["steady_768"] = {
+        "events_per_stream": events, "points": {str(lo_s): lo, str(hi_s): hi},
+        "per_stream": figure(slope, "MiB/stream", method=f"RSS slope between {lo_s} and {hi_s} streams"),
+        "projected_200_streams": figure(projected, "MiB", target="<= 300 (200 streams x 768-d)",
+                                        target_met=projected <= 300),
+    }
+    print(f"  steady state (768-d, {events} events/stream): {slope:.2f} MiB/stream, 200 streams ~{projected:.0f} MiB",
+          flush=True)
     return out
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from embedwatch import heap
 from embedwatch.baseline_store import BaselineRepository, MemoryBaselineStore
 from embedwatch.config import Settings
 from embedwatch.events import DecodedBatch, DecodeLimits, Decoder, Kind, Message, Rejection, StreamKey
@@ -149,6 +150,7 @@ class Service:
         self._sink: DeadLetterSink | None = None
         self._positions: dict[PartitionId, int] = {}
         self._last_lag_probe = 0.0
+        self._last_heap_trim = time.monotonic()
         self._heartbeat = time.monotonic()
         self._pending_assignment: list[PartitionId] = []
         # Streams of revoked partitions, forgotten unless the next assignment returns them.
@@ -529,6 +531,7 @@ class Service:
                     self._checkpoint(sorted(self._assigned), commit=source)
                     self._last_checkpoint = time.monotonic()
                 self._probe(source)
+                self._trim_heap()
             if self.persistent:
                 # Graceful stop: everything processed is checkpointed and committed, so the next
                 # owner replays nothing.
@@ -667,6 +670,15 @@ class Service:
                                          np.array([time.perf_counter() - t0]))
         if replayed:
             log.info("replayed %d events already processed before a restart", replayed)
+
+    def _trim_heap(self) -> None:
+        """Return freed heap memory to the OS now and then (see :mod:`embedwatch.heap`)."""
+        every = self.settings.limits.heap_trim_interval_s
+        now = time.monotonic()
+        if every <= 0 or now - self._last_heap_trim < every:
+            return
+        self._last_heap_trim = now
+        heap.trim()
 
     def _probe(self, source: Source, every_s: float = 2.0) -> None:
         """Refresh connectivity, readiness and consumer lag every few seconds."""

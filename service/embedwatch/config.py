@@ -99,6 +99,11 @@ class LimitSettings(_Section):
     max_dim: int = Field(8192, ge=1, le=1_000_000, description="Larger vectors are dead-lettered.")
     max_events_per_message: int = Field(10_000, ge=1, description="Longest JSON array accepted.")
     max_label_length: int = Field(128, ge=1, le=1024, description="Longest model/version/segment.")
+    heap_trim_interval_s: float = Field(
+        60.0, ge=0,
+        description="Seconds between returns of freed heap memory to the OS (glibc malloc_trim, a few ms); "
+        "without them a stream at steady state held 2.3 MiB more. 0: never.",
+    )
 
 
 class DetectionSettings(_Section):
@@ -162,7 +167,8 @@ class DetectionSettings(_Section):
     )
     version_knn_k: int = Field(10, ge=1, le=100, description="k of the k-NN overlap between versions.")
     duplicate_window: int = Field(
-        100_000, ge=100, description="Ids remembered per stream for duplicate detection (bounded)."
+        100_000, ge=100, description="Ids remembered per stream for duplicate detection (at least this many, "
+        "at most a quarter more: the memory drops its oldest quarter at a time; 8 bytes per id)."
     )
     seed: int = Field(0, description="Seed of every random choice (reservoirs, features), for repeatability.")
     min_window_events: int = Field(

@@ -168,11 +168,14 @@ def test_distribution_shift_matches_scipy() -> None:
     assert r2["psi"] > 0.1 and 0 < r2["js"] < 1
 
 
-def brute_force_duplicates(batches: list[list[str | None]], capacity: int) -> list[int]:
-    memory: list[str] = []
+def brute_force_duplicates(batches: list[list[str | None]], capacity: int, segment: int = 1) -> list[int]:
+    """Duplicates per batch against the ids kept as segments of ``segment`` ids (after each id, the
+    oldest dropped while the rest hold ``capacity``); ``segment=1``: the exact last ``capacity``."""
+    sealed: list[list[str]] = []
+    open_: list[str] = []
     out = []
     for batch in batches:
-        before = set(memory)
+        before = set(open_).union(*sealed)
         seen: set[str] = set()
         dups = 0
         for i in batch:
@@ -181,35 +184,61 @@ def brute_force_duplicates(batches: list[list[str | None]], capacity: int) -> li
             if i in before or i in seen:
                 dups += 1
             seen.add(i)
-            memory.append(i)
-        memory = memory[-capacity:]
+            open_.append(i)
+            if len(open_) == segment:
+                sealed.append(open_)
+                open_ = []
+            while sealed and sum(map(len, sealed[1:])) + len(open_) >= capacity:
+                sealed.pop(0)
         out.append(dups)
     return out
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(batches=st.lists(st.lists(st.one_of(st.none(), st.sampled_from("abcdefghij")), max_size=12),
                         max_size=10),
-       capacity=st.integers(1, 15), small=st.sampled_from([-1, 4, 64]), merge_every=st.sampled_from([1, 3, 256]))
+       capacity=st.integers(1, 15), small=st.sampled_from([-1, 4, 64]), merge_every=st.sampled_from([1, 3, 256]),
+       segments=st.sampled_from([1, 2, 4, 7]))
 def test_duplicate_ids_match_a_brute_force_reference(batches: list[list[str | None]], capacity: int, small: int,
-                                                     merge_every: int) -> None:
+                                                     merge_every: int, segments: int) -> None:
     """Every mix of the vectorised path (batches longer than ``small``) and the buffered per-id
-    path, merged into the sorted copy every ``merge_every`` changes, counts what brute force does."""
+    path, merged into the open segment every ``merge_every`` ids, counts what brute force does;
+    and between what exact memories of ``capacity`` and ``capacity + segment - 1`` ids count."""
     import embedwatch.detectors.duplicates as dup_module
 
-    saved = dup_module._SMALL, dup_module._MERGE_EVERY
-    dup_module._SMALL, dup_module._MERGE_EVERY = small, merge_every
+    saved = dup_module._SMALL, dup_module._MERGE_EVERY, dup_module._SEGMENTS
+    dup_module._SMALL, dup_module._MERGE_EVERY, dup_module._SEGMENTS = small, merge_every, segments
     try:
         d = DuplicateIds(capacity)
         got = [d.update(b) for b in batches]
+        seg = d.segment
+        size = d.size
         d._merge()
-        ring = d._ring[(d._head - d._size + np.arange(d._size)) % capacity] if d._size else d._sorted
     finally:
-        dup_module._SMALL, dup_module._MERGE_EVERY = saved
-    assert got == brute_force_duplicates(batches, capacity)
+        dup_module._SMALL, dup_module._MERGE_EVERY, dup_module._SEGMENTS = saved
+    assert seg == -(-capacity // segments)
+    assert got == brute_force_duplicates(batches, capacity, seg)
     assert d.total == sum(got)
-    # The sorted copy holds exactly the ring's hashes once merged.
-    assert d._sorted.tolist() == sorted(ring.tolist())
+    lo, hi = brute_force_duplicates(batches, capacity), brute_force_duplicates(batches, capacity + seg - 1)
+    assert all(a <= g <= b for a, g, b in zip(lo, got, hi, strict=True))
+    # Bounded: at least the last ``capacity`` ids (or all of them), fewer than ``capacity + seg``.
+    n_ids = sum(1 for b in batches for i in b if i is not None)
+    assert min(capacity, n_ids) <= size < capacity + seg
+    keys = d._sealed
+    assert bool(np.all(keys[1:] >= keys[:-1]))
+    assert all(n == seg for _, n in d._gens) and keys.shape[0] == seg * len(d._gens)
+
+
+def test_duplicate_ids_memory_is_8_bytes_per_id_at_steady_state() -> None:
+    d = DuplicateIds(100_000)
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        d.update_hashes(rng.integers(-2**62, 2**62, size=1000))
+    for _ in range(2000):
+        d.update_hashes(rng.integers(-2**62, 2**62, size=10))
+    held = d._sealed.nbytes + d._open.nbytes
+    assert 100_000 <= d.size < 125_000
+    assert held == 8 * (d.size - d._npending)
 
 
 def test_covariance_eigvals_match_numpy_in_both_regimes() -> None:

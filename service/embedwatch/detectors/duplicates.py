@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
 
 #: Batches up to this many ids take the buffered per-id path (:meth:`DuplicateIds._update_small`).
 _SMALL = 64
-#: Pending changes (additions + distinct evicted hashes) that trigger a merge into the sorted copy.
+#: Pending additions that trigger a merge into the open segment.
 _MERGE_EVERY = 256
+#: Segments the memory is cut into: it remembers up to ``capacity / _SEGMENTS`` ids beyond
+#: ``capacity``; more segments hold fewer extra ids but rewrite the sealed array more often.
+_SEGMENTS = 4
+#: Low bits of a sealed key that hold its segment's generation (a hash keeps the other 58).
+_GEN_BITS = 6
+
 
 class DuplicateIds:
-    """Count events whose id already occurred among the last ``capacity`` ids (bounded memory).
+    """Count events whose id already occurred among the recent ids (at least the last ``capacity``).
 
-    Ids are reduced to 64-bit hashes (collisions are ~capacity^2 / 2^64, negligible). Memory is a
-    FIFO ring of the last ``capacity`` hashes plus a sorted copy of it: a batch is checked with one
-    ``searchsorted``. A long batch updates the sorted copy with one ``delete`` + ``insert``
-    (``O(capacity)`` memory moves, no per-event Python work beyond hashing the id strings); a short
-    one (a few events per stream and batch, as with many streams) leaves its changes in two small
-    dicts that are merged into the sorted copy every few hundred changes.
+    Ids are reduced to 58-bit hashes (a false match is ~capacity / 2^58 per id, negligible). The
+    memory is made of segments of ``ceil(capacity / 4)`` ids, oldest first, plus the open segment
+    being filled: a full segment is sealed, and the oldest one is dropped as a whole once the
+    others still hold ``capacity`` ids. So the memory holds the last ``m`` ids with
+    ``capacity <= m < capacity + segment`` (exactly ``capacity`` when ``capacity <= 4``) at 8
+    bytes per id. (An exact first-in-first-out memory needs a ring of arrival order besides the
+    sorted copy, 16 bytes per id or 1.5 MiB per stream at the default 100,000 ids, and moves the
+    whole sorted copy at every eviction.) The sealed segments share one sorted array whose keys
+    carry their segment's generation in the low bits, so a batch is checked with two
+    ``searchsorted`` (sealed, open) and a segment is dropped with one filter. A short batch (a few
+    events per stream and batch, as with many streams) waits in a small dict that is merged into
+    the open segment every few hundred ids.
     ``None`` ids are ignored. Within one batch every id is checked against the memory as it was
     before the batch and against all earlier ids of the batch (so a batch longer than
     ``capacity`` is checked in full).
@@ -27,7 +40,7 @@ class DuplicateIds:
     Parameters
     ----------
     capacity
-        How many recent ids are remembered.
+        How many recent ids are remembered at least.
 
     Examples
     --------
@@ -45,21 +58,29 @@ class DuplicateIds:
     ----------
     [^1]: Metwally, A., Agrawal, D. & El Abbadi, A. (2005). Duplicate detection in click streams.
           WWW '05 (sliding-window duplicate detection with bounded memory).
+    [^2]: Datar, M., Gionis, A., Indyk, P. & Motwani, R. (2002). Maintaining stream statistics
+          over sliding windows. SIAM J. Computing 31(6) (windows kept as expiring blocks).
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = int(capacity)
-        self._ring = np.zeros(self.capacity, dtype=np.int64)
-        self._size = 0
-        self._head = 0  # next write position
-        self._sorted = np.zeros(0, dtype=np.int64)
-        # Changes not yet merged into ``_sorted`` (see :meth:`_update_small`): hash -> count of
-        # ring entries added since the last merge (the newest ``_nfresh`` of the ring), and of
-        # entries evicted since then that ``_sorted`` still holds.
-        self._fresh: dict[int, int] = {}
-        self._gone: dict[int, int] = {}
-        self._nfresh = 0
+        self.segment = -(-self.capacity // _SEGMENTS)
+        # Sealed segments: sorted keys ``hash << _GEN_BITS | generation``, and (generation, count)
+        # of each, oldest first.
+        self._sealed = np.zeros(0, dtype=np.int64)
+        self._gens: deque[tuple[int, int]] = deque()
+        self._next_gen = 0
+        self._nsealed = 0
+        self._open = np.zeros(0, dtype=np.int64)  # sorted hashes, fewer than ``segment``
+        # Additions to the open segment not merged yet (hash -> count), and their number.
+        self._pending: dict[int, int] = {}
+        self._npending = 0
         self.total = 0
+
+    @property
+    def size(self) -> int:
+        """How many ids are remembered."""
+        return self._nsealed + self._open.shape[0] + self._npending
 
     def update(self, ids: Sequence[str | None]) -> int:
         """Feed the ids of a batch in order; return how many of them are duplicates."""
@@ -73,107 +94,94 @@ class DuplicateIds:
 
     def update_hashes(self, h: np.ndarray) -> int:
         """Same as :meth:`update` on pre-hashed ids (does not add to :attr:`total`)."""
+        h = h >> _GEN_BITS  # arithmetic: the order of hashes is kept
         if h.shape[0] <= _SMALL:
             return self._update_small(h.tolist())
         self._merge()
         return self._update_bulk(h)
 
+    def _in_memory(self, h: np.ndarray) -> np.ndarray:
+        """Which hashes the sealed and open segments hold (not the pending ones)."""
+        found = np.zeros(h.shape[0], dtype=bool)
+        keys = self._sealed
+        if keys.shape[0]:
+            pos = np.searchsorted(keys, h << _GEN_BITS)
+            np.minimum(pos, keys.shape[0] - 1, out=pos)
+            found |= (keys[pos] >> _GEN_BITS) == h
+        op = self._open
+        if op.shape[0]:
+            pos = np.searchsorted(op, h)
+            np.minimum(pos, op.shape[0] - 1, out=pos)
+            found |= op[pos] == h
+        return found
+
     def _update_small(self, hs: list[int]) -> int:
-        """A short batch without touching ``_sorted``: it costs two ``delete``/``insert`` memory moves
-        of the whole memory, which with many streams (a few events per stream and batch) was most
-        of the cost. Additions and evictions wait in two small dicts, merged every
-        :data:`_MERGE_EVERY` changes (amortised ``O(capacity / _MERGE_EVERY)`` per event)."""
-        fresh, gone = self._fresh, self._gone
-        arr = np.array(hs, dtype=np.int64)
-        srt = self._sorted
-        merged = (np.searchsorted(srt, arr, side="right") - np.searchsorted(srt, arr)).tolist()
+        """A short batch without rebuilding the open segment: additions wait in a small dict,
+        merged every :data:`_MERGE_EVERY` ids or when the segment is full."""
+        pending = self._pending
+        found = self._in_memory(np.array(hs, dtype=np.int64)).tolist()
         dups = 0
         seen: set[int] = set()
-        for x, c in zip(hs, merged, strict=True):
-            if x in seen or c - gone.get(x, 0) + fresh.get(x, 0) > 0:
+        for x, f in zip(hs, found, strict=True):
+            if f or x in seen or x in pending:
                 dups += 1
             seen.add(x)
-        hs = hs[max(0, len(hs) - self.capacity):]
-        k = len(hs)
-        overflow = self._size + k - self.capacity
-        if overflow > 0:
-            ring = self._ring
-            start = self._head - self._size
-            old_merged = self._size - self._nfresh  # the oldest entries are the merged ones
-            for j in range(overflow):
-                x = int(ring[(start + j) % self.capacity])
-                if j < old_merged:
-                    gone[x] = gone.get(x, 0) + 1
-                else:
-                    left = fresh[x] - 1
-                    if left:
-                        fresh[x] = left
-                    else:
-                        del fresh[x]
-                    self._nfresh -= 1
-            self._size -= overflow
-        for j, x in enumerate(hs):
-            self._ring[(self._head + j) % self.capacity] = x
-            fresh[x] = fresh.get(x, 0) + 1
-        self._head = (self._head + k) % self.capacity
-        self._size += k
-        self._nfresh += k
-        if self._nfresh + len(gone) >= _MERGE_EVERY:
+        room = self.segment - self._open.shape[0]
+        for x in hs:
+            pending[x] = pending.get(x, 0) + 1
+            self._npending += 1
+            if self._npending == room:
+                self._merge()
+                room = self.segment - self._open.shape[0]
+            elif self._gens and self.size - self._gens[0][1] >= self.capacity:
+                self._trim()
+        if self._npending >= _MERGE_EVERY:
             self._merge()
         return dups
 
     def _merge(self) -> None:
-        """Apply the pending evictions and additions to ``_sorted``."""
-        if self._gone:
-            gone = _expand(self._gone)
-            at = np.searchsorted(self._sorted, gone)
-            run = np.arange(gone.size) - np.searchsorted(gone, gone)
-            self._sorted = np.delete(self._sorted, at + run)
-            self._gone = {}
-        if self._fresh:
-            add = _expand(self._fresh)
-            self._sorted = np.insert(self._sorted, np.searchsorted(self._sorted, add), add)
-            self._fresh = {}
-        self._nfresh = 0
+        """Move the pending additions into the open segment; seal it when it is full."""
+        if self._pending:
+            n = len(self._pending)
+            add = np.sort(np.repeat(np.fromiter(self._pending.keys(), dtype=np.int64, count=n),
+                                    np.fromiter(self._pending.values(), dtype=np.int64, count=n)))
+            self._open = np.insert(self._open, np.searchsorted(self._open, add), add)
+            self._pending.clear()  # in place: _update_small holds a reference
+            self._npending = 0
+        self._seal()
+
+    def _seal(self) -> None:
+        """Close the open segment once it is full."""
+        if self._open.shape[0] >= self.segment:
+            gen = self._next_gen
+            self._next_gen = (gen + 1) % (1 << _GEN_BITS)
+            new = (self._open << _GEN_BITS) | gen  # still sorted
+            self._sealed = np.insert(self._sealed, np.searchsorted(self._sealed, new), new)
+            self._gens.append((gen, new.shape[0]))
+            self._nsealed += new.shape[0]
+            self._open = np.zeros(0, dtype=np.int64)
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop the oldest segments while the younger ids alone are ``capacity`` or more."""
+        while self._gens and self.size - self._gens[0][1] >= self.capacity:
+            gen, n = self._gens.popleft()
+            self._sealed = self._sealed[(self._sealed & ((1 << _GEN_BITS) - 1)) != gen]
+            self._nsealed -= n
 
     def _update_bulk(self, h: np.ndarray) -> int:
-        """A long batch, vectorised; ``_sorted`` is up to date (merged) on entry and on exit."""
+        """A long batch, vectorised; nothing is pending on entry and on exit."""
         k = h.shape[0]
-        # Seen before in memory?
-        if self._sorted.size:
-            pos = np.searchsorted(self._sorted, h)
-            pos_c = np.minimum(pos, self._sorted.size - 1)
-            in_mem = self._sorted[pos_c] == h
-        else:
-            in_mem = np.zeros(k, dtype=bool)
+        in_mem = self._in_memory(h)
         # Or earlier in this batch?
         _, first = np.unique(h, return_index=True)
         earlier = np.ones(k, dtype=bool)
         earlier[first] = False
         dups = int(np.count_nonzero(in_mem | earlier))
-        # Evict the oldest hashes that the batch pushes out, then insert (the newest of) the batch.
-        h = h[max(0, k - self.capacity):]
-        k = h.shape[0]
-        overflow = self._size + k - self.capacity
-        if overflow > 0:
-            idx = (self._head - self._size + np.arange(overflow)) % self.capacity
-            gone = np.sort(self._ring[idx])
-            at = np.searchsorted(self._sorted, gone)
-            # Equal hashes: searchsorted gives the same slot; offset them to distinct positions.
-            run = np.arange(gone.size) - np.searchsorted(gone, gone)
-            self._sorted = np.delete(self._sorted, at + run)
-            self._size -= overflow
-        widx = (self._head + np.arange(k)) % self.capacity
-        self._ring[widx] = h
-        self._head = int((self._head + k) % self.capacity)
-        self._size += k
-        hs = np.sort(h)
-        self._sorted = np.insert(self._sorted, np.searchsorted(self._sorted, hs), hs)
+        start = 0
+        while start < k:
+            take = np.sort(h[start : start + self.segment - self._open.shape[0]])
+            self._open = np.insert(self._open, np.searchsorted(self._open, take), take)
+            start += take.shape[0]
+            self._seal()
         return dups
-
-
-def _expand(counts: dict[int, int]) -> np.ndarray:
-    """The sorted hashes of ``{hash: count}``, each repeated ``count`` times."""
-    n = len(counts)
-    return np.sort(np.repeat(np.fromiter(counts.keys(), dtype=np.int64, count=n),
-                             np.fromiter(counts.values(), dtype=np.int64, count=n)))
