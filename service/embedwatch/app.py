@@ -170,6 +170,9 @@ class Service:
         # broker was unreachable): the in-memory state is ahead of every position, so it must not be
         # checkpointed; the next owner replays the batch from the last durable point.
         self._state_ahead = False
+        # Without durable state: the last batch's commit, sent asynchronously, until its landing is
+        # confirmed (positions, and the ledgers they carry).
+        self._unconfirmed: tuple[dict[PartitionId, Committed], dict[PartitionId, Ledger]] | None = None
         self.exporter.set_gauge("embedwatch_up", (), 1.0)
         # Counters that exist from the start, so rate() and alerts see 0 rather than no series.
         for name in ("embedwatch_dead_letter_errors_total", "embedwatch_rebalances_total",
@@ -362,6 +365,12 @@ class Service:
             # resumes from the previous checkpoint.
             self._checkpoint([p for p in partitions if p in self._assigned], commit=None,
                              deadline=time.monotonic() + 10.0)
+        if self._unconfirmed is not None:
+            # The next owner resumes from whatever landed; a late confirmation must not commit
+            # over its positions.
+            positions, ledgers = self._unconfirmed
+            kept = {p: c for p, c in positions.items() if p not in set(partitions)}
+            self._unconfirmed = (kept, ledgers) if kept else None
         with self.exporter.lock:
             for p in partitions:
                 if p in self._pending_assignment:
@@ -452,6 +461,27 @@ class Service:
             ledgers[p] = ledger
         return records, positions, ledgers
 
+    def _confirm_commit(self, source: Source, wait: bool = True) -> bool:
+        """Make the last batch's asynchronous commit the durable point once it has landed; with
+        ``wait``, commit it synchronously if its completion has not been seen yet. False when it
+        could not be confirmed (its partitions were revoked, or a stop came first)."""
+        pending = self._unconfirmed
+        if pending is None:
+            return True
+        positions, ledgers = pending
+        if source.landed(positions):
+            self.exporter.counters.inc("embedwatch_commits_total", ("success",))
+        elif not wait:
+            return False
+        elif not self._commit(source, positions):
+            self._unconfirmed = None
+            return False
+        self._unconfirmed = None
+        for p, c in positions.items():
+            if p in self._assigned:
+                self.durable[p] = (c.offset, ledgers[p])
+        return True
+
     def _commit(self, source: Source, positions: dict[PartitionId, Committed]) -> bool:
         """Commit, retrying through broker outages; False if the partitions were taken away."""
         def attempt() -> None:
@@ -526,6 +556,8 @@ class Service:
                 self._load_assignment(source)
                 if messages:
                     self._handle_batch(messages, source, sink)
+                elif self._unconfirmed is not None:
+                    self._confirm_commit(source, wait=False)
                 due = time.monotonic() - self._last_checkpoint >= self.settings.state.checkpoint_interval_s
                 if self.persistent and due:
                     self._checkpoint(sorted(self._assigned), commit=source)
@@ -536,6 +568,8 @@ class Service:
                 # Graceful stop: everything processed is checkpointed and committed, so the next
                 # owner replays nothing.
                 self._checkpoint(sorted(self._assigned), commit=source)
+            else:
+                self._confirm_commit(source)  # the last batch's commit, before the group is left
         finally:
             self.ready = False
             self.exporter.set_gauge("embedwatch_ready", (), 0.0)
@@ -591,6 +625,8 @@ class Service:
         for p in parts:
             self.ledgers.setdefault(p, Ledger())
         batch, rejections = self.process(messages)
+        if not self._confirm_commit(source) and self.stop_requested.is_set():
+            return  # nothing of this batch left the process: the next owner processes it
         # Mark the batch in flight at the last durable point: a successor after a crash knows what
         # it processes a second time. process() only changed this process's memory, so the marker
         # can follow it; it must reach the broker before anything outside (dead letters) does.
@@ -661,10 +697,13 @@ class Service:
                     self.stream_home[b.stream] = PartitionId(m0.topic, m0.partition)
         if not self.persistent:
             # No durable state: the batch's effects live in memory only, so the batch is the unit.
+            # Its commit goes out asynchronously and is confirmed before the next batch has any
+            # effect outside this process (_confirm_commit), so a kill still replays at most one
+            # batch. Waiting for it here held the loop for a broker round trip per batch: end to
+            # end 24k -> 30k JSON events/s on confluent without the wait.
             positions = {p: Committed(self._positions[p], self.ledgers[p].encode()) for p in parts}
-            if self._commit(source, positions):
-                for p, c in positions.items():
-                    self.durable[p] = (c.offset, self.ledgers[p].copy())
+            source.commit(positions, asynchronous=True)
+            self._unconfirmed = (positions, {p: self.ledgers[p].copy() for p in positions})
         self.exporter.counters.inc("embedwatch_batches_total")
         self.exporter.histograms.observe("embedwatch_processing_seconds", (),
                                          np.array([time.perf_counter() - t0]))

@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from embedwatch.app import Service
+from embedwatch.app import Ledger, Service
 from embedwatch.config import Settings
 from embedwatch.events import Message
 from embedwatch.sources.base import Committed, PartitionId
@@ -34,16 +34,34 @@ def _messages(lo: int, n: int, bad_every: int = 0) -> list[Message]:
 
 
 class RecordingSource:
-    """Hands out prepared batches and records every commit in one log shared with the sink."""
+    """Hands out prepared batches and records every commit in one log shared with the sink.
+
+    It also models the broker's side of commits: ``applied`` is what a successor would read after a
+    kill at this moment. Asynchronous commits are applied in order at the next poll (where real
+    clients serve their completions, and :meth:`landed` learns of them) or, with ``slow``, only
+    when a later synchronous commit pushes them through (commits to one coordinator apply in
+    order)."""
 
     def __init__(self, log: list[tuple[str, object]], batches: list[list[Message]], svc: Service) -> None:
         self.log, self.batches, self.svc = log, batches, svc
         self.fail_commits = False
+        self.slow = False
         self.first_poll = True
         self.polled = 0
         self.on_batch: dict[int, Callable[[], None]] = {}  # run before handing out batch i
+        self.queued: list[tuple[int, int | None]] = []  # async commits sent, not applied yet
+        self.applied: tuple[int, int | None] = (-1, None)  # (offset, in-flight end) on the broker
+        self.acked = -1  # highest offset whose commit completion the client has seen
+
+    def _apply_queued(self) -> None:
+        for c in self.queued:
+            self.applied = c
+        self.queued.clear()
 
     def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
+        if not self.slow and self.queued:
+            self._apply_queued()
+            self.acked = max(self.acked, self.applied[0])
         if self.first_poll:
             self.first_poll = False
             self.svc.on_assigned([P0])
@@ -61,11 +79,21 @@ class RecordingSource:
             self.log.append(("commit-failed", None))
             raise ConnectionError("broker unreachable")
         for p, c in positions.items():
-            meta = orjson.loads(c.metadata)
-            self.log.append(("commit-async" if asynchronous else "commit", (p, c.offset, meta.get("f"))))
+            f = orjson.loads(c.metadata).get("f")
+            self.log.append(("commit-async" if asynchronous else "commit", (p, c.offset, f)))
+            if asynchronous:
+                self.queued.append((c.offset, f))
+            else:
+                self._apply_queued()
+                self.applied = (c.offset, f)
+                self.acked = max(self.acked, c.offset)
+
+    def landed(self, positions: dict[PartitionId, Committed]) -> bool:
+        return all(self.acked >= c.offset for c in positions.values())
 
     def committed(self, partitions: Sequence[PartitionId]) -> dict[PartitionId, Committed | None]:
-        return dict.fromkeys(partitions)
+        # A group that committed before: offset 0 with an empty ledger.
+        return {p: Committed(0, Ledger().encode()) for p in partitions}
 
     def assignment(self) -> set[PartitionId]:
         return {P0}
@@ -84,12 +112,17 @@ class RecordingSource:
 
 
 class RecordingSink:
-    def __init__(self, log: list[tuple[str, object]]) -> None:
+    def __init__(self, log: list[tuple[str, object]], source: RecordingSource | None = None) -> None:
         self.log = log
+        self.source = source
         self.fail_flush = False
+        self.broker_at_send: list[tuple[int, tuple[int, int | None]]] = []
 
     def send(self, topic: str, value: bytes, key: bytes | None, headers: list[tuple[str, bytes]]) -> None:
-        self.log.append(("send", dict(headers)["embedwatch-source-offset"].decode()))
+        offset = dict(headers)["embedwatch-source-offset"].decode()
+        self.log.append(("send", offset))
+        if self.source is not None:
+            self.broker_at_send.append((int(offset), self.source.applied))
 
     def flush(self, timeout_s: float) -> None:
         if self.fail_flush:
@@ -107,28 +140,32 @@ def _service(tmp_path: Path | None = None, checkpoint_interval_s: float = 3600.0
     return Service(settings, state_backend=backend)
 
 
-def test_the_in_flight_marker_reaches_the_broker_before_any_dead_letter() -> None:
+@pytest.mark.parametrize("slow", [False, True])
+def test_the_in_flight_marker_reaches_the_broker_before_any_dead_letter(slow: bool) -> None:
     log: list[tuple[str, object]] = []
     svc = _service()
-    # First batch clean, second with a zero vector every 10 events (dead-lettered).
-    source = RecordingSource(log, [_messages(0, 50), _messages(50, 50, bad_every=10)], svc)
-    svc.run(source, RecordingSink(log))
-    first_send = next(i for i, (what, _) in enumerate(log) if what == "send")
-    markers = [(i, arg) for i, (what, arg) in enumerate(log)
-               if what in ("commit", "commit-async") and arg[2] is not None]  # type: ignore[index]
-    # The clean batch marks itself in flight asynchronously (no round trip).
-    assert log[markers[0][0]][0] == "commit-async"
-    assert markers[0][1] == (P0, 0, 50)
+    # Two clean batches, then one with a zero vector every 10 events (dead-lettered).
+    source = RecordingSource(log, [_messages(0, 50), _messages(50, 50), _messages(100, 50, bad_every=10)], svc)
+    source.slow = slow
+    sink = RecordingSink(log, source)
+    svc.run(source, sink)
+    sent = [arg for what, arg in log if what == "send"]
+    assert sent == [str(o) for o in range(109, 150, 10)]
+    # A kill at any send: the successor resumes from what the broker holds then, and the letter
+    # lies in the replay range it was told about (so it counts the re-sent letter), which spans
+    # one batch only.
+    for offset, (committed, inflight_end) in sink.broker_at_send:
+        assert inflight_end is not None and committed <= offset < inflight_end
+        assert inflight_end - committed <= 50
+    # Clean batches mark themselves in flight and commit without waiting for the broker.
+    assert ("commit-async", (P0, 0, 50)) in log and ("commit-async", (P0, 50, None)) in log
     # The batch with dead letters: a synchronous marker naming the batch's end, before any send.
-    sync_markers = [(i, arg) for i, arg in markers if log[i][0] == "commit"]
-    assert sync_markers, log
-    i, arg = sync_markers[0]
-    assert i < first_send
-    assert arg == (P0, 50, 100)
-    assert [arg for what, arg in log if what == "send"] == [str(o) for o in range(59, 100, 10)]
-    # And the batch's own commit (no marker) after the flush.
-    flush_at = log.index(("flush", None))
-    assert ("commit", (P0, 100, None)) in log[flush_at:]
+    first_send = next(i for i, (what, _) in enumerate(log) if what == "send")
+    assert ("commit", (P0, 100, 150)) in log[:first_send]
+    # When the previous batch's commit had not been seen to land, it was committed synchronously.
+    assert (("commit", (P0, 100, None)) in log[:first_send]) == slow
+    # A graceful stop leaves the broker at the end, nothing in flight.
+    assert source.applied == (150, None)
 
 
 def test_no_dead_letter_is_sent_when_the_marker_cannot_be_committed() -> None:

@@ -37,6 +37,8 @@ class ConfluentSource:
         self._listener = listener
         self._connected = False
         self._probes = 0
+        # Highest offset per partition whose commit the broker acknowledged (from on_commit).
+        self._landed: dict[tuple[str, int], int] = {}
         self._consumer = Consumer({
             "bootstrap.servers": k.bootstrap_servers,
             "group.id": k.group_id,
@@ -56,6 +58,7 @@ class ConfluentSource:
             "fetch.queue.backoff.ms": 10,
             "reconnect.backoff.max.ms": 5000,
             "error_cb": self._on_error,
+            "on_commit": self._on_commit,
             **security_config(k),
         })
         topics = [t for t in (k.embeddings_topic, k.queries_topic) if t]
@@ -69,11 +72,28 @@ class ConfluentSource:
         if auth or err.code() in (-195, -187):  # _TRANSPORT, _ALL_BROKERS_DOWN
             self._connected = False
 
+    def _on_commit(self, err: Any, partitions: list[TopicPartition]) -> None:
+        # Served from consume(): the completions of asynchronous commits.
+        if err is not None:
+            log.debug("asynchronous commit failed: %s", err)
+            return
+        landed = self._landed
+        for tp in partitions:
+            if tp.error is None and tp.offset >= 0:
+                key = (tp.topic, tp.partition)
+                landed[key] = max(landed.get(key, -1), tp.offset)
+
+    def landed(self, positions: dict[PartitionId, Committed]) -> bool:
+        landed = self._landed
+        return all(landed.get((p.topic, p.partition), -1) >= c.offset for p, c in positions.items())
+
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         if self._listener is not None:
             self._listener.on_assigned([PartitionId(p.topic, p.partition) for p in partitions])
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        for p in partitions:  # a later owner's commits are not ours to count
+            self._landed.pop((p.topic, p.partition), None)
         if self._listener is not None:
             self._listener.on_revoked([PartitionId(p.topic, p.partition) for p in partitions])
 

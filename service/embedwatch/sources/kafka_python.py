@@ -48,19 +48,19 @@ def security_kwargs(k: KafkaSettings) -> dict[str, Any]:
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, inner: RebalanceListener) -> None:
+    def __init__(self, inner: RebalanceListener | None, source: KafkaPythonSource) -> None:
         self.inner = inner
+        self.source = source
 
     def on_partitions_revoked(self, revoked: Any) -> None:
-        self.inner.on_revoked([PartitionId(tp.topic, tp.partition) for tp in revoked])
+        parts = [PartitionId(tp.topic, tp.partition) for tp in revoked]
+        self.source.forget(parts)
+        if self.inner is not None:
+            self.inner.on_revoked(parts)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
-        self.inner.on_assigned([PartitionId(tp.topic, tp.partition) for tp in assigned])
-
-
-def _log_async_commit(offsets: Any, response: Any) -> None:
-    if isinstance(response, Exception):
-        log.debug("asynchronous commit failed: %s", response)
+        if self.inner is not None:
+            self.inner.on_assigned([PartitionId(tp.topic, tp.partition) for tp in assigned])
 
 
 class KafkaPythonSource:
@@ -74,6 +74,8 @@ class KafkaPythonSource:
         k = settings.kafka
         self._topics = [t for t in (k.embeddings_topic, k.queries_topic) if t]
         self._consumer: KafkaConsumer | None = None
+        # Highest offset per partition whose commit the broker acknowledged (commit_async callbacks).
+        self._landed: dict[tuple[str, int], int] = {}
         self._connected = False
         self._failures = 0
         self._ensure_consumer()
@@ -121,10 +123,7 @@ class KafkaPythonSource:
                 consumer.partitions_for_topic(topic)
             except KafkaError as e:
                 log.warning("kafka: no metadata for topic %s yet: %s", topic, e)
-        if self._listener is not None:
-            consumer.subscribe(self._topics, listener=_Listener(self._listener))
-        else:
-            consumer.subscribe(self._topics)
+        consumer.subscribe(self._topics, listener=_Listener(self._listener, self))
         self._consumer = consumer
         return consumer
 
@@ -165,9 +164,28 @@ class KafkaPythonSource:
             for p, c in positions.items()
         }
         if asynchronous:
-            self._client.commit_async(offsets, callback=_log_async_commit)
+            self._client.commit_async(offsets, callback=self._on_commit)
         else:
             self._client.commit(offsets)
+
+    def _on_commit(self, offsets: Any, response: Any) -> None:
+        # Invoked from poll(): the completion of an asynchronous commit.
+        if isinstance(response, Exception):
+            log.debug("asynchronous commit failed: %s", response)
+            return
+        landed = self._landed
+        for tp, om in offsets.items():
+            key = (tp.topic, tp.partition)
+            landed[key] = max(landed.get(key, -1), om.offset)
+
+    def landed(self, positions: dict[PartitionId, Committed]) -> bool:
+        landed = self._landed
+        return all(landed.get((p.topic, p.partition), -1) >= c.offset for p, c in positions.items())
+
+    def forget(self, partitions: Sequence[PartitionId]) -> None:
+        """Drop what is known of revoked partitions' commits: a later owner's are not ours."""
+        for p in partitions:
+            self._landed.pop((p.topic, p.partition), None)
 
     def committed(self, partitions: Sequence[PartitionId]) -> dict[PartitionId, Committed | None]:
         out: dict[PartitionId, Committed | None] = {}
