@@ -75,6 +75,10 @@ class Ledger:
 
     @classmethod
     def decode(cls, metadata: str) -> Ledger:
+        # confluent-kafka stores the metadata with its C string's terminating NUL, which other
+        # clients (kafka-python) return: without the strip, a group that changes backend (or runs
+        # replicas of both) would restart its ledgers at zero.
+        metadata = metadata.rstrip("\x00") if metadata else metadata
         try:
             doc = orjson.loads(metadata) if metadata else {}
         except orjson.JSONDecodeError:

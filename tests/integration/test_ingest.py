@@ -14,6 +14,7 @@ import orjson
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from embedwatch.app import Ledger
 from embedwatch.produce import EventGenerator, GeneratorConfig
 from service_proc import BIN, ServiceProcess, metric_sum
 
@@ -144,12 +145,13 @@ def test_every_event_is_accounted_for(kafka_bootstrap: str, unique_topics, fresh
         producer.close()
 
 
+@pytest.mark.parametrize("backend", ["kafka-python", "confluent"])
 def test_kill_9_and_restart_reconciles(kafka_bootstrap: str, unique_topics, fresh_topic_prefix: str,
-                                       tmp_path: Path) -> None:
+                                       tmp_path: Path, backend: str) -> None:
     emb, _, emb_dlq, _ = unique_topics("embeddings", "queries", "embeddings.dlq", "queries.dlq", partitions=3)
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=10)
     gen = EventGenerator(GeneratorConfig(streams=3, dim=DIM, seed=3))
-    cfg = _config(kafka_bootstrap, fresh_topic_prefix, kafka={"max_poll_records": 200})
+    cfg = _config(kafka_bootstrap, fresh_topic_prefix, kafka={"max_poll_records": 200, "backend": backend})
     total = 0
     msgs = gen.messages(30_000)
     # A zero vector every 100 events: dead letters must reconcile too.
@@ -188,12 +190,13 @@ def test_kill_9_and_restart_reconciles(kafka_bootstrap: str, unique_topics, fres
         producer.close()
 
 
+@pytest.mark.parametrize("backend", ["kafka-python", "confluent"])
 def test_sigterm_commits_and_restart_resumes(kafka_bootstrap: str, unique_topics, fresh_topic_prefix: str,
-                                             tmp_path: Path) -> None:
+                                             tmp_path: Path, backend: str) -> None:
     emb, *_ = unique_topics("embeddings", "queries", "embeddings.dlq", "queries.dlq", partitions=3)
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=10)
     gen = EventGenerator(GeneratorConfig(streams=3, dim=DIM, seed=5))
-    cfg = _config(kafka_bootstrap, fresh_topic_prefix, kafka={"max_poll_records": 100})
+    cfg = _config(kafka_bootstrap, fresh_topic_prefix, kafka={"max_poll_records": 100, "backend": backend})
     _send(producer, emb, gen.messages(20_000))
     svc = ServiceProcess(tmp_path, cfg, "a").start()
     try:
@@ -209,7 +212,10 @@ def test_sigterm_commits_and_restart_resumes(kafka_bootstrap: str, unique_topics
         committed = {tp: c.committed(tp, metadata=True) for tp in parts}
         c.close(autocommit=False)
         assert sum(om.offset for om in committed.values() if om) > 3000
-        ledgers = [json.loads(om.metadata) for om in committed.values() if om]
+        # Read with kafka-python whichever backend committed: the same ledger (Ledger.decode).
+        ledgers = [json.loads(om.metadata.rstrip("\x00")) for om in committed.values() if om]
+        assert all(Ledger.decode(om.metadata) == Ledger(d["a"], d["d"], d.get("f", -1))
+                   for om, d in zip((om for om in committed.values() if om), ledgers, strict=True))
         assert sum(d["a"] + d["d"] for d in ledgers) == sum(om.offset for om in committed.values() if om)
         assert all("f" not in d for d in ledgers), "a clean shutdown leaves nothing in flight"
         svc = ServiceProcess(tmp_path, cfg, "b").start()

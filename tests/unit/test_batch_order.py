@@ -216,3 +216,11 @@ def test_a_batch_abandoned_at_stop_is_not_checkpointed(tmp_path: Path, fail: str
     assert ckpt.ledger == {"a": 40, "d": 0}
     (stream,) = ckpt.streams
     assert stream.meta["events"] == 40
+
+
+def test_a_ledger_written_by_either_backend_reads_back() -> None:
+    """confluent-kafka stores commit metadata with a trailing NUL, which kafka-python returns."""
+    text = Ledger(12, 3).encode(inflight_end=40)
+    for stored in (text, text + "\x00"):
+        assert Ledger.decode(stored) == Ledger(12, 3, 40)
+    assert Ledger.decode("") == Ledger() and Ledger.decode("not json") == Ledger()
