@@ -40,8 +40,8 @@ class Source(Protocol):
         ...
 
     def landed(self, positions: dict[PartitionId, Committed]) -> bool:
-        """Whether the broker has acknowledged a commit at (or beyond) each of these offsets. A
-        backend may wait for the asynchronous commits it has already sent, never for more."""
+        """Whether the broker has acknowledged a commit at (or beyond) each of these offsets, as far
+        as the completions of asynchronous commits served by the polls so far tell."""
         ...
 
     def committed(self, partitions: Sequence[PartitionId]) -> dict[PartitionId, Committed | None]: ...

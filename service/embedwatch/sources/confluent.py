@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -38,14 +37,8 @@ class ConfluentSource:
         self._listener = listener
         self._connected = False
         self._probes = 0
-        # Highest offset per partition whose commit the broker acknowledged.
+        # Highest offset per partition whose commit the broker acknowledged (from on_commit).
         self._landed: dict[tuple[str, int], int] = {}
-        # "Asynchronous" commits are synchronous ones run by one worker thread, in order: librdkafka
-        # reports its own asynchronous commits through the consumer queue, behind every message
-        # already fetched, so their completion was seen batches late (py-spy: the service then
-        # committed again, synchronously, for 7% of its time). The client is thread-safe.
-        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedwatch-commit")
-        self._queued: list[Future[None]] = []
         self._consumer = Consumer({
             "bootstrap.servers": k.bootstrap_servers,
             "group.id": k.group_id,
@@ -65,6 +58,7 @@ class ConfluentSource:
             "fetch.queue.backoff.ms": 10,
             "reconnect.backoff.max.ms": 5000,
             "error_cb": self._on_error,
+            "on_commit": self._on_commit,
             **security_config(k),
         })
         topics = [t for t in (k.embeddings_topic, k.queries_topic) if t]
@@ -78,28 +72,18 @@ class ConfluentSource:
         if auth or err.code() in (-195, -187):  # _TRANSPORT, _ALL_BROKERS_DOWN
             self._connected = False
 
-    def _commit_now(self, tps: list[TopicPartition]) -> None:
-        result = self._consumer.commit(offsets=tps, asynchronous=False)
-        for tp in result or ():
-            if tp.error:
-                raise KafkaException(tp.error)
+    def _on_commit(self, err: Any, partitions: list[TopicPartition]) -> None:
+        # Served from consume(): the completions of asynchronous commits.
+        if err is not None:
+            log.debug("asynchronous commit failed: %s", err)
+            return
         landed = self._landed
-        for tp in tps:
-            key = (tp.topic, tp.partition)
-            landed[key] = max(landed.get(key, -1), tp.offset)
-
-    def _settle(self) -> None:
-        """Wait for the queued commits (a failed one is only logged: it was asynchronous)."""
-        queued, self._queued = self._queued, []
-        for f in queued:
-            try:
-                f.result()
-            except Exception as e:
-                log.debug("asynchronous commit failed: %s", e)
+        for tp in partitions:
+            if tp.error is None and tp.offset >= 0:
+                key = (tp.topic, tp.partition)
+                landed[key] = max(landed.get(key, -1), tp.offset)
 
     def landed(self, positions: dict[PartitionId, Committed]) -> bool:
-        # The commits were sent one batch ago: waiting for them is usually no wait at all.
-        self._settle()
         landed = self._landed
         return all(landed.get((p.topic, p.partition), -1) >= c.offset for p, c in positions.items())
 
@@ -108,7 +92,6 @@ class ConfluentSource:
             self._listener.on_assigned([PartitionId(p.topic, p.partition) for p in partitions])
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        self._settle()
         for p in partitions:  # a later owner's commits are not ours to count
             self._landed.pop((p.topic, p.partition), None)
         if self._listener is not None:
@@ -144,10 +127,12 @@ class ConfluentSource:
             return
         tps = [TopicPartition(p.topic, p.partition, c.offset, metadata=c.metadata) for p, c in positions.items()]
         if asynchronous:
-            self._queued = [f for f in self._queued if not f.done()] + [self._committer.submit(self._commit_now, tps)]
+            self._consumer.commit(offsets=tps, asynchronous=True)
             return
-        self._settle()  # in order: an earlier asynchronous commit must not land after this one
-        self._commit_now(tps)
+        result = self._consumer.commit(offsets=tps, asynchronous=False)
+        for tp in result or ():
+            if tp.error:
+                raise KafkaException(tp.error)
 
     def committed(self, partitions: Sequence[PartitionId]) -> dict[PartitionId, Committed | None]:
         tps = self._consumer.committed([TopicPartition(p.topic, p.partition) for p in partitions], timeout=10)
@@ -188,8 +173,6 @@ class ConfluentSource:
         return self._connected
 
     def close(self) -> None:
-        self._settle()
-        self._committer.shutdown()
         self._consumer.close()
 
 
