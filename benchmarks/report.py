@@ -151,9 +151,11 @@ def render(r: dict[str, Any]) -> str:
             o = _v(r, "e2e", "blas_1_thread", enc, be, "rate_steady")
             err = _err(r, "e2e", "as_shipped", enc, be)
             t = int(tgt.replace(",", ""))
-            best = max([x for x in (a, o) if x is not None], default=None)
-            rows.append([f"End to end (steady state), {enc}, 384-d, {be}", f">= {tgt} events/s",
-                         "failed" if err else _n(a), _n(o), _met(None if best is None else best >= t)])
+            # The service sets its BLAS threads itself (blas_threads: 1), so both columns are two
+            # runs of one configuration: the target counts as met only if both reach it.
+            worst = min([x for x in (a, o) if x is not None], default=None)
+            rows.append([f"End to end (steady state), {enc}, 384-d, {be} (both runs)", f">= {tgt} events/s",
+                         "failed" if err else _n(a), _n(o), _met(None if worst is None else worst >= t)])
     core_a = _v(r, "core", "as_shipped", "update_embeddings")
     core_o = _v(r, "core", "blas_1_thread", "update_embeddings")
     best = max([x for x in (core_a, core_o) if x is not None], default=None)
