@@ -120,6 +120,13 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def _memory_row(label: str, e: dict[str, Any]) -> list[str]:
+    br = e.get("numpy_bytes_per_stream", {})
+    return [label, _n(e["rss_before_mb"], 0, " MiB"), _n(e["rss_after_mb"], 0, " MiB"),
+            _n(e["mb_per_stream"], 2, " MiB"), _n(br.get("monitor_total_numpy"), 2),
+            _n(br.get("baseline_store_blobs_per_stream"), 2), _n(br.get("version_comparison_per_stream"), 2)]
+
+
 def render(r: dict[str, Any]) -> str:
     m = r.get("machine", {})
     run = r.get("run", {})
@@ -282,17 +289,10 @@ def render(r: dict[str, Any]) -> str:
     for k, e in mem_all.items():
         if not isinstance(e, dict) or "rss_after_mb" not in e:
             continue
-        br = e.get("numpy_bytes_per_stream", {})
-        rows.append([k, _n(e["rss_before_mb"], 0, " MiB"), _n(e["rss_after_mb"], 0, " MiB"),
-                     _n(e["mb_per_stream"], 2, " MiB"), _n(br.get("monitor_total_numpy"), 2),
-                     _n(br.get("baseline_store_blobs_per_stream"), 2), _n(br.get("version_comparison_per_stream"), 2)])
+        rows.append(_memory_row(k, e))
     steady = mem_all.get("steady_768") or {}
     for k, e in (steady.get("points") or {}).items():
-        br = e.get("numpy_bytes_per_stream", {})
-        rows.append([f"{k}x768, steady ({e['events_per_stream']:,} events/stream)", _n(e["rss_before_mb"], 0, " MiB"),
-                     _n(e["rss_after_mb"], 0, " MiB"), _n(e["mb_per_stream"], 2, " MiB"),
-                     _n(br.get("monitor_total_numpy"), 2), _n(br.get("baseline_store_blobs_per_stream"), 2),
-                     _n(br.get("version_comparison_per_stream"), 2)])
+        rows.append(_memory_row(f"{k}x768, steady ({e['events_per_stream']:,} events/stream)", e))
     if rows:
         parts.append("### Memory (default windows, each stream filled: reference + window)\n\n" + _table(
             ["Streams x dim", "RSS before", "RSS after", "Per stream", "numpy in monitor (MiB/stream)",

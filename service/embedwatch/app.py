@@ -373,7 +373,8 @@ class Service:
             # The next owner resumes from whatever landed; a late confirmation must not commit
             # over its positions.
             positions, ledgers = self._unconfirmed
-            kept = {p: c for p, c in positions.items() if p not in set(partitions)}
+            revoked = set(partitions)
+            kept = {p: c for p, c in positions.items() if p not in revoked}
             self._unconfirmed = (kept, ledgers) if kept else None
         with self.exporter.lock:
             for p in partitions:
@@ -477,9 +478,10 @@ class Service:
             self.exporter.counters.inc("embedwatch_commits_total", ("success",))
         elif not wait:
             return False
-        elif not self._commit(source, positions):
+        else:
             self._unconfirmed = None
-            return False
+            if not self._commit(source, positions):  # counts itself
+                return False
         self._unconfirmed = None
         for p, c in positions.items():
             if p in self._assigned:
@@ -644,7 +646,8 @@ class Service:
             # round trip.
             if not self._commit(source, inflight):
                 # The partitions moved on or a stop came first: the batch is the next owner's.
-                self._state_ahead = self.stop_requested.is_set()
+                if self.stop_requested.is_set():
+                    self._state_ahead = True
                 return
         else:
             # Asynchronous: it only tells a successor what it replays, and commits to one

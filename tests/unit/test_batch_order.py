@@ -224,3 +224,19 @@ def test_a_ledger_written_by_either_backend_reads_back() -> None:
     for stored in (text, text + "\x00"):
         assert Ledger.decode(stored) == Ledger(12, 3, 40)
     assert Ledger.decode("") == Ledger() and Ledger.decode("not json") == Ledger()
+
+
+def test_acked_commits_confirm_only_acknowledged_offsets_of_owned_partitions() -> None:
+    from embedwatch.sources.base import AckedCommits
+
+    acked = AckedCommits()
+    p1 = PartitionId(TOPIC, 1)
+    want = {P0: Committed(100), p1: Committed(40)}
+    assert not acked.landed(want)
+    acked.record(TOPIC, 0, 100)
+    assert not acked.landed(want)  # partition 1 not acknowledged yet
+    acked.record(TOPIC, 1, 60)
+    acked.record(TOPIC, 1, 50)  # a late completion of an older commit does not move it back
+    assert acked.landed(want) and acked.landed({p1: Committed(60)}) and not acked.landed({p1: Committed(61)})
+    acked.forget([P0])
+    assert not acked.landed(want) and acked.landed({p1: Committed(40)})

@@ -22,6 +22,27 @@ class Committed:
     metadata: str = ""
 
 
+class AckedCommits:
+    """The highest offset per partition whose commit the broker acknowledged, as the completions
+    of asynchronous commits report them (both Kafka backends keep one)."""
+
+    def __init__(self) -> None:
+        self._acked: dict[tuple[str, int], int] = {}
+
+    def record(self, topic: str, partition: int, offset: int) -> None:
+        key = (topic, partition)
+        self._acked[key] = max(self._acked.get(key, -1), offset)
+
+    def landed(self, positions: dict[PartitionId, Committed]) -> bool:
+        acked = self._acked
+        return all(acked.get((p.topic, p.partition), -1) >= c.offset for p, c in positions.items())
+
+    def forget(self, partitions: Sequence[PartitionId]) -> None:
+        """Revoked partitions: a later owner's commits are not ours to count."""
+        for p in partitions:
+            self._acked.pop((p.topic, p.partition), None)
+
+
 class RebalanceListener(Protocol):
     def on_revoked(self, partitions: Sequence[PartitionId]) -> None: ...
 

@@ -10,7 +10,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from embedwatch.config import KafkaSettings, Settings
 from embedwatch.events import Message
-from embedwatch.sources.base import Committed, PartitionId, RebalanceListener
+from embedwatch.sources.base import AckedCommits, Committed, PartitionId, RebalanceListener
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,7 @@ class ConfluentSource:
         self._listener = listener
         self._connected = False
         self._probes = 0
-        # Highest offset per partition whose commit the broker acknowledged (from on_commit).
-        self._landed: dict[tuple[str, int], int] = {}
+        self._acked = AckedCommits()  # fed by on_commit
         self._consumer = Consumer({
             "bootstrap.servers": k.bootstrap_servers,
             "group.id": k.group_id,
@@ -77,25 +76,22 @@ class ConfluentSource:
         if err is not None:
             log.debug("asynchronous commit failed: %s", err)
             return
-        landed = self._landed
         for tp in partitions:
             if tp.error is None and tp.offset >= 0:
-                key = (tp.topic, tp.partition)
-                landed[key] = max(landed.get(key, -1), tp.offset)
+                self._acked.record(tp.topic, tp.partition, tp.offset)
 
     def landed(self, positions: dict[PartitionId, Committed]) -> bool:
-        landed = self._landed
-        return all(landed.get((p.topic, p.partition), -1) >= c.offset for p, c in positions.items())
+        return self._acked.landed(positions)
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         if self._listener is not None:
             self._listener.on_assigned([PartitionId(p.topic, p.partition) for p in partitions])
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        for p in partitions:  # a later owner's commits are not ours to count
-            self._landed.pop((p.topic, p.partition), None)
+        revoked = [PartitionId(p.topic, p.partition) for p in partitions]
+        self._acked.forget(revoked)
         if self._listener is not None:
-            self._listener.on_revoked([PartitionId(p.topic, p.partition) for p in partitions])
+            self._listener.on_revoked(revoked)
 
     def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
         records = self._consumer.consume(num_messages=max_records, timeout=timeout_ms / 1000.0)

@@ -13,7 +13,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from embedwatch.config import KafkaSettings, Settings
 from embedwatch.events import Message
-from embedwatch.sources.base import Committed, PartitionId, RebalanceListener
+from embedwatch.sources.base import AckedCommits, Committed, PartitionId, RebalanceListener
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,13 @@ def security_kwargs(k: KafkaSettings) -> dict[str, Any]:
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, inner: RebalanceListener | None, source: KafkaPythonSource) -> None:
+    def __init__(self, inner: RebalanceListener | None, acked: AckedCommits) -> None:
         self.inner = inner
-        self.source = source
+        self.acked = acked
 
     def on_partitions_revoked(self, revoked: Any) -> None:
         parts = [PartitionId(tp.topic, tp.partition) for tp in revoked]
-        self.source.forget(parts)
+        self.acked.forget(parts)
         if self.inner is not None:
             self.inner.on_revoked(parts)
 
@@ -74,8 +74,7 @@ class KafkaPythonSource:
         k = settings.kafka
         self._topics = [t for t in (k.embeddings_topic, k.queries_topic) if t]
         self._consumer: KafkaConsumer | None = None
-        # Highest offset per partition whose commit the broker acknowledged (commit_async callbacks).
-        self._landed: dict[tuple[str, int], int] = {}
+        self._acked = AckedCommits()  # fed by the commit_async callbacks
         self._connected = False
         self._failures = 0
         self._ensure_consumer()
@@ -123,7 +122,7 @@ class KafkaPythonSource:
                 consumer.partitions_for_topic(topic)
             except KafkaError as e:
                 log.warning("kafka: no metadata for topic %s yet: %s", topic, e)
-        consumer.subscribe(self._topics, listener=_Listener(self._listener, self))
+        consumer.subscribe(self._topics, listener=_Listener(self._listener, self._acked))
         self._consumer = consumer
         return consumer
 
@@ -173,19 +172,11 @@ class KafkaPythonSource:
         if isinstance(response, Exception):
             log.debug("asynchronous commit failed: %s", response)
             return
-        landed = self._landed
         for tp, om in offsets.items():
-            key = (tp.topic, tp.partition)
-            landed[key] = max(landed.get(key, -1), om.offset)
+            self._acked.record(tp.topic, tp.partition, om.offset)
 
     def landed(self, positions: dict[PartitionId, Committed]) -> bool:
-        landed = self._landed
-        return all(landed.get((p.topic, p.partition), -1) >= c.offset for p, c in positions.items())
-
-    def forget(self, partitions: Sequence[PartitionId]) -> None:
-        """Drop what is known of revoked partitions' commits: a later owner's are not ours."""
-        for p in partitions:
-            self._landed.pop((p.topic, p.partition), None)
+        return self._acked.landed(positions)
 
     def committed(self, partitions: Sequence[PartitionId]) -> dict[PartitionId, Committed | None]:
         out: dict[PartitionId, Committed | None] = {}
