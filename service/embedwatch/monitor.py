@@ -52,7 +52,7 @@ from embedwatch.detectors.mmd import RFFMMD
 from embedwatch.events import StreamKey
 from embedwatch.metrics_catalog import METRICS
 from embedwatch.stats import ks_2samp, moments_from_sums
-from embedwatch.window import Projection, ScalarWindow, Window, WindowTotals
+from embedwatch.window import PrefixSums, Projection, ScalarWindow, Window, WindowTotals
 
 #: Every per-stream measure key exported through metrics_catalog (``Metric.measure``).
 MEASURE_KEYS: tuple[str, ...] = tuple(m.measure for m in METRICS if m.measure is not None)
@@ -148,8 +148,7 @@ class StreamMonitor:
         self._mmd_last: tuple[float, int] | None = None
         # recent-window mean-shift scan: sums (and counts) of the last segments of scan_every events
         self._ms: MeanShiftTest | None = None
-        self._pre = np.zeros((1, 0))  # running sums at the last scan points (row 0: the base)
-        self._pre_n = np.zeros(1, dtype=np.int64)
+        self._pre = PrefixSums(0, 1)  # running sums at the last scan points
         self._open_sum = np.zeros(0)
         self._open_n = 0
         self._scan_loud = False
@@ -194,8 +193,7 @@ class StreamMonitor:
             self._scan_segments = np.array(self.settings.scan_windows, dtype=np.int64) // self.settings.scan_every
             # rows: threshold, relaxed threshold, null mean; one column per window size
             self._scan_thresholds = np.array([self._scan_threshold(w) for w in self.settings.scan_windows]).T
-        self._pre = np.zeros((1, baseline.dim))
-        self._pre_n = np.zeros(1, dtype=np.int64)
+        self._pre = self._new_prefix_sums()
         self._open_sum = np.zeros(baseline.dim)
         self._open_n = 0
         self._scan_loud = False
@@ -334,27 +332,21 @@ class StreamMonitor:
         cnt = np.full(c, e, dtype=np.int64)
         cnt[0] = head + self._open_n
         self._open_n = n - last
-        # Running sums after each new segment, appended to the kept ones (a loop of vector adds:
-        # numpy's cumsum along rows is latency-bound and several times slower here).
-        r = self._pre.shape[0]
-        pre = np.empty((r + c, x.shape[1]))
-        pre[:r] = self._pre
-        for i in range(c):
-            np.add(pre[r + i - 1], seg[i], out=pre[r + i])
-        pre_n = np.concatenate([self._pre_n, self._pre_n[-1] + np.cumsum(cnt)])
-        keep = int(self._scan_segments.max()) + 1
-        k0 = max(0, r + c - keep)
-        self._pre = pre[k0:] - pre[k0]  # re-based on the oldest kept scan point
-        self._pre_n = pre_n[k0:] - pre_n[k0]
+        pre = self._pre
+        r = pre.append(seg, cnt)  # row of the first new scan point
         ks = self._scan_segments
         hi = (r + np.arange(c))[:, None]  # row of each new scan point
         lo = hi - ks[None, :]  # (points, windows)
         pt, wi = np.nonzero(lo >= 0)
         if pt.size == 0:
+            pre.settle()
             return []
         hi_a, lo_a = hi[pt, 0], lo[pt, wi]
-        m = pre_n[hi_a] - pre_n[lo_a]
-        stat = ms.statistic((pre[hi_a] - pre[lo_a]) / m[:, None])
+        sums, counts, proj = pre.sums, pre.counts, pre.projections
+        m = counts[hi_a] - counts[lo_a]
+        z = (sums[hi_a] - sums[lo_a]) / m[:, None] - ms.mean
+        stat = ms.statistic_of(np.einsum("ij,ij->i", z, z), (proj[hi_a] - proj[lo_a]) / m[:, None])
+        pre.settle()
         if (m == ks[wi] * e).all():  # the usual case: thresholds per window size, cached
             thr, thr_relaxed, null = self._scan_thresholds[:, wi]
         else:
@@ -379,6 +371,15 @@ class StreamMonitor:
             out.append(_ScanPoint(first + int(ends[p]), float(ts[ends[p]]), bool(reject[sel].any()),
                                   float(effect[j]), float(stat[j]), int(m[j])))
         return out
+
+    def _new_prefix_sums(self, sums: np.ndarray | None = None, counts: np.ndarray | None = None) -> PrefixSums:
+        """The scan's running sums (fresh, or restored): enough kept for its longest window."""
+        assert self.baseline is not None
+        keep = max(self.settings.scan_windows, default=self.settings.scan_every) // self.settings.scan_every
+        basis = self._ms.basis if self._ms is not None else None
+        if sums is None or counts is None:
+            return PrefixSums(self.baseline.dim, keep, basis)
+        return PrefixSums.restore(sums, counts, keep, basis)
 
     def _scan_threshold(self, m: int) -> tuple[float, float, float]:
         """(threshold, relaxed threshold, null mean) of a scan window of ``m`` events."""
@@ -626,8 +627,7 @@ class StreamMonitor:
             arrays[f"qwin_{name}"] = col.copy()
         meta["qwin"] = [q._head, q._size, q.newest_ts]
         if self._ms is not None:
-            arrays["scan_sums"] = self._pre
-            arrays["scan_counts"] = self._pre_n
+            arrays["scan_sums"], arrays["scan_counts"] = self._pre.tail()
             arrays["scan_open_sum"] = self._open_sum
         w = self._window
         if w is not None:
@@ -713,8 +713,7 @@ class StreamMonitor:
                 pre = np.asarray(arrays["scan_sums"], dtype=np.float64)
                 if pre.ndim != 2 or pre.shape[1] != m._open_sum.shape[0] or pre.shape[0] < 1:
                     raise ValueError("checkpointed scan sums do not fit the baseline")
-                m._pre = pre.copy()
-                m._pre_n = np.asarray(arrays["scan_counts"], dtype=np.int64).copy()
+                m._pre = m._new_prefix_sums(pre, np.asarray(arrays["scan_counts"], dtype=np.int64))
                 m._open_sum = np.asarray(arrays["scan_open_sum"], dtype=np.float64).copy()
                 m._open_n, m._scan_loud, m._alarm_detector = int(sc[0]), bool(sc[1]), str(sc[2])
             w.newest_ts = float(wm["newest_ts"])

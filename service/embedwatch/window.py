@@ -571,6 +571,116 @@ def _total(parts: Sequence[np.ndarray]) -> np.ndarray:
     return out
 
 
+class PrefixSums:
+    """Running sums of a stream's vectors at its most recent scan points (pure numpy, no I/O).
+
+    Row ``i`` holds the float64 sum and the count of the stream's events from a base point up to
+    scan point ``i``; the sum over the events between two kept points is the difference of their
+    rows. With a ``basis`` ``(d, k)``, each row's projection ``row @ basis`` is kept as well, so
+    the projection of a windowed mean is a difference of two ``k``-vectors, not a ``(d, k)``
+    product per window.
+
+    Appends write in place. The buffer holds ``keep + spare`` rows at rest (``spare`` is a tenth
+    of ``keep``); an append that does not fit first compacts it: the last ``keep`` rows move to
+    the front, re-based on the first of them so magnitudes stay bounded. For a stream fed a few
+    events at a time that is once every ``spare`` points; before, every append copied every kept
+    row twice, which cost more than the test itself. A longer append grows the buffer, and
+    :meth:`settle` (called once the rows were read) shrinks it back.
+
+    >>> p = PrefixSums(dim=2, keep=2)
+    >>> p.append(np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]]), np.array([1, 1, 1]))
+    1
+    >>> (p.sums[3] - p.sums[1]).tolist(), int(p.counts[3] - p.counts[1])
+    ([3.0, 5.0], 2)
+    >>> sums, counts = p.tail()  # the last two rows, re-based on the first of them
+    >>> sums.tolist(), counts.tolist()
+    ([[0.0, 0.0], [3.0, 3.0]], [0, 1])
+    """
+
+    def __init__(self, dim: int, keep: int, basis: np.ndarray | None = None) -> None:
+        self.keep = max(1, int(keep))
+        self.spare = max(2, self.keep // 10)
+        self.basis = None if basis is None else np.ascontiguousarray(basis, dtype=np.float64)
+        self._dim = int(dim)
+        self._k = 0 if self.basis is None else int(self.basis.shape[1])
+        self._sums, self._counts, self._proj = self._buffers(self.keep + self.spare)
+        self.rows = 1  # row 0: the base point
+
+    @classmethod
+    def restore(cls, sums: np.ndarray, counts: np.ndarray, keep: int,
+                basis: np.ndarray | None = None) -> PrefixSums:
+        """Rows saved from :meth:`tail` (``ValueError`` if they do not fit each other)."""
+        sums = np.asarray(sums, dtype=np.float64)
+        counts = np.asarray(counts, dtype=np.int64)
+        if sums.ndim != 2 or sums.shape[0] < 1 or counts.shape != (sums.shape[0],):
+            raise ValueError("prefix sums and counts do not fit each other")
+        p = cls(sums.shape[1], keep, basis)
+        r = sums.shape[0]
+        if r > p._sums.shape[0]:
+            p._sums, p._counts, p._proj = p._buffers(r)
+        p._sums[:r] = sums
+        p._counts[:r] = counts
+        if p.basis is not None:
+            np.matmul(p._sums[:r], p.basis, out=p._proj[:r])
+        p.rows = r
+        p.settle()
+        return p
+
+    @property
+    def sums(self) -> np.ndarray:
+        return self._sums[: self.rows]
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self._counts[: self.rows]
+
+    @property
+    def projections(self) -> np.ndarray:
+        """``sums @ basis`` (``(rows, 0)`` without a basis)."""
+        return self._proj[: self.rows]
+
+    def tail(self) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the last ``keep`` rows (sums, counts), re-based: what a checkpoint needs."""
+        k0 = max(0, self.rows - self.keep)
+        return self.sums[k0:] - self.sums[k0], self.counts[k0:] - self.counts[k0]
+
+    def append(self, seg: np.ndarray, cnt: np.ndarray) -> int:
+        """Add the sums ``seg`` ``(c, d)`` and counts ``cnt`` of ``c`` new segments; return the
+        row of the first new point. At least the ``keep`` rows before it are still held."""
+        c = int(seg.shape[0])
+        if self.rows + c > self._sums.shape[0]:
+            self._compact(self.keep + max(c, self.spare))
+        start = self.rows
+        s = self._sums
+        # A loop of vector adds: numpy's cumsum along rows is latency-bound and slower here.
+        for i in range(c):
+            np.add(s[start + i - 1], seg[i], out=s[start + i])
+        self._counts[start : start + c] = self._counts[start - 1] + np.cumsum(cnt)
+        if self.basis is not None:
+            np.matmul(s[start : start + c], self.basis, out=self._proj[start : start + c])
+        self.rows += c
+        return start
+
+    def settle(self) -> None:
+        """Shrink a buffer grown by a long append back to ``keep + spare`` rows."""
+        if self._sums.shape[0] > self.keep + self.spare:
+            self._compact(self.keep + self.spare)
+
+    def _buffers(self, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.zeros((rows, self._dim)), np.zeros(rows, dtype=np.int64), np.zeros((rows, self._k))
+
+    def _compact(self, capacity: int) -> None:
+        """Keep the last ``keep`` rows, re-based on the first of them, in ``capacity`` rows."""
+        k0 = max(0, self.rows - self.keep)
+        n = self.rows - k0
+        parts = [a[k0 : self.rows] - a[k0] for a in (self._sums, self._counts, self._proj)]
+        if capacity != self._sums.shape[0]:
+            self._sums, self._counts, self._proj = self._buffers(capacity)
+        for dst, src in zip((self._sums, self._counts, self._proj), parts, strict=True):
+            dst[:n] = src
+        self.rows = n
+
+
 class ScalarWindow:
     """Count- and time-bounded window of per-event scalar columns (query events).
 

@@ -48,6 +48,16 @@ def test_statistic_and_null_weights_match_explicit_matrices() -> None:
     assert t.null_mean(100) == pytest.approx((1 / 100 + 1 / 400) * w.sum(), rel=1e-9)
 
 
+def test_statistic_from_kept_parts_matches_the_direct_one() -> None:
+    rng = np.random.default_rng(1)
+    ref = draw(rng, 400).astype(np.float64)
+    t = MeanShiftTest.fit(ref, ref.mean(axis=0), 400, components=5, shrinkage=1.0, seed=2)
+    w = draw(rng, 7, shift=0.2).astype(np.float64)
+    z = w - t.mean
+    np.testing.assert_allclose(t.statistic_of(np.einsum("ij,ij->i", z, z), w @ t.basis), t.statistic(w),
+                               rtol=1e-10)
+
+
 def test_false_alarm_rate_is_calibrated() -> None:
     """Windows drawn from the reference distribution reject at about the nominal level."""
     rng = np.random.default_rng(1)

@@ -12,7 +12,7 @@ from scipy import stats as ss
 
 from embedwatch.config import DetectionSettings
 from embedwatch.stats import histogram, quantile_edges
-from embedwatch.window import Bucket, Projection, ScalarWindow, Window, merge_buckets
+from embedwatch.window import Bucket, PrefixSums, Projection, ScalarWindow, Window, merge_buckets
 
 DIM = 6
 
@@ -324,3 +324,49 @@ def test_recycled_bucket_arrays_start_clean() -> None:
     assert_same_stats(newest, ref)
     assert_valid_reservoir(newest, x[175:200], 175)
     assert np.all(newest.res_index[newest.res_n:] == -1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=30), st.integers(1, 12), st.integers(0, 2**16))
+def test_prefix_sums_windows_match_a_brute_force_sum(appends: list[int], keep: int, seed: int) -> None:
+    """Every window the scan may ask for (at most ``keep`` points back) sums the right segments,
+    through compactions, growth, settling and a checkpoint round trip."""
+    rng = np.random.default_rng(seed)
+    d, k = 5, 3
+    basis = rng.normal(size=(d, k))
+    p = PrefixSums(d, keep, basis)
+    segs: list[np.ndarray] = []
+    cnts: list[int] = []
+    for i, c in enumerate(appends):
+        seg = rng.normal(size=(c, d)) * 10.0 ** rng.integers(-2, 3)
+        cnt = rng.integers(1, 50, size=c)
+        first = p.append(seg, cnt)
+        segs.extend(seg)
+        cnts.extend(cnt.tolist())
+        total = len(segs)
+        assert p.rows == first + c
+        for j in range(c):  # new point j is the stream's point total - c + j (1-based: its row)
+            point = total - c + j + 1
+            for w in range(1, keep + 1):
+                if point - w < 0:
+                    continue
+                want = np.sum(segs[point - w : point], axis=0)
+                got = p.sums[first + j] - p.sums[first + j - w]
+                np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * max(1.0, np.abs(want).max()))
+                assert int(p.counts[first + j] - p.counts[first + j - w]) == sum(cnts[point - w : point])
+                np.testing.assert_allclose(p.projections[first + j] - p.projections[first + j - w],
+                                           want @ basis, rtol=1e-8, atol=1e-8 * max(1.0, np.abs(want).max()))
+        p.settle()
+        assert p._sums.shape[0] == keep + p.spare
+        if i % 3 == 2:  # checkpoint round trip: the restored rows answer the same windows
+            sums, counts = p.tail()
+            q = PrefixSums.restore(sums, counts, keep, basis)
+            r = min(keep, p.rows)
+            np.testing.assert_allclose(q.sums[-r:] - q.sums[-r], p.sums[-r:] - p.sums[-r], atol=1e-9)
+            np.testing.assert_array_equal(q.counts[-r:] - q.counts[-r], p.counts[-r:] - p.counts[-r])
+            p = q
+
+
+def test_prefix_sums_restore_rejects_rows_that_do_not_fit() -> None:
+    with pytest.raises(ValueError, match="do not fit"):
+        PrefixSums.restore(np.zeros((3, 2)), np.zeros(2, dtype=np.int64), keep=2)

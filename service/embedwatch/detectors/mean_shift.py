@@ -84,6 +84,7 @@ class MeanShiftTest:
         self.eigvals = np.clip(np.asarray(eigvals, dtype=np.float64), 0.0, None)
         self.n_reference = int(n_reference)
         self._null = TwoSampleNull(self.eigvals, self.n_reference)
+        self.mean_projection = self.mean @ self.basis
 
     @classmethod
     def fit(
@@ -139,6 +140,13 @@ class MeanShiftTest:
         z = np.atleast_2d(np.asarray(window_means, dtype=np.float64)) - self.mean
         proj = z @ self.basis
         out: np.ndarray = np.einsum("ij,ij->i", z, z) / self.epsilon + (proj * proj) @ self.gains
+        return out
+
+    def statistic_of(self, sq_distances: np.ndarray, projections: np.ndarray) -> np.ndarray:
+        """``T`` from parts a caller keeps itself: ``||w - mean||^2`` and ``w @ basis`` of each
+        window mean ``w`` (:meth:`statistic`, up to rounding, without a ``(d, k)`` product)."""
+        proj = np.asarray(projections, dtype=np.float64) - self.mean_projection
+        out: np.ndarray = np.asarray(sq_distances, dtype=np.float64) / self.epsilon + (proj * proj) @ self.gains
         return out
 
     def null_mean(self, m: int) -> float:
