@@ -168,7 +168,8 @@ class DetectionSettings(_Section):
     version_knn_k: int = Field(10, ge=1, le=100, description="k of the k-NN overlap between versions.")
     duplicate_window: int = Field(
         100_000, ge=100, description="Ids remembered per stream for duplicate detection (at least this many, "
-        "at most a quarter more: the memory drops its oldest quarter at a time; 8 bytes per id)."
+        "at most a quarter more: the memory drops its oldest quarter at a time; 5 bytes per id; an id falsely "
+        "matches with probability ids held / 2**32)."
     )
     seed: int = Field(0, description="Seed of every random choice (reservoirs, features), for repeatability.")
     min_window_events: int = Field(

@@ -224,21 +224,35 @@ def test_duplicate_ids_match_a_brute_force_reference(batches: list[list[str | No
     # Bounded: at least the last ``capacity`` ids (or all of them), fewer than ``capacity + seg``.
     n_ids = sum(1 for b in batches for i in b if i is not None)
     assert min(capacity, n_ids) <= size < capacity + seg
-    keys = d._sealed
-    assert bool(np.all(keys[1:] >= keys[:-1]))
-    assert all(n == seg for _, n in d._gens) and keys.shape[0] == seg * len(d._gens)
+    for keys in (d._sealed, d._open):
+        assert keys.dtype == np.int32 and bool(np.all(keys[1:] >= keys[:-1]))
+    assert all(n == seg for _, n in d._gens) and d._sealed.shape[0] == d._nsealed == seg * len(d._gens)
+    assert sorted(np.unique(d._sealed_gen).tolist()) == sorted(g for g, _ in d._gens)
 
 
-def test_duplicate_ids_memory_is_8_bytes_per_id_at_steady_state() -> None:
+def test_duplicate_ids_memory_is_5_bytes_per_id_at_steady_state() -> None:
     d = DuplicateIds(100_000)
     rng = np.random.default_rng(0)
     for _ in range(150):
-        d.update_hashes(rng.integers(-2**62, 2**62, size=1000))
+        d.update_hashes(rng.integers(-2**63, 2**63 - 1, size=1000))
     for _ in range(2000):
-        d.update_hashes(rng.integers(-2**62, 2**62, size=10))
-    held = d._sealed.nbytes + d._open.nbytes
+        d.update_hashes(rng.integers(-2**63, 2**63 - 1, size=10))
     assert 100_000 <= d.size < 125_000
-    assert held == 8 * (d.size - d._npending)
+    assert d.nbytes == 5 * d._nsealed + 4 * d._open.shape[0]
+
+
+def test_duplicate_ids_false_matches_stay_at_the_fingerprint_rate() -> None:
+    """Distinct ids falsely match at ``m / 2**32`` per id (32-bit fingerprints of 64-bit hashes):
+    1,000,000 distinct hashes through a memory of 100,000 to 125,000 ids expect about 25."""
+    d = DuplicateIds(100_000)
+    rng = np.random.default_rng(1)
+    h = np.unique(rng.integers(-2**63, 2**63 - 1, size=1_000_000))
+    h = rng.permutation(h)
+    got = sum(d.update_hashes(h[i : i + 2000]) for i in range(0, h.shape[0], 2000))
+    sizes = np.minimum(np.arange(h.shape[0]), 112_500)  # memory size seen by each id, about
+    expected = float(np.sum(sizes)) / 2**32
+    assert 20 < expected < 30
+    assert expected / 3 <= got <= expected * 2.5  # Poisson(25): outside with probability < 1e-6
 
 
 def test_covariance_eigvals_match_numpy_in_both_regimes() -> None:
