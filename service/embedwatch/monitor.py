@@ -112,6 +112,11 @@ def _window_config(s: DetectionSettings) -> list[float]:
             s.rff_features, s.seed, s.scan_every, *s.scan_windows]
 
 
+
+#: Fewest events a promotion builds a baseline from (the smallest ``reference_size`` allowed).
+MIN_PROMOTED_EVENTS = 50
+
+
 class StreamMonitor:
     """Window, baseline, detectors and alarm state of one stream. See the module docstring."""
 
@@ -210,9 +215,21 @@ class StreamMonitor:
             self._measures[k] = math.nan
 
     def promote_window(self) -> Baseline:
-        """Build a baseline from the current window (exact moments + its reservoir) and activate it."""
+        """Build a baseline from the current window (exact moments + its reservoir) and activate it.
+
+        A stream still collecting its first reference (a low-traffic one) has no window: its
+        baseline is built from the events collected so far, if there are at least
+        :data:`MIN_PROMOTED_EVENTS` (source ``partial_reference``), instead of waiting for
+        ``reference_size`` of them.
+        """
         if self._window is None:
-            raise ValueError(f"stream {self._name} has no window yet (still collecting its reference)")
+            if self._ref_n < MIN_PROMOTED_EVENTS:
+                raise ValueError(f"stream {self._name} has {self._ref_n} events so far; a baseline needs "
+                                 f"at least {MIN_PROMOTED_EVENTS}")
+            b = Baseline.from_vectors(self.key, np.concatenate(self._ref_chunks), np.concatenate(self._ref_ts),
+                                      "partial_reference", self.settings)
+            self.activate(b)
+            return b
         tot = self._window.totals(with_features=False)
         sample = self._window.sample()
         if tot.count < 2 or sample.shape[0] < 2:

@@ -196,6 +196,26 @@ def test_dimension_mismatch_is_an_error() -> None:
         m.update_embeddings(np.ones((3, 5), np.float32), np.zeros(3))
 
 
+def test_promote_while_collecting_builds_from_the_events_so_far() -> None:
+    """A low-traffic stream can be promoted before it has ``reference_size`` events (the
+    BaselineMissing runbook's remedy): from what it collected, once that is 50 events or more."""
+    rng = np.random.default_rng(8)
+    m = StreamMonitor(KEY, det())
+    first = draw(rng, 49)
+    feed(m, first, 0, 20)
+    with pytest.raises(ValueError, match="has 49 events so far; a baseline needs at least 50"):
+        m.promote_window()
+    assert m.baseline is None
+    more = draw(rng, 71)
+    feed(m, more, 49, 20)
+    b = m.promote_window()
+    assert m.baseline is b and b.source == "partial_reference" and b.count == 120
+    np.testing.assert_allclose(b.mean, np.concatenate([first, more]).astype(np.float64).mean(0), rtol=1e-9)
+    # Monitoring starts with the next event; nothing more is collected.
+    feed(m, draw(rng, 60), 120, 20)
+    assert m.baseline is b and m.measures()["window_events"] == 60.0
+
+
 def test_promote_window_and_stored_baseline() -> None:
     rng = np.random.default_rng(7)
     m = StreamMonitor(KEY, det())
