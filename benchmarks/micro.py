@@ -187,16 +187,17 @@ class _Prepared:
                 mon.update_embeddings(x, np.full(warm, 1.69e9))
                 self.service.router._persist(mon.key, mon)  # as the router does after an update
             gen.index[:] = warm
+        self.gen = gen
         self.n = n
         self.t = 1.7e9
         self.off = 0
         self.decoded: list[DecodedBatch] = [Decoder().decode(b) for b in self._encoded(gen, n)]
         self.batches = self._encoded(gen, n)
 
-    def _encoded(self, gen: EventGenerator, n: int) -> list[list[Message]]:
+    def _encoded(self, gen: EventGenerator, n: int, batch: int = BATCH) -> list[list[Message]]:
         out = []
-        for i in range(0, n, BATCH):
-            k = min(BATCH, n - i)
+        for i in range(0, n, batch):
+            k = min(batch, n - i)
             msgs = []
             for key, v in gen.messages(k, ts=self.t):
                 msgs.append(Message(v, topic="embeddings", offset=self.off, timestamp_ms=int(self.t * 1000), key=key))
@@ -206,9 +207,11 @@ class _Prepared:
         return out
 
 
-def bench_core_router(streams: int, dim: int, n: int, encoding: str = "b64") -> dict[str, Any]:
+def bench_core_router(streams: int, dim: int, n: int, encoding: str = "b64",
+                      big_batch: int | None = None) -> dict[str, Any]:
     """Core only (router.route on pre-decoded batches), then decode+core (Service.process on
-    pre-encoded batches of further events), on one warmed service."""
+    pre-encoded batches of further events), on one warmed service; with ``big_batch``, then core
+    only again on further events in batches of that many (a larger ``kafka.max_poll_records``)."""
     p = _Prepared(streams, dim, n, encoding)
     gc.collect()
     t0 = time.perf_counter()
@@ -225,19 +228,32 @@ def bench_core_router(streams: int, dim: int, n: int, encoding: str = "b64") -> 
         p.service.process(mb, now=1.7e9)
     full_dt = time.perf_counter() - t0
     full_cpu = (time.process_time() - c0) / full_dt
-    return {
-        "core": figure(n / core_dt, "events/s", cpu_cores=round(core_cpu, 2)),
+    out = {
+        "core": figure(n / core_dt, "events/s", cpu_cores=round(core_cpu, 2), batch=BATCH),
         "decode_core": figure(n / full_dt, "events/s", cpu_cores=round(full_cpu, 2), encoding=encoding),
     }
+    if big_batch:
+        p.batches = []
+        big = [Decoder().decode(b) for b in p._encoded(p.gen, n, big_batch)]
+        gc.collect()
+        t0 = time.perf_counter()
+        c0 = time.process_time()
+        for b in big:
+            p.service.router.route(b)
+        dt = time.perf_counter() - t0
+        out["core_big_batch"] = figure(n / dt, "events/s", cpu_cores=round((time.process_time() - c0) / dt, 2),
+                                       batch=big_batch)
+    return out
 
 
-def _point(streams: int, dim: int, n: int) -> dict[str, Any]:
+def _point(streams: int, dim: int, n: int, big_batch: int | None = None) -> dict[str, Any]:
     """:func:`bench_core_router` in a fresh interpreter (one BLAS thread).
 
     Each point gets a process of its own: run after each other in one process, a point inherited
     the previous one's heap (1000 streams' worth of freed arrays) and measured up to 2x slow.
     """
-    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "point", str(streams), str(dim), str(n)],
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "point", str(streams), str(dim), str(n),
+                        *([str(big_batch)] if big_batch else [])],
                        capture_output=True, text=True, timeout=1800)
     if p.returncode != 0:
         raise RuntimeError(f"scaling point {streams}x{dim}: {p.stderr.strip()[-500:]}")
@@ -246,12 +262,16 @@ def _point(streams: int, dim: int, n: int) -> dict[str, Any]:
 
 
 def bench_scaling(n_per_point: int, streams_list: list[int], dims: list[int],
-                  dim_streams: int = 10, min_events_per_stream: int = 200) -> dict[str, Any]:
+                  dim_streams: int = 10, min_events_per_stream: int = 200,
+                  big_batch: int = 10_000, big_batch_from: int = 100) -> dict[str, Any]:
+    """Events/s against streams and dimension; points of ``big_batch_from`` streams or more also
+    measure the core with poll batches of ``big_batch`` events (few events per stream and batch
+    make each stream's fixed cost per update count)."""
     out: dict[str, Any] = {"streams": {}, "dims": {}, "isolation": "one process per point"}
     for s in streams_list:
         n = max(n_per_point, s * min_events_per_stream)
         t0 = time.perf_counter()
-        r = _point(s, 384, n)
+        r = _point(s, 384, n, big_batch if s >= big_batch_from else None)
         r["events"] = n
         r["dim"] = 384
         r["seconds_incl_setup"] = round(time.perf_counter() - t0, 1)
@@ -269,8 +289,9 @@ def bench_scaling(n_per_point: int, streams_list: list[int], dims: list[int],
     return out
 
 
-if __name__ == "__main__":  # python micro.py point STREAMS DIM N -> one JSON object (see _point)
-    if len(sys.argv) != 5 or sys.argv[1] != "point":
-        raise SystemExit("usage: micro.py point STREAMS DIM N")
+if __name__ == "__main__":  # python micro.py point STREAMS DIM N [BIG_BATCH] -> one JSON object (see _point)
+    if len(sys.argv) not in (5, 6) or sys.argv[1] != "point":
+        raise SystemExit("usage: micro.py point STREAMS DIM N [BIG_BATCH]")
     with threadpool_limits(1):
-        print(json.dumps(bench_core_router(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))
+        print(json.dumps(bench_core_router(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
+                                           big_batch=int(sys.argv[5]) if len(sys.argv) == 6 else None)))
