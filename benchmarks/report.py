@@ -329,7 +329,7 @@ def render(r: dict[str, Any]) -> str:
             "backlog with many streams gains from a larger `kafka.max_poll_records` (default 2,000); in steady "
             "state at moderate rates a poll returns fewer events than either bound, so nothing changes there. "
             "Each batch is held in memory while it is processed (a 384-d event is about 2 KB as b64 and 1.5 KB "
-            "times that for JSON).\n\n"
+            "decoded; JSON several times that).\n\n"
             + _table(["Streams", "Core events/s, 2,000-event batches", f"Core events/s, {_n(size)}-event batches",
                       "Gain"], rows))
 
