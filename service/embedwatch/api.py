@@ -41,7 +41,7 @@ class Backend:
         ready: Callable[[], bool],
         streams: Callable[[], dict[str, Any]],
         baselines: Callable[[str | None], list[dict[str, Any]]],
-        promote: Callable[[StreamKey, str | None], dict[str, Any]],
+        promote: Callable[[StreamKey, str | None, int | None], dict[str, Any]],
         rollback: Callable[[StreamKey], dict[str, Any]],
         admin_token: str | None,
     ) -> None:
@@ -127,7 +127,12 @@ def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
                     bid = doc.get("baseline_id")
                     if bid is not None and not isinstance(bid, str):
                         raise ApiError(400, "baseline_id must be a string")
-                    self._json(200, backend.promote(key, bid))
+                    events = doc.get("events")
+                    if events is not None and (type(events) is not int or bid is not None):
+                        raise ApiError(400, "events must be an integer, and only without baseline_id")
+                    out = backend.promote(key, bid, events)
+                    # 202: the promotion is collecting the events of the new baseline.
+                    self._json(202 if out.get("status") == "collecting" else 200, out)
                 elif action == "rollback":
                     self._json(200, backend.rollback(key))
                 else:

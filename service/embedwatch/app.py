@@ -767,14 +767,22 @@ class Service:
         with self.exporter.lock:
             return self.baselines.list(StreamKey.parse(stream) if stream else None)
 
-    def promote_baseline(self, key: StreamKey, baseline_id: str | None) -> dict[str, Any]:
-        """Activate version ``baseline_id`` of the stream, or (None) promote its current window."""
+    def promote_baseline(self, key: StreamKey, baseline_id: str | None, events: int | None = None) -> dict[str, Any]:
+        """Activate version ``baseline_id`` of the stream, or (None) promote the stream: its next
+        ``events`` events become its baseline (see :meth:`StreamMonitor.promote`). The answer is
+        the active baseline's metadata with ``"status": "active"``, or ``"status": "collecting"``
+        with the promotion's progress."""
         with self.exporter.lock:
             mon = self.router.monitors.get(key)
             if mon is None:
                 raise KeyError(str(key))
             if baseline_id is None:
-                baseline = mon.promote_window()
+                built = mon.promote(events)
+                if built is None:
+                    log.info("stream %s promoted: collecting %s events for its new baseline", key,
+                             mon.promotion and mon.promotion["needed"])
+                    return {"status": "collecting", "stream": str(key), **(mon.promotion or {})}
+                baseline = built
                 self.baselines.save(baseline, activate=True)
             else:
                 self.baselines.promote(key, baseline_id)
@@ -782,7 +790,7 @@ class Service:
                 mon.activate(baseline)
             self.router.mark_saved(key, str(baseline.metadata["baseline_id"]))
             log.info("baseline of %s is now %s", key, baseline.metadata["baseline_id"])
-            return dict(baseline.metadata)
+            return {"status": "active", **baseline.metadata}
 
     def rollback_baseline(self, key: StreamKey) -> dict[str, Any]:
         with self.exporter.lock:

@@ -143,12 +143,12 @@ def cmd_baseline_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _http(method: str, url: str, token: str | None = None) -> Any:
+def _http(method: str, url: str, token: str | None = None, body: dict[str, Any] | None = None) -> Any:
     import urllib.request
 
     import orjson
 
-    req = urllib.request.Request(url, method=method, data=b"{}" if method == "POST" else None)
+    req = urllib.request.Request(url, method=method, data=orjson.dumps(body or {}) if method == "POST" else None)
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     with urllib.request.urlopen(req, timeout=10) as r:
@@ -167,7 +167,8 @@ def cmd_baseline_remote(args: argparse.Namespace) -> int:
         # The same variable the service reads its token from, so one Secret serves both.
         token = os.environ.get("EMBEDWATCH_HTTP__ADMIN_TOKEN")
         path = f"{base}/api/baselines/{args.stream}/{args.action}"
-        doc = _http("POST", path, token)
+        events = getattr(args, "events", None)
+        doc = _http("POST", path, token, {"events": events} if events is not None else None)
     print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
     return 0
 
@@ -247,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
         ba.add_argument("--url", default="http://127.0.0.1:9108")
         if action != "list":
             ba.add_argument("stream", help="model/model_version/segment")
+        if action == "promote":
+            ba.add_argument("--events", type=int, default=None,
+                            help="events of the new baseline (default: detection.reference_size)")
         ba.set_defaults(func=cmd_baseline_remote)
 
     w = sub.add_parser("watch", help="live terminal summary of a running service")

@@ -9,7 +9,7 @@ Contract used by the service loop (app.py), the replay command and the exporter:
     monitor.measures()   # {Metric.measure: float} for every per-stream measure of metrics_catalog
     monitor.counters()   # {"drift_alarms", "changepoints", "duplicate_ids"}
     monitor.state()      # JSON-able dict for /api/streams and the replay report
-    monitor.promote_window() -> Baseline   # the current window becomes the active baseline
+    monitor.promote(events=None)           # the next events become the baseline (None: collecting)
     monitor.activate(baseline)             # switch to a stored baseline (promote / rollback)
 
 Lifecycle. Without a baseline, the first ``reference_size`` embedding events are collected (no
@@ -134,6 +134,7 @@ class StreamMonitor:
         self._ref_chunks: list[np.ndarray] = []
         self._ref_ts: list[np.ndarray] = []
         self._ref_n = 0
+        self._promotion = 0  # events a pending promotion collects (0: none)
         self._window: Window | None = None
         self._mmd: RFFMMD | None = None
         self._dims: DimensionMeanShift | None = None
@@ -177,11 +178,14 @@ class StreamMonitor:
         return PageHinkley(min_instances=s.changepoint_min_instances, delta=s.changepoint_delta,
                            threshold=s.changepoint_threshold, alpha=s.changepoint_alpha, mode="both")
 
-    def activate(self, baseline: Baseline) -> None:
-        """Make ``baseline`` the active one and start a fresh window against it."""
+    def activate(self, baseline: Baseline) -> Alarm | None:
+        """Make ``baseline`` the active one and start a fresh window against it; returns the end of
+        the alarm this closes, if one was open."""
+        end = None
         if self.drifting and self._last_eval is not None:
             idx, ts = self._last_eval
-            self._alarms.append(Alarm(self._name, idx, ts, self._alarm_detector, math.nan, None, "end"))
+            end = Alarm(self._name, idx, ts, self._alarm_detector, math.nan, None, "end")
+            self._alarms.append(end)
         self.baseline = baseline
         self.expected_dim = baseline.dim
         self._generation += 1
@@ -207,22 +211,33 @@ class StreamMonitor:
         self._snapshot = self._derived_for = None
         self._mmd_last = None
         self._ref_chunks, self._ref_ts, self._ref_n = [], [], 0
+        self._promotion = 0
         for k in ("centroid_cosine_distance", "centroid_euclidean_distance", "similarity_ks_statistic",
                   "similarity_ks_p_value", "similarity_wasserstein", "similarity_psi",
                   "similarity_js_divergence", "norm_ks_statistic", "norm_mean_relative_change",
                   "dimensions_drifted_ratio", "drift_score", "drift_threshold", "drift_p_value",
                   "changepoint_score", "mean_shift_score", "mean_shift_threshold_ratio"):
             self._measures[k] = math.nan
+        return end
 
-    def promote_window(self) -> Baseline:
-        """Build a baseline from the current window (exact moments + its reservoir) and activate it.
+    def promote(self, events: int | None = None) -> Baseline | None:
+        """Accept what the stream emits now as its normal: a new baseline of its next events.
 
-        A stream still collecting its first reference (a low-traffic one) has no window: its
-        baseline is built from the events collected so far, if there are at least
-        :data:`MIN_PROMOTED_EVENTS` (source ``partial_reference``), instead of waiting for
-        ``reference_size`` of them.
+        The next ``events`` (default ``reference_size``) embedding events are collected and become
+        the new baseline (source ``promoted``); until then the stream stays monitored against the
+        current one, so an alarm ends when the new baseline takes over. A baseline built from the
+        events *after* the promotion holds only the new behaviour: the window at the time of an
+        alarm still holds mostly events from before the change (the scan catches a shift within
+        tens of events), and a baseline of it raised the alarm again. Returns ``None`` (collecting).
+
+        A stream still collecting its first reference (a low-traffic one) is promoted at once from
+        the events collected so far, if there are at least :data:`MIN_PROMOTED_EVENTS` (source
+        ``partial_reference``): returns that baseline.
         """
-        if self._window is None:
+        want = self.settings.reference_size if events is None else int(events)
+        if not MIN_PROMOTED_EVENTS <= want <= 1_000_000:
+            raise ValueError(f"a promotion needs {MIN_PROMOTED_EVENTS}..1000000 events, got {want}")
+        if self.baseline is None:
             if self._ref_n < MIN_PROMOTED_EVENTS:
                 raise ValueError(f"stream {self._name} has {self._ref_n} events so far; a baseline needs "
                                  f"at least {MIN_PROMOTED_EVENTS}")
@@ -230,15 +245,14 @@ class StreamMonitor:
                                       "partial_reference", self.settings)
             self.activate(b)
             return b
-        tot = self._window.totals(with_features=False)
-        sample = self._window.sample()
-        if tot.count < 2 or sample.shape[0] < 2:
-            raise ValueError(f"stream {self._name}: the window is too small to become a baseline")
-        mean, var = moments_from_sums(tot.count, tot.sum, tot.sumsq)
-        b = Baseline.from_statistics(self.key, tot.count, mean, var, sample, tot.max_ts, "window",
-                                     self.settings)
-        self.activate(b)
-        return b
+        self._ref_chunks, self._ref_ts, self._ref_n = [], [], 0
+        self._promotion = want
+        return None
+
+    @property
+    def promotion(self) -> dict[str, int] | None:
+        """Progress of a pending promotion (``events`` collected of ``needed``), or ``None``."""
+        return {"events": self._ref_n, "needed": self._promotion} if self._promotion else None
 
     # ------------------------------------------------------------------ embeddings
     def update_embeddings(
@@ -267,19 +281,34 @@ class StreamMonitor:
         pos = 0
         if self.baseline is None:
             take = min(n, self.settings.reference_size - self._ref_n)
-            self._ref_chunks.append(x[:take].copy())
-            self._ref_ts.append(ts[:take].copy())
-            self._ref_n += take
+            self._collect(x[:take], ts[:take])
             pos = take
             if self._ref_n >= self.settings.reference_size:
                 ref = np.concatenate(self._ref_chunks)
                 self.activate(Baseline.from_vectors(self.key, ref, np.concatenate(self._ref_ts),
                                                     "first_events", self.settings))
         alarms: list[Alarm] = []
+        if self._promotion and pos < n:
+            # Collected for the new baseline and still monitored against the current one.
+            take = min(n, self._promotion - self._ref_n)
+            self._collect(x[:take], ts[:take])
+            alarms = self._monitor(x[:take], ts[:take], first)
+            pos = take
+            if self._ref_n >= self._promotion:
+                ref = np.concatenate(self._ref_chunks)
+                end = self.activate(Baseline.from_vectors(self.key, ref, np.concatenate(self._ref_ts),
+                                                          "promoted", self.settings))
+                if end is not None:
+                    alarms.append(end)
         if pos < n:
-            alarms = self._monitor(x[pos:], ts[pos:], first + pos)
+            alarms += self._monitor(x[pos:], ts[pos:], first + pos)
         self.events += n
         return alarms
+
+    def _collect(self, x: np.ndarray, ts: np.ndarray) -> None:
+        self._ref_chunks.append(x.copy())
+        self._ref_ts.append(ts.copy())
+        self._ref_n += x.shape[0]
 
     def _monitor(self, x: np.ndarray, ts: np.ndarray, first: int) -> list[Alarm]:
         assert self._window is not None and self.baseline is not None
@@ -622,6 +651,7 @@ class StreamMonitor:
             "last_eval": list(self._last_eval) if self._last_eval is not None else None,
             "baseline_id": self.baseline.baseline_id if self.baseline is not None else None,
             "ref_n": self._ref_n,
+            "promotion": self._promotion,
             "qref_n": self._qref_n,
             "qref_done": self._qref_done is not None,
             "page_hinkley": [ph.n, ph.mean, ph.sum_increase, ph.sum_decrease, ph.min_increase,
@@ -633,7 +663,7 @@ class StreamMonitor:
             "scan": [self._open_n, self._scan_loud, self._alarm_detector],
         }
         arrays: dict[str, np.ndarray] = {}
-        if self.baseline is None and self._ref_chunks:
+        if (self.baseline is None or self._promotion) and self._ref_chunks:
             arrays["ref_vectors"] = np.concatenate(self._ref_chunks)
             arrays["ref_ts"] = np.concatenate(self._ref_ts)
         qref = self._qref_done if self._qref_done is not None else (
@@ -706,7 +736,8 @@ class StreamMonitor:
                             for k, v in meta["measures"].items() if k in m._measures})
         m._alarms.extend(_alarm_of(d) for d in meta["alarms"])
         m._changepoints.extend(_alarm_of(d) for d in meta["changepoint_list"])
-        if (baseline is None or bid is None) and "ref_vectors" in arrays:
+        m._promotion = int(meta.get("promotion", 0)) if bid is not None else 0
+        if (baseline is None or bid is None or m._promotion) and "ref_vectors" in arrays:
             m._ref_chunks = [np.asarray(arrays["ref_vectors"], dtype=np.float32)]
             m._ref_ts = [np.asarray(arrays["ref_ts"], dtype=np.float64)]
             m._ref_n = int(m._ref_chunks[0].shape[0])
@@ -807,6 +838,7 @@ class StreamMonitor:
             "reference_size": self.settings.reference_size,
             "reference_collected": b is not None or self._ref_n >= self.settings.reference_size,
             "reference_events": self._ref_n if b is None else b.count,
+            "promotion": self.promotion,
             "baseline": None if b is None else {
                 k: (_json_float(v) if isinstance(v, float) else v) for k, v in b.metadata.items()},
             "last_evaluation": None if self._last_eval is None else {

@@ -27,7 +27,8 @@ def server() -> Iterator[tuple[HttpServer, list[Any]]]:
         ready=lambda: False,
         streams=lambda: {"m/1/default": {"events": 3}},
         baselines=lambda s: [{"baseline_id": "abc", "stream": s}],
-        promote=lambda k, b: calls.append(("promote", k, b)) or {"baseline_id": b or "new"},
+        promote=lambda k, b, n: calls.append(("promote", k, b, n)) or (
+            {"baseline_id": b} if b else {"status": "collecting", "needed": n}),
         rollback=lambda k: calls.append(("rollback", k)) or {"baseline_id": "old"},
         admin_token=TOKEN,
     )
@@ -76,14 +77,20 @@ def test_mutations_need_the_token(server: tuple[HttpServer, list[Any]]) -> None:
     assert calls == []
     assert req(srv, "POST", path, token=TOKEN, body=b'{"baseline_id": "b1"}') == (200, {"baseline_id": "b1"})
     assert req(srv, "POST", "/api/baselines/m/1/default/rollback", token=TOKEN) == (200, {"baseline_id": "old"})
-    assert calls == [("promote", StreamKey("m", "1", "default"), "b1"), ("rollback", StreamKey("m", "1", "default"))]
+    assert req(srv, "POST", path, token=TOKEN, body=b'{"events": 300}') == (202, {"status": "collecting",
+                                                                                "needed": 300})
+    key = StreamKey("m", "1", "default")
+    assert calls == [("promote", key, "b1", None), ("rollback", key), ("promote", key, None, 300)]
+    for bad in (b'{"events": "300"}', b'{"events": 3.5}', b'{"events": 300, "baseline_id": "b1"}'):
+        assert req(srv, "POST", path, token=TOKEN, body=bad)[0] == 400
+    assert len(calls) == 3
     assert req(srv, "POST", "/api/baselines/m/1/default/explode", token=TOKEN)[0] == 404
     assert req(srv, "POST", path, token=TOKEN, body=b"[1]")[0] == 400
 
 
 def test_no_token_configured_refuses_mutations() -> None:
     backend = Backend(make_registry(Exporter(), process_metrics=False), lambda: True, lambda: True, dict,
-                      lambda s: [], lambda k, b: {}, lambda k: {}, admin_token=None)
+                      lambda s: [], lambda k, b, n: {}, lambda k: {}, admin_token=None)
     srv = HttpServer(backend, "127.0.0.1", 0)
     srv.start()
     try:

@@ -204,11 +204,11 @@ def test_promote_while_collecting_builds_from_the_events_so_far() -> None:
     first = draw(rng, 49)
     feed(m, first, 0, 20)
     with pytest.raises(ValueError, match="has 49 events so far; a baseline needs at least 50"):
-        m.promote_window()
+        m.promote()
     assert m.baseline is None
     more = draw(rng, 71)
     feed(m, more, 49, 20)
-    b = m.promote_window()
+    b = m.promote()
     assert m.baseline is b and b.source == "partial_reference" and b.count == 120
     np.testing.assert_allclose(b.mean, np.concatenate([first, more]).astype(np.float64).mean(0), rtol=1e-9)
     # Monitoring starts with the next event; nothing more is collected.
@@ -216,26 +216,52 @@ def test_promote_while_collecting_builds_from_the_events_so_far() -> None:
     assert m.baseline is b and m.measures()["window_events"] == 60.0
 
 
-def test_promote_window_and_stored_baseline() -> None:
+def test_promotion_baseline_is_the_next_events_and_stored_copy_behaves_the_same() -> None:
     rng = np.random.default_rng(7)
     m = StreamMonitor(KEY, det())
-    with pytest.raises(ValueError):
-        m.promote_window()
     feed(m, draw(rng, 400), 0, 400)
-    new_normal = draw(rng, 400, shift=1.0)
-    alarms = feed(m, new_normal, 400, 100)
+    alarms = feed(m, draw(rng, 100, shift=1.0), 400, 100)
     assert m.drifting and alarms[0].kind == "start"
-    b = m.promote_window()
-    assert m.baseline is b and b.source == "window" and b.count == 400 and not m.drifting
+    with pytest.raises(ValueError, match=r"needs 50\.\.1000000 events, got 49"):
+        m.promote(events=49)
+    assert m.promote(events=300) is None and m.promotion == {"events": 0, "needed": 300}
+    old = m.baseline
+    new_normal = draw(rng, 300, shift=1.0)
+    feed(m, new_normal[:130], 500, 70)  # collected, and still monitored against the old baseline
+    assert m.baseline is old and m.drifting and m.promotion == {"events": 130, "needed": 300}
+    assert m.state()["promotion"] == {"events": 130, "needed": 300}
+    alarms = feed(m, np.concatenate([new_normal[130:], draw(rng, 40, shift=1.0)]), 630, 100)
+    b = m.baseline
+    assert b is not old and b is not None and b.source == "promoted" and b.count == 300
+    assert m.promotion is None and not m.drifting and alarms[-1].kind == "end"
     np.testing.assert_allclose(b.mean, new_normal.astype(np.float64).mean(0), rtol=1e-9)
-    assert m.measures()["window_events"] == 0.0
-    assert feed(m, draw(rng, 3000, shift=1.0), 800, 500) == []  # the new normal is quiet
-    assert m.alarms()[-1].kind == "end"  # promotion closed the open alarm
+    assert m.measures()["window_events"] == 40.0  # the events after the 300 fill the new window
+    assert feed(m, draw(rng, 3000, shift=1.0), 970, 500) == []  # the new normal is quiet
     # A monitor started from a stored copy behaves the same.
     stored = Baseline.from_arrays(b.metadata, b.to_arrays())
     m2 = StreamMonitor(KEY, det(), baseline=stored)
     assert m2.expected_dim == D and m2.baseline is stored
     assert feed(m2, draw(rng, 600), 0, 300)[0].kind == "start"  # old normal is now a drift
+
+
+def test_promotion_in_progress_survives_a_checkpoint_and_another_activation_cancels_it() -> None:
+    rng = np.random.default_rng(9)
+    m = StreamMonitor(KEY, det())
+    feed(m, draw(rng, 500), 0, 100)
+    m.promote(events=200)
+    part = draw(rng, 120, shift=0.5)
+    feed(m, part, 500, 60)
+    meta, arrays = m.checkpoint()
+    r = StreamMonitor.restore(KEY, det(), meta, arrays, m.baseline)
+    assert r.promotion == {"events": 120, "needed": 200}
+    rest = draw(rng, 80, shift=0.5)
+    feed(r, rest, 620, 80)
+    assert r.baseline is not None and r.baseline.source == "promoted" and r.baseline.count == 200
+    np.testing.assert_allclose(r.baseline.mean, np.concatenate([part, rest]).astype(np.float64).mean(0),
+                               rtol=1e-9)
+    assert m.baseline is not None
+    m.activate(m.baseline)  # e.g. a rollback or a promotion of a stored version
+    assert m.promotion is None
 
 
 def test_queries() -> None:
