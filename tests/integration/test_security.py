@@ -238,6 +238,8 @@ def test_mutations_need_the_admin_token(running: Running) -> None:
     promotion = json.loads(streams)["streams"][stream]["promotion"]
     assert promotion is not None and promotion["events"] == 0 and promotion["needed"] >= 50
     running.bodies["GET /api/streams after promote"] = streams
+    status, after = svc.get(f"/api/baselines/{stream}")
+    assert status == 200 and after == before  # the current baseline stays until the new one is built
 
 
 def test_no_secret_in_endpoints_or_log(running: Running) -> None:
