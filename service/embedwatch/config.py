@@ -121,7 +121,8 @@ class DetectionSettings(_Section):
     window_seconds: float = Field(3600.0, gt=0, description="Time bound of the rolling window.")
     buckets: int = Field(10, ge=2, le=1000, description="Buckets in the window ring.")
     reservoir_per_bucket: int = Field(
-        64, ge=4, le=100_000, description="Vectors sampled per bucket for two-sample tests."
+        64, ge=4, le=100_000, description="Vectors sampled per bucket for the MMD test (held until their "
+        "random-feature sum is computed, then dropped)."
     )
     baseline_sample: int = Field(1000, ge=50, description="Reference vectors kept in a baseline.")
     evaluate_every: int = Field(100, ge=1, description="Evaluate detectors every N events of a stream.")

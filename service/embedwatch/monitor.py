@@ -692,8 +692,14 @@ class StreamMonitor:
                 arrays["b_sims"] = np.concatenate([b.sims for b in bs])
                 arrays["b_norms"] = np.concatenate([b.norms for b in bs])
                 arrays["b_res_n"] = np.array([b.res_n for b in bs], dtype=np.int64)
-                arrays["b_reservoir"] = np.stack([b.reservoir for b in bs])
                 arrays["b_res_index"] = np.stack([b.res_index for b in bs])
+                # Sealed buckets that dropped their vectors keep their feature sum instead.
+                arrays["b_held"] = np.array([b.held for b in bs], dtype=bool)
+                if any(b.held for b in bs):
+                    arrays["b_reservoir"] = np.stack([b.reservoir for b in bs if b.held])
+                sums = [b._feat_sum for b in bs if not b.held and b._feat_sum is not None]
+                if sums:
+                    arrays["b_feat_sum"] = np.stack(sums)
         return meta, arrays
 
     @classmethod
@@ -769,6 +775,11 @@ class StreamMonitor:
             if "b_count" in arrays:
                 counts = arrays["b_count"]
                 offsets = np.concatenate([[0], np.cumsum(counts)])
+                # Checkpoints from before released buckets hold every bucket's vectors.
+                held = arrays["b_held"].tolist() if "b_held" in arrays else [True] * counts.shape[0]
+                kept = iter(arrays["b_reservoir"]) if "b_reservoir" in arrays else iter(())
+                summed = iter(arrays["b_feat_sum"]) if "b_feat_sum" in arrays else iter(())
+                n_features = m._mmd.n_features if m._mmd is not None else -1
                 for i, c in enumerate(counts.tolist()):
                     b = w._new_bucket()
                     if c > b.capacity or arrays["b_sum"][i].shape != b.sum.shape:
@@ -782,10 +793,22 @@ class StreamMonitor:
                     b._sims[:c] = arrays["b_sims"][offsets[i]:offsets[i + 1]]
                     b._norms[:c] = arrays["b_norms"][offsets[i]:offsets[i + 1]]
                     b.res_n = int(arrays["b_res_n"][i])
-                    b.reservoir[:] = arrays["b_reservoir"][i]
                     b.res_index[:] = arrays["b_res_index"][i]
                     b.closed = bool(wm["closed"][i])
                     b._version = int(wm["versions"][i])
+                    if held[i]:
+                        rows = next(kept, None)
+                        if rows is None or rows.shape != b.reservoir.shape:
+                            raise ValueError("checkpointed window does not fit the current settings")
+                        b.reservoir[:] = rows
+                    else:
+                        fs = np.asarray(next(summed, np.zeros(0)), dtype=np.float64)
+                        if fs.shape != (n_features,):
+                            raise ValueError("checkpointed feature sums do not fit the baseline")
+                        b._feat_sum, b._feat_version = fs.copy(), b._version
+                        rows = b.release()
+                        if w._spare_rows is None:
+                            w._spare_rows = rows
         return m
 
     # ------------------------------------------------------------------ read-out

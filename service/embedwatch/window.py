@@ -16,6 +16,11 @@ All of these merge exactly: :func:`merge_buckets` gives the statistics of the un
 sums, histograms exactly; the reservoir is a uniform sample of the union, drawn with a
 hypergeometric split).
 
+Memory. The sampled vectors are only needed for their random-feature sum, so a bucket that can no
+longer change drops them (:meth:`Bucket.release`) once an evaluation has summed their features;
+it keeps the sum, their count and stream indices. Only the open bucket and those sealed since the
+last evaluation hold vectors: 0.4 instead of 2.0 MiB per 768-d stream at the default settings.
+
 Bounds. A bucket holds at most ``window_events // buckets`` events and spans at most
 ``window_seconds / buckets`` seconds (from its first event); a new one is opened when it is full,
 and the oldest bucket is dropped when the ring already has ``buckets`` of them (count bound: at
@@ -50,6 +55,11 @@ FeatureSum = Callable[[np.ndarray], np.ndarray]
 #: Rows of the batch processed at once in float64 (a 256 x 768 float64 chunk is 1.5 MiB).
 _CHUNK = 256
 _tls = threading.local()
+#: What a released bucket holds instead of its reservoir (read-only, shared).
+_NO_ROWS = np.zeros((0, 0), dtype=np.float32)
+_NO_ROWS.flags.writeable = False
+_NO_DIRTY = np.zeros(0, dtype=bool)
+_NO_DIRTY.flags.writeable = False
 
 
 def _ones(n: int) -> np.ndarray:
@@ -163,6 +173,8 @@ class Bucket:
         "capacity",
         "closed",
         "count",
+        "held",
+        "k",
         "max_ts",
         "min_ts",
         "norm_hist",
@@ -196,15 +208,18 @@ class Bucket:
         capacity: int,
         rng: np.random.Generator,
         recycle: Bucket | None = None,
+        rows: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
-        """``recycle``: a dropped bucket of the same shape whose arrays are reused (cleared)."""
+        """``recycle``: a dropped bucket of the same shape whose arrays are reused (cleared);
+        ``rows``: the reservoir arrays a released bucket gave back (:meth:`release`), reused."""
         self.capacity = int(capacity)
+        self.k = int(reservoir_size)
         self.count = 0
         self.min_ts = math.inf
         self.max_ts = -math.inf
         self.start_ts = math.nan
         r = recycle
-        if (r is not None and r.capacity == self.capacity and r.reservoir.shape == (reservoir_size, dim)
+        if (r is not None and r.capacity == self.capacity and r.k == self.k and r.sum.shape[0] == dim
                 and r.sim_hist.shape[0] == sim_bins and r.norm_hist.shape[0] == norm_bins):
             # Fresh arrays of this size are fresh pages: reusing them saves the page faults.
             self.sum, self.sumsq, self.sim_hist, self.norm_hist = r.sum, r.sumsq, r.sim_hist, r.norm_hist
@@ -212,10 +227,10 @@ class Bucket:
             self.sumsq.fill(0.0)
             self.sim_hist.fill(0)
             self.norm_hist.fill(0)
-            self._sims, self._norms, self.reservoir, self.res_index = r._sims, r._norms, r.reservoir, r.res_index
+            self._sims, self._norms, self.res_index = r._sims, r._norms, r.res_index
             self.res_index.fill(-1)
-            self._dirty = r._dirty
-            self._dirty.fill(False)
+            if rows is None:
+                rows = r.release()
             r.count = r.res_n = 0  # the old bucket no longer owns its arrays
         else:
             self.sum = np.zeros(dim, dtype=np.float64)
@@ -224,9 +239,14 @@ class Bucket:
             self.norm_hist = np.zeros(norm_bins, dtype=np.int64)
             self._sims = np.empty(self.capacity, dtype=np.float64)
             self._norms = np.empty(self.capacity, dtype=np.float64)
-            self.reservoir = np.empty((reservoir_size, dim), dtype=np.float32)
-            self.res_index = np.full(reservoir_size, -1, dtype=np.int64)
-            self._dirty = np.zeros(reservoir_size, dtype=bool)
+            self.res_index = np.full(self.k, -1, dtype=np.int64)
+        if rows is not None and rows[0].shape == (self.k, dim):
+            self.reservoir, self._dirty = rows
+            self._dirty.fill(False)
+        else:
+            self.reservoir = np.empty((self.k, dim), dtype=np.float32)
+            self._dirty = np.zeros(self.k, dtype=bool)
+        self.held = True  # the reservoir rows are in memory (see release)
         self.res_n = 0
         self.rng = rng
         self.closed = False
@@ -243,7 +263,7 @@ class Bucket:
 
     @property
     def reservoir_size(self) -> int:
-        return int(self.reservoir.shape[0])
+        return self.k
 
     @property
     def sims(self) -> np.ndarray:
@@ -255,8 +275,24 @@ class Bucket:
 
     @property
     def sample(self) -> np.ndarray:
-        """The reservoir rows in use (a uniform sample of the bucket's vectors)."""
+        """The reservoir rows in use (a uniform sample of the bucket's vectors); ``ValueError``
+        once they were released."""
+        if not self.held:
+            raise ValueError("the bucket's sampled vectors were released once their features were summed")
         return self.reservoir[: self.res_n]
+
+    def release(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Drop the sampled vectors of a final bucket whose feature sum is computed; return the
+        freed arrays for a new bucket (``None``: nothing held). What the bucket's tests need of them
+        (the feature sum, their count and stream indices) stays."""
+        if not self.held:
+            return None
+        rows = (self.reservoir, self._dirty)
+        self.reservoir = _NO_ROWS
+        self._dirty = _NO_DIRTY
+        self._feat_rows = None
+        self.held = False
+        return rows
 
     @property
     def final(self) -> bool:
@@ -378,6 +414,8 @@ def merge_buckets(a: Bucket, b: Bucket, rng: np.random.Generator | None = None) 
     hypergeometric(|A|, |B|, size), then uniform subsets of each side's reservoir.
     """
     rng = rng if rng is not None else a.rng
+    if not (a.held and b.held):
+        raise ValueError("buckets whose sampled vectors were released cannot be merged")
     k = max(a.reservoir_size, b.reservoir_size)
     out = Bucket(a.dim, a.sim_hist.shape[0], a.norm_hist.shape[0], k, a.count + b.count, rng)
     out.count = a.count + b.count
@@ -452,6 +490,7 @@ class Window:
         self.reservoir_size = int(settings.reservoir_per_bucket)
         self.buckets: deque[Bucket] = deque()
         self._spare: Bucket | None = None  # a dropped bucket whose arrays the next one reuses
+        self._spare_rows: tuple[np.ndarray, np.ndarray] | None = None  # a released reservoir, reused
         self.newest_ts = -math.inf
         self.rng = np.random.default_rng(seed)
 
@@ -466,8 +505,9 @@ class Window:
         spare, self._spare = self._spare, None
         if len(self.buckets) >= self.max_buckets:
             spare = self.buckets.popleft()
+        rows, self._spare_rows = self._spare_rows, None
         b = Bucket(self.dim, self.projection.sim_bins, self.projection.norm_bins, self.reservoir_size,
-                   self.capacity, self.rng, recycle=spare)
+                   self.capacity, self.rng, recycle=spare, rows=rows)
         self.buckets.append(b)
         return b
 
@@ -506,11 +546,23 @@ class Window:
         while self.buckets and self.buckets[0].max_ts < limit:
             self._spare = self.buckets.popleft()
 
-    def sample(self) -> np.ndarray:
-        """All reservoir rows of the window, oldest bucket first."""
-        if not self.buckets:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return np.concatenate([b.sample for b in self.buckets])
+    @property
+    def held_buckets(self) -> int:
+        """Buckets whose sampled vectors are in memory (the open one, and those sealed since the
+        last evaluation)."""
+        return sum(b.held for b in self.buckets)
+
+    def _release_sealed(self, features_summed: bool) -> None:
+        """Free the vectors of final buckets whose feature sums are computed (or never needed)."""
+        p = self.projection
+        needed = p.features is not None or p.feature_sum is not None
+        if needed and not features_summed:
+            return
+        for b in self.buckets:
+            if b.held and b.final and not (needed and b.features_stale):
+                rows = b.release()
+                if self._spare_rows is None:
+                    self._spare_rows = rows
 
     def totals(self, with_features: bool = True) -> WindowTotals:
         """Merge every bucket (O(buckets * d)); with ``with_features`` also the random-feature sum."""
@@ -526,6 +578,7 @@ class Window:
         elif with_features and p.feature_sum is not None:
             fn = p.feature_sum
             fsum = _total([b.feature_sum(fn) for b in bs])
+        self._release_sealed(with_features)
         return WindowTotals(
             count=sum(b.count for b in bs),
             sum=_total([b.sum for b in bs]),

@@ -359,6 +359,25 @@ def test_checkpoint_restore_continues_identically(split: int) -> None:
     assert b.query_events == split
 
 
+def test_sealed_buckets_drop_their_vectors_and_a_checkpoint_keeps_their_feature_sums() -> None:
+    rng = np.random.default_rng(13)
+    s = det()
+    m = StreamMonitor(KEY, s)
+    feed(m, np.concatenate([draw(rng, 1000), draw(rng, 330, shift=0.3)]), 0, 70)
+    w = m._window
+    assert w is not None and len(w.buckets) == 4
+    # Only the open bucket, and those sealed since the last evaluation, hold vectors.
+    assert 1 <= w.held_buckets <= 2 and w.buckets[-1].held
+    assert all(b.reservoir.size == 0 for b in w.buckets if not b.held)
+    r = _round_trip(m, s)
+    assert r._window is not None and [b.held for b in r._window.buckets] == [b.held for b in w.buckets]
+    t1, t2 = w.totals(), r._window.totals()
+    assert t1.feature_sum is not None and t2.feature_sum is not None
+    assert (t1.count, t1.sample_n) == (t2.count, t2.sample_n)
+    np.testing.assert_allclose(t2.feature_sum, t1.feature_sum, rtol=1e-12)
+    assert r.measures()["drift_score"] == pytest.approx(m.measures()["drift_score"], rel=1e-12)
+
+
 def feed_from(m: StreamMonitor, x: np.ndarray, start: int, ids: list[str | None]) -> list[Alarm]:
     out: list[Alarm] = []
     # Same batch boundaries as `feed(..., 100)` from 0.

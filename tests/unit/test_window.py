@@ -164,6 +164,9 @@ def test_count_bound_and_window_is_the_latest_events(n: int, seed: int, cuts: li
     assert w.count >= min(n, 100 - cap + 1)
     assert len(w.buckets) <= 5
     assert all(b.count <= cap for b in w.buckets)
+    # Before any evaluation every bucket still holds its sampled vectors: the rows of their events.
+    for b in w.buckets:
+        np.testing.assert_array_equal(b.sample, x[b.res_index[: b.res_n]])
     tot = w.totals(with_features=False)
     tail = x[n - tot.count :].astype(np.float64)
     np.testing.assert_allclose(tot.sum, tail.sum(0), rtol=1e-9)
@@ -172,7 +175,8 @@ def test_count_bound_and_window_is_the_latest_events(n: int, seed: int, cuts: li
     assert tot.min_ts == n - tot.count and tot.max_ts == n - 1
     idx = np.concatenate([b.res_index[: b.res_n] for b in w.buckets])
     assert np.all(idx >= n - tot.count)
-    np.testing.assert_array_equal(w.sample(), x[idx])
+    # Without a feature map the vectors are needed by nothing: every final bucket dropped them.
+    assert [b.held for b in w.buckets] == [not b.final for b in w.buckets]
 
 
 def test_time_bound_evicts_old_buckets_and_splits_by_span() -> None:
@@ -207,7 +211,8 @@ def test_feature_sum_is_cached_until_the_reservoir_changes() -> None:
     t2 = w.totals()
     assert len(calls) == n_calls  # nothing changed: all cached
     assert t1.feature_sum is not None and t2.feature_sum is not None
-    np.testing.assert_allclose(t1.feature_sum, w.sample().astype(np.float64).sum(0), rtol=1e-6)
+    idx = np.concatenate([b.res_index[: b.res_n] for b in w.buckets])
+    np.testing.assert_allclose(t1.feature_sum, x[idx].astype(np.float64).sum(0), rtol=1e-6)
     w.add(x[:5], ts[:5], 50)
     w.totals()
     assert len(calls) == n_calls + 1  # only the open bucket is recomputed
@@ -258,11 +263,14 @@ def test_incremental_feature_sums_equal_a_recomputation(n: int, seed: int, cuts:
     for a, e in itertools.pairwise(bounds):
         w.add(x[a:e], ts[a:e], a)
         got = w.totals().feature_sum
-        want = np.sum([proj.feature_sum(b.sample) for b in w.buckets], axis=0)
+        # The sampled vectors of each bucket, from their stream indices (sealed buckets dropped them).
+        samples = [x[b.res_index[: b.res_n]] for b in w.buckets]
+        want = np.sum([proj.feature_sum(v) for v in samples], axis=0)
         assert got is not None
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
         # The sum of the per-bucket recomputations equals the map of the whole window sample too.
-        np.testing.assert_allclose(got, proj.feature_sum(w.sample()), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got, proj.feature_sum(np.concatenate(samples)), rtol=1e-5, atol=1e-5)
+        assert all(b.held == (not b.final) for b in w.buckets)
 
 
 def test_open_bucket_maps_only_overwritten_slots() -> None:
