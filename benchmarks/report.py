@@ -134,8 +134,14 @@ def render(r: dict[str, Any]) -> str:
     b0 = blas[0] if blas else {}
     kc = m.get("kafka_clients", {})
     parts: list[str] = []
-    parts.append(f"_Generated from benchmarks/results.json ({'quick' if run.get('quick') else 'full'} run of "
-                 f"{run.get('started', '?')}, {run.get('seconds', '?')} s)._")
+    kept = run.get("other_sections_from")
+    if kept:
+        parts.append(f"_Generated from benchmarks/results.json: {', '.join(run.get('sections', []))} from the run of "
+                     f"{run.get('started', '?')} ({run.get('seconds', '?')} s), the other sections from the "
+                     f"{'quick' if kept.get('quick') else 'full'} run of {kept.get('started', '?')}._")
+    else:
+        parts.append(f"_Generated from benchmarks/results.json ({'quick' if run.get('quick') else 'full'} run of "
+                     f"{run.get('started', '?')}, {run.get('seconds', '?')} s)._")
     parts.append("### Machine\n\n" + _table(["", ""], [
         ["CPU", f"{m.get('cpu_model')} ({m.get('cores')} cores)"],
         ["RAM", f"{m.get('ram_gib')} GiB"],

@@ -222,9 +222,14 @@ def main() -> int:
             results = json.loads(RESULTS.read_text())
         except ValueError:
             results = {}
+    previous = results.get("run") or {}
     results["machine"] = machine_info()
     results["run"] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick, "sizes": sz,
                       "sections": sorted(sections)}
+    if sections != set(ALL) and previous:
+        # Which run the kept sections come from (the last full one).
+        results["run"]["other_sections_from"] = (
+            previous.get("other_sections_from") or {"started": previous.get("started"), "quick": previous.get("quick")})
     print(json.dumps(results["machine"], indent=1), flush=True)
     if "decode" in sections:
         _timed("decode", lambda: run_decode(sz), results)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -129,6 +129,8 @@ class Baseline:
     arrays: Mapping[str, np.ndarray] = field(repr=False)
     content_hash: str
     schema_version: int = SCHEMA_VERSION
+    #: Rows of the reference sample when the sample itself is not held (see :meth:`without_sample`).
+    released_sample_rows: int | None = None
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -271,7 +273,33 @@ class Baseline:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The named arrays (read-only views; copy before modifying)."""
+        if self.released_sample_rows is not None:
+            raise ValueError(self._released())
         return dict(self.arrays)
+
+    def without_sample(self, settings: DetectionSettings) -> Baseline:
+        """The same baseline without its reference sample in memory, for a monitor and a store
+        that already persisted it (or, without durable state, never will).
+
+        A running stream needs the sample once: to fit the mean-shift scan when the baseline is
+        activated. That fit (for ``settings``) is made now and carried over, so activating the
+        returned copy again costs nothing; what needs the sample itself (serialising it, a scan fit
+        for other settings) raises ``ValueError``. The content hash, and so the ``baseline_id``,
+        stay those of the full baseline: 1.5 MiB less per 768-d stream at the default
+        ``baseline_sample``.
+        """
+        if self.released_sample_rows is not None:
+            return self
+        if settings.scan_windows:
+            self.mean_shift(settings)
+        slim = replace(self, arrays={k: v for k, v in self.arrays.items() if k != "sample"},
+                       released_sample_rows=self.sample_rows)
+        slim.__dict__["_mean_shift"] = dict(self.__dict__.get("_mean_shift", {}))
+        return slim
+
+    def _released(self) -> str:
+        return (f"baseline {self.baseline_id}: its reference sample was released from memory (the "
+                "baseline store holds it)")
 
     # ----------------------------------------------------------------- views used by the monitor
     @property
@@ -288,7 +316,16 @@ class Baseline:
 
     @property
     def sample(self) -> np.ndarray:
+        if self.released_sample_rows is not None:
+            raise ValueError(self._released())
         return self.arrays["sample"]
+
+    @property
+    def sample_rows(self) -> int:
+        """Vectors in the reference sample (held or not)."""
+        if self.released_sample_rows is not None:
+            return self.released_sample_rows
+        return int(self.arrays["sample"].shape[0])
 
     @property
     def sim_mean(self) -> float:
@@ -308,9 +345,9 @@ class Baseline:
         bw = float(a["rff_bandwidth"][0])
         if "rff_normal" in a:
             return RFFMMD(a["rff_normal"], a["rff_offsets"], a["rff_mean"], a["rff_eigvals"],
-                          int(a["sample"].shape[0]), bw, 1.0 / bw)
+                          self.sample_rows, bw, 1.0 / bw)
         return RFFMMD(a["rff_weights"], a["rff_offsets"], a["rff_mean"], a["rff_eigvals"],
-                      int(a["sample"].shape[0]), bw)
+                      self.sample_rows, bw)
 
     def mean_shift(self, settings: DetectionSettings) -> MeanShiftTest:
         """The calibrated mean-shift test of this baseline, fitted on its sample.

@@ -95,6 +95,11 @@ class BaselineRepository(Protocol):
         """Re-activate the version active before the current one; :class:`BaselineHistoryError` if none."""
         ...
 
+    def hold(self, baseline: Baseline) -> None:
+        """Keep ``baseline`` in memory in place of the stored version with its id (a copy without
+        its sample, :meth:`Baseline.without_sample`); a store that keeps nothing in memory ignores it."""
+        ...
+
 
 # -- helpers ------------------------------------------------------------------------------------
 
@@ -339,6 +344,9 @@ class _IndexedStore:
         raise NotImplementedError
 
     # public API
+    def hold(self, baseline: Baseline) -> None:
+        """Nothing is held in memory by default (the directory store reads each version back)."""
+
     def save(self, baseline: Baseline, activate: bool = True) -> dict[str, Any]:
         md = _metadata(baseline)
         key = stream_of(md)
@@ -510,6 +518,14 @@ class MemoryBaselineStore(_IndexedStore):
 
     def _read_version(self, key: StreamKey, baseline_id: str) -> Baseline:
         return self._baselines[(key, baseline_id)]
+
+    def hold(self, baseline: Baseline) -> None:
+        """Replace the stored version with the same id by ``baseline`` (written through stores
+        persisted the full one already)."""
+        with self._lock:
+            version = (stream_of(_metadata(baseline)), str(baseline.metadata["baseline_id"]))
+            if version in self._baselines:
+                self._baselines[version] = baseline
 
     def _version_metadata(self, key: StreamKey, baseline_id: str) -> dict[str, Any]:
         return dict(self._meta[(key, baseline_id)])

@@ -275,3 +275,8 @@ class StreamRouter:
                 log.error("stream %s: cannot save baseline %s: %s", key, bid, e)
                 return
             self._saved[key] = bid
+        if mon.baseline.released_sample_rows is None:
+            # Saved: the monitor and the store need no more than a copy without the sample.
+            slim = mon.baseline.without_sample(self.detection)
+            mon.baseline = slim
+            self.baselines.hold(slim)

@@ -191,3 +191,33 @@ def test_shared_frequency_matrix_lives_only_while_used() -> None:
     assert ref() is None  # not kept alive by the process-wide sharing
     np.testing.assert_array_equal(make(7, d=17)[0].to_arrays()["rff_normal"],
                                   RFFMMD.draw(17, 32, 1.0, DET.seed)[0])
+
+
+def test_a_baseline_without_its_sample_monitors_exactly_like_the_full_one() -> None:
+    from embedwatch.monitor import StreamMonitor
+
+    s = DetectionSettings(reference_size=200, window_events=200, baseline_sample=150, rff_features=32,
+                          histogram_bins=16, evaluate_every=50, scan_windows=[100, 200])
+    b = Baseline.from_vectors(KEY, make(3, n=200, d=12)[1], 100.0, "test", s)
+    slim = b.without_sample(s)
+    assert slim.without_sample(s) is slim and b.released_sample_rows is None
+    assert slim.baseline_id == b.baseline_id and slim.metadata == b.metadata
+    assert slim.sample_rows == b.sample_rows == 150 and "sample" not in slim.arrays
+    with pytest.raises(ValueError, match="reference sample was released"):
+        slim.to_arrays()
+    with pytest.raises(ValueError, match="reference sample was released"):
+        _ = slim.sample
+    with pytest.raises(ValueError, match="reference sample was released"):  # a scan fit for other settings
+        slim.mean_shift(DetectionSettings(scan_components=3))
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.normal(size=(300, 12)) + 0.3, rng.normal(size=(300, 12)) + 0.8]).astype(np.float32)
+    ts = np.arange(600, dtype=np.float64)
+    full_mon, slim_mon = StreamMonitor(KEY, s, b), StreamMonitor(KEY, s, slim)
+    got = [slim_mon.update_embeddings(x[i:i + 70], ts[i:i + 70]) for i in range(0, 600, 70)]
+    want = [full_mon.update_embeddings(x[i:i + 70], ts[i:i + 70]) for i in range(0, 600, 70)]
+    assert [[a.to_dict() for a in g] for g in got] == [[a.to_dict() for a in w] for w in want]
+    assert any(want), "the shift must alarm, or the comparison shows nothing"
+    m1, m2 = full_mon.measures(), slim_mon.measures()
+    assert m1.keys() == m2.keys()
+    for k in m1:
+        assert m1[k] == m2[k] or (np.isnan(m1[k]) and np.isnan(m2[k])), k

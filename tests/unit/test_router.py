@@ -94,6 +94,9 @@ def test_baselines_are_loaded_and_saved() -> None:
     r.route(Decoder().decode([msg("a", v) for v in rng.normal(size=(60, 8)) + 2]))
     [md] = store.list()
     assert md["stream"] == "a/1/default" and md["active"] and md["count"] == 50
+    # Once saved, the monitor and the store hold one copy without the reference sample.
+    first = r.monitors[StreamKey("a", "1")].baseline
+    assert first is not None and first.released_sample_rows == 50 and store.get("a/1/default") is first
     # A new router (a restart) starts the stream from the stored baseline: no reference phase.
     r2 = StreamRouter(settings(), store)
     r2.route(Decoder().decode([msg("a", [1.0] * 8)]))
