@@ -207,42 +207,31 @@ class _Prepared:
         return out
 
 
+def _rate(items: list[Any], feed: Any, n: int, **info: Any) -> dict[str, Any]:
+    """Events/s (and cores used) of ``feed`` over every item, after a garbage collection."""
+    gc.collect()
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    for item in items:
+        feed(item)
+    dt = time.perf_counter() - t0
+    return figure(n / dt, "events/s", cpu_cores=round((time.process_time() - c0) / dt, 2), **info)
+
+
 def bench_core_router(streams: int, dim: int, n: int, encoding: str = "b64",
                       big_batch: int | None = None) -> dict[str, Any]:
     """Core only (router.route on pre-decoded batches), then decode+core (Service.process on
     pre-encoded batches of further events), on one warmed service; with ``big_batch``, then core
     only again on further events in batches of that many (a larger ``kafka.max_poll_records``)."""
     p = _Prepared(streams, dim, n, encoding)
-    gc.collect()
-    t0 = time.perf_counter()
-    c0 = time.process_time()
-    for b in p.decoded:
-        p.service.router.route(b)
-    core_dt = time.perf_counter() - t0
-    core_cpu = (time.process_time() - c0) / core_dt
+    route = p.service.router.route
+    out = {"core": _rate(p.decoded, route, n, batch=BATCH)}
     p.decoded = []
-    gc.collect()
-    t0 = time.perf_counter()
-    c0 = time.process_time()
-    for mb in p.batches:
-        p.service.process(mb, now=1.7e9)
-    full_dt = time.perf_counter() - t0
-    full_cpu = (time.process_time() - c0) / full_dt
-    out = {
-        "core": figure(n / core_dt, "events/s", cpu_cores=round(core_cpu, 2), batch=BATCH),
-        "decode_core": figure(n / full_dt, "events/s", cpu_cores=round(full_cpu, 2), encoding=encoding),
-    }
+    out["decode_core"] = _rate(p.batches, lambda mb: p.service.process(mb, now=1.7e9), n, encoding=encoding)
+    p.batches = []
     if big_batch:
-        p.batches = []
         big = [Decoder().decode(b) for b in p._encoded(p.gen, n, big_batch)]
-        gc.collect()
-        t0 = time.perf_counter()
-        c0 = time.process_time()
-        for b in big:
-            p.service.router.route(b)
-        dt = time.perf_counter() - t0
-        out["core_big_batch"] = figure(n / dt, "events/s", cpu_cores=round((time.process_time() - c0) / dt, 2),
-                                       batch=big_batch)
+        out["core_big_batch"] = _rate(big, route, n, batch=big_batch)
     return out
 
 

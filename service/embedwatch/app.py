@@ -778,10 +778,12 @@ class Service:
                 raise KeyError(str(key))
             if baseline_id is None:
                 built = mon.promote(events)
-                if built is None:
-                    log.info("stream %s promoted: collecting %s events for its new baseline", key,
-                             mon.promotion and mon.promotion["needed"])
-                    return {"status": "collecting", "stream": str(key), **(mon.promotion or {})}
+                progress = mon.promotion
+                if built is None and progress is not None:
+                    log.info("stream %s promoted: collecting %d events for its new baseline", key,
+                             progress["needed"])
+                    return {"status": "collecting", "stream": str(key), **progress}
+                assert built is not None
                 baseline = built
                 self.baselines.save(baseline, activate=True)
             else:

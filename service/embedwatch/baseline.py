@@ -162,25 +162,6 @@ class Baseline:
         return cls._build(key, mean, var, x.shape[0], sample, x, _created(ts), source, settings)
 
     @classmethod
-    def from_statistics(
-        cls,
-        key: StreamKey,
-        count: int,
-        mean: np.ndarray,
-        var: np.ndarray,
-        sample: np.ndarray,
-        created_at: float,
-        source: str,
-        settings: DetectionSettings,
-    ) -> Baseline:
-        """Baseline from exact moments of ``count`` events and a uniform sample of them (promotion)."""
-        sample = np.asarray(sample, dtype=np.float32)
-        if sample.ndim != 2 or sample.shape[0] < 2:
-            raise ValueError("a baseline needs a sample of at least 2 vectors")
-        return cls._build(key, np.asarray(mean, np.float64), np.asarray(var, np.float64), int(count),
-                          sample, sample, float(created_at), source, settings)
-
-    @classmethod
     def _build(
         cls,
         key: StreamKey,

@@ -112,7 +112,6 @@ def _window_config(s: DetectionSettings) -> list[float]:
             s.rff_features, s.seed, s.scan_every, *s.scan_windows]
 
 
-
 #: Fewest events a promotion builds a baseline from (the smallest ``reference_size`` allowed).
 MIN_PROMOTED_EVENTS = 50
 
@@ -241,10 +240,9 @@ class StreamMonitor:
             if self._ref_n < MIN_PROMOTED_EVENTS:
                 raise ValueError(f"stream {self._name} has {self._ref_n} events so far; a baseline needs "
                                  f"at least {MIN_PROMOTED_EVENTS}")
-            b = Baseline.from_vectors(self.key, np.concatenate(self._ref_chunks), np.concatenate(self._ref_ts),
-                                      "partial_reference", self.settings)
-            self.activate(b)
-            return b
+            self._activate_collected("partial_reference")
+            assert self.baseline is not None
+            return self.baseline
         self._ref_chunks, self._ref_ts, self._ref_n = [], [], 0
         self._promotion = want
         return None
@@ -284,9 +282,7 @@ class StreamMonitor:
             self._collect(x[:take], ts[:take])
             pos = take
             if self._ref_n >= self.settings.reference_size:
-                ref = np.concatenate(self._ref_chunks)
-                self.activate(Baseline.from_vectors(self.key, ref, np.concatenate(self._ref_ts),
-                                                    "first_events", self.settings))
+                self._activate_collected("first_events")
         alarms: list[Alarm] = []
         if self._promotion and pos < n:
             # Collected for the new baseline and still monitored against the current one.
@@ -295,9 +291,7 @@ class StreamMonitor:
             alarms = self._monitor(x[:take], ts[:take], first)
             pos = take
             if self._ref_n >= self._promotion:
-                ref = np.concatenate(self._ref_chunks)
-                end = self.activate(Baseline.from_vectors(self.key, ref, np.concatenate(self._ref_ts),
-                                                          "promoted", self.settings))
+                end = self._activate_collected("promoted")
                 if end is not None:
                     alarms.append(end)
         if pos < n:
@@ -309,6 +303,11 @@ class StreamMonitor:
         self._ref_chunks.append(x.copy())
         self._ref_ts.append(ts.copy())
         self._ref_n += x.shape[0]
+
+    def _activate_collected(self, source: str) -> Alarm | None:
+        """Build a baseline from the collected events and activate it (see :meth:`activate`)."""
+        return self.activate(Baseline.from_vectors(self.key, np.concatenate(self._ref_chunks),
+                                                   np.concatenate(self._ref_ts), source, self.settings))
 
     def _monitor(self, x: np.ndarray, ts: np.ndarray, first: int) -> list[Alarm]:
         assert self._window is not None and self.baseline is not None
@@ -805,10 +804,8 @@ class StreamMonitor:
                         fs = np.asarray(next(summed, np.zeros(0)), dtype=np.float64)
                         if fs.shape != (n_features,):
                             raise ValueError("checkpointed feature sums do not fit the baseline")
-                        b._feat_sum, b._feat_version = fs.copy(), b._version
-                        rows = b.release()
-                        if w._spare_rows is None:
-                            w._spare_rows = rows
+                        b.keep_feature_sum(fs)
+                        w.release(b)
         return m
 
     # ------------------------------------------------------------------ read-out

@@ -281,6 +281,11 @@ class Bucket:
             raise ValueError("the bucket's sampled vectors were released once their features were summed")
         return self.reservoir[: self.res_n]
 
+    def keep_feature_sum(self, total: np.ndarray) -> None:
+        """Take ``total`` as the feature sum of the sample as it is now (a restored checkpoint)."""
+        self._feat_sum = np.array(total, dtype=np.float64)
+        self._feat_version = self._version
+
     def release(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Drop the sampled vectors of a final bucket whose feature sum is computed; return the
         freed arrays for a new bucket (``None``: nothing held). What the bucket's tests need of them
@@ -560,9 +565,13 @@ class Window:
             return
         for b in self.buckets:
             if b.held and b.final and not (needed and b.features_stale):
-                rows = b.release()
-                if self._spare_rows is None:
-                    self._spare_rows = rows
+                self.release(b)
+
+    def release(self, b: Bucket) -> None:
+        """Drop the vectors of one of this window's buckets, keeping its arrays for the next one."""
+        rows = b.release()
+        if self._spare_rows is None:
+            self._spare_rows = rows
 
     def totals(self, with_features: bool = True) -> WindowTotals:
         """Merge every bucket (O(buckets * d)); with ``with_features`` also the random-feature sum."""

@@ -98,15 +98,6 @@ def test_rejects_too_few_vectors() -> None:
         Baseline.from_vectors(KEY, np.ones((1, 4)), None, "x", DET)
 
 
-def test_from_statistics_uses_exact_moments() -> None:
-    rng = np.random.default_rng(3)
-    sample = rng.normal(size=(50, 4)).astype(np.float32)
-    mean, var = np.arange(4.0), np.ones(4)
-    b = Baseline.from_statistics(KEY, 5000, mean, var, sample, 12.0, "window", DET)
-    np.testing.assert_array_equal(b.mean, mean)
-    assert b.count == 5000 and b.source == "window" and b.to_arrays()["sample"].shape == (50, 4)
-
-
 def test_frequency_matrix_is_shared_by_baselines_of_one_seed_and_dimension() -> None:
     b1, _ = make(1)
     b2, _ = make(2)
