@@ -171,6 +171,11 @@ class DetectionSettings(_Section):
     version_probe_size: int = Field(
         2000, ge=10, le=100_000, description="Shared ids kept per model for version comparison."
     )
+    version_solo_probe_size: int = Field(
+        64, ge=1, le=100_000,
+        description="Recent ids kept per model while it has a single version: the new version's first items "
+        "pair only with old-version twins this recent (all later pairs within version_probe_size ids are caught).",
+    )
     version_knn_k: int = Field(10, ge=1, le=100, description="k of the k-NN overlap between versions.")
     duplicate_window: int = Field(
         100_000, ge=100, description="Ids remembered per stream for duplicate detection (at least this many, "

@@ -668,10 +668,8 @@ class StreamMonitor:
         qref = self._qref_done if self._qref_done is not None else (
             np.concatenate(self._qref) if self._qref else np.zeros(0))
         arrays["query_reference"] = np.asarray(qref, dtype=np.float64)
-        q = self._qwin
-        for name, col in q._cols.items():
-            arrays[f"qwin_{name}"] = col.copy()
-        meta["qwin"] = [q._head, q._size, q.newest_ts]
+        qcols, meta["qwin"] = self._qwin.state()
+        arrays.update({f"qwin_{name}": col for name, col in qcols.items()})
         if self._ms is not None:
             arrays["scan_sums"], arrays["scan_counts"] = self._pre.tail()
             arrays["scan_open_sum"] = self._open_sum
@@ -752,11 +750,7 @@ class StreamMonitor:
             m._qref_done = qref
         elif qref.size:
             m._qref = [qref]
-        q = m._qwin
-        if all(f"qwin_{c}" in arrays and arrays[f"qwin_{c}"].shape == (q.capacity,) for c in q._cols):
-            for c in q._cols:
-                q._cols[c][:] = arrays[f"qwin_{c}"]
-            q._head, q._size, q.newest_ts = int(meta["qwin"][0]), int(meta["qwin"][1]), float(meta["qwin"][2])
+        m._qwin.restore({k[5:]: v for k, v in arrays.items() if k.startswith("qwin_")}, meta["qwin"])
         w = m._window
         wm = meta.get("window")
         if w is not None and wm is not None and meta.get("window_config") == _window_config(settings):

@@ -216,7 +216,9 @@ class StreamRouter:
     def route(self, batch: DecodedBatch) -> RouteResult:
         """Validate and dispatch one decoded batch; see the module docstring."""
         res = RouteResult(rejections=list(batch.rejections))
-        for block in _merged(batch.blocks):
+        blocks = _merged(batch.blocks)
+        self._announce_versions(blocks)
+        for block in blocks:
             key = block.stream
             is_new = key not in self.monitors
             mon = self.monitor_for(key)
@@ -246,12 +248,7 @@ class StreamRouter:
             else:
                 alarms = mon.update_embeddings(block.vectors, block.ts, block.latency_s, block.ids)
                 if any(i is not None for i in block.ids):
-                    comp = self.comparisons.get(key.model)
-                    if comp is None:
-                        comp = self.comparisons[key.model] = VersionComparison(
-                            key.model, self.detection.version_probe_size, self.detection.version_knn_k
-                        )
-                    comp.update(key.model_version, block.ids, block.vectors)
+                    self._comparison(key.model).update(key.model_version, block.ids, block.vectors)
             res.alarms.extend(alarms)
             res.accepted[(key, block.kind)] += block.n
             self._persist(key, mon)
@@ -262,6 +259,27 @@ class StreamRouter:
                 if per_stream is not None:
                     per_stream[r.reason.value] += 1
         return res
+
+    def _comparison(self, model: str) -> VersionComparison:
+        comp = self.comparisons.get(model)
+        if comp is None:
+            d = self.detection
+            comp = self.comparisons[model] = VersionComparison(
+                model, d.version_probe_size, d.version_knn_k, solo_probe_size=d.version_solo_probe_size
+            )
+        return comp
+
+    def _announce_versions(self, blocks: list[Block]) -> None:
+        """Tell each model's comparison which of its versions this batch carries (with ids) before
+        any block is added: a dual write's two versions arrive as two blocks of one batch, and the
+        first must not be cut to the single-version ring before the second is seen."""
+        versions: dict[str, set[str]] = {}
+        for block in blocks:
+            if block.kind is Kind.EMBEDDING and block.dim and any(i is not None for i in block.ids):
+                versions.setdefault(block.stream.model, set()).add(block.stream.model_version)
+        for model, vs in versions.items():
+            if len(vs) > 1 or model in self.comparisons:
+                self._comparison(model).expect(vs)
 
     def _persist(self, key: StreamKey, mon: StreamMonitor) -> None:
         if self.baselines is None or mon.baseline is None:

@@ -747,9 +747,13 @@ class ScalarWindow:
     """Count- and time-bounded window of per-event scalar columns (query events).
 
     A fixed ring of ``capacity`` rows per column, written with one vectorised assignment per batch;
-    the time bound (``seconds`` before the newest ts) is applied when reading.
+    the time bound (``seconds`` before the newest ts) is applied when reading. The ring is
+    allocated by the first :meth:`add`: most streams never carry query events, and an unused
+    window would otherwise hold ``capacity`` float64 rows per column.
 
     >>> w = ScalarWindow(("top1",), capacity=3, seconds=10.0)
+    >>> w.view()["top1"].tolist()
+    []
     >>> w.add(np.array([0.0, 1.0, 2.0, 3.0]), top1=np.array([0.1, 0.2, 0.3, 0.4]))
     >>> w.view()["top1"].tolist()
     [0.2, 0.3, 0.4]
@@ -761,10 +765,16 @@ class ScalarWindow:
     def __init__(self, columns: Sequence[str], capacity: int, seconds: float) -> None:
         self.capacity = int(capacity)
         self.seconds = float(seconds)
-        self._cols = {c: np.full(self.capacity, np.nan) for c in (*columns, "ts")}
+        self.columns = (*columns, "ts")
+        self._cols: dict[str, np.ndarray] | None = None
         self._head = 0
         self._size = 0
         self.newest_ts = -math.inf
+
+    def _ring(self) -> dict[str, np.ndarray]:
+        if self._cols is None:
+            self._cols = {c: np.full(self.capacity, np.nan) for c in self.columns}
+        return self._cols
 
     def add(self, ts: np.ndarray, **columns: np.ndarray) -> None:
         n = ts.shape[0]
@@ -773,7 +783,7 @@ class ScalarWindow:
         data: Mapping[str, np.ndarray] = {**columns, "ts": ts}
         start = max(0, n - self.capacity)
         idx = (self._head + np.arange(n - start)) % self.capacity
-        for name, col in self._cols.items():
+        for name, col in self._ring().items():
             col[idx] = np.asarray(data[name], dtype=np.float64)[start:]
         self._head = int((self._head + n - start) % self.capacity)
         self._size = min(self.capacity, self._size + n - start)
@@ -781,7 +791,23 @@ class ScalarWindow:
 
     def view(self) -> dict[str, np.ndarray]:
         """Rows inside both bounds, oldest first."""
+        if self._cols is None:
+            return {name: np.zeros(0) for name in self.columns}
         idx = (self._head - self._size + np.arange(self._size)) % self.capacity
         ts = self._cols["ts"][idx]
         keep = idx[ts >= self.newest_ts - self.seconds]
         return {name: col[keep] for name, col in self._cols.items()}
+
+    def state(self) -> tuple[dict[str, np.ndarray], list[float]]:
+        """What a checkpoint keeps: the ring's columns (none before the first event) and
+        ``[head, size, newest_ts]``."""
+        cols = {} if self._cols is None else {name: col.copy() for name, col in self._cols.items()}
+        return cols, [self._head, self._size, self.newest_ts]
+
+    def restore(self, cols: Mapping[str, np.ndarray], meta: Sequence[float]) -> bool:
+        """Take back :meth:`state` (False, and nothing changed, if the columns do not fit)."""
+        if not all(name in cols and np.shape(cols[name]) == (self.capacity,) for name in self.columns):
+            return False
+        self._cols = {name: np.array(cols[name], dtype=np.float64) for name in self.columns}
+        self._head, self._size, self.newest_ts = int(meta[0]), int(meta[1]), float(meta[2])
+        return True

@@ -68,6 +68,22 @@ def test_page_hinkley_small_batch_loop_equals_the_vectorised_pass(seed: int, mod
         start += k
 
 
+@settings(max_examples=60, deadline=None)
+@given(u=st.lists(st.floats(-1e6, 1e6), min_size=0, max_size=300), s0=st.floats(-1e6, 1e6),
+       alpha=st.sampled_from([1.0, 1 - 1e-4, 0.99, 0.5, 1e-3]))
+def test_faded_sums_equal_a_first_order_lfilter_to_the_bit(u: list[float], s0: float, alpha: float) -> None:
+    from scipy.signal import lfilter
+
+    from embedwatch.detectors.page_hinkley import faded_sums
+
+    x = np.array(u, dtype=np.float64)
+    got = faded_sums(x, s0, alpha)
+    assert got.shape == x.shape
+    if x.size:
+        want, _ = lfilter([1.0], [1.0, -alpha], x, zi=[alpha * s0])
+        assert got.tolist() == want.tolist()
+
+
 def test_page_hinkley_detects_a_shift_and_not_noise() -> None:
     rng = np.random.default_rng(7)
     ph = PageHinkley(delta=0.5, threshold=50.0, alpha=1.0)

@@ -68,6 +68,7 @@ def test_matches_brute_force_on_noisy_version() -> None:
     a = rng.normal(size=(80, 12))
     b = a + rng.normal(scale=0.7, size=a.shape)
     vc = VersionComparison("m", probe_size=200, k=7)
+    vc.expect(["old", "new"])  # as the router does for two versions in one poll batch
     vc.update("old", ids(80), a.astype(np.float32))
     vc.update("new", ids(80), b.astype(np.float32))
     [r] = vc.results()
@@ -83,6 +84,7 @@ def test_rotation_keeps_neighbourhoods_but_not_paired_cosine() -> None:
     a = rng.normal(size=(150, d))
     b = a @ random_rotation(d, rng)
     vc = VersionComparison("m", probe_size=500, k=10)
+    vc.expect(["v1", "v2"])
     vc.update("v1", ids(150), a)
     vc.update("v2", ids(150), b)
     [r] = vc.results()
@@ -259,6 +261,26 @@ def _check_single_version_ring(sizes: list[int], universe: int, cap: int, none_s
     if shared:
         [r] = vc.results()
         assert r["shared_ids"] == len(shared)
+
+
+def test_a_second_version_announced_lets_the_first_keep_its_whole_batch() -> None:
+    """A dual write's versions come as two blocks of one poll batch: without the announcement the
+    first block is cut to the solo ring (its last 64 ids) before the second arrives."""
+    x = np.random.default_rng(12).normal(size=(300, 8))
+    alone, told = VersionComparison("m", probe_size=1000, k=3), VersionComparison("m", probe_size=1000, k=3)
+    told.expect(["v1"])  # one version: nothing changes
+    assert told._several is False
+    told.expect(["v2", "v1"])
+    for vc in (alone, told):
+        vc.update("v1", ids(300), x)
+        vc.update("v2", ids(300), x)
+    assert alone.results()[0]["shared_ids"] == 64
+    assert told.results()[0]["shared_ids"] == 300
+    # Later batches pair in full either way: the probes may now grow to probe_size.
+    for vc in (alone, told):
+        vc.update("v1", ids(300, 300), x)
+        vc.update("v2", ids(300, 300), x)
+    assert [vc.results()[0]["shared_ids"] for vc in (alone, told)] == [364, 600]
 
 
 def test_single_version_keeps_only_solo_probe_size_until_a_second_version() -> None:

@@ -226,6 +226,25 @@ def test_scalar_window_bounds() -> None:
     assert w.view()["v"].tolist() == [18.0, 1.0, 2.0]  # 8 and 7 are older than 14 - 5
 
 
+def test_scalar_window_holds_nothing_until_its_first_event_and_round_trips_its_state() -> None:
+    w = ScalarWindow(("v", "u"), capacity=4, seconds=5.0)
+    assert w._cols is None
+    assert set(w.view()) == {"v", "u", "ts"} and all(c.size == 0 for c in w.view().values())
+    cols, meta = w.state()
+    assert cols == {} and meta[:2] == [0, 0]
+    fresh = ScalarWindow(("v", "u"), capacity=4, seconds=5.0)
+    assert fresh.restore(cols, meta) is False and fresh._cols is None  # nothing to take back
+    w.add(np.arange(6.0), v=np.arange(6.0), u=-np.arange(6.0))
+    cols, meta = w.state()
+    assert set(cols) == {"v", "u", "ts"}
+    assert fresh.restore(cols, meta) is True
+    for name, col in w.view().items():
+        np.testing.assert_array_equal(fresh.view()[name], col)
+    cols["v"][:] = 0.0  # the state is a copy
+    assert w.view()["v"].tolist() == [2.0, 3.0, 4.0, 5.0]
+    assert ScalarWindow(("v", "u"), capacity=3, seconds=5.0).restore(w.state()[0], meta) is False
+
+
 def test_bucket_rejects_overflow() -> None:
     x, ts = data(3, 5)
     b = Bucket(DIM, PROJ.sim_bins, PROJ.norm_bins, 2, 4, np.random.default_rng(0))

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -95,18 +95,22 @@ class _Probe:
 class VersionComparison:
     """Paired cosine and k-NN overlap between the versions of one model; see the module docstring.
 
-    ``VersionComparison(model, probe_size=2000, k=10, max_versions=4, solo_probe_size=256)``; the
-    service passes ``detection.version_probe_size`` and ``detection.version_knn_k``.
+    ``VersionComparison(model, probe_size=2000, k=10, max_versions=4, solo_probe_size=64)``; the
+    service passes ``detection.version_probe_size``, ``detection.version_knn_k`` and
+    ``detection.version_solo_probe_size``.
 
     While a model has a single version (most models, most of the time) its probe keeps only the
-    ``solo_probe_size`` most recent ids: enough to pair a dual write whose second version starts
-    within that many ids of the first, at a fraction of the memory (``probe_size * dim * 4`` bytes
-    per model otherwise). From the second version on, every probe may grow to ``probe_size``.
-    Storage grows with use (never preallocated).
+    ``solo_probe_size`` most recent ids, at a fraction of the memory (``probe_size * dim * 4``
+    bytes per model otherwise). From the second version on, every probe may grow to
+    ``probe_size``. The solo ring only decides which items the new version emits *first* can be
+    paired: those whose old-version twin came at most ``solo_probe_size`` ids before the new
+    version appeared. Every later pair within ``probe_size`` ids of each other is caught whatever
+    its size, so a dual write whose second version lags by ``L`` ids loses at most its first ``L``
+    pairs to a small ring. Storage grows with use (never preallocated).
     """
 
     def __init__(self, model: str, probe_size: int = 2000, k: int = 10, max_versions: int = 4,
-                 solo_probe_size: int = 256) -> None:
+                 solo_probe_size: int = 64) -> None:
         if probe_size < 2 or k < 1 or max_versions < 2 or solo_probe_size < 1:
             raise ValueError("probe_size >= 2, k >= 1, max_versions >= 2 and solo_probe_size >= 1 are required")
         self.model = model
@@ -116,6 +120,7 @@ class VersionComparison:
         self.max_versions = max_versions
         # Insertion order = order first seen: the first is the reference of every pair it is in.
         self._versions: dict[str, _Probe] = {}
+        self._several = False  # a second version was seen or announced: probes may grow to probe_size
         self._seq = 0
         self._cache: list[dict[str, Any]] | None = None
 
@@ -129,6 +134,15 @@ class VersionComparison:
         a, b = self._versions[reference], self._versions[version]
         return sorted((i for i in a.index if i in b.index), key=a.index.__getitem__)
 
+    def expect(self, versions: Iterable[str]) -> None:
+        """Versions about to be updated (e.g. the blocks of one poll batch). With two or more
+        versions between them and those held, every probe may grow to ``probe_size`` from now
+        on, so the first version's update is not cut to the solo ring before the second arrives."""
+        if len(set(self._versions) | set(versions)) > 1:
+            self._several = True
+            for p in self._versions.values():
+                p.capacity = self.probe_size
+
     def update(self, model_version: str, ids: Sequence[str | None], vectors: np.ndarray) -> None:
         """Add a batch of one version; rows whose id is None are ignored."""
         vectors = np.asarray(vectors)
@@ -138,7 +152,7 @@ class VersionComparison:
         probe = self._versions.get(model_version)
         if probe is None:
             self._evict_version()
-            cap = self.probe_size if self._versions else self.solo_probe_size
+            cap = self.probe_size if self._versions or self._several else self.solo_probe_size
             probe = self._versions[model_version] = _Probe(vectors.shape[1], cap, self._seq)
         probe.seq = self._seq
         if vectors.shape[1] != probe.dim:
