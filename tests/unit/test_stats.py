@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from scipy import optimize
 from scipy import stats as ss
 from scipy.spatial.distance import jensenshannon, pdist
 
@@ -28,6 +29,49 @@ def test_ks_matches_scipy_asymp(a: np.ndarray, b: np.ndarray) -> None:
     assert d == pytest.approx(ref.statistic, rel=1e-12, abs=1e-12)
     # Both are NaN when n*m/(n+m) rounds to 0 (two single values).
     np.testing.assert_allclose(p, ref.pvalue, rtol=1e-6, atol=1e-300, equal_nan=True)
+
+
+@pytest.mark.parametrize("n", [*range(1, 30), 60, 139, 140, 141, 250, 667, 1000, 5000, 20_000, 100_001])
+def test_kolmogorov_sf_matches_scipy_kstwo_on_every_branch(n: int) -> None:
+    """Grid over x in n x^2 (where the method changes: 0.754693, 2.2, 4, 18, 370) and in n x
+    (the exact ends), plus both ends of the support. Beyond 100,000 points (Pelz-Good for every
+    n x^2 < 2.2) only that range: above it both take scipy's smirnov, 0.1 s a call at that n."""
+    rng = np.random.default_rng(n)
+    nx2 = np.concatenate([np.geomspace(1e-3, 400.0, 60), [0.754693, 2.2, 4.0, 18.0, 370.0]])
+    if n > 100_000:
+        nx2 = nx2[nx2 < 2.2]
+    xs = np.concatenate([np.sqrt(nx2 / n), np.array([0.3, 0.5, 0.75, 0.99]) / n, (n - np.array([1.5, 1.0, 0.5])) / n,
+                         rng.uniform(0.0, 1.0, 20), [0.0, 0.5, 1.0, 1.5]])
+    if n > 100_000:
+        xs = np.sqrt(nx2 / n)
+    for x in xs[(xs >= 0) & (xs <= 1.5)]:
+        want = float(ss.kstwo.sf(x, n))
+        assert stats.kolmogorov_sf(n, float(x)) == pytest.approx(want, rel=1e-8, abs=1e-300), (n, x)
+    assert np.isnan(stats.kolmogorov_sf(0, 0.5))
+
+
+@settings(max_examples=200, deadline=None)
+@given(w=arrays(np.float64, st.integers(1, 60), elements=st.floats(1e-6, 1e3)), excess=st.floats(1.0001, 1e4),
+       c=st.lists(st.floats(-1e3, 1e3), min_size=3, max_size=3), rtol=st.sampled_from([8.881784197001252e-16, 1e-10]))
+def test_brentq_finds_the_same_roots_as_scipy(w: np.ndarray, excess: float, c: list[float], rtol: float) -> None:
+    """Same iterates as ``scipy.optimize.brentq``: bit-identical roots, on the saddlepoint equation
+    of the weighted chi-square tail (a pole at the bracket's end) and on smooth functions."""
+    x = float(w.sum()) * excess
+    hi = 0.5 / float(w.max()) * (1.0 - 1e-15)
+
+    def kprime(t: float) -> float:
+        return float(np.sum(w / (1.0 - 2.0 * t * w))) - x
+
+    assert stats.brentq(kprime, 0.0, hi, xtol=1e-300, rtol=1e-14, maxiter=500) == optimize.brentq(
+        kprime, 0.0, hi, xtol=1e-300, rtol=1e-14, maxiter=500)
+
+    def g(t: float) -> float:
+        return c[0] + c[1] * t + abs(c[2]) * t**3 + float(np.tanh(t))
+
+    if (g(-50.0) > 0) != (g(50.0) > 0):
+        assert stats.brentq(g, -50.0, 50.0, rtol=rtol) == optimize.brentq(g, -50.0, 50.0, rtol=rtol)
+    with pytest.raises(ValueError):
+        stats.brentq(lambda t: t * t + 1.0, -1.0, 1.0)
 
 
 @settings(max_examples=60, deadline=None)
