@@ -167,6 +167,12 @@ def run_replay(
     ``out=None`` from tests is fine), and return the report."""
     events_path = Path(events_path)
     settings = with_reference_size(settings, reference_size)
+    # Offline, memory is not what limits: every model keeps version_probe_size ids from its first
+    # version on, so a file of the old version followed by the new one pairs as fully as an
+    # interleaved dual write (the service keeps only version_solo_probe_size per single-version model).
+    d = settings.detection
+    settings = settings.model_copy(update={"detection": d.model_copy(
+        update={"version_solo_probe_size": d.version_probe_size})})
     ref = settings.detection.reference_size
     router = StreamRouter(settings)
     logs: dict[StreamKey, _StreamLog] = {}

@@ -146,6 +146,23 @@ def test_version_comparison(report: dict[str, Any]) -> None:
     assert c["paired_cosine"] < 0.9
 
 
+def test_versions_one_after_the_other_pair_in_full(tmp_path: Path) -> None:
+    """``cat old.jsonl new.jsonl``: the old version spans many read chunks before the new one
+    appears, and still every shared id is compared (the service's single-version ring would keep
+    only the last detection.version_solo_probe_size of them)."""
+    rng = np.random.default_rng(5)
+    n = 3000  # over CHUNK_LINES: the first chunk holds the old version alone
+    x = rng.normal(size=(n, 16))
+    lines = [_line("m", "old", None, x[i], 1.7e9 + i, ident=f"doc-{i}") for i in range(n)]
+    lines += [_line("m", "new", None, x[i] * 2.0, 1.7e9 + n + i, ident=f"doc-{i}") for i in range(n)]
+    path = tmp_path / "both.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    settings = Settings(detection={"version_probe_size": 1200, "version_solo_probe_size": 10})  # type: ignore[arg-type]
+    [c] = run_replay(path, None, settings, progress=False, out=io.StringIO())["version_comparisons"]
+    assert c["shared_ids"] == 1200  # the probe size, not the solo ring's 10
+    assert c["paired_cosine"] == pytest.approx(1.0) and c["knn_overlap"] == pytest.approx(1.0)
+
+
 def test_reference_size_override(events_file: tuple[Path, dict[str, int]]) -> None:
     path, _ = events_file
     rep = run_replay(path, None, Settings(), reference_size=1400, progress=False, out=io.StringIO())
