@@ -216,9 +216,8 @@ class StreamRouter:
     def route(self, batch: DecodedBatch) -> RouteResult:
         """Validate and dispatch one decoded batch; see the module docstring."""
         res = RouteResult(rejections=list(batch.rejections))
-        blocks = _merged(batch.blocks)
-        self._announce_versions(blocks)
-        for block in blocks:
+        accepted: list[tuple[Block, StreamMonitor, bool]] = []  # (block, its monitor, compared across versions)
+        for block in _merged(batch.blocks):
             key = block.stream
             is_new = key not in self.monitors
             mon = self.monitor_for(key)
@@ -238,6 +237,10 @@ class StreamRouter:
                     ))
                     continue
                 self._dims.setdefault(key, block.dim)
+            accepted.append((block, mon, block.kind is Kind.EMBEDDING and any(i is not None for i in block.ids)))
+        self._announce_versions([b for b, _, compared in accepted if compared])
+        for block, mon, compared in accepted:
+            key = block.stream
             if block.kind is Kind.QUERY:
                 assert block.top1 is not None and block.n_results is not None
                 assert block.precision_at_k is not None and block.recall_at_k is not None
@@ -247,7 +250,7 @@ class StreamRouter:
                 )
             else:
                 alarms = mon.update_embeddings(block.vectors, block.ts, block.latency_s, block.ids)
-                if any(i is not None for i in block.ids):
+                if compared:
                     self._comparison(key.model).update(key.model_version, block.ids, block.vectors)
             res.alarms.extend(alarms)
             res.accepted[(key, block.kind)] += block.n
@@ -270,15 +273,15 @@ class StreamRouter:
         return comp
 
     def _announce_versions(self, blocks: list[Block]) -> None:
-        """Tell each model's comparison which of its versions this batch carries (with ids) before
-        any block is added: a dual write's two versions arrive as two blocks of one batch, and the
-        first must not be cut to the single-version ring before the second is seen."""
+        """Tell a model's comparison, before any of them is added, that this batch's accepted
+        blocks with ids carry two or more of its versions: a dual write's versions arrive as
+        blocks of one batch, and the first must not be cut to the single-version ring before the
+        second is seen (a version arriving alone widens the ring itself)."""
         versions: dict[str, set[str]] = {}
         for block in blocks:
-            if block.kind is Kind.EMBEDDING and block.dim and any(i is not None for i in block.ids):
-                versions.setdefault(block.stream.model, set()).add(block.stream.model_version)
+            versions.setdefault(block.stream.model, set()).add(block.stream.model_version)
         for model, vs in versions.items():
-            if len(vs) > 1 or model in self.comparisons:
+            if len(vs) > 1:
                 self._comparison(model).expect(vs)
 
     def _persist(self, key: StreamKey, mon: StreamMonitor) -> None:

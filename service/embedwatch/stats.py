@@ -137,24 +137,22 @@ def _durbin_cdf(n: int, x: float) -> float:
     e = n
     while e:
         if e & 1:
-            result = result @ base
-            result_exp += base_exp
-            peak = float(np.max(np.abs(result)))
-            if peak > _DURBIN_SCALE:
-                result /= _DURBIN_SCALE
-                result_exp += 128
+            result, result_exp = _rescaled(result @ base, result_exp + base_exp)
         e >>= 1
         if e:
-            base = base @ base
-            base_exp *= 2
-            peak = float(np.max(np.abs(base)))
-            if peak > _DURBIN_SCALE:
-                base /= _DURBIN_SCALE
-                base_exp += 128
+            base, base_exp = _rescaled(base @ base, 2 * base_exp)
     q = float(result[k - 1, k - 1])
     if q <= 0.0:
         return 0.0
     return math.exp(math.log(q) + result_exp * math.log(2.0) + math.lgamma(n + 1.0) - n * math.log(n))
+
+
+def _rescaled(a: np.ndarray, exp: int) -> tuple[np.ndarray, int]:
+    """``a * 2**exp`` as ``(a', exp')`` with ``a'``'s entries at most 2**128 (in place)."""
+    if float(np.max(np.abs(a))) > _DURBIN_SCALE:
+        a /= _DURBIN_SCALE
+        exp += 128
+    return a, exp
 
 
 def _pelz_good_cdf(n: int, x: float) -> float:

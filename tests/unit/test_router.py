@@ -87,6 +87,27 @@ def test_version_comparison_is_fed() -> None:
     assert res["shared_ids"] == 20 and res["paired_cosine"] > 0.999
 
 
+def test_a_dual_write_batch_pairs_in_full_and_only_accepted_blocks_widen_the_ring() -> None:
+    """Two versions in one batch: announced before either block is added, so all 100 ids pair
+    although the single-version ring holds 10. A refused block (a third stream beyond
+    max_streams) announces nothing: model "s" keeps its ring of 10."""
+    r = StreamRouter(settings(version_solo_probe_size=10))
+    x = np.random.default_rng(1).normal(size=(100, 4))
+    msgs = [msg("m", v, version="1", ident=f"d{i}") for i, v in enumerate(x)]
+    msgs += [msg("m", v, version="2", ident=f"d{i}") for i, v in enumerate(x)]
+    r.route(Decoder().decode(msgs))
+    [res] = r.version_results()
+    assert res["shared_ids"] == 100
+    single = StreamRouter(settings(version_solo_probe_size=10))
+    single.route(Decoder().decode([msg("a", [1.0, 2.0], ident="a0")]))
+    batch = [msg("s", v, version="1", ident=f"d{i}") for i, v in enumerate(x)]
+    batch += [msg("s", v, version="2", ident=f"d{i}") for i, v in enumerate(x)]  # stream 3: refused
+    res_s = single.route(Decoder().decode(batch))
+    assert {x.reason for x in res_s.rejections} == {Reason.STREAM_LIMIT}
+    assert single.comparisons["s"].versions == ["1"]
+    assert len(single.comparisons["s"]._versions["1"].index) == 10
+
+
 def test_baselines_are_loaded_and_saved() -> None:
     store = MemoryBaselineStore()
     r = StreamRouter(settings(), store)

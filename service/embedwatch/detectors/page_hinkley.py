@@ -26,7 +26,7 @@ def faded_sums(u: np.ndarray, s0: float, alpha: float) -> np.ndarray:
         v = np.array(u, dtype=np.float64)
         if v.size:
             v[0] += s0
-        return np.cumsum(v)
+        return np.cumsum(v, out=v)
     out = itertools.accumulate(np.asarray(u, dtype=np.float64).tolist(), lambda s, x: x + alpha * s, initial=s0)
     return np.fromiter(out, dtype=np.float64, count=len(u) + 1)[1:]
 

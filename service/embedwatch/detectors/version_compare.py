@@ -121,6 +121,7 @@ class VersionComparison:
         # Insertion order = order first seen: the first is the reference of every pair it is in.
         self._versions: dict[str, _Probe] = {}
         self._several = False  # a second version was seen or announced: probes may grow to probe_size
+        # (set once by expect(); the reference is never evicted, so it stays true)
         self._seq = 0
         self._cache: list[dict[str, Any]] | None = None
 
@@ -138,7 +139,7 @@ class VersionComparison:
         """Versions about to be updated (e.g. the blocks of one poll batch). With two or more
         versions between them and those held, every probe may grow to ``probe_size`` from now
         on, so the first version's update is not cut to the solo ring before the second arrives."""
-        if len(set(self._versions) | set(versions)) > 1:
+        if not self._several and len(set(self._versions) | set(versions)) > 1:
             self._several = True
             for p in self._versions.values():
                 p.capacity = self.probe_size
@@ -152,20 +153,17 @@ class VersionComparison:
         probe = self._versions.get(model_version)
         if probe is None:
             self._evict_version()
-            cap = self.probe_size if self._versions or self._several else self.solo_probe_size
+            self.expect([model_version])  # a second version: every probe may grow to full size
+            cap = self.probe_size if self._several else self.solo_probe_size
             probe = self._versions[model_version] = _Probe(vectors.shape[1], cap, self._seq)
         probe.seq = self._seq
         if vectors.shape[1] != probe.dim:
             probe.rejected += sum(1 for i in ids if i is not None)
             return
         others = [p for v, p in self._versions.items() if v != model_version]
-        if not others:
-            if not probe.pinned and len(ids) > _LOOP_MAX:
-                self._update_alone(probe, ids, vectors)
-                return
-        else:
-            for p in others:
-                p.capacity = self.probe_size  # a second version: every probe may grow to full size
+        if not others and not probe.pinned and len(ids) > _LOOP_MAX:
+            self._update_alone(probe, ids, vectors)
+            return
         rows: dict[int, int] = {}  # row -> batch position (the last write of a row wins)
         for pos, ident in enumerate(ids):
             if ident is None:
