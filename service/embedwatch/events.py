@@ -368,6 +368,7 @@ class Decoder:
         # on almost every event, so validating each distinct triple once saves three checks per event.
         self._keys: dict[tuple[Any, Any, Any], StreamKey] = {}
         self._parser: Any = _simdjson.Parser() if _simdjson is not None else None
+        self._b64_max_chars = (self.limits.max_dim * 4 * 4) // 3 + 8  # as _vector_source bounds it
 
     def _fast_event(self, value: bytes) -> tuple[dict[str, Any], memoryview[float]] | None:
         """``(fields, float64 numbers)`` of a plain embedding event via simdjson, or ``None``: use orjson.
@@ -517,7 +518,20 @@ class Decoder:
             if len(self._keys) >= 4096:
                 self._keys.clear()
             self._keys[labels] = stream
-        src: Any = row if row is not None else _vector_source(ev, lim, required=kind is Kind.EMBEDDING)
+        src: Any = row
+        if src is None:
+            # A well-formed b64 embedding inline; anything else (and whatever pybase64 refuses, which
+            # the standard library judges again) through _vector_source, its checks and wording.
+            v = get("embedding_b64")
+            if type(v) is str and _pybase64 is not None and len(v) <= self._b64_max_chars:
+                try:
+                    src = _pybase64.b64decode(v, validate=True)
+                except (binascii.Error, ValueError):
+                    src = None
+                if src is not None and (len(src) & 3 or not src):
+                    src = None
+            if src is None:
+                src = _vector_source(ev, lim, required=kind is Kind.EMBEDDING)
         v = get("ts")
         ts = v if type(v) is float and 0.0 <= v < _INF else _timestamp(ev, default_ts)
         v = get("latency_ms")

@@ -355,7 +355,9 @@ class Bucket:
             if slots.size:
                 rows = owner[slots]
                 if slots.size == k and x.dtype == self.reservoir.dtype:
-                    x.take(rows, axis=0, out=self.reservoir)
+                    # mode='clip' writes straight into out (rows are in range by construction);
+                    # the default 'raise' stages the rows in a temporary first: 4x slower.
+                    x.take(rows, axis=0, out=self.reservoir, mode="clip")
                     self.res_index[:] = rows
                     self.res_index += first_index
                     self._dirty[:] = True

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import linalg
 
 from embedwatch.stats import TwoSampleNull
 
@@ -109,17 +108,19 @@ class MeanShiftTest:
         h = n // 2
         a = x[perm[:h]] - x[perm[:h]].mean(axis=0)
         b = x[perm[h:]] - x[perm[h:]].mean(axis=0)
-        # Top-k principal directions of half A: only those eigenpairs are computed (the trace gives
-        # eps), from the smaller of the d x d covariance and the h x h Gram matrix.
+        # Top-k principal directions of half A (the trace gives eps), from the smaller of the d x d
+        # covariance and the h x h Gram matrix. numpy's eigh computes every eigenpair: at the
+        # default sample (a 500 x 500 matrix) 36 ms against 27 ms for scipy.linalg's top-k subset,
+        # and the service does not load scipy.linalg (6 MiB of resident memory) for it.
         eps = shrinkage * float(np.sum(a * a)) / ((h - 1.0) * d)
         eps = eps if eps > 0 and math.isfinite(eps) else 1e-12
         k = min(int(components), h - 1, d)
         if d <= h:
-            lam, vec = linalg.eigh(a.T @ a / (h - 1.0), subset_by_index=[d - k, d - 1])
-            lam, basis = lam[::-1], vec[:, ::-1]
+            lam, vec = np.linalg.eigh(a.T @ a / (h - 1.0))
+            lam, basis = lam[::-1][:k], vec[:, ::-1][:, :k]
         else:
-            lam, vec = linalg.eigh(a @ a.T / (h - 1.0), subset_by_index=[h - k, h - 1])
-            lam, vec = lam[::-1], vec[:, ::-1]
+            lam, vec = np.linalg.eigh(a @ a.T / (h - 1.0))
+            lam, vec = lam[::-1][:k], vec[:, ::-1][:, :k]
             basis = a.T @ vec  # right singular vectors from the left ones
             basis /= np.maximum(np.linalg.norm(basis, axis=0), 1e-300)
         lam = np.clip(lam, 0.0, None)
