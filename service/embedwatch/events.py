@@ -258,7 +258,7 @@ def _vector_source(ev: dict[str, Any], limits: DecodeLimits, required: bool) -> 
         s = ev["embedding_b64"]
         if not isinstance(s, str):
             raise _Bad(Reason.SCHEMA, "field 'embedding_b64' must be a base64 string")
-        if len(s) > (limits.max_dim * 4 * 4) // 3 + 8:
+        if len(s) > _b64_max_chars(limits):
             raise _Bad(Reason.SCHEMA, f"embedding longer than max_dim={limits.max_dim}")
         try:
             # What base64.b64decode(s, validate=True) accepts (a property test holds it to that),
@@ -279,6 +279,11 @@ def _vector_source(ev: dict[str, Any], limits: DecodeLimits, required: bool) -> 
     if len(v) > limits.max_dim:
         raise _Bad(Reason.SCHEMA, f"embedding of {len(v)} dims is longer than max_dim={limits.max_dim}")
     return v
+
+
+def _b64_max_chars(limits: DecodeLimits) -> int:
+    """Longest ``embedding_b64`` string accepted: ``max_dim`` float32s in base64, and some slack."""
+    return (limits.max_dim * 4 * 4) // 3 + 8
 
 
 def _b64decode(s: str) -> bytes:
@@ -368,7 +373,7 @@ class Decoder:
         # on almost every event, so validating each distinct triple once saves three checks per event.
         self._keys: dict[tuple[Any, Any, Any], StreamKey] = {}
         self._parser: Any = _simdjson.Parser() if _simdjson is not None else None
-        self._b64_max_chars = (self.limits.max_dim * 4 * 4) // 3 + 8  # as _vector_source bounds it
+        self._b64_max_chars = _b64_max_chars(self.limits)
 
     def _fast_event(self, value: bytes) -> tuple[dict[str, Any], memoryview[float]] | None:
         """``(fields, float64 numbers)`` of a plain embedding event via simdjson, or ``None``: use orjson.

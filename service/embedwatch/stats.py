@@ -437,7 +437,7 @@ def weighted_chi2_isf(alpha: float, w: FloatArray) -> float:
     sd = math.sqrt(var)
     if weighted_chi2_sf(mean, w) <= alpha:  # a quantile at or below the mean (alpha near 1/2 or above)
         return float(brentq(lambda x: math.log(weighted_chi2_sf(x, w)) - math.log(alpha), 0.0, mean,
-                                     rtol=1e-10))
+                            rtol=1e-10))
     lo = mean
     hi = mean + 4.0 * sd + 4.0 * float(w.max())
     while weighted_chi2_sf(hi, w) > alpha:

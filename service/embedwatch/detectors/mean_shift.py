@@ -111,7 +111,7 @@ class MeanShiftTest:
         # Top-k principal directions of half A (the trace gives eps), from the smaller of the d x d
         # covariance and the h x h Gram matrix. numpy's eigh computes every eigenpair: at the
         # default sample (a 500 x 500 matrix) 36 ms against 27 ms for scipy.linalg's top-k subset,
-        # and the service does not load scipy.linalg (6 MiB of resident memory) for it.
+        # and the service does not load scipy.linalg (6-9 MiB of resident memory) for it.
         eps = shrinkage * float(np.sum(a * a)) / ((h - 1.0) * d)
         eps = eps if eps > 0 and math.isfinite(eps) else 1e-12
         k = min(int(components), h - 1, d)
