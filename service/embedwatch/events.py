@@ -6,12 +6,15 @@ array of events. An embedding event carries ``model``, ``model_version``, option
 (base64 of little-endian float32). A query event may add ``query_id``, ``results`` (best first,
 ``{"id", "score"}``) and ``relevant_ids``.
 
-Decoding is per message. The common embedding event (one JSON object whose only array is its
+Decoding is per message. A batch's common b64 events (one JSON object of a known stream, every
+field in its usual form) are taken first, in one loop, by msgspec, which parses, types and
+decodes the base64 in C. The common embedding event (one JSON object whose only array is its
 ``embedding``) is parsed with simdjson, which reads the number list straight into a C buffer: no
 Python float is made for it (2-3x faster than orjson on a 384-d event). Every other message (event
-arrays, queries, b64 events, anything simdjson refuses, or when pysimdjson is not installed) goes
-through orjson, and a number list is converted to a float32 row as soon as its message is parsed,
-so the parsed documents do not pile up. Both paths hand the same field values to the same checks.
+arrays, queries, anything these refuse, or when pysimdjson is not installed) goes through orjson,
+and a number list is converted to a float32 row as soon as its message is parsed, so the parsed
+documents do not pile up. All paths reach the same field values and the same outcome (property
+tests hold the fast ones to the orjson path).
 The rows of one stream and one dimension are joined into one block and validity (finite,
 non-zero) is checked on the whole block. Nothing here raises on bad input: every event ends up in
 a block or in :attr:`DecodedBatch.rejections`.
@@ -23,12 +26,13 @@ import binascii
 import gc
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, NamedTuple
 
+import msgspec
 import numpy as np
 import orjson
 
@@ -216,10 +220,19 @@ def _number(ev: dict[str, Any], name: str) -> float:
         return math.nan
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise _Bad(Reason.SCHEMA, f"field {name!r} must be a number")
-    f = float(v)
+    f = _float_or_inf(v)
     if not math.isfinite(f) or f < 0:
         raise _Bad(Reason.SCHEMA, f"field {name!r} must be a finite non-negative number")
     return f
+
+
+def _float_or_inf(v: float) -> float:
+    """``float(v)``, or ``inf`` for an integer beyond float range (the standard library's parser,
+    the fallback for what orjson refuses, makes Python ints of any size)."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf
 
 
 def _timestamp(ev: dict[str, Any], default: float) -> float:
@@ -229,7 +242,7 @@ def _timestamp(ev: dict[str, Any], default: float) -> float:
     if isinstance(v, bool):
         raise _Bad(Reason.SCHEMA, "field 'ts' must be epoch seconds or an RFC 3339 string")
     if isinstance(v, int | float):
-        f = float(v)
+        f = _float_or_inf(v)
         if not math.isfinite(f) or f < 0:
             raise _Bad(Reason.SCHEMA, "field 'ts' must be finite epoch seconds")
         return f
@@ -301,11 +314,28 @@ def _b64decode(s: str) -> bytes:
     return binascii.a2b_base64(s, strict_mode=True)  # what base64.b64decode(validate=True) runs
 
 
+class _B64Event(msgspec.Struct, gc=False):
+    """The fields of an embedding event with ``embedding_b64``, typed as their common well-formed
+    values: msgspec parses them and decodes the base64 in one C call (:meth:`Decoder._b64_pass`).
+    Other fields are skipped, as the checks ignore them."""
+
+    model: str
+    model_version: str
+    embedding_b64: bytes
+    segment: str = DEFAULT_SEGMENT
+    ts: float | None = None
+    id: str | int | None = None
+    latency_ms: float | None = None
+
+
+_B64_DECODE = msgspec.json.Decoder(_B64Event).decode
+
 _SJ_OBJECT: Any = _simdjson.Object if _simdjson is not None else None
 _SJ_ARRAY: Any = _simdjson.Array if _simdjson is not None else None
 _fromiter = np.fromiter
 _F32 = np.dtype(np.float32)
 _INF = math.inf
+_INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1  # the integers orjson reads as integers
 _NAN = math.nan
 
 
@@ -322,7 +352,7 @@ def _query_fields(ev: dict[str, Any], k: int) -> tuple[float, float, float, floa
         if not isinstance(r, dict):
             raise _Bad(Reason.SCHEMA, "each result must be an object with 'id' and 'score'")
         s = r.get("score")
-        if isinstance(s, bool) or not isinstance(s, int | float) or not math.isfinite(s):
+        if isinstance(s, bool) or not isinstance(s, int | float) or not math.isfinite(_float_or_inf(s)):
             raise _Bad(Reason.SCHEMA, "each result needs a finite numeric 'score'")
         if i == 0:
             top1 = float(s)
@@ -333,7 +363,8 @@ def _query_fields(ev: dict[str, Any], k: int) -> tuple[float, float, float, floa
     if not isinstance(rel, list) or not all(isinstance(x, str | int) for x in rel):
         raise _Bad(Reason.SCHEMA, "field 'relevant_ids' must be a list of ids")
     relevant = set(rel)
-    hits = sum(1 for x in ids[:k] if x in relevant)
+    # A result id that is a list or an object matches nothing (and cannot be looked up in a set).
+    hits = sum(1 for x in ids[:k] if not isinstance(x, list | dict) and x in relevant)
     precision = hits / k
     recall = hits / len(relevant) if relevant else math.nan
     return top1, float(len(results)), precision, recall
@@ -353,6 +384,24 @@ class _Group:
         self.msg: list[int] = []
         self.payloads: list[bytes] = []
         self.q: list[tuple[float, float, float, float]] = []
+
+    def in_message_order(self) -> np.ndarray:
+        """The rows' message indices, after putting the rows in message order if they are not.
+
+        The b64 pass adds its events before the general path adds the rest of the batch, so a
+        group that both fed (a stream whose events are not all in the common form) is out of
+        order; a stable sort keeps an event array's rows in their order.
+        """
+        msg = np.asarray(self.msg, dtype=np.int64)
+        if msg.shape[0] > 1 and (msg[1:] < msg[:-1]).any():
+            order = np.argsort(msg, kind="stable")
+            rows = order.tolist()
+            for name in ("raw", "ts", "lat", "ids", "msg", "payloads", "q"):
+                col = getattr(self, name)
+                if col:
+                    setattr(self, name, [col[i] for i in rows])
+            msg = msg[order]
+        return msg
 
 
 class Decoder:
@@ -374,6 +423,7 @@ class Decoder:
         self._keys: dict[tuple[Any, Any, Any], StreamKey] = {}
         self._parser: Any = _simdjson.Parser() if _simdjson is not None else None
         self._b64_max_chars = _b64_max_chars(self.limits)
+        self._b64_event: Callable[[bytes], _B64Event] | None = _B64_DECODE  # None: no b64 pass (tests)
 
     def _fast_event(self, value: bytes) -> tuple[dict[str, Any], memoryview[float]] | None:
         """``(fields, float64 numbers)`` of a plain embedding event via simdjson, or ``None``: use orjson.
@@ -425,6 +475,70 @@ class Decoder:
             # simdjson refuses to parse again while a proxy of the last document is alive.
             del doc, emb, v
 
+    def _b64_pass(self, messages: Sequence[Message], now: float | None,
+                  groups: dict[tuple[StreamKey, Kind, int | str], _Group]) -> list[int]:
+        """Add the batch's well-formed b64 embedding events to their groups, one msgspec decode
+        each; return the indices of the other messages, for the general path to judge in order.
+
+        msgspec parses the JSON, types the fields and decodes the base64 in C: 2.4-2.9 µs an
+        event, about what orjson plus pybase64 take before any check. An event is taken only
+        when the general path would reach the same values: the stream's labels already passed
+        their checks (a known key), the base64 is one ``b64decode(validate=True)`` decodes to
+        the same bytes, and every value is in range (a property test holds the two paths to the
+        same outcome). Everything else, including all msgspec refuses, goes to the general path
+        and its checks and wording. So do non-ASCII messages: msgspec does not check the UTF-8
+        of the fields it skips, orjson does. One tight loop for the batch, not a call per
+        event: 6.0-6.7 against 7.1-7.8 µs an event in alternating runs.
+        """
+        decode = self._b64_event
+        if decode is None:
+            return list(range(len(messages)))
+        rest: list[int] = []
+        keys = self._keys
+        lim = self.limits
+        max_bytes, max_id, max_message = 4 * lim.max_dim, 4 * lim.max_label_length, lim.max_message_bytes
+        query_topics = self.query_topics
+        for mi, msg in enumerate(messages):
+            value = msg.value
+            if (not value or len(value) > max_message or msg.topic in query_topics
+                    or b'"embedding_b64"' not in value or not value.isascii()):
+                rest.append(mi)
+                continue
+            try:
+                ev = decode(value)
+            except (msgspec.DecodeError, RecursionError):
+                rest.append(mi)
+                continue
+            stream = keys.get((ev.model, ev.model_version, ev.segment))
+            raw = ev.embedding_b64
+            n = len(raw)
+            ts, lat, ident = ev.ts, ev.latency_ms, ev.id
+            if ts is None:
+                ts = (msg.timestamp_ms / 1000.0) if msg.timestamp_ms is not None else (now or 0.0)
+            if (stream is None or n == 0 or n & 3 or n > max_bytes or not 0.0 <= ts < _INF
+                    or (lat is not None and not 0.0 <= lat < _INF)):
+                rest.append(mi)
+                continue
+            if isinstance(ident, int):  # never a bool: msgspec refuses one for ``str | int``
+                if not _INT_MIN <= ident <= _UINT_MAX:
+                    rest.append(mi)  # orjson reads it as a float, which the checks refuse
+                    continue
+                ident = str(ident)
+            elif ident is not None and len(ident) > max_id:
+                rest.append(mi)
+                continue
+            gkey = (stream, Kind.EMBEDDING, -(n >> 2))
+            g = groups.get(gkey)
+            if g is None:
+                g = groups[gkey] = _Group()
+            g.raw.append(raw)
+            g.ts.append(ts)
+            g.lat.append(_NAN if lat is None else lat / 1000.0)
+            g.ids.append(ident)
+            g.msg.append(mi)
+            g.payloads.append(value)
+        return rest
+
     def decode(self, messages: Sequence[Message], now: float | None = None) -> DecodedBatch:
         # The batch's parsed documents (thousands of dicts and number lists) stay alive until the
         # block conversion; the cyclic GC would walk them again and again while they pile up (they
@@ -444,7 +558,8 @@ class Decoder:
         out = DecodedBatch()
         groups: dict[tuple[StreamKey, Kind, int | str], _Group] = {}
         lim = self.limits
-        for mi, msg in enumerate(messages):
+        for mi in self._b64_pass(messages, now, groups):
+            msg = messages[mi]
             value = msg.value
             if value is None or len(value) == 0:
                 out.rejections.append(Rejection(mi, Reason.INVALID_JSON, "empty message", value or b""))
@@ -489,7 +604,9 @@ class Decoder:
                     self._one(ev, kind, default_ts, mi, payload, groups)
                 except _Bad as e:
                     out.rejections.append(Rejection(mi, e.reason, e.detail, payload, _stream_or_none(ev, lim)))
-        for (stream, kind, _shape), g in groups.items():
+        # Groups in the order of their first message, as the general path alone creates them (the
+        # b64 pass creates its groups first): blocks and dead letters come out in the same order.
+        for (stream, kind, _shape), g in sorted(groups.items(), key=lambda kv: min(kv[1].msg)):
             self._finish(stream, kind, g, out)
         return out
 
@@ -583,6 +700,7 @@ class Decoder:
             g.q.append(q)
 
     def _finish(self, stream: StreamKey, kind: Kind, g: _Group, out: DecodedBatch) -> None:
+        msg = g.in_message_order()
         n = len(g.raw)
         first = g.raw[0]
         bad = np.zeros(n, dtype=bool)
@@ -613,7 +731,7 @@ class Decoder:
             ts=np.asarray(g.ts, dtype=np.float64),
             latency_s=np.asarray(g.lat, dtype=np.float64),
             ids=g.ids,
-            message_index=np.asarray(g.msg, dtype=np.int64),
+            message_index=msg,
             payloads=g.payloads,
         )
         if kind is Kind.QUERY:

@@ -255,9 +255,141 @@ def test_b64_fields_are_judged_exactly_like_b64decode_validate(s: str) -> None:
         want: bytes | None = base64.b64decode(s, validate=True)
     except ValueError:  # binascii.Error is one
         want = None
-    out = Decoder().decode([msg(ev(embedding=None, embedding_b64=s))])
-    if want is None or len(want) % 4 or not want:
-        assert out.blocks == [] and out.rejections[0].reason is Reason.SCHEMA, (s, want)
-    elif np.isfinite(np.frombuffer(want, "<f4")).all() and np.frombuffer(want, "<f4").any():
-        assert out.rejections == [], s
-        assert out.blocks[0].vectors.tobytes() == want
+    primed = Decoder()
+    primed.decode(_PRIME)  # a known stream: its b64 events go through the msgspec pass
+    for d in (Decoder(), primed):
+        out = d.decode([msg(ev(embedding=None, embedding_b64=s))])
+        if want is None or len(want) % 4 or not want:
+            assert out.blocks == [] and out.rejections[0].reason is Reason.SCHEMA, (s, want)
+        elif np.isfinite(np.frombuffer(want, "<f4")).all() and np.frombuffer(want, "<f4").any():
+            assert out.rejections == [], s
+            assert out.blocks[0].vectors.tobytes() == want
+
+
+def _general_only() -> Decoder:
+    d = Decoder()
+    d._b64_event = None  # every b64 event through the general path (orjson, pybase64, the checks)
+    return d
+
+
+def _b64(values: list[float]) -> str:
+    return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode()
+
+
+_PRIME = [msg(ev(model=m, model_version=v, segment=s, embedding=[1.0]))
+          for m in ("m", "n") for v in ("1", "2") for s in ("a", "default")]
+
+
+def test_common_b64_events_of_known_streams_take_the_msgspec_pass() -> None:
+    d = Decoder()
+    assert d._b64_event is not None, "msgspec is a dependency"
+    common = [msg(ev(embedding=None, embedding_b64=_b64([0.5, -1.0]), ts=1.7e9 + i, latency_ms=3.25, id=f"d{i}"))
+              for i in range(3)]
+    # A stream's first event goes through the general path, which validates its labels once.
+    assert d._b64_pass(common, None, {}) == [0, 1, 2]
+    d.decode(_PRIME)
+    groups: dict = {}
+    assert d._b64_pass(common, None, groups) == []
+    (g,) = groups.values()
+    assert g.ts == [1.7e9, 1.7e9 + 1, 1.7e9 + 2] and g.lat == [0.00325] * 3 and g.ids == ["d0", "d1", "d2"]
+    # Left to the general path: a string ts, a non-ASCII message, an unknown stream, an empty or
+    # ragged vector, an id too long, a negative latency, a query topic, a list embedding.
+    others = [ev(embedding=None, embedding_b64=_b64([1.0]), ts="2025-01-01T00:00:00Z"),
+              ev(embedding=None, embedding_b64=_b64([1.0]), id="é"),
+              ev(model="z", embedding=None, embedding_b64=_b64([1.0])),
+              ev(embedding=None, embedding_b64=""), ev(embedding=None, embedding_b64="AAAA"),
+              ev(embedding=None, embedding_b64=_b64([1.0]), id="x" * 513),
+              ev(embedding=None, embedding_b64=_b64([1.0]), latency_ms=-1)]
+    msgs = [msg(None, raw=json.dumps(o, ensure_ascii=False).encode()) for o in others]
+    msgs += [msg(ev(embedding=None, embedding_b64=_b64([1.0])), topic="q"), msg(ev())]
+    d.query_topics = frozenset({"q"})
+    assert d._b64_pass(msgs, None, {}) == list(range(len(msgs)))
+
+
+b64_values = st.sampled_from([_b64([1.0, 2.0]), _b64([0.0, 0.0]), _b64([float("nan"), 1.0]), _b64([3.0]),
+                              "AACAPw==", "AACAPx==", "AACAPwAAAEAAAEBA====", "AACA Pw==", "", "!", "AAA"])
+
+
+vectors_b64 = st.lists(st.floats(width=32) | st.sampled_from([0.0, 1e-45]), min_size=1, max_size=4).map(_b64)
+# Events of the known streams whose fields are mostly well formed: the msgspec pass takes most of them.
+plausible_b64_events = st.fixed_dictionaries(
+    {"model": st.sampled_from(["m", "n"]), "model_version": st.sampled_from(["1", "2"]),
+     "embedding_b64": vectors_b64 | b64_values},
+    optional={"segment": st.sampled_from(["a", "default"]),
+              "ts": st.floats(min_value=0, allow_infinity=False) | st.integers(0, 2**70) | scalars,
+              "latency_ms": st.floats(min_value=0, allow_infinity=False) | st.integers(0, 2**70) | scalars,
+              "id": st.text(max_size=8) | st.integers(-(2**65), 2**65) | scalars, "extra": json_values},
+).map(lambda e: json.dumps(e, ensure_ascii=False).encode())
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(
+    plausible_b64_events,
+    st.fixed_dictionaries(
+        {"model": st.sampled_from(["m", "n"]) | scalars, "model_version": st.sampled_from(["1", "2"]) | scalars,
+         "embedding_b64": b64_values | scalars},
+        optional={"segment": st.sampled_from(["a", "default", "b/c", ""]) | scalars,
+                  "ts": scalars | st.sampled_from(["2025-01-01T00:00:00Z", 2**1100, -1]),
+                  "latency_ms": scalars | st.sampled_from([2**1100, -0.0]), "id": scalars | st.integers(),
+                  "embedding": json_values, "extra": json_values},
+    ).map(lambda e: json.dumps(e).encode()),
+    # A well-formed b64 event followed by an edge case: a duplicate key, bad UTF-8 or a lone
+    # surrogate in a skipped field, numbers orjson refuses, trailing bytes; and as an array.
+    st.sampled_from([b'{"model":"m","model_version":"1","embedding_b64":"AACAPw=="' + tail for tail in (
+        b',"model":"n"}', b',"embedding_b64":"!"}', b',"x":"\xff"}', b',"x":"\\ud800"}', b',"x":1e400}',
+        b',"x":NaN}', b',"ts":1e400}', b',"id":18446744073709551617}', b'}x')]
+        + [b'[{"model":"m","model_version":"1","embedding_b64":"AACAPw=="}]'])), max_size=12))
+def test_msgspec_pass_decodes_exactly_like_the_general_path(raws: list[bytes]) -> None:
+    msgs = [msg(None, raw=r) for r in raws]
+    fast, general = Decoder(), _general_only()
+    fast.decode(_PRIME)
+    general.decode(_PRIME)
+    assert _outcome(fast.decode(msgs)) == _outcome(general.decode(msgs))
+
+
+def test_a_stream_fed_by_both_paths_keeps_its_rows_in_message_order() -> None:
+    d = Decoder()
+    d.decode(_PRIME)
+    docs = [ev(embedding=None, embedding_b64=_b64([1.0, 0.0]), ts=5.0),
+            ev(embedding=None, embedding_b64=_b64([2.0, 0.0]), ts="1970-01-01T00:00:06Z"),  # general path
+            ev(embedding=None, embedding_b64=_b64([3.0, 0.0]), ts=7.0),
+            [ev(embedding=None, embedding_b64=_b64([4.0, 0.0]), id="x"),
+             ev(embedding=None, embedding_b64=_b64([5.0, 0.0]), id="y")],  # an array: general path
+            ev(embedding=None, embedding_b64=_b64([6.0, 0.0]), ts=9.0, id="z")]
+    (b,) = d.decode([msg(x) for x in docs]).blocks
+    assert b.message_index.tolist() == [0, 1, 2, 3, 3, 4]
+    assert b.vectors[:, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert b.ts.tolist()[:3] == [5.0, 6.0, 7.0] and b.ids[3:] == ["x", "y", "z"]
+    assert b.payloads[0] == json.dumps(docs[0]).encode() and b.payloads[3] == orjson.dumps(docs[3][0])
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model":"m","model_version":"1","embedding":[1],"ts":1' + b"0" * 400 + b"}",
+    b'{"model":"m","model_version":"1","embedding":[1],"latency_ms":1' + b"0" * 400 + b"}",
+    b'{"model":"m","model_version":"1","results":[{"id":"a","score":1' + b"0" * 400 + b"}]}",
+])
+def test_integers_beyond_float_range_are_schema_errors_not_crashes(raw: bytes) -> None:
+    out = Decoder(query_topics=frozenset({"queries"})).decode(
+        [msg(None, raw=raw, topic="queries" if b"results" in raw else "embeddings")])
+    assert out.blocks == [] and [r.reason for r in out.rejections] == [Reason.SCHEMA]
+
+
+def test_result_ids_that_are_lists_or_objects_match_no_relevant_id() -> None:
+    q = {"model": "m", "model_version": "1", "relevant_ids": ["a", 1],
+         "results": [{"id": ["a"], "score": 0.9}, {"id": {"a": 1}, "score": 0.5}, {"id": "a", "score": 0.1}]}
+    out = Decoder(DecodeLimits(precision_k=3), query_topics=frozenset({"queries"})).decode([msg(q, topic="queries")])
+    (b,) = out.blocks
+    assert b.precision_at_k.tolist() == [1 / 3] and b.recall_at_k.tolist() == [0.5]  # type: ignore[union-attr]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.fixed_dictionaries(
+    {"model": st.just("m"), "model_version": st.just("1")},
+    optional={"results": json_values | st.lists(st.fixed_dictionaries({"id": json_values, "score": json_values})),
+              "relevant_ids": json_values | st.lists(st.text(max_size=3) | st.integers()),
+              "ts": json_values, "latency_ms": json_values, "query_id": json_values, "embedding": json_values},
+).map(lambda e: json.dumps(e).encode()), max_size=10))
+def test_every_query_event_is_accounted_for(raws: list[bytes]) -> None:
+    out = Decoder(query_topics=frozenset({"queries"})).decode([msg(None, raw=r, topic="queries") for r in raws])
+    seen = sorted([int(i) for b in out.blocks for i in b.message_index] + [r.message_index for r in out.rejections])
+    assert seen == list(range(len(raws)))
