@@ -271,7 +271,7 @@ def _vector_source(ev: dict[str, Any], limits: DecodeLimits, required: bool) -> 
         s = ev["embedding_b64"]
         if not isinstance(s, str):
             raise _Bad(Reason.SCHEMA, "field 'embedding_b64' must be a base64 string")
-        if len(s) > _b64_max_chars(limits):
+        if len(s) > (limits.max_dim * 16) // 3 + 8:  # max_dim float32s in base64, and some slack
             raise _Bad(Reason.SCHEMA, f"embedding longer than max_dim={limits.max_dim}")
         try:
             # What base64.b64decode(s, validate=True) accepts (a property test holds it to that),
@@ -292,11 +292,6 @@ def _vector_source(ev: dict[str, Any], limits: DecodeLimits, required: bool) -> 
     if len(v) > limits.max_dim:
         raise _Bad(Reason.SCHEMA, f"embedding of {len(v)} dims is longer than max_dim={limits.max_dim}")
     return v
-
-
-def _b64_max_chars(limits: DecodeLimits) -> int:
-    """Longest ``embedding_b64`` string accepted: ``max_dim`` float32s in base64, and some slack."""
-    return (limits.max_dim * 4 * 4) // 3 + 8
 
 
 def _b64decode(s: str) -> bytes:
@@ -422,7 +417,6 @@ class Decoder:
         # on almost every event, so validating each distinct triple once saves three checks per event.
         self._keys: dict[tuple[Any, Any, Any], StreamKey] = {}
         self._parser: Any = _simdjson.Parser() if _simdjson is not None else None
-        self._b64_max_chars = _b64_max_chars(self.limits)
         self._b64_event: Callable[[bytes], _B64Event] | None = _B64_DECODE  # None: no b64 pass (tests)
 
     def _fast_event(self, value: bytes) -> tuple[dict[str, Any], memoryview[float]] | None:
@@ -518,7 +512,7 @@ class Decoder:
             n = len(raw)
             ts, lat, ident = ev.ts, ev.latency_ms, ev.id
             if ts is None:
-                ts = (msg.timestamp_ms / 1000.0) if msg.timestamp_ms is not None else (now or 0.0)
+                ts = _default_ts(msg, now)
             if (stream is None or n == 0 or n & 3 or n > max_bytes or not 0.0 <= ts < _INF
                     or (lat is not None and not 0.0 <= lat < _INF)):
                 rest.append(mi)
@@ -573,7 +567,7 @@ class Decoder:
                     Rejection(mi, Reason.TOO_LARGE, f"{len(value)} bytes > max_message_bytes", value)
                 )
                 continue
-            default_ts = (msg.timestamp_ms / 1000.0) if msg.timestamp_ms is not None else (now or 0.0)
+            default_ts = _default_ts(msg, now)
             kind = Kind.QUERY if msg.topic in self.query_topics else Kind.EMBEDDING
             fast = self._fast_event(value) if kind is Kind.EMBEDDING else None
             if fast is not None:
@@ -644,20 +638,8 @@ class Decoder:
             if len(self._keys) >= 4096:
                 self._keys.clear()
             self._keys[labels] = stream
-        src: Any = row
-        if src is None:
-            # A well-formed b64 embedding inline; anything else (and whatever pybase64 refuses, which
-            # the standard library judges again) through _vector_source, its checks and wording.
-            v = get("embedding_b64")
-            if type(v) is str and _pybase64 is not None and len(v) <= self._b64_max_chars:
-                try:
-                    src = _pybase64.b64decode(v, validate=True)
-                except (binascii.Error, ValueError):
-                    src = None
-                if src is not None and (len(src) & 3 or not src):
-                    src = None
-            if src is None:
-                src = _vector_source(ev, lim, required=kind is Kind.EMBEDDING)
+        # The common b64 events of known streams never get here: the b64 pass takes them.
+        src: Any = row if row is not None else _vector_source(ev, lim, required=kind is Kind.EMBEDDING)
         v = get("ts")
         ts = v if type(v) is float and 0.0 <= v < _INF else _timestamp(ev, default_ts)
         v = get("latency_ms")
@@ -799,6 +781,11 @@ def _dumps_element(ev: Any, original: bytes) -> bytes:
         return json.dumps(ev, allow_nan=True).encode()
     except (TypeError, ValueError, RecursionError):
         return original
+
+
+def _default_ts(msg: Message, now: float | None) -> float:
+    """An event's time when it carries no ``ts``: its Kafka timestamp, else ``now`` (else 0)."""
+    return (msg.timestamp_ms / 1000.0) if msg.timestamp_ms is not None else (now or 0.0)
 
 
 def _stream_or_none(ev: Any, lim: DecodeLimits) -> StreamKey | None:
