@@ -13,6 +13,11 @@ Keys::
     baseline/<stream>/<baseline_id>       one baseline version (self-checking bytes)
     baseline-index/<stream>               the version history and the active id (JSON)
 
+A value larger than ``chunk_bytes`` (the kafka backend) is written as chunks, then a small
+manifest under its own key (see :class:`KafkaStateBackend`): a partition's checkpoint grows with
+its streams (a stream still collecting its reference holds it, 3 MB at d = 768), and one record
+per partition would outgrow any record size limit.
+
 A checkpoint is a self-describing blob: a JSON header (schema version, the partition's next
 offset, its ledger, each stream's monitor metadata) and an npz of the monitors' arrays, zlib
 compressed, with a sha256 so a damaged record is refused rather than restored.
@@ -123,19 +128,50 @@ class FileStateBackend:
         return out
 
     def write(self, records: Mapping[str, bytes]) -> None:
+        # Not marked as seen: read_new returns this replica's writes too, as the kafka backend's
+        # does (the service re-reads its own checkpoints when a partition comes back).
         for key, value in records.items():
-            path = self._path(key)
-            atomic_write(path, value)  # its temporary files start with "." and are skipped by reads
-            self._seen[key] = path.stat().st_mtime
+            atomic_write(self._path(key), value)  # its temporary files start with "." and are skipped by reads
 
     def close(self) -> None:
         return None
 
 
-class KafkaStateBackend:
-    """A compacted topic, created if missing; written with acks=all, read with a group-less consumer."""
+_CHUNK = b"EWCC1\n"
+_MANIFEST = b"EWCM1\n"
+#: Largest value written as one record: under the broker's default ``max.message.bytes`` (1 MiB)
+#: with the key and the record's framing, so a state topic created by hand works as well.
+CHUNK_BYTES = 1_000_000
 
-    def __init__(self, settings: Settings, max_record_bytes: int = 64 << 20) -> None:
+
+def _chunk_key(key: str, slot: int, index: int) -> str:
+    # No other key starts with "chunk/".
+    return f"chunk/{slot}/{index}/{key}"
+
+
+def _parse_chunk_key(ckey: str) -> tuple[str, int, int] | None:
+    parts = ckey.split("/", 3)
+    if len(parts) != 4 or parts[0] != "chunk" or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    return parts[3], int(parts[1]), int(parts[2])
+
+
+class KafkaStateBackend:
+    """A compacted topic, created if missing; written with acks=all, read with a group-less consumer.
+
+    A value longer than ``chunk_bytes`` is split. Its chunks (each tagged with the value's
+    generation) go to keys ``chunk/<slot>/<i>/<key>`` and are acknowledged before a manifest
+    (slot, generation, count, length, sha256) is written under ``key``. Successive generations of a
+    key alternate between two slots, so a crash while writing one leaves the previous manifest and
+    its chunks intact; a reader returns a value only when every chunk of its manifest's generation
+    is there and the digest matches. Chunks a smaller value no longer uses are deleted
+    (tombstones), and compaction keeps one generation per slot. Requests stay small too: the
+    producer's ``max_request_size`` is a couple of chunks, so its encode buffer (kept per thread by
+    kafka-python at the largest request's size) stays a few MiB.
+    """
+
+    def __init__(self, settings: Settings, max_record_bytes: int = 64 << 20,
+                 chunk_bytes: int = CHUNK_BYTES) -> None:
         from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
         from embedwatch.sources.kafka_python import security_kwargs
@@ -145,16 +181,24 @@ class KafkaStateBackend:
         self._tp = TopicPartition
         sec = security_kwargs(k)
         self._ensure_topic(k.bootstrap_servers, sec, max_record_bytes)
+        self.chunk_bytes = int(chunk_bytes)
+        # Per key: the slot and generation of its newest chunked value (written or read) and how
+        # many chunks each slot holds; chunks read whose manifest has not been seen yet.
+        self._slot: dict[str, int] = {}
+        self._gen: dict[str, int] = {}
+        self._nchunks: dict[tuple[str, int], int] = {}
+        self._chunks: dict[str, bytes] = {}
+        request = 2 * self.chunk_bytes + (64 << 10)
         self._producer = KafkaProducer(
             bootstrap_servers=k.bootstrap_servers.split(","), client_id=f"{k.client_id}-state", acks="all",
-            max_request_size=max_record_bytes, compression_type=None, retries=2**31 - 1,
+            max_request_size=request, compression_type=None, retries=2**31 - 1,
             # Fail fast while the broker is away: the caller retries with backoff and reports
             # itself unready instead of blocking a minute inside send().
             max_block_ms=5000, **sec)
         self._consumer = KafkaConsumer(
             bootstrap_servers=k.bootstrap_servers.split(","), client_id=f"{k.client_id}-state-reader",
-            group_id=None, enable_auto_commit=False, max_partition_fetch_bytes=max_record_bytes,
-            fetch_max_bytes=max_record_bytes, **sec)
+            group_id=None, enable_auto_commit=False, max_partition_fetch_bytes=request,
+            fetch_max_bytes=max(request, 8 << 20), **sec)
         parts = self._consumer.partitions_for_topic(self.topic) or {0}
         self._parts = [TopicPartition(self.topic, p) for p in sorted(parts)]
         self._consumer.assign(self._parts)
@@ -187,10 +231,54 @@ class KafkaStateBackend:
                     if r.key is None:
                         continue
                     key = r.key.decode()
-                    if r.value is None:
+                    if _parse_chunk_key(key) is not None:
+                        if r.value is None:
+                            self._chunks.pop(key, None)
+                        else:
+                            self._chunks[key] = r.value
+                    elif r.value is None:
                         out.pop(key, None)
                     else:
                         out[key] = r.value
+        return self._assemble(out)
+
+    def _assemble(self, out: dict[str, bytes]) -> dict[str, bytes]:
+        """Replace each manifest in ``out`` by its value; chunks of older generations are dropped,
+        those of a newer one (a write still in progress) kept for a later read."""
+        by_key: dict[str, list[tuple[int, int, str]]] = {}
+        for ckey in self._chunks:
+            parsed = _parse_chunk_key(ckey)
+            assert parsed is not None
+            key, slot, i = parsed
+            by_key.setdefault(key, []).append((slot, i, ckey))
+            n = self._nchunks.get((key, slot), 0)
+            self._nchunks[key, slot] = max(n, i + 1)
+        for key, value in list(out.items()):
+            if not value.startswith(_MANIFEST):
+                continue
+            try:
+                m = json.loads(value[len(_MANIFEST):])
+                slot, gen, count, length, digest = (int(m["slot"]), int(m["gen"]), int(m["chunks"]),
+                                                    int(m["bytes"]), str(m["sha256"]))
+            except (ValueError, KeyError, TypeError) as e:
+                log.error("state record %s: unreadable manifest (%s); ignored", key, e)
+                del out[key]
+                continue
+            self._slot[key] = slot
+            self._gen[key] = max(self._gen.get(key, 0), gen)
+            tag = _CHUNK + gen.to_bytes(8, "little")
+            parts = [self._chunks.get(_chunk_key(key, slot, i), b"") for i in range(count)]
+            whole = b"".join(p[len(tag):] for p in parts if p.startswith(tag))
+            if len(whole) != length or hashlib.sha256(whole).hexdigest() != digest:
+                log.error("state record %s: chunks of generation %d missing or damaged; ignored", key, gen)
+                del out[key]
+            else:
+                out[key] = whole
+            for s, _i, ckey in by_key.get(key, ()):
+                chunk = self._chunks[ckey]
+                older = int.from_bytes(chunk[len(_CHUNK):len(_CHUNK) + 8], "little") <= gen
+                if s == slot or older or not chunk.startswith(_CHUNK):
+                    del self._chunks[ckey]
         return out
 
     def read_all(self) -> dict[str, bytes]:
@@ -201,6 +289,47 @@ class KafkaStateBackend:
         return self._drain()
 
     def write(self, records: Mapping[str, bytes]) -> None:
+        chunks: dict[str, bytes] = {}
+        heads: dict[str, bytes] = {}
+        stale: list[str] = []
+        counts: dict[tuple[str, int], int] = {}
+        written: dict[str, tuple[int, int]] = {}  # key -> slot, generation of its chunks
+        for key, value in records.items():
+            if len(value) <= self.chunk_bytes:
+                heads[key] = value
+                stale += [_chunk_key(key, s, i) for s in (0, 1) for i in range(self._nchunks.get((key, s), 0))]
+                counts[key, 0] = counts[key, 1] = 0
+                continue
+            slot, gen = 1 - self._slot.get(key, 1), self._gen.get(key, 0) + 1
+            tag = _CHUNK + gen.to_bytes(8, "little")
+            view = memoryview(value)
+            n = -(-len(value) // self.chunk_bytes)
+            for i in range(n):
+                chunks[_chunk_key(key, slot, i)] = tag + view[i * self.chunk_bytes:(i + 1) * self.chunk_bytes]
+            heads[key] = _MANIFEST + json.dumps({"slot": slot, "gen": gen, "chunks": n, "bytes": len(value),
+                                                 "sha256": hashlib.sha256(value).hexdigest()}).encode()
+            prev = self._nchunks.get((key, slot), 0)
+            stale += [_chunk_key(key, slot, i) for i in range(n, prev)]
+            counts[key, slot] = n
+            written[key] = slot, gen
+            # Before sending: a write that fails halfway still uses up its generation, and the
+            # slot may hold this many chunks afterwards.
+            self._gen[key] = gen
+            self._nchunks[key, slot] = max(prev, n)
+            # One value's chunks at a time (a copy of each value in flight, not of all of them),
+            # acknowledged before any manifest naming them is sent.
+            self._send(chunks)
+            chunks.clear()
+        self._send(heads)
+        for key, (slot, _gen) in written.items():
+            self._slot[key] = slot
+        if stale:
+            self._send(dict.fromkeys(stale))
+        self._nchunks.update(counts)
+
+    def _send(self, records: Mapping[str, bytes | None]) -> None:
+        if not records:
+            return
         futures = [self._producer.send(self.topic, key=k.encode(), value=v) for k, v in records.items()]
         self._producer.flush(timeout=15)
         for f in futures:
@@ -254,13 +383,21 @@ def encode_checkpoint(c: Checkpoint) -> bytes:
         streams.append({"key": list(s.key), "meta": s.meta})
     buf = io.BytesIO()
     np.savez(buf, allow_pickle=False, **arrays)
+    arrays.clear()
     header = json.dumps({
         "schema_version": CHECKPOINT_SCHEMA_VERSION, "topic": c.topic, "partition": c.partition,
         "offset": c.offset, "ledger": c.ledger, "created_at": c.created_at or time.time(), "streams": streams,
     }, allow_nan=True).encode()
-    body = len(header).to_bytes(8, "little") + header + buf.getvalue()
-    digest = hashlib.sha256(body).digest()
-    return _MAGIC + digest + zlib.compress(body, 3)
+    # body = header length + header + npz, hashed and compressed in place: joining it first cost
+    # two more copies of the partition's state at every checkpoint (about 200 MB for 200 streams
+    # of 768-d).
+    head = len(header).to_bytes(8, "little") + header
+    with buf.getbuffer() as npz:
+        digest = hashlib.sha256(head)
+        digest.update(npz)
+        z = zlib.compressobj(3)
+        packed = [_MAGIC, digest.digest(), z.compress(head), z.compress(npz), z.flush()]
+    return b"".join(packed)
 
 
 def decode_checkpoint(data: bytes) -> Checkpoint:

@@ -1,0 +1,123 @@
+"""The kafka state backend against the real broker: values larger than a record are written as
+chunks behind a manifest, alternate between two slots, and survive a write that dies halfway."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from embedwatch.config import Settings
+from embedwatch.state import KafkaStateBackend
+
+pytestmark = pytest.mark.integration
+
+CHUNK = 1000
+
+
+def _backend(bootstrap: str, topic: str) -> KafkaStateBackend:
+    s = Settings(kafka={"bootstrap_servers": bootstrap}, state={"backend": "kafka", "topic": topic})  # type: ignore[arg-type]
+    return KafkaStateBackend(s, chunk_bytes=CHUNK)
+
+
+def _raw(bootstrap: str, topic: str) -> dict[str, bytes | None]:
+    """The topic's newest value per key, as written (chunks and manifests included)."""
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    tp = TopicPartition(topic, 0)
+    c.assign([tp])
+    c.seek_to_beginning(tp)
+    end = c.end_offsets([tp])[tp]
+    out: dict[str, bytes | None] = {}
+    while c.position(tp) < end:
+        for recs in c.poll(timeout_ms=1000).values():
+            for r in recs:
+                out[r.key.decode()] = r.value
+    c.close()
+    return out
+
+
+def test_large_values_round_trip_through_chunks(kafka_bootstrap: str, fresh_topic_prefix: str) -> None:
+    topic = f"{fresh_topic_prefix}-state"
+    w = _backend(kafka_bootstrap, topic)
+    big, small = os.urandom(3500), b"small"
+    w.write({"ckpt/g/t/0": big, "baseline-index/x": small})
+    raw = _raw(kafka_bootstrap, topic)
+    chunks = sorted(k for k, v in raw.items() if k.startswith("chunk/") and v is not None)
+    assert chunks == [f"chunk/0/{i}/ckpt/g/t/0" for i in range(4)]
+    assert raw["ckpt/g/t/0"] is not None and len(raw["ckpt/g/t/0"] or b"") < 200  # a manifest
+    r = _backend(kafka_bootstrap, topic)
+    assert r.read_all() == {"ckpt/g/t/0": big, "baseline-index/x": small}
+    assert r.read_new() == {}
+
+    # The next generation goes to the other slot; one after that back to the first, and the
+    # first slot's chunks it no longer uses are deleted.
+    bigger = os.urandom(4200)
+    w.write({"ckpt/g/t/0": bigger})
+    assert r.read_new() == {"ckpt/g/t/0": bigger}
+    shorter = os.urandom(1500)
+    w.write({"ckpt/g/t/0": shorter})
+    raw = _raw(kafka_bootstrap, topic)
+    live = sorted(k for k, v in raw.items() if k.startswith("chunk/") and v is not None)
+    assert live == ["chunk/0/0/ckpt/g/t/0", "chunk/0/1/ckpt/g/t/0"] + [f"chunk/1/{i}/ckpt/g/t/0" for i in range(5)]
+    assert r.read_new() == {"ckpt/g/t/0": shorter}
+    assert _backend(kafka_bootstrap, topic).read_all()["ckpt/g/t/0"] == shorter
+
+    # A value that fits a record again: every chunk of the key is deleted.
+    w.write({"ckpt/g/t/0": b"tiny"})
+    raw = _raw(kafka_bootstrap, topic)
+    assert not [k for k, v in raw.items() if k.startswith("chunk/") and v is not None]
+    assert r.read_new() == {"ckpt/g/t/0": b"tiny"}
+    assert not r._chunks  # nothing held for later
+    w.close()
+    r.close()
+
+
+def test_a_write_that_dies_before_its_manifest_leaves_the_previous_value(
+        kafka_bootstrap: str, fresh_topic_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    topic = f"{fresh_topic_prefix}-state"
+    w = _backend(kafka_bootstrap, topic)
+    first = os.urandom(2500)
+    w.write({"ckpt/g/t/1": first})
+    r = _backend(kafka_bootstrap, topic)
+    assert r.read_all() == {"ckpt/g/t/1": first}
+
+    sends = []
+    real_send = w._send
+
+    def dies_after_chunks(records):  # type: ignore[no-untyped-def]
+        sends.append(dict(records))
+        if len(sends) > 1:
+            raise RuntimeError("killed")
+        real_send(records)
+
+    w._send = dies_after_chunks  # type: ignore[method-assign]
+    second = os.urandom(3300)
+    with pytest.raises(RuntimeError):
+        w.write({"ckpt/g/t/1": second})
+    assert sorted(sends[0]) == [f"chunk/1/{i}/ckpt/g/t/1" for i in range(4)]
+    # The chunks of the unfinished generation are in the topic; the previous value is what a
+    # reader gets, and it keeps those chunks only until a manifest shows they are stale.
+    assert _backend(kafka_bootstrap, topic).read_all() == {"ckpt/g/t/1": first}
+    assert r.read_new() == {}
+    assert len(r._chunks) == 4
+
+    w._send = real_send  # type: ignore[method-assign]
+    third = os.urandom(2100)
+    w.write({"ckpt/g/t/1": third})
+    assert r.read_new() == {"ckpt/g/t/1": third}
+    assert _backend(kafka_bootstrap, topic).read_all() == {"ckpt/g/t/1": third}
+    # Same slot as the unfinished write, a new generation; its fourth chunk is deleted.
+    raw = _raw(kafka_bootstrap, topic)
+    assert raw["chunk/1/3/ckpt/g/t/1"] is None
+    assert raw["chunk/1/0/ckpt/g/t/1"].startswith(b"EWCC1\n" + (3).to_bytes(8, "little"))  # type: ignore[union-attr]
+
+    # A damaged chunk: the key is refused (logged), never restored from bad bytes.
+    w._producer.send(topic, key=b"chunk/1/0/ckpt/g/t/1", value=b"garbage")
+    w._producer.flush()
+    with caplog.at_level(logging.ERROR, logger="embedwatch.state"):
+        assert _backend(kafka_bootstrap, topic).read_all() == {}
+    assert "missing or damaged" in caplog.text
+    w.close()
+    r.close()
