@@ -260,13 +260,15 @@ class KafkaStateBackend:
                 m = json.loads(value[len(_MANIFEST):])
                 slot, gen, count, length, digest = (int(m["slot"]), int(m["gen"]), int(m["chunks"]),
                                                     int(m["bytes"]), str(m["sha256"]))
-            except (ValueError, KeyError, TypeError) as e:
-                log.error("state record %s: unreadable manifest (%s); ignored", key, e)
+                if slot not in (0, 1) or not 0 < count <= len(self._chunks):
+                    raise ValueError(f"slot {slot}, {count} chunks ({len(self._chunks)} read)")
+                tag = _CHUNK + gen.to_bytes(8, "little")
+            except (ValueError, KeyError, TypeError, OverflowError) as e:
+                log.error("state record %s: unreadable manifest or chunks missing (%s); ignored", key, e)
                 del out[key]
                 continue
             self._slot[key] = slot
             self._gen[key] = max(self._gen.get(key, 0), gen)
-            tag = _CHUNK + gen.to_bytes(8, "little")
             parts = [self._chunks.get(_chunk_key(key, slot, i), b"") for i in range(count)]
             whole = b"".join(p[len(tag):] for p in parts if p.startswith(tag))
             if len(whole) != length or hashlib.sha256(whole).hexdigest() != digest:

@@ -3,6 +3,7 @@ chunks behind a manifest, alternate between two slots, and survive a write that 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -120,6 +121,17 @@ def test_a_write_that_dies_before_its_manifest_leaves_the_previous_value(
     with caplog.at_level(logging.ERROR, logger="embedwatch.state"):
         assert _backend(kafka_bootstrap, topic).read_all() == {}
     assert "missing or damaged" in caplog.text
+    # Manifests that make no sense are refused the same way, without an exception.
+    for i, bad in enumerate(({"slot": 0, "gen": -1, "chunks": 1, "bytes": 3, "sha256": ""},
+                             {"slot": 0, "gen": 1, "chunks": 10**12, "bytes": 3, "sha256": ""},
+                             {"slot": 7, "gen": 1, "chunks": 1, "bytes": 3, "sha256": ""})):
+        w._producer.send(topic, key=f"ckpt/g/t/{9 + i}".encode(), value=b"EWCM1\n" + json.dumps(bad).encode())
+    w._producer.send(topic, key=b"ckpt/g/t/20", value=b"EWCM1\nnot json")
+    w._producer.flush()
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="embedwatch.state"):
+        assert _backend(kafka_bootstrap, topic).read_all() == {}
+    assert caplog.text.count("unreadable manifest") == 4
     w.close()
     r.close()
 
