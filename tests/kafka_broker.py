@@ -255,3 +255,14 @@ def create_topics(
         if time.monotonic() > deadline:
             raise TimeoutError(f"topics not ready after {timeout_s}s: {names}")
         time.sleep(0.1)
+
+
+def produce_messages(bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, bytes]]) -> None:
+    """Writes ``(key, value)`` messages with acks=all and waits until every one is acknowledged."""
+    from kafka import KafkaProducer
+
+    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=1 << 20)
+    for k, v in messages:
+        p.send(topic, key=k, value=v)
+    p.flush(timeout=120)
+    p.close()

@@ -443,7 +443,7 @@ class Service:
                     self._state_records.pop(key, None)
             positions.update(pos)
             ledgers.update(led)
-            del records
+            del records  # not held while the next partition's record is built
         if not positions:
             return
         with self.exporter.lock:

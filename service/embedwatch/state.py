@@ -385,7 +385,6 @@ def encode_checkpoint(c: Checkpoint) -> bytes:
         streams.append({"key": list(s.key), "meta": s.meta})
     buf = io.BytesIO()
     np.savez(buf, allow_pickle=False, **arrays)
-    arrays.clear()
     header = json.dumps({
         "schema_version": CHECKPOINT_SCHEMA_VERSION, "topic": c.topic, "partition": c.partition,
         "offset": c.offset, "ledger": c.ledger, "created_at": c.created_at or time.time(), "streams": streams,

@@ -11,10 +11,9 @@ from typing import Any
 
 import orjson
 import pytest
-from kafka import KafkaProducer
 
 from embedwatch.produce import EventGenerator, Fault, GeneratorConfig
-from kafka_broker import LocalKafka, create_topics
+from kafka_broker import LocalKafka, create_topics, produce_messages
 from service_proc import ServiceProcess, metric_sum
 
 pytestmark = pytest.mark.integration
@@ -34,14 +33,6 @@ def _config(bootstrap: str, prefix: str, group: str, **over: Any) -> dict[str, A
     for section, values in over.items():
         cfg.setdefault(section, {}).update(values)
     return cfg
-
-
-def _produce(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
-    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=1 << 20)
-    for k, v in messages:
-        p.send(topic, key=k, value=v)
-    p.flush(timeout=120)
-    p.close()
 
 
 def _ledger(m: dict[str, Any]) -> float:
@@ -74,7 +65,7 @@ def test_kill_9_three_times_matches_an_uninterrupted_run(kafka_bootstrap: str, u
     n = 50_000
     (topic,) = unique_topics("embeddings", partitions=3)
     unique_topics("embeddings.dlq", partitions=1)
-    _produce(kafka_bootstrap, topic, _drifted_workload(n))
+    produce_messages(kafka_bootstrap, topic, _drifted_workload(n))
 
     ref = ServiceProcess(tmp_path, _config(kafka_bootstrap, fresh_topic_prefix, "ref"), "ref").start()
     try:
@@ -124,7 +115,7 @@ def test_crash_between_checkpoint_and_commit_counts_nothing_twice(kafka_bootstra
     n = 6000
     (topic,) = unique_topics("embeddings", partitions=1)
     unique_topics("embeddings.dlq", partitions=1)
-    _produce(kafka_bootstrap, topic, _drifted_workload(n))
+    produce_messages(kafka_bootstrap, topic, _drifted_workload(n))
     # Small polls and frequent checkpoints: several checkpoints fall while the successor is still
     # reading the records below the checkpoint's offset.
     cfg = _config(kafka_bootstrap, fresh_topic_prefix, "g", kafka={"max_poll_records": 5},
@@ -172,7 +163,7 @@ def test_broker_outage_no_crash_nothing_lost(tmp_path: Path, fresh_topic_prefix:
         admin.close()
         gen = EventGenerator(GeneratorConfig(streams=STREAMS, dim=DIM, seed=2))
         first = gen.messages(5000)
-        _produce(bootstrap, topic, first)
+        produce_messages(bootstrap, topic, first)
         cfg = _config(bootstrap, fresh_topic_prefix, "outage", kafka={"session_timeout_ms": 10_000})
         svc = ServiceProcess(tmp_path, cfg, "svc").start()
         try:
@@ -189,7 +180,7 @@ def test_broker_outage_no_crash_nothing_lost(tmp_path: Path, fresh_topic_prefix:
                 time.sleep(1)
             assert saw_unready, "readiness must go false while the broker is down\n" + svc.tail()
             broker.start()
-            _produce(bootstrap, topic, gen.messages(5000))
+            produce_messages(bootstrap, topic, gen.messages(5000))
             svc.wait_ready(timeout=120)
             m = svc.wait_for(lambda m: _ledger(m) >= 10_000, timeout=180, what="second half after outage")
             assert _ledger(m) == 10_000
@@ -210,7 +201,7 @@ def test_two_replicas_split_the_work(kafka_bootstrap: str, unique_topics, fresh_
     events = EventGenerator(GeneratorConfig(streams=6, dim=DIM, seed=4)).messages(n)
 
     single_cfg = _config(kafka_bootstrap, fresh_topic_prefix, "single", kafka={"embeddings_topic": single_topic})
-    _produce(kafka_bootstrap, single_topic, events)
+    produce_messages(kafka_bootstrap, single_topic, events)
     single = ServiceProcess(tmp_path, single_cfg, "single").start()
     try:
         single.wait_for(lambda m: _ledger(m) >= n, timeout=300, what="single replica drained")
@@ -237,7 +228,7 @@ def test_two_replicas_split_the_work(kafka_bootstrap: str, unique_topics, fresh_
                 break
             time.sleep(0.5)
         assert owned == 6, "the two replicas must own the 6 partitions between them"
-        _produce(kafka_bootstrap, pair_topic, events)
+        produce_messages(kafka_bootstrap, pair_topic, events)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             ma, mb = a.metrics(), b.metrics()
@@ -307,7 +298,7 @@ def test_hostile_input_through_the_consumer(kafka_bootstrap: str, unique_topics,
     unique_topics("embeddings.dlq", partitions=1)
     rnd = random.Random(7)
     msgs = [_hostile(rnd, i) for i in range(10_500)]
-    _produce(kafka_bootstrap, topic, [(None, v) for v in msgs])
+    produce_messages(kafka_bootstrap, topic, [(None, v) for v in msgs])
     produced = sum(_expected_events(v) for v in msgs)
     cfg = _config(kafka_bootstrap, fresh_topic_prefix, "fuzz", state={"backend": "none"},
                   limits={"max_streams": 20, "max_message_bytes": 1_000_000, "max_dim": 4096})

@@ -142,9 +142,8 @@ def test_the_service_resumes_from_a_checkpoint_written_in_chunks(
     them all (several MB, so chunks). Killed after a checkpoint, a successor restores them and builds
     every baseline from the restored events plus the ones that follow; without the restore each
     stream would have seen too few events to build one."""
-    from kafka import KafkaProducer
-
     from embedwatch.produce import EventGenerator, GeneratorConfig
+    from kafka_broker import produce_messages
     from service_proc import ServiceProcess, metric_sum
 
     (topic,) = unique_topics("embeddings", partitions=1)
@@ -152,14 +151,7 @@ def test_the_service_resumes_from_a_checkpoint_written_in_chunks(
     state_topic = f"{fresh_topic_prefix}-state"
     messages = EventGenerator(GeneratorConfig(streams=4, dim=768, seed=5, encoding="b64")).messages(4000)
 
-    def produce(batch: list[tuple[bytes, bytes]]) -> None:
-        p = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=20, batch_size=1 << 20)
-        for k, v in batch:
-            p.send(topic, key=k, value=v)
-        p.flush(timeout=60)
-        p.close()
-
-    produce(messages[:2400])  # 600 per stream: below reference_size (1,000)
+    produce_messages(kafka_bootstrap, topic, messages[:2400])  # 600 per stream: below reference_size (1,000)
     # confluent-kafka, as the Helm chart runs it. With kafka-python, 2 of 7 runs stalled in the
     # rejoin after a revocation that followed the first assignment (the kafka-python 3.0 stall
     # that sources/kafka_python.py names before subscribe()); not what this test is about.
@@ -181,7 +173,7 @@ def test_the_service_resumes_from_a_checkpoint_written_in_chunks(
 
     svc = ServiceProcess(tmp_path, cfg, "second").start()
     try:
-        produce(messages[2400:])
+        produce_messages(kafka_bootstrap, topic, messages[2400:])
         got = svc.wait_for(lambda m: metric_sum(m, "embedwatch_consumed_events_total") >= 4000
                            and len(m.get("embedwatch_baseline_info", {})) == 4, timeout=120, what="baselines")
         assert metric_sum(got, "embedwatch_consumed_events_total") == 4000
