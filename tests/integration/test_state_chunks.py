@@ -152,9 +152,10 @@ def test_the_service_resumes_from_a_checkpoint_written_in_chunks(
     messages = EventGenerator(GeneratorConfig(streams=4, dim=768, seed=5, encoding="b64")).messages(4000)
 
     produce_messages(kafka_bootstrap, topic, messages[:2400])  # 600 per stream: below reference_size (1,000)
-    # confluent-kafka, as the Helm chart runs it. With kafka-python, 2 of 7 runs stalled in the
-    # rejoin after a revocation that followed the first assignment (the kafka-python 3.0 stall
-    # that sources/kafka_python.py names before subscribe()); not what this test is about.
+    # confluent-kafka, as the Helm chart runs it. (With kafka-python, 2 of 7 runs stalled in the
+    # rejoin after a revocation that followed the first assignment, until its source fetched topic
+    # metadata after subscribing: test_ingest.test_a_single_replica_keeps_its_first_assignment;
+    # 8 of 8 pass on kafka-python since.)
     cfg = {"kafka": {"bootstrap_servers": kafka_bootstrap, "group_id": f"{fresh_topic_prefix}-g",
                      "backend": "confluent", "embeddings_topic": topic, "queries_topic": None,
                      "session_timeout_ms": 6000},
