@@ -21,7 +21,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -46,6 +46,7 @@ from embedwatch.state import (
     StateError,
     StreamCheckpoint,
     checkpoint_key,
+    checkpoint_prefix,
     decode_checkpoint,
     encode_checkpoint,
 )
@@ -169,7 +170,10 @@ class Service:
         self.stream_home: dict[StreamKey, PartitionId] = {}
         self.state_backend: StateBackend = state_backend if state_backend is not None else NullStateBackend()
         self.persistent = not isinstance(self.state_backend, NullStateBackend)
-        self._state_records: dict[str, bytes] = dict(state_records or {})
+        # Only this group's checkpoints, until their partitions are restored and checkpointed
+        # again: the rest (baselines, other groups) was read once, and keeping it held every
+        # stored baseline (2.6 MB a 768-d stream) for the life of the process.
+        self._state_records: dict[str, bytes] = self._own_checkpoints(state_records or {})
         self._last_checkpoint = time.monotonic()
         # A batch was processed in memory but abandoned before its commit (stop requested while the
         # broker was unreachable): the in-memory state is ahead of every position, so it must not be
@@ -295,7 +299,7 @@ class Service:
         committed = source.committed(partitions)
         if self.persistent:
             fresh = self.state_backend.read_new()
-            self._state_records.update(fresh)
+            self._state_records.update(self._own_checkpoints(fresh))
             if any(k.startswith("baseline") for k in fresh):
                 assert isinstance(self.baselines, DurableBaselineStore)
                 self.baselines.restore(fresh)
@@ -327,6 +331,10 @@ class Service:
                 self.exporter.counters.inc("embedwatch_events_replayed_total", (p.topic,), 0)
             self._assigned |= set(partitions)
             self.exporter.set_gauge("embedwatch_assigned_partitions", (), float(len(self._assigned)))
+
+    def _own_checkpoints(self, records: Mapping[str, bytes]) -> dict[str, bytes]:
+        prefix = checkpoint_prefix(self.settings.kafka.group_id)
+        return {k: v for k, v in records.items() if k.startswith(prefix)}
 
     def _restore_checkpoint(self, p: PartitionId, blob: bytes | None) -> Checkpoint | None:
         if blob is None:
@@ -585,6 +593,9 @@ class Service:
                 if self.persistent and due:
                     self._checkpoint(sorted(self._assigned), commit=source)
                     self._last_checkpoint = time.monotonic()
+                    # The records it built and wrote are freed (230 MB at 200 x 768-d): returned
+                    # now, they do not stay in the RSS until the next periodic trim.
+                    self._trim_heap(now_due=True)
                 self._probe(source)
                 self._trim_heap()
             if self.persistent:
@@ -734,11 +745,12 @@ class Service:
         if replayed:
             log.info("replayed %d events already processed before a restart", replayed)
 
-    def _trim_heap(self) -> None:
-        """Return freed heap memory to the OS now and then (see :mod:`embedwatch.heap`)."""
+    def _trim_heap(self, now_due: bool = False) -> None:
+        """Return freed heap memory to the OS now and then (see :mod:`embedwatch.heap`); with
+        ``now_due``, right away (unless trimming is off)."""
         every = self.settings.limits.heap_trim_interval_s
         now = time.monotonic()
-        if every <= 0 or now - self._last_heap_trim < every:
+        if every <= 0 or (not now_due and now - self._last_heap_trim < every):
             return
         self._last_heap_trim = now
         heap.trim()

@@ -66,6 +66,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     backend, records = _open_state(settings)
     baselines = DurableBaselineStore(backend, records) if settings.state.backend != "none" else None
     service = Service(settings, baselines=baselines, state_backend=backend, state_records=records)
+    # Each took what it needs (decoded baselines, this group's checkpoints); held here for the
+    # life of the process, the records kept every stored baseline and checkpoint in memory.
+    del records
     token = settings.http.admin_token.get_secret_value() if settings.http.admin_token else None
     backend = Backend(
         registry=make_registry(service.exporter),

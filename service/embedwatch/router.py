@@ -205,6 +205,9 @@ class StreamRouter:
             self._dims[key] = int(monitor.expected_dim)
         if monitor.baseline is not None:
             self._saved[key] = str(monitor.baseline.metadata["baseline_id"])
+            # Released now, not at the stream's next batch: a replica restarted on a backlog it had
+            # already consumed held every restored baseline's sample (1.5 MiB a 768-d stream).
+            self._release_sample(monitor)
 
     def remove(self, key: StreamKey) -> None:
         """Forget a stream (e.g. idle eviction); frees its slot under ``max_streams``."""
@@ -296,8 +299,13 @@ class StreamRouter:
                 log.error("stream %s: cannot save baseline %s: %s", key, bid, e)
                 return
             self._saved[key] = bid
-        if mon.baseline.released_sample_rows is None:
-            # Saved: the monitor and the store need no more than a copy without the sample.
-            slim = mon.baseline.without_sample(self.detection)
-            mon.baseline = slim
-            self.baselines.hold(slim)
+        self._release_sample(mon)
+
+    def _release_sample(self, mon: StreamMonitor) -> None:
+        """Saved: the monitor and the store need no more than a copy of its baseline without the
+        sample (the scan fitted on it is carried over)."""
+        if self.baselines is None or mon.baseline is None or mon.baseline.released_sample_rows is not None:
+            return
+        slim = mon.baseline.without_sample(self.detection)
+        mon.baseline = slim
+        self.baselines.hold(slim)

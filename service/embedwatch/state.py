@@ -34,7 +34,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -372,8 +372,13 @@ class Checkpoint:
     created_at: float = 0.0
 
 
+def checkpoint_prefix(group: str) -> str:
+    """What the keys of ``group``'s checkpoints start with."""
+    return f"ckpt/{group}/"
+
+
 def checkpoint_key(group: str, topic: str, partition: int) -> str:
-    return f"ckpt/{group}/{topic}/{partition}"
+    return f"{checkpoint_prefix(group)}{topic}/{partition}"
 
 
 def encode_checkpoint(c: Checkpoint) -> bytes:
@@ -436,30 +441,31 @@ class DurableBaselineStore(MemoryBaselineStore):
     promote/rollback history survive restarts and move between replicas.
     """
 
-    def __init__(self, backend: StateBackend, records: Mapping[str, bytes] | None = None) -> None:
+    def __init__(self, backend: StateBackend, records: MutableMapping[str, bytes] | None = None) -> None:
         super().__init__()
         self.backend = backend
         self._restoring = False
         if records:
             self.restore(records)
 
-    def restore(self, records: Mapping[str, bytes]) -> None:
+    def restore(self, records: MutableMapping[str, bytes]) -> None:
+        """Take the baselines and indexes of ``records``, removing each record as it is decoded:
+        a restart reads every stored baseline (2.6 MB a 768-d stream), and holding all of them
+        next to their decoded copies put the start's peak at 0.99 GiB for 200 streams."""
         self._restoring = True
         try:
-            for key, value in records.items():
-                if key.startswith("baseline/"):
-                    try:
-                        b = decode_baseline(value, origin=key)
-                    except ValueError as e:
-                        log.error("skipping damaged baseline record %s: %s", key, e)
-                        continue
-                    super()._write_version(_stream_of_baseline(b), b)
-            for key, value in records.items():
-                if key.startswith("baseline-index/"):
-                    doc = json.loads(value)
-                    index = _Index(StreamKey(*doc["stream"]), list(doc["versions"]), doc.get("active"),
-                                   list(doc.get("previous", [])))
-                    super()._store_index(index)
+            for key in [k for k in records if k.startswith("baseline/")]:
+                try:
+                    b = decode_baseline(records.pop(key), origin=key)
+                except ValueError as e:
+                    log.error("skipping damaged baseline record %s: %s", key, e)
+                    continue
+                super()._write_version(_stream_of_baseline(b), b)
+            for key in [k for k in records if k.startswith("baseline-index/")]:
+                doc = json.loads(records.pop(key))
+                index = _Index(StreamKey(*doc["stream"]), list(doc["versions"]), doc.get("active"),
+                               list(doc.get("previous", [])))
+                super()._store_index(index)
         finally:
             self._restoring = False
 
@@ -485,7 +491,7 @@ def _stream_of_baseline(b: Baseline) -> StreamKey:
 def checkpoints_in(records: Mapping[str, bytes], group: str) -> builtins.dict[tuple[str, int], bytes]:
     """Checkpoint records of ``group`` by (topic, partition)."""
     out: dict[tuple[str, int], bytes] = {}
-    prefix = f"ckpt/{group}/"
+    prefix = checkpoint_prefix(group)
     for key, value in records.items():
         if key.startswith(prefix):
             topic, _, part = key[len(prefix):].rpartition("/")

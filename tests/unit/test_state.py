@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 
 from embedwatch.config import DetectionSettings
-from embedwatch.events import StreamKey
+from embedwatch.events import Message, StreamKey
 from embedwatch.monitor import StreamMonitor
+from embedwatch.sources.base import PartitionId
 from embedwatch.state import (
     Checkpoint,
     DurableBaselineStore,
@@ -96,3 +99,116 @@ def test_durable_baseline_store_survives_a_restart(tmp_path: Path) -> None:
     assert [m["baseline_id"] for m in again.list(KEY)] == [m["baseline_id"] for m in store.list(KEY)]
     assert again.get(KEY).metadata["baseline_id"] == first.baseline.metadata["baseline_id"]
     assert again.get(KEY).content_hash == first.baseline.content_hash
+
+
+class _Source:
+    """One partition, the given batches, then a stop (a plain fake of the Source protocol)."""
+
+    def __init__(self, svc: Any, batches: list[list[Message]]) -> None:
+        self.svc, self.batches, self.first = svc, batches, True
+
+    def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
+        if self.first:
+            self.first = False
+            self.svc.on_assigned([PartitionId("embeddings", 0)])
+        if not self.batches:
+            self.svc.stop_requested.set()
+            return []
+        return self.batches.pop(0)
+
+    def commit(self, positions: Any, asynchronous: bool = False) -> None:
+        pass
+
+    def landed(self, positions: Any) -> bool:
+        return True
+
+    def committed(self, partitions: Any) -> dict[Any, None]:
+        return dict.fromkeys(partitions)
+
+    def assignment(self) -> set[PartitionId]:
+        return {PartitionId("embeddings", 0)}
+
+    def end_offsets(self, partitions: Any) -> dict[Any, int]:
+        return dict.fromkeys(partitions, 0)
+
+    def position(self, partition: Any) -> None:
+        return None
+
+    def connected(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class _NoSink:
+    def send(self, topic: str, value: bytes, key: bytes | None, headers: Any) -> None:
+        raise AssertionError("no event of this test is dead-lettered")
+
+    def flush(self, timeout_s: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_restarted_service_keeps_its_checkpoints_only_and_releases_restored_samples(tmp_path: Path) -> None:
+    """What a restart reads back is held only as long as needed: the service keeps its own group's
+    checkpoints (not the stored baselines, not other groups' checkpoints), and a stream restored
+    from a checkpoint holds its baseline without the reference sample, as the stream that built
+    it did. Before, a restarted replica at 200 x 768-d held 1.2 GiB against 0.4 GiB."""
+    from embedwatch.app import Service
+    from embedwatch.config import Settings
+
+    settings = Settings(kafka={"poll_timeout_ms": 1},  # type: ignore[arg-type]
+                        state={"backend": "file", "directory": str(tmp_path)},  # type: ignore[arg-type]
+                        detection=SETTINGS.model_dump())  # type: ignore[arg-type]
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((300, 16)).astype(np.float32)
+    batch = [Message(orjson.dumps({"model": KEY.model, "model_version": KEY.model_version,
+                                   "embedding": v.tolist()}), "embeddings", 0, i) for i, v in enumerate(vectors)]
+    first = Service(settings, baselines=DurableBaselineStore(FileStateBackend(tmp_path)),
+                    state_backend=FileStateBackend(tmp_path))
+    first.run(_Source(first, [batch]), _NoSink())
+    assert first.router.monitors[KEY].baseline is not None
+    FileStateBackend(tmp_path).write({checkpoint_key("another-group", "embeddings", 0): b"theirs"})
+
+    backend = FileStateBackend(tmp_path)
+    records = backend.read_all()
+    assert any(k.startswith("baseline/") for k in records)
+    store = DurableBaselineStore(backend, records)
+    assert not any(k.startswith("baseline") for k in records)  # taken, so freed as they are decoded
+    again = Service(settings, baselines=store, state_backend=backend, state_records=records)
+    assert set(again._state_records) == {checkpoint_key(settings.kafka.group_id, "embeddings", 0)}
+    again.run(_Source(again, []), _NoSink())  # nothing new: released when restored, not at a next batch
+    mon = again.router.monitors[KEY]
+    assert mon.events == 300
+    assert mon.baseline is not None and mon.baseline.released_sample_rows == SETTINGS.baseline_sample
+    assert store.get(KEY) is mon.baseline  # the store holds the same copy, not the full one
+
+
+def test_the_loop_returns_a_checkpoint_s_buffers_right_after_writing_it(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint's records (hundreds of MB at 200 x 768-d) are freed once written; the loop
+    hands them back to the OS then, not at the next periodic trim up to a minute later."""
+    import time
+
+    from embedwatch import heap
+    from embedwatch.app import Service
+    from embedwatch.config import Settings
+
+    calls: list[int] = []
+    monkeypatch.setattr(heap, "trim", lambda: calls.append(1) or True)
+    settings = Settings(kafka={"poll_timeout_ms": 1},  # type: ignore[arg-type]
+                        state={"backend": "file", "directory": str(tmp_path),  # type: ignore[arg-type]
+                               "checkpoint_interval_s": 1e-9},
+                        limits={"heap_trim_interval_s": 3600.0})  # type: ignore[arg-type]
+    rng = np.random.default_rng(8)
+    batches = [[Message(orjson.dumps({"model": "m", "model_version": "v1", "embedding": v.tolist()}),
+                        "embeddings", 0, b * 50 + i)
+                for i, v in enumerate(rng.standard_normal((50, 8)).astype(np.float32))] for b in range(2)]
+    svc = Service(settings, state_backend=FileStateBackend(tmp_path))
+    svc._last_heap_trim = time.monotonic()  # the periodic trim is an hour away
+    svc.run(_Source(svc, batches), _NoSink())
+    assert svc.exporter.counters.get("embedwatch_checkpoints_total", ()) >= 3
+    assert len(calls) >= 2  # after each batch's checkpoint
