@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -121,6 +122,9 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
         subprocess.run([str(ROOT / "scripts" / "kafka-local"), "stop", "--dir", str(kafka_dir)], check=False)
+        # The broker's log of a 30-minute run is 15-30 GB of JSON events: a soak left behind filled
+        # the disk of the next one. The service's and the producer's logs stay in `work`.
+        shutil.rmtree(kafka_dir, ignore_errors=True)
     from embedwatch.config import DetectionSettings
 
     fill_s = DetectionSettings().duplicate_window / (args.rate / args.streams)
