@@ -21,7 +21,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -46,7 +46,7 @@ from embedwatch.state import (
     StateError,
     StreamCheckpoint,
     checkpoint_key,
-    checkpoint_prefix,
+    checkpoints_in,
     decode_checkpoint,
     encode_checkpoint,
 )
@@ -173,7 +173,7 @@ class Service:
         # Only this group's checkpoints, until their partitions are restored and checkpointed
         # again: the rest (baselines, other groups) was read once, and keeping it held every
         # stored baseline (2.6 MB a 768-d stream) for the life of the process.
-        self._state_records: dict[str, bytes] = self._own_checkpoints(state_records or {})
+        self._state_records: dict[tuple[str, int], bytes] = checkpoints_in(state_records or {}, k.group_id)
         self._last_checkpoint = time.monotonic()
         # A batch was processed in memory but abandoned before its commit (stop requested while the
         # broker was unreachable): the in-memory state is ahead of every position, so it must not be
@@ -299,16 +299,15 @@ class Service:
         committed = source.committed(partitions)
         if self.persistent:
             fresh = self.state_backend.read_new()
-            self._state_records.update(self._own_checkpoints(fresh))
+            self._state_records.update(checkpoints_in(fresh, self.settings.kafka.group_id))
             if any(k.startswith("baseline") for k in fresh):
                 assert isinstance(self.baselines, DurableBaselineStore)
                 self.baselines.restore(fresh)
-        group = self.settings.kafka.group_id
         with self.exporter.lock:
             for p in partitions:
                 c = committed.get(p)
                 marker = Ledger.decode(c.metadata) if c is not None else Ledger()
-                ckpt = self._restore_checkpoint(p, self._state_records.get(checkpoint_key(group, *p)))
+                ckpt = self._restore_checkpoint(p, self._state_records.get((p.topic, p.partition)))
                 if ckpt is not None:
                     # The checkpoint is authoritative: its streams' state and ledger hold exactly
                     # the events below its offset. Messages below it (a crash between checkpoint
@@ -331,10 +330,6 @@ class Service:
                 self.exporter.counters.inc("embedwatch_events_replayed_total", (p.topic,), 0)
             self._assigned |= set(partitions)
             self.exporter.set_gauge("embedwatch_assigned_partitions", (), float(len(self._assigned)))
-
-    def _own_checkpoints(self, records: Mapping[str, bytes]) -> dict[str, bytes]:
-        prefix = checkpoint_prefix(self.settings.kafka.group_id)
-        return {k: v for k, v in records.items() if k.startswith(prefix)}
 
     def _restore_checkpoint(self, p: PartitionId, blob: bytes | None) -> Checkpoint | None:
         if blob is None:
@@ -447,8 +442,7 @@ class Service:
             with self.exporter.lock:
                 # The topic holds it now and an assignment reads what was written since the last
                 # read (read_new), this included: keeping a copy held the whole state twice.
-                for key in records:
-                    self._state_records.pop(key, None)
+                self._state_records.pop((part.topic, part.partition), None)
             positions.update(pos)
             ledgers.update(led)
             del records  # not held while the next partition's record is built
