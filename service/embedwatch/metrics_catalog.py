@@ -50,8 +50,13 @@ METRICS: tuple[Metric, ...] = (
     Metric("embedwatch_events_replayed_total", "counter",
            "Events processed again after a restart or rebalance (at-least-once replay).", ("topic",)),
     Metric("embedwatch_batches_total", "counter", "Poll batches processed."),
-    Metric("embedwatch_checkpoints_total", "counter", "State checkpoints written (state.backend kafka or file)."),
-    Metric("embedwatch_last_checkpoint_timestamp_seconds", "gauge", "When the last checkpoint was written."),
+    Metric("embedwatch_checkpoints_total", "counter",
+           "State checkpoints made (state.backend kafka or file): each partition's state written, or "
+           "found unchanged since its last checkpoint."),
+    Metric("embedwatch_checkpoint_bytes_total", "counter",
+           "Bytes of checkpoint records written to the state backend (unchanged partitions are not "
+           "written again)."),
+    Metric("embedwatch_last_checkpoint_timestamp_seconds", "gauge", "When the last checkpoint was made."),
     Metric("embedwatch_commits_total", "counter", "Offset commits by result.", ("result",)),
     Metric("embedwatch_processing_seconds", "histogram", "Time to decode and process one poll batch.",
            buckets=PROCESSING_BUCKETS),

@@ -127,6 +127,9 @@ class StreamMonitor:
         self.query_events = 0
         self.drifting = False
         self.baseline: Baseline | None = None
+        #: Calls that may have changed the state (updates, activations, promotions): the service
+        #: skips the checkpoint of a partition none of whose streams changed.
+        self.changes = 0
         self._name = str(key)
         self._seed_base = [int(settings.seed), zlib.crc32(self._name.encode())]
         self._generation = 0
@@ -180,6 +183,7 @@ class StreamMonitor:
     def activate(self, baseline: Baseline) -> Alarm | None:
         """Make ``baseline`` the active one and start a fresh window against it; returns the end of
         the alarm this closes, if one was open."""
+        self.changes += 1
         end = None
         if self.drifting and self._last_eval is not None:
             idx, ts = self._last_eval
@@ -234,6 +238,7 @@ class StreamMonitor:
         ``partial_reference``): returns that baseline.
         """
         want = self.settings.reference_size if events is None else int(events)
+        self.changes += 1
         if not MIN_PROMOTED_EVENTS <= want <= 1_000_000:
             raise ValueError(f"a promotion needs {MIN_PROMOTED_EVENTS}..1000000 events, got {want}")
         if self.baseline is None:
@@ -261,6 +266,7 @@ class StreamMonitor:
         ids: Sequence[str | None] | None = None,
     ) -> list[Alarm]:
         """Feed a batch of accepted embedding events of this stream (rows in stream order)."""
+        self.changes += 1
         x = np.asarray(vectors)
         n = int(x.shape[0]) if x.ndim == 2 else 0
         if n == 0:
@@ -570,6 +576,7 @@ class StreamMonitor:
         monitored by a separate embedding monitor of the same stream (its alarms have detector
         ``"mmd_query"``), so they never mix with document vectors.
         """
+        self.changes += 1
         ts = np.asarray(ts, dtype=np.float64)
         n = int(ts.shape[0])
         if n == 0:

@@ -53,16 +53,21 @@ def test_large_values_round_trip_through_chunks(kafka_bootstrap: str, fresh_topi
     assert r.read_all() == {"ckpt/g/t/0": big, "baseline-index/x": small}
     assert r.read_new() == {}
 
-    # The next generation goes to the other slot; one after that back to the first, and the
-    # first slot's chunks it no longer uses are deleted.
+    # The next generation goes to the other slot, one after that back to the first; once a
+    # generation's manifest is written, the previous generation's chunks are deleted (a value
+    # that is not written again must not leave its predecessor in the topic for good).
     bigger = os.urandom(4200)
     w.write({"ckpt/g/t/0": bigger})
+    raw = _raw(kafka_bootstrap, topic)
+    live = sorted(k for k, v in raw.items() if k.startswith("chunk/") and v is not None)
+    assert live == [f"chunk/1/{i}/ckpt/g/t/0" for i in range(5)]
     assert r.read_new() == {"ckpt/g/t/0": bigger}
+    assert not r._chunks  # the first generation's chunks, read before, dropped at their deletion
     shorter = os.urandom(1500)
     w.write({"ckpt/g/t/0": shorter})
     raw = _raw(kafka_bootstrap, topic)
     live = sorted(k for k, v in raw.items() if k.startswith("chunk/") and v is not None)
-    assert live == ["chunk/0/0/ckpt/g/t/0", "chunk/0/1/ckpt/g/t/0"] + [f"chunk/1/{i}/ckpt/g/t/0" for i in range(5)]
+    assert live == ["chunk/0/0/ckpt/g/t/0", "chunk/0/1/ckpt/g/t/0"]
     assert r.read_new() == {"ckpt/g/t/0": shorter}
     assert _backend(kafka_bootstrap, topic).read_all()["ckpt/g/t/0"] == shorter
 
