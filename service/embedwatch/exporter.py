@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import sys
-import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -27,6 +26,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString as _untyped_go_float
 
 from embedwatch import __version__
+from embedwatch.fair_lock import FairRLock
 from embedwatch.metrics_catalog import BY_NAME
 
 LabelValues = tuple[str, ...]
@@ -158,7 +158,8 @@ class Exporter(Collector):
     """Collects everything embedwatch exports; register it on a fresh :class:`CollectorRegistry`."""
 
     def __init__(self) -> None:
-        self.lock = threading.RLock()
+        # Fair: the loop takes it again right after each release, and a scrape must still get in.
+        self.lock = FairRLock()
         self.counters = Counters()
         self.histograms = Histograms()
         self.gauges: dict[str, dict[LabelValues, float]] = defaultdict(dict)

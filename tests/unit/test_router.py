@@ -127,3 +127,41 @@ def test_baselines_are_loaded_and_saved() -> None:
     # ... and a vector of another dimension is refused against the stored baseline's dim.
     res = r2.route(Decoder().decode([msg("a", [1.0] * 4)]))
     assert [x.reason for x in res.rejections] == [Reason.DIMENSION_MISMATCH]
+
+
+def test_a_reader_of_the_guard_gets_in_between_two_streams_updates() -> None:
+    # The service passes its exporter lock as the guard: a scrape waiting on it must get it at the
+    # end of the stream being updated, not after every stream of the batch (10 s while 200
+    # streams of 768-d built their baselines in one batch).
+    import threading
+    import time
+
+    from embedwatch.fair_lock import FairRLock
+
+    lock = FairRLock()
+    order: list[str] = []
+    asked = threading.Event()
+
+    def reader() -> None:
+        asked.set()
+        with lock:
+            order.append("reader")
+
+    class Recording(StreamMonitor):
+        def update_embeddings(self, *args: Any, **kwargs: Any) -> Any:
+            assert lock.owned()
+            order.append(self.key.model)
+            if len(order) == 1:
+                threading.Thread(target=reader).start()
+                asked.wait(5)
+                time.sleep(0.05)  # the reader is waiting on the lock now
+            return super().update_embeddings(*args, **kwargs)
+
+    r = StreamRouter(Settings(detection={"reference_size": 50}),
+                     monitor_factory=lambda key, det, baseline: Recording(key, det, baseline))
+    r.route(Decoder().decode([msg(m, [1.0, 2.0]) for m in ("a", "b", "c")]), guard=lock)
+    deadline = time.monotonic() + 5
+    while "reader" not in order and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert order == ["a", "reader", "b", "c"]
+    assert not lock.owned()

@@ -187,6 +187,45 @@ def test_a_restarted_service_keeps_its_checkpoints_only_and_releases_restored_sa
     assert store.get(KEY) is mon.baseline  # the store holds the same copy, not the full one
 
 
+def test_a_restore_rebuilds_its_monitors_outside_the_exporter_lock(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rebuilding a partition's monitors takes seconds at 67 streams of 768-d; under the lock a
+    /metrics scrape waited 13.6 s for it. They are rebuilt without it and made live under it."""
+    from embedwatch.app import Service
+    from embedwatch.config import Settings
+
+    settings = Settings(kafka={"poll_timeout_ms": 1},  # type: ignore[arg-type]
+                        state={"backend": "file", "directory": str(tmp_path)},  # type: ignore[arg-type]
+                        detection=SETTINGS.model_dump())  # type: ignore[arg-type]
+    vectors = np.random.default_rng(8).standard_normal((300, 16)).astype(np.float32)
+    batch = [Message(orjson.dumps({"model": KEY.model, "model_version": KEY.model_version,
+                                   "embedding": v.tolist()}), "embeddings", 0, i) for i, v in enumerate(vectors)]
+    first = Service(settings, baselines=DurableBaselineStore(FileStateBackend(tmp_path)),
+                    state_backend=FileStateBackend(tmp_path))
+    first.run(_Source(first, [batch]), _NoSink())
+
+    backend = FileStateBackend(tmp_path)
+    records = backend.read_all()
+    again = Service(settings, baselines=DurableBaselineStore(backend, records), state_backend=backend,
+                    state_records=records)
+    held: dict[str, list[bool]] = {"restore": [], "adopt": []}
+    restore, adopt = StreamMonitor.restore, again.router.adopt
+
+    def recording_restore(*args: Any, **kwargs: Any) -> StreamMonitor:
+        held["restore"].append(again.exporter.lock.owned())
+        return restore(*args, **kwargs)
+
+    def recording_adopt(mon: StreamMonitor) -> None:
+        held["adopt"].append(again.exporter.lock.owned())
+        adopt(mon)
+
+    monkeypatch.setattr(StreamMonitor, "restore", staticmethod(recording_restore))
+    monkeypatch.setattr(again.router, "adopt", recording_adopt)
+    again.run(_Source(again, []), _NoSink())
+    assert held == {"restore": [False], "adopt": [True]}
+    assert again.router.monitors[KEY].events == 300
+
+
 def test_the_loop_returns_a_checkpoint_s_buffers_right_after_writing_it(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkpoint's records (hundreds of MB at 200 x 768-d) are freed once written; the loop
