@@ -31,6 +31,13 @@ from embedwatch.window import Projection
 
 SCHEMA_VERSION = 1
 
+# The settings a mean-shift fit depends on: (scan_components, scan_shrinkage, seed).
+MeanShiftKey = tuple[int, float, int]
+
+
+def mean_shift_key(settings: DetectionSettings) -> MeanShiftKey:
+    return (int(settings.scan_components), float(settings.scan_shrinkage), int(settings.seed))
+
 #: Array names of a baseline, with their dtype.
 ARRAY_DTYPES: dict[str, str] = {
     "mean": "float64",  # (d,) per-dimension mean = centroid
@@ -336,13 +343,22 @@ class Baseline:
         Not stored with the baseline: it is a deterministic function of the sample, the mean and
         the settings (seeded split), so it is derived on activation and cached on this object.
         """
-        key = (settings.scan_components, settings.scan_shrinkage, settings.seed)
-        cache: dict[tuple[int, float, int], MeanShiftTest] = self.__dict__.setdefault("_mean_shift", {})
+        key = mean_shift_key(settings)
+        cache: dict[MeanShiftKey, MeanShiftTest] = self.__dict__.setdefault("_mean_shift", {})
         t = cache.get(key)
         if t is None:
             t = cache[key] = MeanShiftTest.fit(self.sample, self.mean, self.count, settings.scan_components,
                                                settings.scan_shrinkage, settings.seed)
         return t
+
+    def mean_shift_fits(self) -> dict[MeanShiftKey, MeanShiftTest]:
+        """The mean-shift tests fitted on this baseline so far, by :func:`mean_shift_key`."""
+        return dict(self.__dict__.get("_mean_shift", {}))
+
+    def keep_mean_shift(self, key: MeanShiftKey, test: MeanShiftTest) -> None:
+        """Take a test fitted on this baseline before (stored beside it), so that
+        :meth:`mean_shift` does not fit it again."""
+        self.__dict__.setdefault("_mean_shift", {})[key] = test
 
     def projection(self, mmd: RFFMMD | None = None) -> Projection:
         """Centroid, bin edges and feature map for a :class:`embedwatch.window.Window`."""

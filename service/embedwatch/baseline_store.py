@@ -48,6 +48,7 @@ from urllib.parse import quote
 import numpy as np
 
 from embedwatch.baseline import Baseline
+from embedwatch.detectors.mean_shift import MeanShiftTest
 from embedwatch.events import DEFAULT_SEGMENT, StreamKey
 
 FORMAT = "embedwatch-baseline"
@@ -230,6 +231,54 @@ def decode_baseline(data: bytes, origin: str = "<bytes>") -> Baseline:
     except (UnicodeDecodeError, ValueError) as e:
         raise BaselineIntegrityError(f"{origin}: header is not JSON: {e}") from e
     return _verify(header, arrays, origin)
+
+
+FITS_FORMAT = "embedwatch-baseline-fits"
+
+
+def encode_fits(baseline: Baseline) -> bytes | None:
+    """The mean-shift tests fitted on ``baseline`` so far, as one self-checking value (None if
+    there is none). Derived data: a store keeps it beside the baseline so that a restart does not
+    fit them again (70 ms a 768-d stream, 92% of restoring one); without it they are refitted."""
+    fits = baseline.mean_shift_fits()
+    if not fits:
+        return None
+    arrays: dict[str, np.ndarray] = {}
+    for i, test in enumerate(fits.values()):
+        arrays.update({f"{i}/{name}": a for name, a in test.to_arrays().items()})
+    header = _canonical({"format": FITS_FORMAT, "format_version": 1,
+                         "baseline_id": str(baseline.metadata["baseline_id"]),
+                         "settings": [list(k) for k in fits], "arrays_sha256": arrays_sha256(arrays)})
+    return _npz_bytes({**arrays, _META_ARRAY: np.frombuffer(header, dtype=np.uint8)})
+
+
+def attach_fits(data: bytes, baseline: Baseline, origin: str = "<bytes>") -> int:
+    """Give ``baseline`` the fitted tests of :func:`encode_fits` output; returns how many.
+    :class:`BaselineIntegrityError` if they are damaged or belong to another baseline."""
+    arrays = _read_npz(data, origin)
+    raw = arrays.pop(_META_ARRAY, None)
+    try:
+        header = json.loads(raw.tobytes().decode("utf-8")) if raw is not None else None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise BaselineIntegrityError(f"{origin}: header is not JSON: {e}") from e
+    if not isinstance(header, dict) or header.get("format") != FITS_FORMAT or header.get("format_version") != 1:
+        raise BaselineIntegrityError(f"{origin}: not an embedwatch baseline fits record")
+    if header.get("baseline_id") != baseline.metadata.get("baseline_id"):
+        raise BaselineIntegrityError(f"{origin}: fitted for baseline {header.get('baseline_id')}, "
+                                     f"not {baseline.metadata.get('baseline_id')}")
+    if arrays_sha256(arrays) != header.get("arrays_sha256"):
+        raise BaselineIntegrityError(f"{origin}: arrays do not match their content hash")
+    tests = []
+    try:
+        for i, key in enumerate(header["settings"]):
+            part = {name.split("/", 1)[1]: a for name, a in arrays.items() if name.split("/", 1)[0] == str(i)}
+            tests.append(((int(key[0]), float(key[1]), int(key[2])),
+                          MeanShiftTest.from_arrays(baseline.mean, baseline.count, part)))
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise BaselineIntegrityError(f"{origin}: invalid fitted test: {e}") from e
+    for key, test in tests:
+        baseline.keep_mean_shift(key, test)
+    return len(tests)
 
 
 def atomic_write(path: Path, data: bytes) -> None:

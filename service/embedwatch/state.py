@@ -45,11 +45,14 @@ import numpy as np
 
 from embedwatch.baseline import Baseline
 from embedwatch.baseline_store import (
+    BaselineIntegrityError,
     MemoryBaselineStore,
     _Index,
     atomic_write,
+    attach_fits,
     decode_baseline,
     encode_baseline,
+    encode_fits,
     safe_name,
 )
 from embedwatch.config import Settings
@@ -472,6 +475,11 @@ class DurableBaselineStore(MemoryBaselineStore):
                     log.error("skipping damaged baseline record %s: %s", key, e)
                     continue
                 super()._write_version(_stream_of_baseline(b), b)
+            fit_keys = [k for k in records if k.startswith("baseline-fit/")]
+            if fit_keys:
+                stored = {f"{safe_name(k)}/{bid}": b for (k, bid), b in self._baselines.items()}
+                for key in fit_keys:
+                    self._attach_fits(key, records.pop(key), stored)
             for key in [k for k in records if k.startswith("baseline-index/")]:
                 doc = json.loads(records.pop(key))
                 index = _Index(StreamKey(*doc["stream"]), list(doc["versions"]), doc.get("active"),
@@ -480,11 +488,29 @@ class DurableBaselineStore(MemoryBaselineStore):
         finally:
             self._restoring = False
 
+    def _attach_fits(self, record: str, data: bytes, stored: Mapping[str, Baseline]) -> None:
+        """Give a restored baseline (``stored`` by record name) the mean-shift tests fitted on it
+        before the restart."""
+        baseline = stored.get(record.removeprefix("baseline-fit/"))
+        if baseline is None:
+            log.warning("fitted tests %s belong to no stored baseline: ignored", record)
+            return
+        try:
+            attach_fits(data, baseline, origin=record)
+        except BaselineIntegrityError as e:
+            log.error("skipping damaged fitted tests %s (refitted when needed): %s", record, e)
+
     def _write_version(self, key: StreamKey, baseline: Baseline) -> None:
         super()._write_version(key, baseline)
         if not self._restoring:
-            self.backend.write({f"baseline/{safe_name(key)}/{baseline.metadata['baseline_id']}":
-                                encode_baseline(baseline)})
+            name = f"{safe_name(key)}/{baseline.metadata['baseline_id']}"
+            records = {f"baseline/{name}": encode_baseline(baseline)}
+            # Beside it, what was fitted on it (a baseline built by a stream is saved once its
+            # monitor has fitted its scan): a restart then takes the fit instead of redoing it.
+            fits = encode_fits(baseline)
+            if fits is not None:
+                records[f"baseline-fit/{name}"] = fits
+            self.backend.write(records)
 
     def _store_index(self, index: _Index) -> None:
         super()._store_index(index)

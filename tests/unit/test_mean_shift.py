@@ -160,3 +160,27 @@ def test_alarms_do_not_depend_on_batching(sizes: list[int]) -> None:
     want = feed(StreamMonitor(KEY, s), x, [1000])
     got = feed(StreamMonitor(KEY, s), x, sizes)
     assert [a.to_dict() for a in got] == [a.to_dict() for a in want]
+
+
+def test_a_fitted_test_stored_as_arrays_comes_back_identical() -> None:
+    rng = np.random.default_rng(4)
+    ref = rng.normal(size=(400, 12)) * np.linspace(3, 0.1, 12)
+    t = MeanShiftTest.fit(ref, ref.mean(axis=0), 400, components=5, shrinkage=0.1, seed=3)
+    back = MeanShiftTest.from_arrays(ref.mean(axis=0), 400, t.to_arrays())
+    means = rng.normal(size=(7, 12))
+    np.testing.assert_array_equal(back.statistic(means), t.statistic(means))
+    assert back.threshold(50, 1e-6) == t.threshold(50, 1e-6)
+    for name, a in t.to_arrays().items():
+        np.testing.assert_array_equal(back.to_arrays()[name], a)
+
+    bad = t.to_arrays()
+    with pytest.raises(ValueError, match="does not fit"):
+        MeanShiftTest.from_arrays(ref.mean(axis=0)[:11], 400, bad)  # another dimension
+    with pytest.raises(ValueError, match="does not fit"):
+        MeanShiftTest.from_arrays(ref.mean(axis=0), 400, {**bad, "gains": bad["gains"][:4]})
+    with pytest.raises(ValueError, match="does not fit"):
+        MeanShiftTest.from_arrays(ref.mean(axis=0), 400, {**bad, "epsilon": np.array([0.0])})
+    with pytest.raises(ValueError, match="not finite"):
+        MeanShiftTest.from_arrays(ref.mean(axis=0), 400, {**bad, "eigvals": bad["eigvals"] * np.nan})
+    with pytest.raises(ValueError, match="without"):
+        MeanShiftTest.from_arrays(ref.mean(axis=0), 400, {k: v for k, v in bad.items() if k != "basis"})
