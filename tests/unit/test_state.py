@@ -152,24 +152,32 @@ class _NoSink:
         pass
 
 
-def test_a_restarted_service_keeps_its_checkpoints_only_and_releases_restored_samples(tmp_path: Path) -> None:
-    """What a restart reads back is held only as long as needed: the service keeps its own group's
-    checkpoints (not the stored baselines, not other groups' checkpoints), and a stream restored
-    from a checkpoint holds its baseline without the reference sample, as the stream that built
-    it did. Before, a restarted replica at 200 x 768-d held 1.2 GiB against 0.4 GiB."""
+def _service_that_ran(tmp_path: Path, seed: int) -> tuple[Any, Any]:
+    """Settings with file state in ``tmp_path``, and a service that has run 300 events of one
+    stream through it (its baseline built and saved, a checkpoint written)."""
     from embedwatch.app import Service
     from embedwatch.config import Settings
 
     settings = Settings(kafka={"poll_timeout_ms": 1},  # type: ignore[arg-type]
                         state={"backend": "file", "directory": str(tmp_path)},  # type: ignore[arg-type]
                         detection=SETTINGS.model_dump())  # type: ignore[arg-type]
-    rng = np.random.default_rng(7)
-    vectors = rng.standard_normal((300, 16)).astype(np.float32)
+    vectors = np.random.default_rng(seed).standard_normal((300, 16)).astype(np.float32)
     batch = [Message(orjson.dumps({"model": KEY.model, "model_version": KEY.model_version,
                                    "embedding": v.tolist()}), "embeddings", 0, i) for i, v in enumerate(vectors)]
     first = Service(settings, baselines=DurableBaselineStore(FileStateBackend(tmp_path)),
                     state_backend=FileStateBackend(tmp_path))
     first.run(_Source(first, [batch]), _NoSink())
+    return settings, first
+
+
+def test_a_restarted_service_keeps_its_checkpoints_only_and_releases_restored_samples(tmp_path: Path) -> None:
+    """What a restart reads back is held only as long as needed: the service keeps its own group's
+    checkpoints (not the stored baselines, not other groups' checkpoints), and a stream restored
+    from a checkpoint holds its baseline without the reference sample, as the stream that built
+    it did. Before, a restarted replica at 200 x 768-d held 1.2 GiB against 0.4 GiB."""
+    from embedwatch.app import Service
+
+    settings, first = _service_that_ran(tmp_path, seed=7)
     assert first.router.monitors[KEY].baseline is not None
     FileStateBackend(tmp_path).write({checkpoint_key("another-group", "embeddings", 0): b"theirs"})
 
@@ -192,17 +200,8 @@ def test_a_restore_rebuilds_its_monitors_outside_the_exporter_lock(tmp_path: Pat
     """Rebuilding a partition's monitors takes seconds at 67 streams of 768-d; under the lock a
     /metrics scrape waited 13.6 s for it. They are rebuilt without it and made live under it."""
     from embedwatch.app import Service
-    from embedwatch.config import Settings
 
-    settings = Settings(kafka={"poll_timeout_ms": 1},  # type: ignore[arg-type]
-                        state={"backend": "file", "directory": str(tmp_path)},  # type: ignore[arg-type]
-                        detection=SETTINGS.model_dump())  # type: ignore[arg-type]
-    vectors = np.random.default_rng(8).standard_normal((300, 16)).astype(np.float32)
-    batch = [Message(orjson.dumps({"model": KEY.model, "model_version": KEY.model_version,
-                                   "embedding": v.tolist()}), "embeddings", 0, i) for i, v in enumerate(vectors)]
-    first = Service(settings, baselines=DurableBaselineStore(FileStateBackend(tmp_path)),
-                    state_backend=FileStateBackend(tmp_path))
-    first.run(_Source(first, [batch]), _NoSink())
+    settings, _ = _service_that_ran(tmp_path, seed=8)
 
     backend = FileStateBackend(tmp_path)
     records = backend.read_all()
@@ -233,18 +232,9 @@ def test_a_restart_takes_the_scan_fitted_before_it_instead_of_fitting_it_again(
     bit; a damaged copy is refitted, never a failed start."""
     from embedwatch.app import Service
     from embedwatch.baseline import mean_shift_key
-    from embedwatch.config import Settings
     from embedwatch.detectors.mean_shift import MeanShiftTest
 
-    settings = Settings(kafka={"poll_timeout_ms": 1},  # type: ignore[arg-type]
-                        state={"backend": "file", "directory": str(tmp_path)},  # type: ignore[arg-type]
-                        detection=SETTINGS.model_dump())  # type: ignore[arg-type]
-    vectors = np.random.default_rng(9).standard_normal((300, 16)).astype(np.float32)
-    batch = [Message(orjson.dumps({"model": KEY.model, "model_version": KEY.model_version,
-                                   "embedding": v.tolist()}), "embeddings", 0, i) for i, v in enumerate(vectors)]
-    first = Service(settings, baselines=DurableBaselineStore(FileStateBackend(tmp_path)),
-                    state_backend=FileStateBackend(tmp_path))
-    first.run(_Source(first, [batch]), _NoSink())
+    settings, first = _service_that_ran(tmp_path, seed=9)
     before = first.router.monitors[KEY].baseline
     assert before is not None
     fitted = before.mean_shift(SETTINGS)
