@@ -64,7 +64,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     threadpool_limits(limits=settings.blas_threads, user_api="blas")
     backend, records = _open_state(settings)
-    baselines = DurableBaselineStore(backend, records) if settings.state.backend != "none" else None
+    baselines = (DurableBaselineStore(backend, records, settings.detection)
+                 if settings.state.backend != "none" else None)
     service = Service(settings, baselines=baselines, state_backend=backend, state_records=records)
     # Each took what it needs (decoded baselines, this group's checkpoints); held here for the
     # life of the process, the records kept every stored baseline and checkpoint in memory.

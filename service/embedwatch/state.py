@@ -43,7 +43,7 @@ from urllib.parse import quote, unquote
 
 import numpy as np
 
-from embedwatch.baseline import Baseline
+from embedwatch.baseline import Baseline, mean_shift_key
 from embedwatch.baseline_store import (
     BaselineIntegrityError,
     MemoryBaselineStore,
@@ -55,7 +55,7 @@ from embedwatch.baseline_store import (
     encode_fits,
     safe_name,
 )
-from embedwatch.config import Settings
+from embedwatch.config import DetectionSettings, Settings
 from embedwatch.events import StreamKey
 
 log = logging.getLogger(__name__)
@@ -455,9 +455,13 @@ class DurableBaselineStore(MemoryBaselineStore):
     promote/rollback history survive restarts and move between replicas.
     """
 
-    def __init__(self, backend: StateBackend, records: MutableMapping[str, bytes] | None = None) -> None:
+    def __init__(self, backend: StateBackend, records: MutableMapping[str, bytes] | None = None,
+                 detection: DetectionSettings | None = None) -> None:
         super().__init__()
         self.backend = backend
+        # The running settings: a restored baseline whose scan for them is stored (or not needed)
+        # is held without its sample.
+        self.detection = detection
         self._restoring = False
         if records:
             self.restore(records)
@@ -468,6 +472,7 @@ class DurableBaselineStore(MemoryBaselineStore):
         next to their decoded copies put the start's peak at 0.99 GiB for 200 streams."""
         self._restoring = True
         try:
+            restored: list[Baseline] = []
             for key in [k for k in records if k.startswith("baseline/")]:
                 try:
                     b = decode_baseline(records.pop(key), origin=key)
@@ -475,11 +480,13 @@ class DurableBaselineStore(MemoryBaselineStore):
                     log.error("skipping damaged baseline record %s: %s", key, e)
                     continue
                 super()._write_version(_stream_of_baseline(b), b)
+                restored.append(b)
             fit_keys = [k for k in records if k.startswith("baseline-fit/")]
             if fit_keys:
                 stored = {f"{safe_name(k)}/{bid}": b for (k, bid), b in self._baselines.items()}
                 for key in fit_keys:
                     self._attach_fits(key, records.pop(key), stored)
+            self._release_samples(restored)
             for key in [k for k in records if k.startswith("baseline-index/")]:
                 doc = json.loads(records.pop(key))
                 index = _Index(StreamKey(*doc["stream"]), list(doc["versions"]), doc.get("active"),
@@ -487,6 +494,19 @@ class DurableBaselineStore(MemoryBaselineStore):
                 super()._store_index(index)
         finally:
             self._restoring = False
+
+    def _release_samples(self, baselines: list[Baseline]) -> None:
+        """Hold restored baselines without their reference sample when a monitor will not need it:
+        their scan for the running settings came with them (or the scan is off). The sample is
+        stored already, and only a scan fit reads it. Each replica restores every baseline of the
+        group, most of them of streams it does not own: 1.5 MiB a 768-d stream, kept for nothing."""
+        det = self.detection
+        if det is None:
+            return
+        key = mean_shift_key(det)
+        for b in baselines:
+            if not det.scan_windows or key in b.mean_shift_fits():
+                self.hold(b.without_sample(det))
 
     def _attach_fits(self, record: str, data: bytes, stored: Mapping[str, Baseline]) -> None:
         """Give a restored baseline (``stored`` by record name) the mean-shift tests fitted on it

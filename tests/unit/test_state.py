@@ -356,3 +356,30 @@ def test_a_checkpoint_rewrites_only_the_partitions_whose_state_changed(tmp_path:
     assert checkpoint() == [ckpt, qckpt]  # the stream's home holds what the query changed
     assert decode_checkpoint(backend.read_all()[ckpt]).streams[0].meta["query_events"] == 1
     assert checkpoint() == []
+
+
+def test_a_restored_baseline_is_held_without_its_sample_when_its_scan_came_with_it(tmp_path: Path) -> None:
+    """Every replica restores every baseline of the group, most of them of streams it does not
+    own. Their sample is stored, and only a scan fit reads it: with the fit for the running
+    settings restored too, the store holds them without it (1.5 MiB a 768-d stream)."""
+    from embedwatch.baseline import mean_shift_key
+
+    _service_that_ran(tmp_path, seed=10)
+    backend = FileStateBackend(tmp_path)
+
+    store = DurableBaselineStore(backend, backend.read_all(), SETTINGS)
+    slim = store.get(KEY)
+    assert slim.released_sample_rows == SETTINGS.baseline_sample
+    # A stream that starts from it (its replica owns it now) needs nothing more.
+    mon = StreamMonitor(KEY, SETTINGS, slim)
+    mon.update_embeddings(np.random.default_rng(1).standard_normal((50, 16)).astype(np.float32) + 3.0,
+                          np.arange(50, dtype=np.float64))
+    assert list(slim.mean_shift_fits()) == [mean_shift_key(SETTINGS)]
+
+    # Other scan settings need the sample for a new fit: it is kept. So it is without settings.
+    other = SETTINGS.model_copy(update={"scan_components": 4})
+    assert DurableBaselineStore(backend, backend.read_all(), other).get(KEY).released_sample_rows is None
+    assert DurableBaselineStore(backend, backend.read_all()).get(KEY).released_sample_rows is None
+    # With the scan off, no fit is needed at all.
+    off = SETTINGS.model_copy(update={"scan_windows": []})
+    assert DurableBaselineStore(backend, backend.read_all(), off).get(KEY).released_sample_rows is not None
