@@ -463,6 +463,7 @@ class DurableBaselineStore(MemoryBaselineStore):
         # is held without its sample.
         self.detection = detection
         self._restoring = False
+        self._fitted: set[str] = set()  # baselines (by record name) whose fits are stored
         if records:
             self.restore(records)
 
@@ -484,8 +485,12 @@ class DurableBaselineStore(MemoryBaselineStore):
             fit_keys = [k for k in records if k.startswith("baseline-fit/")]
             if fit_keys:
                 stored = {f"{safe_name(k)}/{bid}": b for (k, bid), b in self._baselines.items()}
+                seen = {id(b) for b in restored}
                 for key in fit_keys:
-                    self._attach_fits(key, records.pop(key), stored)
+                    # A fit may come after its baseline (stored later by another replica).
+                    attached = self._attach_fits(key, records.pop(key), stored)
+                    if attached is not None and id(attached) not in seen:
+                        restored.append(attached)
             self._release_samples(restored)
             for key in [k for k in records if k.startswith("baseline-index/")]:
                 doc = json.loads(records.pop(key))
@@ -508,17 +513,42 @@ class DurableBaselineStore(MemoryBaselineStore):
             if not det.scan_windows or key in b.mean_shift_fits():
                 self.hold(b.without_sample(det))
 
-    def _attach_fits(self, record: str, data: bytes, stored: Mapping[str, Baseline]) -> None:
+    def _attach_fits(self, record: str, data: bytes, stored: Mapping[str, Baseline]) -> Baseline | None:
         """Give a restored baseline (``stored`` by record name) the mean-shift tests fitted on it
-        before the restart."""
-        baseline = stored.get(record.removeprefix("baseline-fit/"))
+        before the restart; returns it (None if there is none or the record is damaged)."""
+        name = record.removeprefix("baseline-fit/")
+        baseline = stored.get(name)
         if baseline is None:
             log.warning("fitted tests %s belong to no stored baseline: ignored", record)
-            return
+            return None
         try:
             attach_fits(data, baseline, origin=record)
         except BaselineIntegrityError as e:
             log.error("skipping damaged fitted tests %s (refitted when needed): %s", record, e)
+            return None
+        self._fitted.add(name)
+        return baseline
+
+    def hold(self, baseline: Baseline) -> None:
+        """As the in-memory store's, and store the fits of a baseline stored without them once a
+        monitor has fitted it: a baseline written by a version of embedwatch that did not store
+        fits, or activated through the API before any monitor used it, would otherwise be refitted
+        at every restart, and kept with its sample by the replicas that do not own its stream."""
+        super().hold(baseline)
+        key = _stream_of_baseline(baseline)
+        bid = str(baseline.metadata["baseline_id"])
+        name = f"{safe_name(key)}/{bid}"
+        if self._restoring or name in self._fitted or (key, bid) not in self._baselines:
+            return
+        fits = encode_fits(baseline)
+        if fits is None:
+            return
+        try:
+            self.backend.write({f"baseline-fit/{name}": fits})
+        except (OSError, RuntimeError) as e:  # derived data: without it, a restart refits
+            log.warning("cannot store the fitted tests of baseline %s: %s", bid, e)
+            return
+        self._fitted.add(name)
 
     def _write_version(self, key: StreamKey, baseline: Baseline) -> None:
         super()._write_version(key, baseline)
@@ -531,6 +561,8 @@ class DurableBaselineStore(MemoryBaselineStore):
             if fits is not None:
                 records[f"baseline-fit/{name}"] = fits
             self.backend.write(records)
+            if fits is not None:
+                self._fitted.add(name)
 
     def _store_index(self, index: _Index) -> None:
         super()._store_index(index)

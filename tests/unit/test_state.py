@@ -384,3 +384,33 @@ def test_a_restored_baseline_is_held_without_its_sample_when_its_scan_came_with_
     # With the scan off, no fit is needed at all.
     off = SETTINGS.model_copy(update={"scan_windows": []})
     assert DurableBaselineStore(backend, backend.read_all(), off).get(KEY).released_sample_rows is not None
+
+
+def test_a_baseline_stored_without_its_fits_gets_them_once_a_monitor_fitted_it(tmp_path: Path) -> None:
+    """Baselines stored before fits were (or activated through the API before any monitor used
+    them) would be refitted at every restart and keep their sample on every other replica: their
+    fits are stored once a monitor has fitted them, and another replica reading them later
+    releases the sample it held."""
+    from embedwatch.app import Service
+
+    settings, _ = _service_that_ran(tmp_path, seed=11)
+    [fit_file] = [p for p in tmp_path.rglob("*") if p.is_file() and "baseline-fit" in p.name]
+    fit_file.unlink()  # as an earlier version of embedwatch stored it
+
+    other = FileStateBackend(tmp_path)  # another replica: restores the baseline with its sample
+    other_store = DurableBaselineStore(other, other.read_all(), SETTINGS)
+    assert other_store.get(KEY).released_sample_rows is None
+
+    backend = FileStateBackend(tmp_path)
+    records = backend.read_all()
+    assert not any(k.startswith("baseline-fit/") for k in records)
+    again = Service(settings, baselines=DurableBaselineStore(backend, records, SETTINGS), state_backend=backend,
+                    state_records=records)
+    again.run(_Source(again, []), _NoSink())  # restores the stream: its monitor fits the scan
+    assert [k for k in FileStateBackend(tmp_path).read_all() if k.startswith("baseline-fit/")]
+
+    other_store.restore(other.read_new())
+    held = other_store.get(KEY)
+    assert held.released_sample_rows == SETTINGS.baseline_sample
+    for name, a in again.router.monitors[KEY].baseline.mean_shift(SETTINGS).to_arrays().items():  # type: ignore[union-attr]
+        np.testing.assert_array_equal(held.mean_shift(SETTINGS).to_arrays()[name], a)
