@@ -220,16 +220,21 @@ def encode_baseline(baseline: Baseline) -> bytes:
     return _npz_bytes({**arrays, _META_ARRAY: np.frombuffer(header, dtype=np.uint8)})
 
 
-def decode_baseline(data: bytes, origin: str = "<bytes>") -> Baseline:
-    """Inverse of :func:`encode_baseline`; :class:`BaselineIntegrityError` on any mismatch."""
+def _read_record(data: bytes, origin: str) -> tuple[Any, dict[str, np.ndarray]]:
+    """The embedded JSON header and the arrays of an npz value (a baseline or its fits)."""
     arrays = _read_npz(data, origin)
     raw = arrays.pop(_META_ARRAY, None)
     if raw is None:
         raise BaselineIntegrityError(f"{origin}: no embedded header")
     try:
-        header = json.loads(raw.tobytes().decode("utf-8"))
+        return json.loads(raw.tobytes().decode("utf-8")), arrays
     except (UnicodeDecodeError, ValueError) as e:
         raise BaselineIntegrityError(f"{origin}: header is not JSON: {e}") from e
+
+
+def decode_baseline(data: bytes, origin: str = "<bytes>") -> Baseline:
+    """Inverse of :func:`encode_baseline`; :class:`BaselineIntegrityError` on any mismatch."""
+    header, arrays = _read_record(data, origin)
     return _verify(header, arrays, origin)
 
 
@@ -255,12 +260,7 @@ def encode_fits(baseline: Baseline) -> bytes | None:
 def attach_fits(data: bytes, baseline: Baseline, origin: str = "<bytes>") -> int:
     """Give ``baseline`` the fitted tests of :func:`encode_fits` output; returns how many.
     :class:`BaselineIntegrityError` if they are damaged or belong to another baseline."""
-    arrays = _read_npz(data, origin)
-    raw = arrays.pop(_META_ARRAY, None)
-    try:
-        header = json.loads(raw.tobytes().decode("utf-8")) if raw is not None else None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise BaselineIntegrityError(f"{origin}: header is not JSON: {e}") from e
+    header, arrays = _read_record(data, origin)
     if not isinstance(header, dict) or header.get("format") != FITS_FORMAT or header.get("format_version") != 1:
         raise BaselineIntegrityError(f"{origin}: not an embedwatch baseline fits record")
     if header.get("baseline_id") != baseline.metadata.get("baseline_id"):

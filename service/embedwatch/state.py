@@ -540,28 +540,31 @@ class DurableBaselineStore(MemoryBaselineStore):
         name = f"{safe_name(key)}/{bid}"
         if self._restoring or name in self._fitted or (key, bid) not in self._baselines:
             return
-        fits = encode_fits(baseline)
-        if fits is None:
+        fits = self._fits_record(name, baseline)
+        if not fits:
             return
         try:
-            self.backend.write({f"baseline-fit/{name}": fits})
+            self.backend.write(fits)
         except (OSError, RuntimeError) as e:  # derived data: without it, a restart refits
             log.warning("cannot store the fitted tests of baseline %s: %s", bid, e)
             return
         self._fitted.add(name)
 
+    @staticmethod
+    def _fits_record(name: str, baseline: Baseline) -> dict[str, bytes]:
+        """The record of what was fitted on ``baseline`` so far (none if nothing was)."""
+        fits = encode_fits(baseline)
+        return {} if fits is None else {f"baseline-fit/{name}": fits}
+
     def _write_version(self, key: StreamKey, baseline: Baseline) -> None:
         super()._write_version(key, baseline)
         if not self._restoring:
             name = f"{safe_name(key)}/{baseline.metadata['baseline_id']}"
-            records = {f"baseline/{name}": encode_baseline(baseline)}
             # Beside it, what was fitted on it (a baseline built by a stream is saved once its
             # monitor has fitted its scan): a restart then takes the fit instead of redoing it.
-            fits = encode_fits(baseline)
-            if fits is not None:
-                records[f"baseline-fit/{name}"] = fits
-            self.backend.write(records)
-            if fits is not None:
+            fits = self._fits_record(name, baseline)
+            self.backend.write({f"baseline/{name}": encode_baseline(baseline), **fits})
+            if fits:
                 self._fitted.add(name)
 
     def _store_index(self, index: _Index) -> None:
