@@ -304,11 +304,11 @@ class Service:
             return
         committed = source.committed(partitions)
         if self.persistent:
-            fresh = self.state_backend.read_new()
+            store = self.baselines if isinstance(self.baselines, DurableBaselineStore) else None
+            fresh = self.state_backend.read_new(store.take if store is not None else None)
+            if store is not None:
+                store.finish_restore()
             self._state_records.update(checkpoints_in(fresh, self.settings.kafka.group_id))
-            if any(k.startswith("baseline") for k in fresh):
-                assert isinstance(self.baselines, DurableBaselineStore)
-                self.baselines.restore(fresh)
         for p in partitions:
             # Decoded and rebuilt outside the lock, installed under it: a scrape waited 13.6 s for
             # a restore under it (5-6 s a partition of 67 streams of 768-d while each refitted its

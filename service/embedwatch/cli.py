@@ -8,10 +8,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embedwatch import __version__
 from embedwatch.config import ConfigError, Settings, load_settings, settings_reference_markdown
+
+if TYPE_CHECKING:
+    from embedwatch.state import DurableBaselineStore
 
 log = logging.getLogger("embedwatch")
 
@@ -31,20 +34,28 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("kafka").setLevel(max(logging.WARNING, getattr(logging, level)))
 
 
-def _open_state(settings: Settings) -> tuple[Any, dict[str, bytes]]:
-    """The state backend and its records; retried with backoff while the backend is unreachable."""
+def _open_state(settings: Settings) -> tuple[Any, DurableBaselineStore | None, dict[str, bytes]]:
+    """The state backend, the baseline store restored from it (None without durable state) and
+    the other records read; retried with backoff while the backend is unreachable."""
     import random
 
-    from embedwatch.state import open_state_backend
+    from embedwatch.state import DurableBaselineStore, open_state_backend
 
     delay = 0.5
     while True:
         try:
             backend = open_state_backend(settings)
-            records = backend.read_all()
-            if records:
-                log.info("state: %d records restored from the %s backend", len(records), settings.state.backend)
-            return backend, records
+            store = (DurableBaselineStore(backend, None, settings.detection)
+                     if settings.state.backend != "none" else None)
+            # The store takes its records as the read comes to them, so they are not all held.
+            records = backend.read_all(store.take if store is not None else None)
+            if store is not None:
+                store.finish_restore()
+            versions = len(store.list()) if store is not None else 0
+            if records or versions:
+                log.info("state: %d baseline versions and %d other records restored from the %s backend",
+                         versions, len(records), settings.state.backend)
+            return backend, store, records
         except Exception as e:  # the broker may be down at start: keep trying, never crash-loop
             log.error("state backend %s unavailable (%s); retrying in %.1fs", settings.state.backend, e, delay)
             time.sleep(delay * (0.5 + random.random()))
@@ -56,16 +67,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from embedwatch.app import Service
     from embedwatch.exporter import make_registry
     from embedwatch.sources import open_dead_letter_sink, open_kafka_source
-    from embedwatch.state import DurableBaselineStore
 
     settings = _settings(args.config)
     _setup_logging(settings.log_level)
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=settings.blas_threads, user_api="blas")
-    backend, records = _open_state(settings)
-    baselines = (DurableBaselineStore(backend, records, settings.detection)
-                 if settings.state.backend != "none" else None)
+    backend, baselines, records = _open_state(settings)
     service = Service(settings, baselines=baselines, state_backend=backend, state_records=records)
     # Each took what it needs (decoded baselines, this group's checkpoints); held here for the
     # life of the process, the records kept every stored baseline and checkpoint in memory.

@@ -11,6 +11,7 @@ Keys::
 
     ckpt/<group>/<topic>/<partition>      checkpoint of the streams whose home is that partition
     baseline/<stream>/<baseline_id>       one baseline version (self-checking bytes)
+    baseline-fit/<stream>/<baseline_id>   what was fitted on that version (the mean-shift scans)
     baseline-index/<stream>               the version history and the active id (JSON)
 
 A value larger than ``chunk_bytes`` (the kafka backend) is written as chunks, then a small
@@ -35,7 +36,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -68,13 +69,22 @@ class StateError(RuntimeError):
     """State could not be read or written (backend unreachable, damaged record)."""
 
 
+#: Offered each value as a read comes to it (key, value); True takes it: it is not kept for the
+#: read's result.
+Take = Callable[[str, bytes], bool]
+
+
 class StateBackend(Protocol):
-    def read_all(self) -> dict[str, bytes]:
-        """Every key's newest value (a full scan; used at startup)."""
+    def read_all(self, take: Take | None = None) -> dict[str, bytes]:
+        """Every key's newest value (a full scan; used at startup), less those ``take`` took.
+
+        ``take`` sees the values in the order they were written (the kafka backend; the file
+        backend's order is the directory's), the same key again when it was written again, and
+        may be handed a value that a later write of its key replaces or deletes."""
         ...
 
-    def read_new(self) -> dict[str, bytes]:
-        """Values written since the last read (by this or another replica)."""
+    def read_new(self, take: Take | None = None) -> dict[str, bytes]:
+        """Values written since the last read (by this or another replica), as :meth:`read_all`."""
         ...
 
     def write(self, records: Mapping[str, bytes]) -> None:
@@ -87,10 +97,10 @@ class StateBackend(Protocol):
 class NullStateBackend:
     """``state.backend: none``: nothing survives a restart."""
 
-    def read_all(self) -> dict[str, bytes]:
+    def read_all(self, take: Take | None = None) -> dict[str, bytes]:
         return {}
 
-    def read_new(self) -> dict[str, bytes]:
+    def read_new(self, take: Take | None = None) -> dict[str, bytes]:
         return {}
 
     def write(self, records: Mapping[str, bytes]) -> None:
@@ -111,24 +121,21 @@ class FileStateBackend:
     def _path(self, key: str) -> Path:
         return self.directory / quote(key, safe="")
 
-    def read_all(self) -> dict[str, bytes]:
-        out: dict[str, bytes] = {}
-        for p in self.directory.iterdir():
-            if p.name.startswith(".") or p.name.endswith(".tmp"):
-                continue
-            out[unquote(p.name)] = p.read_bytes()
-            self._seen[unquote(p.name)] = p.stat().st_mtime
-        return out
+    def read_all(self, take: Take | None = None) -> dict[str, bytes]:
+        self._seen.clear()
+        return self.read_new(take)
 
-    def read_new(self) -> dict[str, bytes]:
+    def read_new(self, take: Take | None = None) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
         for p in self.directory.iterdir():
             if p.name.startswith(".") or p.name.endswith(".tmp"):
                 continue
             key, mtime = unquote(p.name), p.stat().st_mtime
             if self._seen.get(key) != mtime:
-                out[key] = p.read_bytes()
+                value = p.read_bytes()
                 self._seen[key] = mtime
+                if take is None or not take(key, value):
+                    out[key] = value
         return out
 
     def write(self, records: Mapping[str, bytes]) -> None:
@@ -192,7 +199,7 @@ class KafkaStateBackend:
         self._slot: dict[str, int] = {}
         self._gen: dict[str, int] = {}
         self._nchunks: dict[tuple[str, int], int] = {}
-        self._chunks: dict[str, bytes] = {}
+        self._chunks: dict[str, dict[str, bytes]] = {}  # value key -> chunk key -> chunk
         request = 2 * self.chunk_bytes + (64 << 10)
         self._producer = KafkaProducer(
             bootstrap_servers=k.bootstrap_servers.split(","), client_id=f"{k.client_id}-state", acks="all",
@@ -224,7 +231,7 @@ class KafkaStateBackend:
         finally:
             admin.close()
 
-    def _drain(self) -> dict[str, bytes]:
+    def _drain(self, take: Take | None) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
         ends = self._consumer.end_offsets(self._parts)
         deadline = time.monotonic() + 60
@@ -236,64 +243,95 @@ class KafkaStateBackend:
                     if r.key is None:
                         continue
                     key = r.key.decode()
-                    if _parse_chunk_key(key) is not None:
-                        if r.value is None:
-                            self._chunks.pop(key, None)
-                        else:
-                            self._chunks[key] = r.value
-                    elif r.value is None:
+                    parsed = _parse_chunk_key(key)
+                    if parsed is not None:
+                        if r.value is not None:
+                            self._chunks.setdefault(parsed[0], {})[key] = r.value
+                        elif (held := self._chunks.get(parsed[0])) is not None:
+                            held.pop(key, None)
+                            if not held:
+                                del self._chunks[parsed[0]]
+                        continue
+                    if r.value is None:
+                        out.pop(key, None)
+                        continue
+                    value: bytes = r.value
+                    if value.startswith(_MANIFEST):
+                        # Assembled as it comes: its chunks were acknowledged before it was sent,
+                        # so they were read before it, and are freed now rather than at the end
+                        # of the read (a start held every stored baseline's chunks at once, 600
+                        # MB at 200 x 768-d). Not all there (a topic of several partitions, or
+                        # compacted under a newer write): tried again at the end.
+                        whole = self._assemble_one(key, value, final=False)
+                        if whole is None:
+                            out[key] = value
+                            continue
+                        value = whole
+                    if take is not None and take(key, value):
                         out.pop(key, None)
                     else:
-                        out[key] = r.value
+                        out[key] = value
         return self._assemble(out)
 
     def _assemble(self, out: dict[str, bytes]) -> dict[str, bytes]:
-        """Replace each manifest in ``out`` by its value; chunks of older generations are dropped,
-        those of a newer one (a write still in progress) kept for a later read."""
-        by_key: dict[str, list[tuple[int, int, str]]] = {}
-        for ckey in self._chunks:
-            parsed = _parse_chunk_key(ckey)
-            assert parsed is not None
-            key, slot, i = parsed
-            by_key.setdefault(key, []).append((slot, i, ckey))
-            n = self._nchunks.get((key, slot), 0)
-            self._nchunks[key, slot] = max(n, i + 1)
+        """Replace each manifest left in ``out`` by its value, or drop it (logged) when its chunks
+        are missing or damaged."""
         for key, value in list(out.items()):
-            if not value.startswith(_MANIFEST):
-                continue
-            try:
-                m = json.loads(value[len(_MANIFEST):])
-                slot, gen, count, length, digest = (int(m["slot"]), int(m["gen"]), int(m["chunks"]),
-                                                    int(m["bytes"]), str(m["sha256"]))
-                if slot not in (0, 1) or not 0 < count <= len(self._chunks):
-                    raise ValueError(f"slot {slot}, {count} chunks ({len(self._chunks)} read)")
-                tag = _CHUNK + gen.to_bytes(8, "little")
-            except (ValueError, KeyError, TypeError, OverflowError) as e:
-                log.error("state record %s: unreadable manifest or chunks missing (%s); ignored", key, e)
-                del out[key]
-                continue
-            self._slot[key] = slot
-            self._gen[key] = max(self._gen.get(key, 0), gen)
-            parts = [self._chunks.get(_chunk_key(key, slot, i), b"") for i in range(count)]
-            whole = b"".join(p[len(tag):] for p in parts if p.startswith(tag))
-            if len(whole) != length or hashlib.sha256(whole).hexdigest() != digest:
-                log.error("state record %s: chunks of generation %d missing or damaged; ignored", key, gen)
-                del out[key]
-            else:
-                out[key] = whole
-            for s, _i, ckey in by_key.get(key, ()):
-                chunk = self._chunks[ckey]
-                older = int.from_bytes(chunk[len(_CHUNK):len(_CHUNK) + 8], "little") <= gen
-                if s == slot or older or not chunk.startswith(_CHUNK):
-                    del self._chunks[ckey]
+            if value.startswith(_MANIFEST):
+                whole = self._assemble_one(key, value, final=True)
+                if whole is None:
+                    del out[key]
+                else:
+                    out[key] = whole
+        for key, held in self._chunks.items():  # a write still in progress: its slot is in use
+            for ckey in held:
+                _key, slot, i = _parse_chunk_key(ckey) or (key, 0, 0)
+                self._nchunks[key, slot] = max(self._nchunks.get((key, slot), 0), i + 1)
         return out
 
-    def read_all(self) -> dict[str, bytes]:
-        self._consumer.seek_to_beginning(*self._parts)
-        return self._drain()
+    def _assemble_one(self, key: str, manifest: bytes, final: bool) -> bytes | None:
+        """The value ``manifest`` names, from the chunks read; None when they are not all there or
+        do not match it (an error when ``final``; otherwise nothing is dropped, for a later try).
+        Chunks of older generations are dropped, those of a newer one (a write still in
+        progress) kept for a later read."""
+        held = self._chunks.get(key, {})
+        try:
+            m = json.loads(manifest[len(_MANIFEST):])
+            slot, gen, count, length, digest = (int(m["slot"]), int(m["gen"]), int(m["chunks"]),
+                                                int(m["bytes"]), str(m["sha256"]))
+            if slot not in (0, 1) or not 0 < count <= len(held):
+                raise ValueError(f"slot {slot}, {count} chunks ({len(held)} read)")
+            tag = _CHUNK + gen.to_bytes(8, "little")
+        except (ValueError, KeyError, TypeError, OverflowError) as e:
+            if final:
+                log.error("state record %s: unreadable manifest or chunks missing (%s); ignored", key, e)
+            return None
+        parts = [held.get(_chunk_key(key, slot, i), b"") for i in range(count)]
+        joined = b"".join(memoryview(p)[len(tag):] for p in parts if p.startswith(tag))
+        whole: bytes | None = joined
+        if len(joined) != length or hashlib.sha256(joined).hexdigest() != digest:
+            if not final:
+                return None
+            log.error("state record %s: chunks of generation %d missing or damaged; ignored", key, gen)
+            whole = None
+        self._slot[key] = slot
+        self._gen[key] = max(self._gen.get(key, 0), gen)
+        for ckey, chunk in list(held.items()):
+            _key, s, i = _parse_chunk_key(ckey) or (key, 0, 0)
+            self._nchunks[key, s] = max(self._nchunks.get((key, s), 0), i + 1)
+            older = int.from_bytes(chunk[len(_CHUNK):len(_CHUNK) + 8], "little") <= gen
+            if s == slot or older or not chunk.startswith(_CHUNK):
+                del held[ckey]
+        if not held:
+            self._chunks.pop(key, None)
+        return whole
 
-    def read_new(self) -> dict[str, bytes]:
-        return self._drain()
+    def read_all(self, take: Take | None = None) -> dict[str, bytes]:
+        self._consumer.seek_to_beginning(*self._parts)
+        return self._drain(take)
+
+    def read_new(self, take: Take | None = None) -> dict[str, bytes]:
+        return self._drain(take)
 
     def write(self, records: Mapping[str, bytes]) -> None:
         chunks: dict[str, bytes] = {}
@@ -464,41 +502,94 @@ class DurableBaselineStore(MemoryBaselineStore):
         self.detection = detection
         self._restoring = False
         self._fitted: set[str] = set()  # baselines (by record name) whose fits are stored
+        self._names: dict[str, tuple[StreamKey, str]] = {}  # record name -> stored version
+        # Read before their baseline (the file backend's order): attached when it comes.
+        self._early_fits: dict[str, bytes] = {}
+        self._indexes_read: dict[str, bytes] = {}  # applied once every version is read
         if records:
             self.restore(records)
 
     def restore(self, records: MutableMapping[str, bytes]) -> None:
-        """Take the baselines and indexes of ``records``, removing each record as it is decoded:
-        a restart reads every stored baseline (2.6 MB a 768-d stream), and holding all of them
-        next to their decoded copies put the start's peak at 0.99 GiB for 200 streams."""
-        self._restoring = True
-        try:
-            restored: list[Baseline] = []
-            for key in [k for k in records if k.startswith("baseline/")]:
-                try:
-                    b = decode_baseline(records.pop(key), origin=key)
-                except ValueError as e:
-                    log.error("skipping damaged baseline record %s: %s", key, e)
-                    continue
-                super()._write_version(_stream_of_baseline(b), b)
-                restored.append(b)
-            fit_keys = [k for k in records if k.startswith("baseline-fit/")]
-            if fit_keys:
-                stored = {f"{safe_name(k)}/{bid}": b for (k, bid), b in self._baselines.items()}
-                seen = {id(b) for b in restored}
-                for key in fit_keys:
-                    # A fit may come after its baseline (stored later by another replica).
-                    attached = self._attach_fits(key, records.pop(key), stored)
-                    if attached is not None and id(attached) not in seen:
-                        restored.append(attached)
-            self._release_samples(restored)
-            for key in [k for k in records if k.startswith("baseline-index/")]:
-                doc = json.loads(records.pop(key))
+        """Take the baselines, their fits and the indexes of ``records``, removing each record
+        as it is decoded (see :meth:`take`), then :meth:`finish_restore`."""
+        for key in list(records):
+            if self.take(key, records[key]):
+                del records[key]
+        self.finish_restore()
+
+    def take(self, key: str, value: bytes) -> bool:
+        """Restore one record of the baseline store as a read comes to it (a :data:`Take`); False
+        for a record that is not one.
+
+        Each baseline is decoded as it is read, and held without its sample as soon as its fits
+        are (see :meth:`_release_samples`), so a restart holds one stored baseline's bytes at a
+        time: reading them all first held every one (2.6 MB a 768-d stream, all of the group's
+        streams) and then their decoded copies, a peak of 1,043 MiB at 200 x 768-d. Indexes wait
+        for :meth:`finish_restore`."""
+        if not key.startswith(("baseline/", "baseline-fit/", "baseline-index/")):
+            return False
+        with self._lock, self._restore_mode():
+            if key.startswith("baseline/"):
+                self._take_baseline(key, value)
+            elif key.startswith("baseline-fit/"):
+                name = key.removeprefix("baseline-fit/")
+                if name in self._names:
+                    self._take_fits(name, value)
+                else:
+                    self._early_fits[name] = value
+            else:
+                self._indexes_read[key] = value
+        return True
+
+    def finish_restore(self) -> None:
+        """Apply what :meth:`take` kept for the end of a read: the indexes, and fits read before
+        their baseline."""
+        with self._lock, self._restore_mode():
+            for name in [n for n in self._early_fits if n in self._names]:
+                self._take_fits(name, self._early_fits.pop(name))
+            for name in self._early_fits:
+                log.warning("fitted tests baseline-fit/%s belong to no stored baseline: ignored", name)
+            self._early_fits.clear()
+            for data in self._indexes_read.values():
+                doc = json.loads(data)
                 index = _Index(StreamKey(*doc["stream"]), list(doc["versions"]), doc.get("active"),
                                list(doc.get("previous", [])))
                 super()._store_index(index)
+            self._indexes_read.clear()
+
+    @contextlib.contextmanager
+    def _restore_mode(self) -> Iterator[None]:
+        # Restored records are not written back.
+        before, self._restoring = self._restoring, True
+        try:
+            yield
         finally:
-            self._restoring = False
+            self._restoring = before
+
+    def _take_baseline(self, key: str, data: bytes) -> None:
+        try:
+            b = decode_baseline(data, origin=key)
+        except ValueError as e:
+            log.error("skipping damaged baseline record %s: %s", key, e)
+            return
+        self._write_version(_stream_of_baseline(b), b)
+        name = key.removeprefix("baseline/")
+        fits = self._early_fits.pop(name, None)
+        if fits is not None:
+            self._take_fits(name, fits)
+        else:
+            self._release_samples([b])
+
+    def _take_fits(self, name: str, data: bytes) -> None:
+        """Give a stored baseline the mean-shift tests fitted on it before the restart."""
+        baseline = self._baselines[self._names[name]]
+        try:
+            attach_fits(data, baseline, origin=f"baseline-fit/{name}")
+        except BaselineIntegrityError as e:
+            log.error("skipping damaged fitted tests baseline-fit/%s (refitted when needed): %s", name, e)
+            return
+        self._fitted.add(name)
+        self._release_samples([baseline])
 
     def _release_samples(self, baselines: list[Baseline]) -> None:
         """Hold restored baselines without their reference sample when a monitor will not need it:
@@ -510,24 +601,8 @@ class DurableBaselineStore(MemoryBaselineStore):
             return
         key = mean_shift_key(det)
         for b in baselines:
-            if not det.scan_windows or key in b.mean_shift_fits():
+            if b.released_sample_rows is None and (not det.scan_windows or key in b.mean_shift_fits()):
                 self.hold(b.without_sample(det))
-
-    def _attach_fits(self, record: str, data: bytes, stored: Mapping[str, Baseline]) -> Baseline | None:
-        """Give a restored baseline (``stored`` by record name) the mean-shift tests fitted on it
-        before the restart; returns it (None if there is none or the record is damaged)."""
-        name = record.removeprefix("baseline-fit/")
-        baseline = stored.get(name)
-        if baseline is None:
-            log.warning("fitted tests %s belong to no stored baseline: ignored", record)
-            return None
-        try:
-            attach_fits(data, baseline, origin=record)
-        except BaselineIntegrityError as e:
-            log.error("skipping damaged fitted tests %s (refitted when needed): %s", record, e)
-            return None
-        self._fitted.add(name)
-        return baseline
 
     def hold(self, baseline: Baseline) -> None:
         """As the in-memory store's, and store the fits of a baseline stored without them once a
@@ -558,8 +633,10 @@ class DurableBaselineStore(MemoryBaselineStore):
 
     def _write_version(self, key: StreamKey, baseline: Baseline) -> None:
         super()._write_version(key, baseline)
+        bid = str(baseline.metadata["baseline_id"])
+        name = f"{safe_name(key)}/{bid}"
+        self._names[name] = key, bid
         if not self._restoring:
-            name = f"{safe_name(key)}/{baseline.metadata['baseline_id']}"
             # Beside it, what was fitted on it (a baseline built by a stream is saved once its
             # monitor has fitted its scan): a restart then takes the fit instead of redoing it.
             fits = self._fits_record(name, baseline)

@@ -81,6 +81,57 @@ def test_large_values_round_trip_through_chunks(kafka_bootstrap: str, fresh_topi
     r.close()
 
 
+def test_a_read_hands_each_value_over_as_it_comes(kafka_bootstrap: str, fresh_topic_prefix: str) -> None:
+    """``take`` is offered the values in write order, a chunked one as soon as its manifest is read
+    (its chunks are freed then, not at the end of the read), and the read keeps none it took. The
+    baseline store restores from such a read holding at most one baseline's sample at a time: a
+    restart held every stored baseline at once before (1,043 MiB at 200 streams of 768-d)."""
+    from embedwatch.baseline import Baseline
+    from embedwatch.config import DetectionSettings
+    from embedwatch.events import StreamKey
+    from embedwatch.state import DurableBaselineStore
+
+    topic = f"{fresh_topic_prefix}-state"
+    w = _backend(kafka_bootstrap, topic)
+    big, small, bigger = os.urandom(3500), b"small", os.urandom(2500)
+    w.write({"ckpt/g/t/0": big})
+    w.write({"ckpt/g/t/1": small})
+    w.write({"ckpt/g/t/0": bigger})
+    r = _backend(kafka_bootstrap, topic)
+    seen: list[tuple[str, bytes, int]] = []
+
+    def take(key: str, value: bytes) -> bool:
+        seen.append((key, value, sum(len(held) for held in r._chunks.values())))
+        return key == "ckpt/g/t/0"
+
+    assert r.read_all(take) == {"ckpt/g/t/1": small}
+    assert [(k, v) for k, v, _ in seen] == [("ckpt/g/t/0", big), ("ckpt/g/t/1", small), ("ckpt/g/t/0", bigger)]
+    assert [held for *_, held in seen] == [0, 0, 0]
+
+    det = DetectionSettings(reference_size=200, window_events=200, baseline_sample=100)
+    writer = DurableBaselineStore(w, None, det)
+    for i in range(4):
+        x = [[float(i + j + k % 3) for k in range(16)] for j in range(300)]
+        b = Baseline.from_vectors(StreamKey("m", f"v{i}", "default"), x, ts=float(i), source="test", settings=det)
+        b.mean_shift(det)
+        writer.save(b)
+    reader = DurableBaselineStore(r, None, det)
+    with_sample: list[int] = []
+
+    def restore(key: str, value: bytes) -> bool:
+        took = reader.take(key, value)
+        with_sample.append(sum(b.released_sample_rows is None for b in reader._baselines.values()))
+        return took
+
+    assert r.read_new(restore) == {}
+    reader.finish_restore()
+    assert max(with_sample) == 1 and with_sample[-1] == 0
+    assert reader.list() == writer.list()
+    assert all(reader.get(StreamKey("m", f"v{i}", "default")).released_sample_rows == 100 for i in range(4))
+    w.close()
+    r.close()
+
+
 def test_a_write_that_dies_before_its_manifest_leaves_the_previous_value(
         kafka_bootstrap: str, fresh_topic_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
     topic = f"{fresh_topic_prefix}-state"
@@ -108,7 +159,7 @@ def test_a_write_that_dies_before_its_manifest_leaves_the_previous_value(
     # reader gets, and it keeps those chunks only until a manifest shows they are stale.
     assert _backend(kafka_bootstrap, topic).read_all() == {"ckpt/g/t/1": first}
     assert r.read_new() == {}
-    assert len(r._chunks) == 4
+    assert sorted(r._chunks["ckpt/g/t/1"]) == [f"chunk/1/{i}/ckpt/g/t/1" for i in range(4)]
 
     w._send = real_send  # type: ignore[method-assign]
     third = os.urandom(2100)
@@ -120,8 +171,12 @@ def test_a_write_that_dies_before_its_manifest_leaves_the_previous_value(
     assert raw["chunk/1/3/ckpt/g/t/1"] is None
     assert raw["chunk/1/0/ckpt/g/t/1"].startswith(b"EWCC1\n" + (3).to_bytes(8, "little"))  # type: ignore[union-attr]
 
-    # A damaged chunk: the key is refused (logged), never restored from bad bytes.
+    # A damaged chunk: the key is refused (logged), never restored from bad bytes. A manifest is
+    # assembled from the chunks read before it, so the damaged generation is sent again whole.
     w._producer.send(topic, key=b"chunk/1/0/ckpt/g/t/1", value=b"garbage")
+    for i in (1, 2):
+        w._producer.send(topic, key=f"chunk/1/{i}/ckpt/g/t/1".encode(), value=raw[f"chunk/1/{i}/ckpt/g/t/1"])
+    w._producer.send(topic, key=b"ckpt/g/t/1", value=raw["ckpt/g/t/1"])
     w._producer.flush()
     with caplog.at_level(logging.ERROR, logger="embedwatch.state"):
         assert _backend(kafka_bootstrap, topic).read_all() == {}
