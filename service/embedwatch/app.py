@@ -521,10 +521,11 @@ class Service:
                             if home == p and (mon := self.router.monitors.get(key)) is not None)
         return offset, led.accepted, led.dead_lettered, streams
 
-    def _checkpoint_records(self, partitions: Iterable[PartitionId]
-                            ) -> tuple[dict[str, bytes], dict[PartitionId, Committed], dict[PartitionId, Ledger]]:
+    def _checkpoint_records(
+        self, partitions: Iterable[PartitionId],
+    ) -> tuple[dict[str, bytes | bytearray], dict[PartitionId, Committed], dict[PartitionId, Ledger]]:
         group = self.settings.kafka.group_id
-        records: dict[str, bytes] = {}
+        records: dict[str, bytes | bytearray] = {}
         positions: dict[PartitionId, Committed] = {}
         ledgers: dict[PartitionId, Ledger] = {}
         now = time.time()

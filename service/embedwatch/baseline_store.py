@@ -281,7 +281,7 @@ def attach_fits(data: bytes, baseline: Baseline, origin: str = "<bytes>") -> int
     return len(tests)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes | bytearray) -> None:
     """Write ``data`` to ``path`` so a reader sees the old or the new content, never a mix."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -20,9 +20,9 @@ its streams (a stream still collecting its reference holds it, 3 MB at d = 768),
 per partition would outgrow any record size limit.
 
 A checkpoint is a self-describing blob: a JSON header (schema version, the partition's next
-offset, its ledger, each stream's monitor metadata) and an npz of the monitors' arrays in a zlib
-stream (stored, not compressed: see :func:`encode_checkpoint`), with a sha256 so a damaged record
-is refused rather than restored.
+offset, its ledger, each stream's monitor metadata, where each array lies) and the monitors'
+arrays' raw bytes (see :func:`encode_checkpoint`), with a sha256 so a damaged record is refused
+rather than restored.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -62,7 +62,8 @@ from embedwatch.events import StreamKey
 log = logging.getLogger(__name__)
 
 CHECKPOINT_SCHEMA_VERSION = 1
-_MAGIC = b"EWCK1\n"
+_MAGIC = b"EWCK1\n"  # npz in a zlib stream: read, no longer written
+_MAGIC2 = b"EWCK2\n"
 
 
 class StateError(RuntimeError):
@@ -87,7 +88,7 @@ class StateBackend(Protocol):
         """Values written since the last read (by this or another replica), as :meth:`read_all`."""
         ...
 
-    def write(self, records: Mapping[str, bytes]) -> None:
+    def write(self, records: Mapping[str, bytes | bytearray]) -> None:
         """Durably write these records; returns only once they are acknowledged."""
         ...
 
@@ -103,7 +104,7 @@ class NullStateBackend:
     def read_new(self, take: Take | None = None) -> dict[str, bytes]:
         return {}
 
-    def write(self, records: Mapping[str, bytes]) -> None:
+    def write(self, records: Mapping[str, bytes | bytearray]) -> None:
         return None
 
     def close(self) -> None:
@@ -138,7 +139,7 @@ class FileStateBackend:
                     out[key] = value
         return out
 
-    def write(self, records: Mapping[str, bytes]) -> None:
+    def write(self, records: Mapping[str, bytes | bytearray]) -> None:
         # Not marked as seen: read_new returns this replica's writes too, as the kafka backend's
         # does (the service re-reads its own checkpoints when a partition comes back).
         for key, value in records.items():
@@ -333,9 +334,8 @@ class KafkaStateBackend:
     def read_new(self, take: Take | None = None) -> dict[str, bytes]:
         return self._drain(take)
 
-    def write(self, records: Mapping[str, bytes]) -> None:
-        chunks: dict[str, bytes] = {}
-        heads: dict[str, bytes] = {}
+    def write(self, records: Mapping[str, bytes | bytearray]) -> None:
+        heads: dict[str, bytes | bytearray] = {}
         stale: list[str] = []
         counts: dict[tuple[str, int], int] = {}
         written: dict[str, tuple[int, int]] = {}  # key -> slot, generation of its chunks
@@ -349,8 +349,6 @@ class KafkaStateBackend:
             tag = _CHUNK + gen.to_bytes(8, "little")
             view = memoryview(value)
             n = -(-len(value) // self.chunk_bytes)
-            for i in range(n):
-                chunks[_chunk_key(key, slot, i)] = tag + view[i * self.chunk_bytes:(i + 1) * self.chunk_bytes]
             heads[key] = _MANIFEST + json.dumps({"slot": slot, "gen": gen, "chunks": n, "bytes": len(value),
                                                  "sha256": hashlib.sha256(value).hexdigest()}).encode()
             prev = self._nchunks.get((key, slot), 0)
@@ -361,11 +359,12 @@ class KafkaStateBackend:
             # slot may hold this many chunks afterwards.
             self._gen[key] = gen
             self._nchunks[key, slot] = max(prev, n)
-            # One value's chunks at a time (a copy of each value in flight, not of all of them),
-            # acknowledged before any manifest naming them is sent.
-            self._send(chunks)
-            chunks.clear()
-        self._send(heads)
+            # Each chunk made as it is sent (one at a time in memory, besides the producer's
+            # buffer, not a copy of the whole value), all acknowledged before any manifest naming
+            # them is sent.
+            cb = self.chunk_bytes
+            self._send((_chunk_key(key, slot, i), tag + view[i * cb:(i + 1) * cb]) for i in range(n))
+        self._send(heads.items())
         for key, (slot, _gen) in written.items():
             self._slot[key] = slot
             # The previous generation is stale once this manifest is acknowledged: deleted now, not
@@ -375,13 +374,13 @@ class KafkaStateBackend:
             stale += [_chunk_key(key, other, i) for i in range(self._nchunks.get((key, other), 0))]
             counts[key, other] = 0
         if stale:
-            self._send(dict.fromkeys(stale))
+            self._send((k, None) for k in stale)
         self._nchunks.update(counts)
 
-    def _send(self, records: Mapping[str, bytes | None]) -> None:
-        if not records:
+    def _send(self, records: Iterable[tuple[str, bytes | bytearray | None]]) -> None:
+        futures = [self._producer.send(self.topic, key=k.encode(), value=v) for k, v in records]
+        if not futures:
             return
-        futures = [self._producer.send(self.topic, key=k.encode(), value=v) for k, v in records.items()]
         self._producer.flush(timeout=15)
         for f in futures:
             f.get(timeout=0)
@@ -430,37 +429,89 @@ def checkpoint_key(group: str, topic: str, partition: int) -> str:
     return f"{checkpoint_prefix(group)}{topic}/{partition}"
 
 
-def encode_checkpoint(c: Checkpoint) -> bytes:
-    arrays: dict[str, np.ndarray] = {}
+def encode_checkpoint(c: Checkpoint) -> bytearray:
+    """``c`` as one self-checking record: magic, the sha256 of the rest, the header's length, the
+    header (JSON, with where each array lies) and the arrays' bytes one after the other.
+
+    Each array is copied once, into the record: the npz in a zlib stream written before held the
+    partition's state in three or four copies at once while it was built (a partition of 67
+    streams of 768-d still collecting their reference is 80 MB; a first checkpoint during the
+    collection put a cold start's peak at 1.6 GiB for 200 streams)."""
+    table: list[list[Any]] = []
+    parts: list[np.ndarray] = []
     streams = []
+    offset = 0
     for i, s in enumerate(c.streams):
         for name, arr in s.arrays.items():
-            arrays[f"{i}/{name}"] = np.ascontiguousarray(arr)
+            a = np.asarray(arr)
+            if a.dtype.hasobject:
+                raise StateError(f"checkpoint array {name} of {s.key} holds objects")
+            table.append([f"{i}/{name}", a.dtype.str, list(a.shape), offset])
+            parts.append(a)
+            offset += a.nbytes
         streams.append({"key": list(s.key), "meta": s.meta})
-    buf = io.BytesIO()
-    np.savez(buf, allow_pickle=False, **arrays)
     header = json.dumps({
         "schema_version": CHECKPOINT_SCHEMA_VERSION, "topic": c.topic, "partition": c.partition,
         "offset": c.offset, "ledger": c.ledger, "created_at": c.created_at or time.time(), "streams": streams,
+        "arrays": table,
     }, allow_nan=True).encode()
-    # body = header length + header + npz, hashed and packed in place: joining it first cost
-    # two more copies of the partition's state at every checkpoint (about 200 MB for 200 streams
-    # of 768-d).
-    head = len(header).to_bytes(8, "little") + header
-    with buf.getbuffer() as npz:
-        digest = hashlib.sha256(head)
-        digest.update(npz)
-        # Level 0 (stored): the monitors' float sums shrink by a fifth at most, and compressing
-        # them took 1.2 s per 67 streams of 768-d, with the loop waiting. Still a zlib stream, so
-        # records written before read the same way.
-        z = zlib.compressobj(0)
-        packed = [_MAGIC, digest.digest(), z.compress(head), z.compress(npz), z.flush()]
-    return b"".join(packed)
+    start = len(_MAGIC2) + 32
+    body = start + 8 + len(header)
+    out = bytearray(body + offset)
+    out[:len(_MAGIC2)] = _MAGIC2
+    out[start:body] = len(header).to_bytes(8, "little") + header
+    view = memoryview(out)
+    for a, (_name, _dtype, _shape, at) in zip(parts, table, strict=True):
+        # Into the record at its offset, C order, whatever the array's layout.
+        np.copyto(np.frombuffer(view, dtype=a.dtype, count=a.size, offset=body + at).reshape(a.shape), a)
+    view[len(_MAGIC2):start] = hashlib.sha256(view[start:]).digest()
+    return out
 
 
-def decode_checkpoint(data: bytes) -> Checkpoint:
-    if not data.startswith(_MAGIC):
+def decode_checkpoint(data: bytes | bytearray) -> Checkpoint:
+    if data.startswith(_MAGIC):
+        return _decode_checkpoint_v1(data)
+    if not data.startswith(_MAGIC2):
         raise StateError("not an embedwatch checkpoint")
+    view = memoryview(data)
+    start = len(_MAGIC2) + 32
+    try:
+        if hashlib.sha256(view[start:]).digest() != bytes(view[len(_MAGIC2):start]):
+            raise StateError("damaged checkpoint: checksum mismatch")
+        n = int.from_bytes(view[start:start + 8], "little")
+        header = json.loads(bytes(view[start + 8:start + 8 + n]))
+        if header.get("schema_version") != CHECKPOINT_SCHEMA_VERSION:
+            raise StateError(f"checkpoint schema {header.get('schema_version')} is not {CHECKPOINT_SCHEMA_VERSION}")
+        body = start + 8 + n
+        flat: dict[str, np.ndarray] = {}
+        end = 0
+        for name, dtype, shape, at in header["arrays"]:
+            dt = np.dtype(dtype)
+            count = int(np.prod(shape, dtype=np.int64))
+            if dt.hasobject or int(at) != end or body + end + count * dt.itemsize > len(view):
+                raise ValueError(f"array {name} ({dtype}, {shape} at {at}) is not where the arrays lie")
+            end += count * dt.itemsize
+            # A copy: the arrays outlive the record, and a monitor writes to some of them.
+            flat[name] = np.frombuffer(view, dtype=dt, count=count, offset=body + int(at)).reshape(shape).copy()
+        if body + end != len(view):
+            raise ValueError(f"{len(view) - body - end} bytes after the arrays")
+    except (ValueError, TypeError, KeyError) as e:
+        raise StateError(f"damaged checkpoint: {e}") from e
+    return _checkpoint_of(header, flat)
+
+
+def _checkpoint_of(header: dict[str, Any], flat: dict[str, np.ndarray]) -> Checkpoint:
+    streams = []
+    for i, s in enumerate(header["streams"]):
+        prefix = f"{i}/"
+        arrays = {name[len(prefix):]: a for name, a in flat.items() if name.startswith(prefix)}
+        streams.append(StreamCheckpoint(StreamKey(*s["key"]), s["meta"], arrays))
+    return Checkpoint(header["topic"], int(header["partition"]), int(header["offset"]),
+                      {k: int(v) for k, v in header["ledger"].items()}, streams, float(header["created_at"]))
+
+
+def _decode_checkpoint_v1(data: bytes | bytearray) -> Checkpoint:
+    """A checkpoint written before 2026-12-06 (an npz in a zlib stream)."""
     digest, packed = data[len(_MAGIC):len(_MAGIC) + 32], data[len(_MAGIC) + 32:]
     try:
         body = zlib.decompress(packed)
@@ -474,13 +525,7 @@ def decode_checkpoint(data: bytes) -> Checkpoint:
         raise StateError(f"checkpoint schema {header.get('schema_version')} is not {CHECKPOINT_SCHEMA_VERSION}")
     with np.load(io.BytesIO(body[8 + n:]), allow_pickle=False) as z:
         flat = {name: z[name] for name in z.files}
-    streams = []
-    for i, s in enumerate(header["streams"]):
-        prefix = f"{i}/"
-        arrays = {name[len(prefix):]: a for name, a in flat.items() if name.startswith(prefix)}
-        streams.append(StreamCheckpoint(StreamKey(*s["key"]), s["meta"], arrays))
-    return Checkpoint(header["topic"], int(header["partition"]), int(header["offset"]),
-                      {k: int(v) for k, v in header["ledger"].items()}, streams, float(header["created_at"]))
+    return _checkpoint_of(header, flat)
 
 
 # --------------------------------------------------------------------------- baselines

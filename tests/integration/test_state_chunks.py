@@ -145,10 +145,11 @@ def test_a_write_that_dies_before_its_manifest_leaves_the_previous_value(
     real_send = w._send
 
     def dies_after_chunks(records):  # type: ignore[no-untyped-def]
-        sends.append(dict(records))
+        records = dict(records)
+        sends.append(records)
         if len(sends) > 1:
             raise RuntimeError("killed")
-        real_send(records)
+        real_send(records.items())
 
     w._send = dies_after_chunks  # type: ignore[method-assign]
     second = os.urandom(3300)

@@ -499,3 +499,96 @@ def test_fits_read_before_their_baseline_are_attached_when_it_comes(tmp_path: Pa
     assert store.get(key).released_sample_rows == SETTINGS.baseline_sample  # fit attached, sample gone
     assert "belong to no stored baseline" in caplog.text and "+v9+" in caplog.text
     assert not store.take(checkpoint_key("g", "t", 0), b"x")
+
+
+def _v1_record(c: Checkpoint) -> bytes:
+    """A checkpoint as embedwatch wrote it before 2026-12-06: an npz in a zlib stream."""
+    import hashlib
+    import io
+    import json
+    import zlib
+
+    arrays = {f"{i}/{name}": a for i, s in enumerate(c.streams) for name, a in s.arrays.items()}
+    buf = io.BytesIO()
+    np.savez(buf, allow_pickle=False, **arrays)
+    header = json.dumps({"schema_version": 1, "topic": c.topic, "partition": c.partition, "offset": c.offset,
+                         "ledger": c.ledger, "created_at": c.created_at,
+                         "streams": [{"key": list(s.key), "meta": s.meta} for s in c.streams]}).encode()
+    body = len(header).to_bytes(8, "little") + header + buf.getvalue()
+    return b"EWCK1\n" + hashlib.sha256(body).digest() + zlib.compress(body, 0)
+
+
+def _odd_arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    m = rng.standard_normal((7, 5))
+    return {"f64": m, "f32_fortran": np.asfortranarray(m.astype(np.float32)), "strided": m[::2, ::-1],
+            "i64": np.arange(6, dtype=np.int64).reshape(2, 3), "b": np.array([True, False, True]),
+            "empty": np.zeros((0, 5)), "scalar": np.array(2.5), "u8": np.frombuffer(b"\x00\xffab", dtype=np.uint8)}
+
+
+def test_a_checkpoint_keeps_every_array_exactly_and_reads_the_previous_format() -> None:
+    """Dtype, shape and bytes of each array survive (whatever its memory layout); a checkpoint
+    written by the previous release (npz in a zlib stream) reads the same."""
+    streams = [StreamCheckpoint(KEY, {"n": 1, "x": float("nan")}, _odd_arrays()),
+               StreamCheckpoint(StreamKey("m", "v2", "s"), {}, {"f64": np.ones(3)})]
+    c = Checkpoint("t", 4, 77, {"a": 70, "d": 7}, streams, 1_700_000_000.0)
+    for blob in (encode_checkpoint(c), _v1_record(c)):
+        got = decode_checkpoint(bytes(blob))
+        assert (got.topic, got.partition, got.offset, got.ledger, got.created_at) == ("t", 4, 77, {"a": 70, "d": 7},
+                                                                                     1_700_000_000.0)
+        assert [s.key for s in got.streams] == [KEY, StreamKey("m", "v2", "s")]
+        assert got.streams[0].meta["n"] == 1 and np.isnan(got.streams[0].meta["x"])
+        for want, have in zip(streams, got.streams, strict=True):
+            assert sorted(have.arrays) == sorted(want.arrays)
+            for name, a in want.arrays.items():
+                assert have.arrays[name].dtype == a.dtype and have.arrays[name].shape == a.shape
+                np.testing.assert_array_equal(have.arrays[name], a)
+                assert have.arrays[name].flags.writeable  # a restored monitor writes to some
+
+
+def test_a_checkpoint_is_built_in_one_copy_of_its_arrays() -> None:
+    """A partition's checkpoint is 80 MB at 67 streams of 768-d collecting their reference; it
+    was built in three or four copies at once (npz, zlib stream, joined record)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    streams = [StreamCheckpoint(StreamKey("m", f"v{i}", "default"), {},
+                                {"ref_vectors": rng.standard_normal((500, 768))}) for i in range(4)]
+    size = sum(s.arrays["ref_vectors"].nbytes for s in streams)  # 12.3 MB
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        blob = encode_checkpoint(Checkpoint("t", 0, 1, {"a": 1, "d": 0}, streams))
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert size < len(blob) < size + 10_000
+    assert peak < size * 1.05
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        decoded = decode_checkpoint(blob)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert peak < size * 1.05  # the arrays, copied out of the record once
+    assert len(decoded.streams) == 4
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "header"])
+def test_a_damaged_checkpoint_is_refused_with_a_clear_error(damage: str) -> None:
+    blob = encode_checkpoint(Checkpoint("t", 0, 1, {"a": 1, "d": 0}, [StreamCheckpoint(KEY, {}, _odd_arrays())]))
+    if damage == "flip":
+        blob[len(blob) // 2] ^= 0x01
+    elif damage == "truncate":
+        del blob[-3:]
+    else:  # a header that lies about an array, with a checksum that matches it
+        import hashlib
+        text = bytes(blob).replace(b'/f64", "<f8", [7, 5]', b'/f64", "<f8", [9, 5]')
+        assert text != bytes(blob)
+        blob = bytearray(text)
+        blob[6:38] = hashlib.sha256(blob[38:]).digest()
+    with pytest.raises(StateError, match="damaged checkpoint"):
+        decode_checkpoint(bytes(blob))
+    with pytest.raises(StateError, match="holds objects"):
+        encode_checkpoint(Checkpoint("t", 0, 1, {}, [StreamCheckpoint(KEY, {}, {"o": np.array([None])})]))
