@@ -435,8 +435,8 @@ def encode_checkpoint(c: Checkpoint) -> bytearray:
 
     Each array is copied once, into the record: the npz in a zlib stream written before held the
     partition's state in three or four copies at once while it was built (a partition of 67
-    streams of 768-d still collecting their reference is 80 MB; a first checkpoint during the
-    collection put a cold start's peak at 1.6 GiB for 200 streams)."""
+    streams of 768-d collecting their reference is up to 210 MB; a first checkpoint during the
+    collection put a cold start's peak at 1.4-1.6 GiB for 200 streams)."""
     table: list[list[Any]] = []
     parts: list[np.ndarray] = []
     streams = []
