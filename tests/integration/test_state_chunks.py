@@ -160,7 +160,7 @@ def test_a_write_that_dies_before_its_manifest_leaves_the_previous_value(
     # reader gets, and it keeps those chunks only until a manifest shows they are stale.
     assert _backend(kafka_bootstrap, topic).read_all() == {"ckpt/g/t/1": first}
     assert r.read_new() == {}
-    assert sorted(r._chunks["ckpt/g/t/1"]) == [f"chunk/1/{i}/ckpt/g/t/1" for i in range(4)]
+    assert sorted(r._chunks["ckpt/g/t/1"]) == [(1, i) for i in range(4)]  # slot, index
 
     w._send = real_send  # type: ignore[method-assign]
     third = os.urandom(2100)

@@ -592,3 +592,27 @@ def test_a_damaged_checkpoint_is_refused_with_a_clear_error(damage: str) -> None
         decode_checkpoint(bytes(blob))
     with pytest.raises(StateError, match="holds objects"):
         encode_checkpoint(Checkpoint("t", 0, 1, {}, [StreamCheckpoint(KEY, {}, {"o": np.array([None])})]))
+
+
+def test_a_store_reading_back_its_own_writes_does_not_decode_them_again(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """An assignment reads what was written since the last read, this replica's own baselines
+    included (the 200 of a cold start at its first rebalance): an id is a content hash, so a
+    version the store holds is the same version, and neither it nor its fit is decoded again."""
+    import embedwatch.state as state
+
+    backend = FileStateBackend(tmp_path)
+    [key] = _stored_baselines(backend, 1)
+    store = DurableBaselineStore(backend, FileStateBackend(tmp_path).read_all(), SETTINGS)
+    held = store.get(key)
+    assert held.released_sample_rows == SETTINGS.baseline_sample
+
+    def refused(*_: Any, **__: Any) -> Any:
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(state, "decode_baseline", refused)
+    monkeypatch.setattr(state, "attach_fits", refused)
+    again = backend.read_new()  # the backend's own writes: nothing marked as read yet
+    assert any(k.startswith("baseline/") for k in again) and any(k.startswith("baseline-fit/") for k in again)
+    store.restore(again)
+    assert store.get(key) is held
