@@ -45,10 +45,11 @@ from embedwatch.state import (
     StateBackend,
     StateError,
     StreamCheckpoint,
+    build_checkpoint,
     checkpoint_key,
     checkpoints_in,
     decode_checkpoint,
-    encode_checkpoint,
+    seal_checkpoint,
 )
 
 log = logging.getLogger("embedwatch")
@@ -447,10 +448,12 @@ class Service:
         True when it built a record (whose buffers are freed by now).
 
         Each partition's record is built under the exporter lock (a consistent cut between
-        batches: batches run on this thread) and written outside it, so /metrics keeps answering
-        while the backend is slow or down. One partition at a time: a partition's record holds the
-        state of every stream whose home it is (about 0.47 MB per 768-d stream), and building
-        them all first held every partition's state in memory in several copies at once. A
+        batches: batches run on this thread, and the API's threads change a monitor only under
+        the lock) and sealed (hashed) and written outside it, so /metrics keeps answering while
+        the record is hashed and while the backend is slow or down. One partition at a time: a
+        partition's record holds the state of every stream whose home it is (about 0.47 MB per
+        768-d stream, 3 MB while it collects its reference), and building them all first held
+        every partition's state in memory in several copies at once. A
         partition whose state its last checkpoint already holds is not written again.
         """
         if self._state_ahead:
@@ -473,6 +476,8 @@ class Service:
             if not records:
                 continue
             built = True
+            for record in records.values():
+                seal_checkpoint(record)  # a copy, built above: nothing else writes to it
 
             def relevant(part: PartitionId = part) -> bool:
                 if deadline is not None and time.monotonic() > deadline:
@@ -523,9 +528,10 @@ class Service:
 
     def _checkpoint_records(
         self, partitions: Iterable[PartitionId],
-    ) -> tuple[dict[str, bytes | bytearray], dict[PartitionId, Committed], dict[PartitionId, Ledger]]:
+    ) -> tuple[dict[str, bytearray], dict[PartitionId, Committed], dict[PartitionId, Ledger]]:
+        """The records of ``partitions``, built but not sealed (:func:`seal_checkpoint`)."""
         group = self.settings.kafka.group_id
-        records: dict[str, bytes | bytearray] = {}
+        records: dict[str, bytearray] = {}
         positions: dict[PartitionId, Committed] = {}
         ledgers: dict[PartitionId, Ledger] = {}
         now = time.time()
@@ -540,7 +546,7 @@ class Service:
                 if home == p and mon is not None:
                     meta, arrays = mon.checkpoint()
                     streams.append(StreamCheckpoint(key, meta, arrays))
-            records[checkpoint_key(group, *p)] = encode_checkpoint(
+            records[checkpoint_key(group, *p)] = build_checkpoint(
                 Checkpoint(p.topic, p.partition, offset, {"a": ledger.accepted, "d": ledger.dead_lettered},
                            streams, now))
             positions[p] = Committed(offset, ledger.encode())

@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -60,6 +60,11 @@ MEASURE_KEYS: tuple[str, ...] = tuple(m.measure for m in METRICS if m.measure is
 _RECENT = 100
 #: Version of the :meth:`StreamMonitor.checkpoint` layout.
 CHECKPOINT_SCHEMA = 1
+#: A checkpoint array, or the chunks its rows were collected in (one after the other): a
+#: reference being collected is up to 3 MB at d = 768, and joining it for a checkpoint copied every
+#: such stream's reference once more while the record was built.
+CheckpointArray = np.ndarray | tuple[np.ndarray, ...]
+CheckpointArrays = dict[str, CheckpointArray]
 _QUERY_COLUMNS = ("top1", "n_results", "precision", "recall", "index")
 
 
@@ -629,7 +634,7 @@ class StreamMonitor:
             m["query_top1_ks_statistic"], m["query_top1_ks_p_value"] = ks_2samp(pending, self._qref_done)
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    def checkpoint(self) -> tuple[dict[str, Any], CheckpointArrays]:
         """The stream's state as JSON-able ``meta`` (NaN allowed) + numeric ``arrays`` (no pickle).
 
         Holds the counters, alarm state, Page-Hinkley state, the reference being collected, the
@@ -668,10 +673,11 @@ class StreamMonitor:
             "window_config": _window_config(s),
             "scan": [self._open_n, self._scan_loud, self._alarm_detector],
         }
-        arrays: dict[str, np.ndarray] = {}
+        arrays: CheckpointArrays = {}
         if (self.baseline is None or self._promotion) and self._ref_chunks:
-            arrays["ref_vectors"] = np.concatenate(self._ref_chunks)
-            arrays["ref_ts"] = np.concatenate(self._ref_ts)
+            # As collected, not joined (see CheckpointArray); the encoder copies each chunk.
+            arrays["ref_vectors"] = tuple(self._ref_chunks)
+            arrays["ref_ts"] = tuple(self._ref_ts)
         qref = self._qref_done if self._qref_done is not None else (
             np.concatenate(self._qref) if self._qref else np.zeros(0))
         arrays["query_reference"] = np.asarray(qref, dtype=np.float64)
@@ -712,15 +718,19 @@ class StreamMonitor:
         key: StreamKey,
         settings: DetectionSettings,
         meta: dict[str, Any],
-        arrays: dict[str, np.ndarray],
+        stored: Mapping[str, CheckpointArray],
         baseline: Baseline | None,
     ) -> StreamMonitor:
         """Rebuild a monitor from :meth:`checkpoint` output; ``ValueError`` if it cannot be used.
 
         ``baseline`` must be the one named by ``meta["baseline_id"]`` (from the baseline store).
         If the window settings changed since the checkpoint, the window starts afresh (everything
-        else is kept).
+        else is kept). ``stored`` may give the reference's rows as chunks (:meth:`checkpoint`'s
+        own output); a decoded checkpoint gives one array each.
         """
+        arrays = {k: v for k, v in stored.items() if not isinstance(v, tuple)}
+        ref = [[np.asarray(c) for c in v] if isinstance(v, tuple) else [v]
+               for v in (stored.get("ref_vectors"), stored.get("ref_ts"))]
         if meta.get("schema") != CHECKPOINT_SCHEMA:
             raise ValueError(f"unsupported monitor checkpoint schema {meta.get('schema')!r}")
         bid = meta.get("baseline_id")
@@ -747,10 +757,10 @@ class StreamMonitor:
         m._alarms.extend(_alarm_of(d) for d in meta["alarms"])
         m._changepoints.extend(_alarm_of(d) for d in meta["changepoint_list"])
         m._promotion = int(meta.get("promotion", 0)) if bid is not None else 0
-        if (baseline is None or bid is None or m._promotion) and "ref_vectors" in arrays:
-            m._ref_chunks = [np.asarray(arrays["ref_vectors"], dtype=np.float32)]
-            m._ref_ts = [np.asarray(arrays["ref_ts"], dtype=np.float64)]
-            m._ref_n = int(m._ref_chunks[0].shape[0])
+        if (baseline is None or bid is None or m._promotion) and "ref_vectors" in stored:
+            m._ref_chunks = [np.asarray(c, dtype=np.float32) for c in ref[0]]
+            m._ref_ts = [np.asarray(c, dtype=np.float64) for c in ref[1]]
+            m._ref_n = sum(int(c.shape[0]) for c in m._ref_chunks)
         qref = np.asarray(arrays["query_reference"], dtype=np.float64)
         m._qref_n = int(meta["qref_n"])
         if meta["qref_done"]:

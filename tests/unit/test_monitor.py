@@ -16,6 +16,7 @@ from embedwatch.config import DetectionSettings
 from embedwatch.events import StreamKey
 from embedwatch.metrics_catalog import METRICS
 from embedwatch.monitor import MEASURE_KEYS, Alarm, StreamMonitor
+from embedwatch.state import Checkpoint, StreamCheckpoint, decode_checkpoint, encode_checkpoint
 from embedwatch.stats import js_divergence, psi
 
 KEY = StreamKey("m", "v1")
@@ -329,11 +330,12 @@ def test_baseline_age_uses_newest_event_or_now() -> None:
 
 
 def _round_trip(m: StreamMonitor, s: DetectionSettings) -> StreamMonitor:
+    """Through a checkpoint record, as the service stores it: the meta as JSON (the encoder
+    refuses what JSON cannot hold), each array as its raw bytes (objects refused)."""
     meta, arrays = m.checkpoint()
-    meta = json.loads(json.dumps(meta))  # the meta must survive JSON
-    arrays = {k: np.array(v) for k, v in arrays.items()}
-    assert all(a.dtype != object for a in arrays.values())
-    return StreamMonitor.restore(KEY, s, meta, arrays, m.baseline)
+    record = encode_checkpoint(Checkpoint("t", 0, 0, {}, [StreamCheckpoint(KEY, meta, arrays)]))
+    (sc,) = decode_checkpoint(bytes(record)).streams
+    return StreamMonitor.restore(KEY, s, sc.meta, sc.arrays, m.baseline)
 
 
 @pytest.mark.parametrize("split", [150, 400, 1234, 2600])

@@ -19,10 +19,12 @@ from embedwatch.state import (
     FileStateBackend,
     StateError,
     StreamCheckpoint,
+    build_checkpoint,
     checkpoint_key,
     checkpoints_in,
     decode_checkpoint,
     encode_checkpoint,
+    seal_checkpoint,
 )
 
 KEY = StreamKey("m", "v1", "default")
@@ -616,3 +618,112 @@ def test_a_store_reading_back_its_own_writes_does_not_decode_them_again(tmp_path
     assert any(k.startswith("baseline/") for k in again) and any(k.startswith("baseline-fit/") for k in again)
     store.restore(again)
     assert store.get(key) is held
+
+
+def test_row_chunks_are_written_as_one_array_and_chunks_that_do_not_stack_are_refused() -> None:
+    rng = np.random.default_rng(4)
+    chunks = (rng.standard_normal((3, 5)).astype(np.float32), np.zeros((0, 5), np.float32),
+              np.asfortranarray(rng.standard_normal((4, 5)).astype(np.float32)))
+    ts = (np.arange(3.0), np.zeros(0), np.arange(4.0))
+    c = Checkpoint("t", 0, 1, {"a": 1, "d": 0}, [StreamCheckpoint(KEY, {}, {"ref": chunks, "ts": ts,
+                                                                           "one": (np.ones(2),)})])
+    (got,) = decode_checkpoint(bytes(encode_checkpoint(c))).streams
+    np.testing.assert_array_equal(got.arrays["ref"], np.concatenate(chunks))
+    assert got.arrays["ref"].dtype == np.float32 and got.arrays["ref"].shape == (7, 5)
+    np.testing.assert_array_equal(got.arrays["ts"], np.concatenate(ts))
+    np.testing.assert_array_equal(got.arrays["one"], np.ones(2))
+    for bad, why in (((np.ones((2, 5)), np.ones((2, 4))), "do not stack"),
+                     ((np.ones((2, 5), np.float32), np.ones((2, 5))), "do not stack"),
+                     ((np.ones(3), np.array(1.0)), "do not stack"), ((), "no chunks")):
+        with pytest.raises(StateError, match=why):
+            encode_checkpoint(Checkpoint("t", 0, 1, {}, [StreamCheckpoint(KEY, {}, {"x": bad})]))
+
+
+def test_a_record_is_refused_until_it_is_sealed() -> None:
+    """The service builds a record under the exporter lock and hashes it after releasing it: an
+    unsealed record is never mistaken for a checkpoint, and sealing gives the encoder's bytes."""
+    c = Checkpoint("t", 0, 1, {"a": 1, "d": 0}, [StreamCheckpoint(KEY, {"n": 2}, _odd_arrays())], 5.0)
+    record = build_checkpoint(c)
+    with pytest.raises(StateError, match="checksum"):
+        decode_checkpoint(bytes(record))
+    assert seal_checkpoint(record) is record
+    assert record == encode_checkpoint(c)
+    assert decode_checkpoint(bytes(record)).streams[0].meta == {"n": 2}
+
+
+def test_a_reference_being_collected_is_not_joined_for_a_checkpoint() -> None:
+    """A stream collecting its reference (3 MB at 768-d) holds it in the chunks its batches
+    brought: its checkpoint copies them into the record one by one (joining them first was one
+    more copy of every such stream's reference while a partition's record was built), and a
+    monitor restored from it, or from the checkpoint itself, holds the same reference."""
+    import tracemalloc
+
+    settings = DetectionSettings(reference_size=1000, window_events=200, baseline_sample=100)
+    mon = StreamMonitor(KEY, settings)
+    x = np.random.default_rng(6).standard_normal((900, 768)).astype(np.float32)
+    for lo in range(0, 900, 30):
+        mon.update_embeddings(x[lo:lo + 30], np.arange(lo, lo + 30, dtype=np.float64), np.full(30, np.nan),
+                              [None] * 30)
+    assert mon.baseline is None
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        meta, arrays = mon.checkpoint()
+        record = build_checkpoint(Checkpoint("t", 0, 900, {"a": 900, "d": 0}, [StreamCheckpoint(KEY, meta, arrays)]))
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert x.nbytes < len(record) < x.nbytes * 1.05
+    assert peak < len(record) * 1.1  # joined first, it was 2x: the joined reference, then the record
+    (sc,) = decode_checkpoint(bytes(seal_checkpoint(record))).streams
+    np.testing.assert_array_equal(sc.arrays["ref_vectors"], x)
+    for stored in (sc.arrays, arrays):
+        r = StreamMonitor.restore(KEY, settings, meta, stored, None)
+        np.testing.assert_array_equal(np.concatenate(r._ref_chunks), x)
+        assert r._ref_n == 900
+    # The monitor goes on collecting after a checkpoint: its next batch builds the baseline from
+    # the same 1,000 events as a monitor restored from the record.
+    rest = np.random.default_rng(7).standard_normal((100, 768)).astype(np.float32)
+    r = StreamMonitor.restore(KEY, settings, sc.meta, sc.arrays, None)
+    for m in (mon, r):
+        m.update_embeddings(rest, np.arange(900, 1000, dtype=np.float64), np.full(100, np.nan), [None] * 100)
+    assert mon.baseline is not None and r.baseline is not None
+    assert mon.baseline.baseline_id == r.baseline.baseline_id
+
+
+def test_a_checkpoint_is_hashed_and_written_outside_the_exporter_lock(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record is built under the lock (a consistent cut) and hashed after it is released: a
+    scrape waited for the hash as well (half of a 210 MB partition's 0.4 s under the lock)."""
+    import embedwatch.app as app_module
+    from embedwatch.app import Service
+    from embedwatch.config import Settings
+
+    settings = Settings(state={"backend": "file", "directory": str(tmp_path)},  # type: ignore[arg-type]
+                        detection=SETTINGS.model_dump())  # type: ignore[arg-type]
+    backend = _Recording(tmp_path)
+    svc = Service(settings, state_backend=backend)
+    source = _Source(svc, [])
+    svc.on_assigned([PartitionId("embeddings", 0)])
+    svc._load_assignment(source)
+    held: list[tuple[str, bool]] = []
+    build, seal, write = app_module.build_checkpoint, app_module.seal_checkpoint, backend.write
+
+    def noting(name: str, fn: Any) -> Any:
+        def call(*args: Any) -> Any:
+            held.append((name, svc.exporter.lock.owned()))
+            return fn(*args)
+        return call
+
+    monkeypatch.setattr(app_module, "build_checkpoint", noting("build", build))
+    monkeypatch.setattr(app_module, "seal_checkpoint", noting("seal", seal))
+    monkeypatch.setattr(backend, "write", noting("write", write))
+    x = np.random.default_rng(3).standard_normal((150, 16)).astype(np.float32)
+    batch = [Message(orjson.dumps({"model": KEY.model, "model_version": KEY.model_version, "embedding": v.tolist()}),
+                     "embeddings", 0, i) for i, v in enumerate(x)]
+    svc._handle_batch(batch, source, _NoSink())
+    svc._checkpoint(sorted(svc._assigned), commit=source)
+    assert held == [("build", True), ("seal", False), ("write", False)]
+    ckpt = checkpoint_key(settings.kafka.group_id, "embeddings", 0)
+    (sc,) = decode_checkpoint(backend.read_all()[ckpt]).streams
+    np.testing.assert_array_equal(sc.arrays["ref_vectors"], x)  # 150 of the 200 reference events
