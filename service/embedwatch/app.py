@@ -114,6 +114,19 @@ def _lost_assignment(e: BaseException) -> bool:
     return any(name in text for name in _REBALANCE_ERRORS)
 
 
+def starting_metrics(exporter: Exporter) -> None:
+    """The series a process exports from its start, before it consumes anything: it runs
+    (``embedwatch_up`` 1), is neither connected nor ready, and its counters exist at 0, so rate()
+    and alerts see 0 rather than no series."""
+    exporter.set_gauge("embedwatch_up", (), 1.0)
+    for name in ("embedwatch_dead_letter_errors_total", "embedwatch_rebalances_total",
+                 "embedwatch_batches_total", "embedwatch_checkpoints_total",
+                 "embedwatch_checkpoint_bytes_total"):
+        exporter.counters.inc(name, (), 0)
+    exporter.set_gauge("embedwatch_kafka_connected", (), 0.0)
+    exporter.set_gauge("embedwatch_ready", (), 0.0)
+
+
 class Service:
     """Everything between the source and the exporter; the loop is :meth:`run`.
 
@@ -186,14 +199,7 @@ class Service:
         # Without durable state: the last batch's commit, sent asynchronously, until its landing is
         # confirmed (positions, and the ledgers they carry).
         self._unconfirmed: tuple[dict[PartitionId, Committed], dict[PartitionId, Ledger]] | None = None
-        self.exporter.set_gauge("embedwatch_up", (), 1.0)
-        # Counters that exist from the start, so rate() and alerts see 0 rather than no series.
-        for name in ("embedwatch_dead_letter_errors_total", "embedwatch_rebalances_total",
-                     "embedwatch_batches_total", "embedwatch_checkpoints_total",
-                     "embedwatch_checkpoint_bytes_total"):
-            self.exporter.counters.inc(name, (), 0)
-        self.exporter.set_gauge("embedwatch_kafka_connected", (), 0.0)
-        self.exporter.set_gauge("embedwatch_ready", (), 0.0)
+        starting_metrics(self.exporter)
 
     # -- the pure part ----------------------------------------------------------------------
 

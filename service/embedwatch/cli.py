@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,8 @@ from embedwatch import __version__
 from embedwatch.config import ConfigError, Settings, load_settings, settings_reference_markdown
 
 if TYPE_CHECKING:
+    from embedwatch.app import Service
+    from embedwatch.events import StreamKey
     from embedwatch.state import DurableBaselineStore
 
 log = logging.getLogger("embedwatch")
@@ -34,21 +37,29 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("kafka").setLevel(max(logging.WARNING, getattr(logging, level)))
 
 
-def _open_state(settings: Settings) -> tuple[Any, DurableBaselineStore | None, dict[str, bytes]]:
+def _open_state(settings: Settings, beat: Callable[[], None] = lambda: None,
+                ) -> tuple[Any, DurableBaselineStore | None, dict[str, bytes]]:
     """The state backend, the baseline store restored from it (None without durable state) and
-    the other records read; retried with backoff while the backend is unreachable."""
+    the other records read; retried with backoff while the backend is unreachable. ``beat`` is
+    called at each attempt and each record read: the process is alive while it is called."""
     import random
 
     from embedwatch.state import DurableBaselineStore, open_state_backend
 
     delay = 0.5
     while True:
+        beat()
         try:
             backend = open_state_backend(settings)
             store = (DurableBaselineStore(backend, None, settings.detection)
                      if settings.state.backend != "none" else None)
-            # The store takes its records as the read comes to them, so they are not all held.
-            records = backend.read_all(store.take if store is not None else None)
+
+            def take(key: str, value: bytes, store: DurableBaselineStore | None = store) -> bool:
+                beat()
+                # The store takes its records as the read comes to them, so they are not all held.
+                return store is not None and store.take(key, value)
+
+            records = backend.read_all(take)
             if store is not None:
                 store.finish_restore()
             versions = len(store.list()) if store is not None else 0
@@ -62,10 +73,54 @@ def _open_state(settings: Settings) -> tuple[Any, DurableBaselineStore | None, d
             delay = min(delay * 2, 30.0)
 
 
+class _Views:
+    """What the HTTP server shows, from the process's start: the service's views once it exists;
+    before, while the durable state is read (seconds on a large state topic, and for as long as
+    the backend is unreachable), a starting process. /metrics answers then (``embedwatch_up`` 1,
+    ``embedwatch_ready`` 0, ``embedwatch_kafka_connected`` 0: an unreachable broker at start is
+    EmbedwatchKafkaDisconnected, not a target that never answers), /readyz is 503, /healthz is
+    200 while the read makes progress or retries, and the baseline API is 503."""
+
+    def __init__(self, stall_s: float = 120.0) -> None:
+        self.service: Service | None = None
+        self._stall_s = stall_s
+        self._beat = time.monotonic()
+
+    def beat(self) -> None:
+        self._beat = time.monotonic()
+
+    def _started(self) -> Service:
+        from embedwatch.api import ApiError
+
+        if self.service is None:
+            raise ApiError(503, "starting: the durable state is being read")
+        return self.service
+
+    def healthy(self) -> bool:
+        if self.service is None:
+            return time.monotonic() - self._beat < self._stall_s
+        return self.service.healthy(self._stall_s)
+
+    def ready(self) -> bool:
+        return self.service is not None and self.service.ready
+
+    def streams(self) -> dict[str, Any]:
+        return self.service.streams_state() if self.service is not None else {}
+
+    def baselines(self, stream: str | None) -> list[dict[str, Any]]:
+        return self._started().list_baselines(stream)
+
+    def promote(self, key: StreamKey, baseline_id: str | None, events: int | None) -> dict[str, Any]:
+        return self._started().promote_baseline(key, baseline_id, events)
+
+    def rollback(self, key: StreamKey) -> dict[str, Any]:
+        return self._started().rollback_baseline(key)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from embedwatch.api import Backend, HttpServer
-    from embedwatch.app import Service
-    from embedwatch.exporter import make_registry
+    from embedwatch.app import Service, starting_metrics
+    from embedwatch.exporter import Exporter, make_registry
     from embedwatch.sources import open_dead_letter_sink, open_kafka_source
 
     settings = _settings(args.config)
@@ -73,29 +128,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=settings.blas_threads, user_api="blas")
-    backend, baselines, records = _open_state(settings)
-    service = Service(settings, baselines=baselines, state_backend=backend, state_records=records)
-    # Each took what it needs (decoded baselines, this group's checkpoints); held here for the
-    # life of the process, the records kept every stored baseline and checkpoint in memory.
-    del records
+    exporter = Exporter()
+    starting_metrics(exporter)
+    views = _Views()
     token = settings.http.admin_token.get_secret_value() if settings.http.admin_token else None
-    backend = Backend(
-        registry=make_registry(service.exporter),
-        healthy=service.healthy,
-        ready=lambda: service.ready,
-        streams=service.streams_state,
-        baselines=service.list_baselines,
-        promote=service.promote_baseline,
-        rollback=service.rollback_baseline,
-        admin_token=token,
-    )
-    http = HttpServer(backend, settings.http.host, settings.http.port)
+    http = HttpServer(Backend(registry=make_registry(exporter), healthy=views.healthy, ready=views.ready,
+                              streams=views.streams, baselines=views.baselines, promote=views.promote,
+                              rollback=views.rollback, admin_token=token),
+                      settings.http.host, settings.http.port)
     http.start()
     log.info("embedwatch %s listening on %s:%d", __version__, settings.http.host, http.port)
-    service.handle_signals()
-    source = open_kafka_source(settings, listener=service)
-    sink = open_dead_letter_sink(settings)
     try:
+        backend, baselines, records = _open_state(settings, views.beat)
+        service = Service(settings, exporter=exporter, baselines=baselines, state_backend=backend,
+                          state_records=records)
+        # Each took what it needs (decoded baselines, this group's checkpoints); held here for the
+        # life of the process, the records kept every stored baseline and checkpoint in memory.
+        del records
+        views.service = service
+        service.handle_signals()
+        source = open_kafka_source(settings, listener=service)
+        sink = open_dead_letter_sink(settings)
         service.run(source, sink)
     finally:
         http.stop()

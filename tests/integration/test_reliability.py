@@ -192,6 +192,55 @@ def test_broker_outage_no_crash_nothing_lost(tmp_path: Path, fresh_topic_prefix:
         broker.close()
 
 
+def test_a_broker_down_at_start_is_reported_by_a_live_process(tmp_path: Path, fresh_topic_prefix: str) -> None:
+    """The durable state is read before anything is consumed, and retried for as long as the
+    broker is unreachable. The process answers HTTP meanwhile: alive, not ready, not connected (an
+    on-call engineer sees EmbedwatchKafkaDisconnected, not a target that never answers, which a
+    startupProbe restarted every 5 minutes). Once the broker is back it starts and consumes."""
+    from service_proc import free_port
+
+    broker = LocalKafka(tmp_path / "kafka", port=free_port())
+    bootstrap = f"127.0.0.1:{broker.port}"
+    topic = f"{fresh_topic_prefix}-embeddings"
+    svc = ServiceProcess(tmp_path, _config(bootstrap, fresh_topic_prefix, "late"), "svc").start(wait_ready=False)
+    try:
+        deadline = time.monotonic() + 30
+        m: dict[str, Any] = {}
+        while time.monotonic() < deadline and not m:
+            assert svc.proc is not None and svc.proc.poll() is None, svc.tail()
+            try:
+                m = svc.metrics()
+            except OSError:
+                time.sleep(0.2)
+        assert m, "/metrics must answer while the state backend is unreachable\n" + svc.tail()
+        assert (metric_sum(m, "embedwatch_up"), metric_sum(m, "embedwatch_ready"),
+                metric_sum(m, "embedwatch_kafka_connected")) == (1, 0, 0)
+        assert "embedwatch_batches_total" in m  # counters exist at 0 from the start
+        # An attempt fails after the client's 30 s bootstrap timeout; alive and not ready throughout.
+        deadline = time.monotonic() + 90
+        while "state backend kafka unavailable" not in svc.tail():
+            assert time.monotonic() < deadline, svc.tail()
+            assert svc.get("/healthz")[0] == 200 and svc.get("/readyz")[0] == 503
+            time.sleep(1)
+        status, body = svc.get("/api/baselines")
+        assert status == 503 and b"starting" in body
+        assert svc.get("/api/streams") == (200, b'{"streams":{}}')
+        broker.start()
+        from kafka import KafkaAdminClient
+
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+        create_topics(admin, [topic, f"{topic}.dlq"], partitions=3)
+        admin.close()
+        gen = EventGenerator(GeneratorConfig(streams=STREAMS, dim=DIM, seed=4))
+        produce_messages(bootstrap, topic, gen.messages(600))
+        svc.wait_ready(timeout=120)
+        m = svc.wait_for(lambda m: _ledger(m) >= 600, timeout=120, what="the events produced once the broker was up")
+        assert _ledger(m) == 600 and metric_sum(m, "embedwatch_kafka_connected") == 1
+    finally:
+        svc.close()
+        broker.close()
+
+
 def test_two_replicas_split_the_work(kafka_bootstrap: str, unique_topics, fresh_topic_prefix: str,
                                      tmp_path: Path) -> None:
     n = 30_000
