@@ -311,10 +311,8 @@ class Service:
             return
         committed = source.committed(partitions)
         if self.persistent:
-            store = self.baselines if isinstance(self.baselines, DurableBaselineStore) else None
-            fresh = self.state_backend.read_new(store.take if store is not None else None)
-            if store is not None:
-                store.finish_restore()
+            read = self.state_backend.read_new
+            fresh = self.baselines.read(read) if isinstance(self.baselines, DurableBaselineStore) else read(None)
             self._state_records.update(checkpoints_in(fresh, self.settings.kafka.group_id))
         for p in partitions:
             # Decoded and rebuilt outside the lock, installed under it: a scrape waited 13.6 s for

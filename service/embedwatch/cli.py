@@ -53,15 +53,8 @@ def _open_state(settings: Settings, beat: Callable[[], None] = lambda: None,
             backend = open_state_backend(settings)
             store = (DurableBaselineStore(backend, None, settings.detection)
                      if settings.state.backend != "none" else None)
-
-            def take(key: str, value: bytes, store: DurableBaselineStore | None = store) -> bool:
-                beat()
-                # The store takes its records as the read comes to them, so they are not all held.
-                return store is not None and store.take(key, value)
-
-            records = backend.read_all(take)
-            if store is not None:
-                store.finish_restore()
+            # The store takes its records as the read comes to them, so they are not all held.
+            records = store.read(backend.read_all, beat) if store is not None else backend.read_all()
             versions = len(store.list()) if store is not None else 0
             if records or versions:
                 log.info("state: %d baseline versions and %d other records restored from the %s backend",

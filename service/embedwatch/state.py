@@ -624,6 +624,21 @@ class DurableBaselineStore(MemoryBaselineStore):
                 self._indexes_read[key] = value
         return True
 
+    def read(self, read: Callable[[Take | None], dict[str, bytes]],
+             each: Callable[[], None] | None = None) -> dict[str, bytes]:
+        """Run a backend read (``read_all`` or ``read_new``) that hands this store its records as
+        they come (:meth:`take`), then :meth:`finish_restore`; returns the other records.
+        ``each`` is called for every record read (a sign of life while a long read runs)."""
+        def take(key: str, value: bytes) -> bool:
+            if each is not None:
+                each()
+            return self.take(key, value)
+
+        try:
+            return read(take)
+        finally:
+            self.finish_restore()
+
     def finish_restore(self) -> None:
         """Apply what :meth:`take` kept for the end of a read: the indexes, and fits read before
         their baseline."""

@@ -467,9 +467,15 @@ def test_a_read_hands_baselines_to_the_store_one_at_a_time(tmp_path: Path) -> No
     read.finish_restore()
     assert rest == {checkpoint_key("g", "embeddings", 0): b"a checkpoint"}
     assert sorted(taken) == sorted(k for k in records if k.startswith("baseline"))
+    # The store's own read (what a start and an assignment run): a sign of life per record read,
+    # and the indexes applied at its end without being asked.
+    via = DurableBaselineStore(backend, None, SETTINGS)
+    beats: list[int] = []
+    assert via.read(FileStateBackend(tmp_path).read_all, lambda: beats.append(1)) == rest
+    assert len(beats) == len(records)
     # The same store a restore of all the records builds: every version active, its fit attached.
     whole = DurableBaselineStore(backend, dict(records), SETTINGS)
-    for s in (store, read):
+    for s in (store, read, via):
         assert with_sample(s) == 0
         for key in keys:
             assert s.active_id(key) == whole.active_id(key) is not None
