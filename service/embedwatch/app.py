@@ -134,6 +134,9 @@ class Service:
     benchmark drive directly.
     """
 
+    #: Bound on reading a batch's commit back (well under a millisecond when the broker answers).
+    READ_BACK_TIMEOUT_S = 2.0
+
     def __init__(
         self,
         settings: Settings,
@@ -559,13 +562,14 @@ class Service:
 
     def _confirm_commit(self, source: Source, wait: bool = True) -> bool:
         """Make the last batch's asynchronous commit the durable point once it has landed; with
-        ``wait``, commit it synchronously if its completion has not been seen yet. False when it
-        could not be confirmed (its partitions were revoked, or a stop came first)."""
+        ``wait``, read the committed positions back if its completion has not been seen yet, and
+        commit it synchronously if they are not there. False when it could not be confirmed (its
+        partitions were revoked, or a stop came first)."""
         pending = self._unconfirmed
         if pending is None:
             return True
         positions, ledgers = pending
-        if source.landed(positions):
+        if source.landed(positions) or (wait and self._held_by_broker(source, positions)):
             self.exporter.counters.inc("embedwatch_commits_total", ("success",))
         elif not wait:
             return False
@@ -577,6 +581,32 @@ class Service:
         for p, c in positions.items():
             if p in self._assigned:
                 self.durable[p] = (c.offset, ledgers[p])
+        return True
+
+    def _held_by_broker(self, source: Source, positions: dict[PartitionId, Committed]) -> bool:
+        """Whether the group coordinator already holds exactly these positions (offset and ledger).
+
+        librdkafka hands an asynchronous commit's completion to the consumer queue behind the
+        records prefetched before it, so the loop rarely sees it by the next batch, although the
+        commit landed long before. Committing again cost a commit round trip per batch, which on a
+        Kafka 4 broker includes the coordinator's append linger (5 ms by default): 5.6-6.0 ms,
+        measured, a sixth of a 2,000-event b64 batch. Reading the positions back is an offset
+        fetch, 0.3-0.9 ms, and the coordinator only answers what it has written. Anything else
+        (a partition gone, an error, other positions) leaves the decision to the synchronous commit.
+        """
+        if not all(p in self._assigned for p in positions):
+            return False
+        try:
+            # Bounded: with the broker unreachable the commit path below retries and reports it.
+            held = source.committed(list(positions), timeout_s=self.READ_BACK_TIMEOUT_S)
+        except Exception as e:  # unreachable broker, timeout: the commit path retries and reports
+            log.debug("reading committed positions back failed: %s", e)
+            return False
+        for p, c in positions.items():
+            h = held.get(p)
+            # Compared as ledgers: confluent-kafka stores the metadata with a trailing NUL.
+            if h is None or h.offset != c.offset or Ledger.decode(h.metadata) != Ledger.decode(c.metadata):
+                return False
         return True
 
     def _commit(self, source: Source, positions: dict[PartitionId, Committed]) -> bool:

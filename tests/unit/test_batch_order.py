@@ -37,31 +37,38 @@ class RecordingSource:
     """Hands out prepared batches and records every commit in one log shared with the sink.
 
     It also models the broker's side of commits: ``applied`` is what a successor would read after a
-    kill at this moment. Asynchronous commits are applied in order at the next poll (where real
-    clients serve their completions, and :meth:`landed` learns of them) or, with ``slow``, only
-    when a later synchronous commit pushes them through (commits to one coordinator apply in
-    order)."""
+    kill at this moment, and :meth:`committed` reads it back. Asynchronous commits are applied in
+    order at the next poll (where real clients serve their completions, and :meth:`landed` learns
+    of them) or, with ``slow``, only when a later synchronous commit pushes them through (commits
+    to one coordinator apply in order). With ``late_acks`` they are applied at the next poll but
+    their completions are not seen (librdkafka queues them behind the prefetched records); with
+    ``unreadable`` reading them back fails too."""
 
     def __init__(self, log: list[tuple[str, object]], batches: list[list[Message]], svc: Service) -> None:
         self.log, self.batches, self.svc = log, batches, svc
         self.fail_commits = False
         self.slow = False
+        self.late_acks = False
+        self.unreadable = False
+        self.reads = -1  # committed() calls after the assignment's
         self.first_poll = True
         self.polled = 0
         self.on_batch: dict[int, Callable[[], None]] = {}  # run before handing out batch i
-        self.queued: list[tuple[int, int | None]] = []  # async commits sent, not applied yet
+        self.queued: list[tuple[int, int | None, Committed]] = []  # async commits sent, not applied yet
         self.applied: tuple[int, int | None] = (-1, None)  # (offset, in-flight end) on the broker
+        self.held = Committed(0, Ledger().encode())  # the same, as committed() reads it back
         self.acked = -1  # highest offset whose commit completion the client has seen
 
     def _apply_queued(self) -> None:
-        for c in self.queued:
-            self.applied = c
+        for offset, f, c in self.queued:
+            self.applied, self.held = (offset, f), c
         self.queued.clear()
 
     def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
         if not self.slow and self.queued:
             self._apply_queued()
-            self.acked = max(self.acked, self.applied[0])
+            if not self.late_acks:
+                self.acked = max(self.acked, self.applied[0])
         if self.first_poll:
             self.first_poll = False
             self.svc.on_assigned([P0])
@@ -82,18 +89,22 @@ class RecordingSource:
             f = orjson.loads(c.metadata).get("f")
             self.log.append(("commit-async" if asynchronous else "commit", (p, c.offset, f)))
             if asynchronous:
-                self.queued.append((c.offset, f))
+                self.queued.append((c.offset, f, c))
             else:
                 self._apply_queued()
-                self.applied = (c.offset, f)
+                self.applied, self.held = (c.offset, f), c
                 self.acked = max(self.acked, c.offset)
 
     def landed(self, positions: dict[PartitionId, Committed]) -> bool:
         return all(self.acked >= c.offset for c in positions.values())
 
-    def committed(self, partitions: Sequence[PartitionId]) -> dict[PartitionId, Committed | None]:
-        # A group that committed before: offset 0 with an empty ledger.
-        return {p: Committed(0, Ledger().encode()) for p in partitions}
+    def committed(self, partitions: Sequence[PartitionId],
+                  timeout_s: float | None = None) -> dict[PartitionId, Committed | None]:
+        # Before any commit: a group that committed before, offset 0 with an empty ledger.
+        self.reads += 1
+        if self.reads and self.unreadable:
+            raise ConnectionError("broker unreachable")
+        return dict.fromkeys(partitions, self.held)
 
     def assignment(self) -> set[PartitionId]:
         return {P0}
@@ -140,13 +151,15 @@ def _service(tmp_path: Path | None = None, checkpoint_interval_s: float = 3600.0
     return Service(settings, state_backend=backend)
 
 
-@pytest.mark.parametrize("slow", [False, True])
-def test_the_in_flight_marker_reaches_the_broker_before_any_dead_letter(slow: bool) -> None:
+@pytest.mark.parametrize("acks", ["prompt", "late", "unreadable", "slow"])
+def test_the_in_flight_marker_reaches_the_broker_before_any_dead_letter(acks: str) -> None:
     log: list[tuple[str, object]] = []
     svc = _service()
     # Two clean batches, then one with a zero vector every 10 events (dead-lettered).
     source = RecordingSource(log, [_messages(0, 50), _messages(50, 50), _messages(100, 50, bad_every=10)], svc)
-    source.slow = slow
+    source.slow = acks == "slow"
+    source.late_acks = acks in ("late", "unreadable")
+    source.unreadable = acks == "unreadable"
     sink = RecordingSink(log, source)
     svc.run(source, sink)
     sent = [arg for what, arg in log if what == "send"]
@@ -162,8 +175,15 @@ def test_the_in_flight_marker_reaches_the_broker_before_any_dead_letter(slow: bo
     # The batch with dead letters: a synchronous marker naming the batch's end, before any send.
     first_send = next(i for i, (what, _) in enumerate(log) if what == "send")
     assert ("commit", (P0, 100, 150)) in log[:first_send]
-    # When the previous batch's commit had not been seen to land, it was committed synchronously.
-    assert (("commit", (P0, 100, None)) in log[:first_send]) == slow
+    # When the previous batch's commit had not been seen to land, it was read back from the broker,
+    # and committed synchronously only when it was not found there.
+    assert (("commit", (P0, 100, None)) in log[:first_send]) == (acks in ("unreadable", "slow"))
+    assert (source.reads > 0) == (acks != "prompt")
+    # Every batch's commit was confirmed, whichever way, and none twice.
+    # Each of the four commits that must land (three batches' and the marker before the dead
+    # letters) was confirmed once, whichever way: a read-back that found it is not followed by a
+    # second commit.
+    assert svc.exporter.counters.get("embedwatch_commits_total", ("success",)) == 4
     # A graceful stop leaves the broker at the end, nothing in flight.
     assert source.applied == (150, None)
 
@@ -240,3 +260,39 @@ def test_acked_commits_confirm_only_acknowledged_offsets_of_owned_partitions() -
     assert acked.landed(want) and acked.landed({p1: Committed(60)}) and not acked.landed({p1: Committed(61)})
     acked.forget([P0])
     assert not acked.landed(want) and acked.landed({p1: Committed(40)})
+
+
+def test_a_commit_is_taken_as_landed_only_when_the_broker_holds_exactly_it() -> None:
+    svc = _service()
+    p1 = PartitionId(TOPIC, 1)
+    svc.on_assigned([P0, p1])
+    svc._load_assignment(_HeldSource({}))
+    want = {P0: Committed(100, Ledger(90, 10).encode()), p1: Committed(40, Ledger(40, 0).encode())}
+    held = dict(want)
+    src = _HeldSource(held)
+    assert svc._held_by_broker(src, want)
+    assert src.timeout_s == Service.READ_BACK_TIMEOUT_S  # never the client's own, possibly unbounded, wait
+    # confluent-kafka reads the metadata back with the NUL it stored.
+    nul = {p: Committed(c.offset, c.metadata + "\x00") for p, c in want.items()}
+    assert svc._held_by_broker(_HeldSource(nul), want)
+    # Another offset, another ledger at the same offset, a partition with nothing committed.
+    for other in (Committed(99, want[P0].metadata), Committed(100, Ledger(91, 9).encode()), None):
+        assert not svc._held_by_broker(_HeldSource({**held, P0: other}), want)
+    assert not svc._held_by_broker(_HeldSource(held, fail=True), want)  # unreachable: commit instead
+    svc.on_revoked([p1])
+    assert not svc._held_by_broker(_HeldSource(held), want)  # not ours any more: the commit path decides
+
+
+class _HeldSource:
+    """Only what reading committed positions back needs."""
+
+    def __init__(self, held: dict[PartitionId, Committed | None], fail: bool = False) -> None:
+        self.held, self.fail = held, fail
+        self.timeout_s: float | None = None
+
+    def committed(self, partitions: Sequence[PartitionId],
+                  timeout_s: float | None = None) -> dict[PartitionId, Committed | None]:
+        self.timeout_s = timeout_s
+        if self.fail:
+            raise ConnectionError("broker unreachable")
+        return {p: self.held.get(p) for p in partitions}

@@ -126,8 +126,10 @@ class ConfluentSource:
             if tp.error:
                 raise KafkaException(tp.error)
 
-    def committed(self, partitions: Sequence[PartitionId]) -> dict[PartitionId, Committed | None]:
-        tps = self._consumer.committed([TopicPartition(p.topic, p.partition) for p in partitions], timeout=10)
+    def committed(self, partitions: Sequence[PartitionId],
+                  timeout_s: float | None = None) -> dict[PartitionId, Committed | None]:
+        tps = self._consumer.committed([TopicPartition(p.topic, p.partition) for p in partitions],
+                                       timeout=10 if timeout_s is None else timeout_s)
         out: dict[PartitionId, Committed | None] = {}
         for tp in tps:
             key = PartitionId(tp.topic, tp.partition)

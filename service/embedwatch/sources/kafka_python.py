@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -178,10 +179,13 @@ class KafkaPythonSource:
     def landed(self, positions: dict[PartitionId, Committed]) -> bool:
         return self._acked.landed(positions)
 
-    def committed(self, partitions: Sequence[PartitionId]) -> dict[PartitionId, Committed | None]:
+    def committed(self, partitions: Sequence[PartitionId],
+                  timeout_s: float | None = None) -> dict[PartitionId, Committed | None]:
         out: dict[PartitionId, Committed | None] = {}
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         for p in partitions:
-            om = self._client.committed(TopicPartition(p.topic, p.partition), metadata=True)
+            left = None if deadline is None else max(1, int(1000 * (deadline - time.monotonic())))
+            om = self._client.committed(TopicPartition(p.topic, p.partition), metadata=True, timeout_ms=left)
             out[p] = None if om is None or om.offset is None or om.offset < 0 else Committed(
                 om.offset, om.metadata or ""
             )
