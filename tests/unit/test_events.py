@@ -244,6 +244,7 @@ def test_simdjson_path_decodes_exactly_like_the_orjson_path(raws: list[bytes]) -
 @settings(max_examples=500, deadline=None)
 @example("AACAPwAAAEAAAEBA====")  # [1, 2, 3] + excess padding: Python accepts it, pybase64 alone would not
 @example("AAAAAAA=")
+@example("AAAAAAAAAA=A")  # a "=" before the last character is not padding
 @example("AACA\nPw==")  # 1.0f with a newline, a blank, a URL-safe character: all refused
 @example("AACA Pw==")
 @example("AACA-Pw==")
@@ -307,7 +308,10 @@ def test_common_b64_events_of_known_streams_take_the_msgspec_pass() -> None:
 
 
 b64_values = st.sampled_from([_b64([1.0, 2.0]), _b64([0.0, 0.0]), _b64([float("nan"), 1.0]), _b64([3.0]),
-                              "AACAPw==", "AACAPx==", "AACAPwAAAEAAAEBA====", "AACA Pw==", "", "!", "AAA"])
+                              "AACAPw==", "AACAPx==", "AACAPwAAAEAAAEBA====", "AACA Pw==", "", "!", "AAA",
+                              # Unpadded, three float32s' length: decoded with the group's other rows.
+                              _b64([1.0, 2.0, 3.0]), "AACAPwAAAEAAAE!A", "AACAPw==AACAPwAA", "AACAPwAAAEAA",
+                              "AACAPwAAAEAAAEBAAACAPwAAAEAAAEBA", "\u00e9ACAPwAAAEAAAEB"])
 
 
 vectors_b64 = st.lists(st.floats(width=32) | st.sampled_from([0.0, 1e-45]), min_size=1, max_size=4).map(_b64)
@@ -338,13 +342,70 @@ plausible_b64_events = st.fixed_dictionaries(
     st.sampled_from([b'{"model":"m","model_version":"1","embedding_b64":"AACAPw=="' + tail for tail in (
         b',"model":"n"}', b',"embedding_b64":"!"}', b',"x":"\xff"}', b',"x":"\\ud800"}', b',"x":1e400}',
         b',"x":NaN}', b',"ts":1e400}', b',"id":18446744073709551617}', b'}x')]
-        + [b'[{"model":"m","model_version":"1","embedding_b64":"AACAPw=="}]'])), max_size=12))
+        + [b'[{"model":"m","model_version":"1","embedding_b64":"AACAPw=="}]',
+           # Unpadded base64 with a JSON escape: a plain letter, a non-ASCII one, a slash.
+           b'{"model":"m","model_version":"1","embedding_b64":"AACAPwAAAEAAAEB\\u0041"}',
+           b'{"model":"m","model_version":"1","embedding_b64":"AACAPwAAAEAAAEB\\u00e9"}',
+           b'{"model":"m","model_version":"1","embedding_b64":"AACAPwAAAEAAAE\\/A"}'])), max_size=12))
 def test_msgspec_pass_decodes_exactly_like_the_general_path(raws: list[bytes]) -> None:
     msgs = [msg(None, raw=r) for r in raws]
     fast, general = Decoder(), _general_only()
     fast.decode(_PRIME)
     general.decode(_PRIME)
     assert _outcome(fast.decode(msgs)) == _outcome(general.decode(msgs))
+
+
+@pytest.mark.parametrize(("width", "pad"), [(3, 0), (2, 1), (1, 2), (6, 0), (5, 1), (4, 2)])
+def test_b64_rows_are_decoded_together_and_a_bad_one_is_judged_alone(width: int, pad: int) -> None:
+    d = Decoder()
+    d.decode(_PRIME)
+    rows = np.arange(4 * width, dtype="<f4").reshape(4, width) + 1
+    texts = [_b64(r.tolist()) for r in rows]
+    assert all(len(t) - len(t.rstrip("=")) == pad for t in texts)
+    good = [msg(ev(embedding=None, embedding_b64=t, id=f"i{k}")) for k, t in enumerate(texts)]
+    groups: dict = {}
+    assert d._b64_pass(good, None, groups) == []
+    (g,) = groups.values()
+    assert g.block.tobytes() == rows.tobytes() and g.raw == texts  # one block, its rows' text kept
+    (b,) = d.decode(good).blocks
+    np.testing.assert_array_equal(b.vectors, rows)
+    assert b.vectors.flags.writeable and b.ids == ["i0", "i1", "i2", "i3"]
+    # One bad row among them: the joined text does not decode, so each row is judged alone; the
+    # bad one is left to the general path, in message order, and the others keep their rows.
+    # Bad: a character outside the alphabet, a "=" inside (both judged alone), one "=" too many
+    # (left to the general path by its length, unless it is a third one).
+    for j, wrong in enumerate((texts[0][:5] + "!" + texts[0][6:], texts[0][:4] + "=" + texts[0][5:],
+                               texts[0][: -pad - 1] + "=" * (pad + 1))):
+        bad = [*good[:2], msg(ev(embedding=None, embedding_b64=wrong)), *good[2:]]
+        groups = {}
+        assert d._b64_pass(bad, None, groups) == [2], wrong
+        (g,) = groups.values()
+        assert g.msg == [0, 1, 3, 4]
+        if j < 2 or pad == 2:
+            assert g.block is None and g.raw == [r.tobytes() for r in rows]
+        else:
+            assert g.block.tobytes() == rows.tobytes()
+        out = d.decode(bad)
+        assert _outcome(out) == _outcome(_general_only().decode(bad))
+        assert [r.message_index for r in out.rejections] == [2]
+        np.testing.assert_array_equal(out.blocks[0].vectors, rows)
+        # Every row bad: the group is gone.
+        groups = {}
+        assert d._b64_pass(bad[2:3] * 2, None, groups) == [0, 1] and groups == {}
+
+
+def test_a_block_decoded_together_is_split_when_the_general_path_adds_a_row() -> None:
+    d = Decoder()
+    d.decode(_PRIME)
+    rows = np.arange(9, dtype="<f4").reshape(3, 3) + 1
+    docs = [ev(embedding=None, embedding_b64=_b64(rows[0].tolist()), ts=5.0),
+            ev(embedding=None, embedding_b64=_b64(rows[1].tolist()), ts="1970-01-01T00:00:06Z"),  # general
+            ev(embedding=None, embedding_b64=_b64(rows[2].tolist()), ts=7.0)]
+    out = d.decode([msg(x) for x in docs])
+    (b,) = out.blocks
+    np.testing.assert_array_equal(b.vectors, rows)
+    assert b.ts.tolist() == [5.0, 6.0, 7.0] and b.message_index.tolist() == [0, 1, 2]
+    assert _outcome(out) == _outcome(_general_only().decode([msg(x) for x in docs]))
 
 
 def test_a_stream_fed_by_both_paths_keeps_its_rows_in_message_order() -> None:
