@@ -367,6 +367,39 @@ def _query_fields(ev: dict[str, Any], k: int) -> tuple[float, float, float, floa
     return top1, float(len(results)), precision, recall
 
 
+#: Rows decoded together when a group's rows joined do not all decode (:meth:`Decoder._decode_texts`).
+_RUN_ROWS = 16
+
+
+def _decode_rows(texts: Sequence[str], n: int, pad: int) -> np.ndarray:
+    """``(rows, bytes)`` array of what base64 texts of length ``n`` ending in ``pad`` ``=`` decode
+    to, in one pybase64 call; ``ValueError`` (or ``binascii.Error``) if any of them does not decode.
+
+    Base64 decodes each four characters on their own, three bytes each, so joined rows decode
+    exactly when every row does, to the rows' bytes one after the other. Padded rows (``xx==`` or
+    ``xxx=`` last) cannot be joined as they are: their trailing ``=`` become ``A``, zero bits, and
+    the surplus bytes this decodes to are cut off each row; what remains is what the row decodes
+    to, as b64decode ignores the unused bits of a padded group. Any other ``=`` is still there and
+    fails the decoding.
+
+    >>> _decode_rows(["AACAPw==", "AAAAQA=="], 8, 2).view("<f4").tolist()
+    [[1.0], [2.0]]
+    """
+    if _pybase64 is None:
+        raise ValueError("no pybase64: row by row")
+    k = len(texts)
+    text: Any
+    if pad:
+        # One (rows, n) array of the texts' characters (ASCII, or UnicodeEncodeError).
+        text = np.array(texts, dtype=f"S{n}").view(np.uint8).reshape(k, n)
+        text[:, n - pad :] = ord("A")
+    else:
+        text = "".join(texts)
+    # A bytearray: the block's array is then writable without a copy.
+    rows = np.frombuffer(_pybase64.b64decode_as_bytearray(text, validate=True), dtype=np.uint8).reshape(k, -1)
+    return np.ascontiguousarray(rows[:, : (3 * n >> 2) - pad]) if pad else rows
+
+
 class _Group:
     """Accumulates the events of one (stream, kind, dim-or-list) before the block conversion."""
 
@@ -569,56 +602,51 @@ class Decoder:
     @staticmethod
     def _decode_texts(g: _Group, groups: dict[tuple[StreamKey, Kind, int | str], _Group]) -> list[int]:
         """Decode the base64 rows of ``g`` (texts of one length) into :attr:`_Group.block`, in
-        one call; return the message indices of rows that are not valid base64 (dropped from ``g``).
+        one call (:func:`_decode_rows`); return the message indices of rows that are not valid
+        base64 (dropped from ``g``).
 
-        Base64 decodes each four characters on their own, three bytes each, so joined rows decode
-        exactly when every row does, to the rows' bytes one after the other. A padded row
-        (``xx==`` or ``xxx=`` last) cannot be joined as it is: its trailing ``=`` (the same number
-        in every row of a group, and the pass took the rows by them) become ``A``, zero bits, and
-        the surplus bytes this decodes to are cut off each row; what remains is what the row
-        decodes to, as b64decode ignores the unused bits of a padded group. Any other ``=`` is
-        still there and fails the decoding. When the joined text does not decode (a rare bad row),
-        each row is judged alone and the bad ones are left to the general path.
+        When the joined rows do not decode (a bad row), the group is decoded again in runs of
+        :data:`_RUN_ROWS` rows, and only the rows of a run that does not decode are judged one by
+        one; the bad ones are left to the general path. A stream whose producer sends a bad row
+        in every batch then pays about a run of single decodes per bad row, not one per row.
         """
         texts = g.raw
         k, n = len(texts), len(texts[0])
         pad = 0 if texts[0][-1] != "=" else 2 if texts[0][-2] == "=" else 1
-        size = (3 * n >> 2) - pad
         try:
-            if _pybase64 is None:
-                raise ValueError("no pybase64: row by row")
-            text: Any
-            if pad:
-                # One (rows, n) array of the texts' characters (ASCII, or UnicodeEncodeError).
-                text = np.array(texts, dtype=f"S{n}").view(np.uint8).reshape(k, n)
-                text[:, n - pad :] = ord("A")
-            else:
-                text = "".join(texts)
-            # A bytearray: the block's array is then writable without a copy.
-            rows = np.frombuffer(_pybase64.b64decode_as_bytearray(text, validate=True),
-                                 dtype=np.uint8).reshape(k, -1)
-            g.block = np.ascontiguousarray(rows[:, :size]) if pad else rows
+            g.block = _decode_rows(texts, n, pad)
             return []
         except (binascii.Error, ValueError):
             pass
-        bad: list[int] = []
+        size = (3 * n >> 2) - pad
+        parts: list[np.ndarray] = []
         keep: list[int] = []
-        for i, text in enumerate(texts):
+        bad: list[int] = []
+        for lo in range(0, k, _RUN_ROWS):
+            hi = min(k, lo + _RUN_ROWS)
             try:
-                raw = _b64decode(text)
+                parts.append(_decode_rows(texts[lo:hi], n, pad))
+                keep.extend(range(lo, hi))
+                continue
             except (binascii.Error, ValueError):
-                raw = b""
-            if len(raw) == size:
-                texts[i] = raw
-                keep.append(i)
-            else:
-                bad.append(g.msg[i])
-        if bad:
-            for name in ("raw", "ts", "lat", "ids", "msg", "payloads"):
-                col = getattr(g, name)
-                setattr(g, name, [col[i] for i in keep])
-            if not keep:
-                del groups[next(key for key, v in groups.items() if v is g)]
+                pass
+            for i in range(lo, hi):
+                try:
+                    raw = _b64decode(texts[i])
+                except (binascii.Error, ValueError):
+                    raw = b""
+                if len(raw) == size:
+                    parts.append(np.frombuffer(raw, dtype=np.uint8).reshape(1, size))
+                    keep.append(i)
+                else:
+                    bad.append(g.msg[i])
+        for name in ("raw", "ts", "lat", "ids", "msg", "payloads"):
+            col = getattr(g, name)
+            setattr(g, name, [col[i] for i in keep])
+        if keep:
+            g.block = np.concatenate(parts)
+        else:
+            del groups[next(key for key, v in groups.items() if v is g)]
         return bad
 
     def decode(self, messages: Sequence[Message], now: float | None = None) -> DecodedBatch:

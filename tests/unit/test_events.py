@@ -370,21 +370,17 @@ def test_b64_rows_are_decoded_together_and_a_bad_one_is_judged_alone(width: int,
     (b,) = d.decode(good).blocks
     np.testing.assert_array_equal(b.vectors, rows)
     assert b.vectors.flags.writeable and b.ids == ["i0", "i1", "i2", "i3"]
-    # One bad row among them: the joined text does not decode, so each row is judged alone; the
-    # bad one is left to the general path, in message order, and the others keep their rows.
+    # One bad row among them: the joined text does not decode, so its run is judged row by row;
+    # the bad one is left to the general path, in message order, and the others keep their rows.
     # Bad: a character outside the alphabet, a "=" inside (both judged alone), one "=" too many
     # (left to the general path by its length, unless it is a third one).
-    for j, wrong in enumerate((texts[0][:5] + "!" + texts[0][6:], texts[0][:4] + "=" + texts[0][5:],
-                               texts[0][: -pad - 1] + "=" * (pad + 1))):
+    for wrong in (texts[0][:5] + "!" + texts[0][6:], texts[0][:4] + "=" + texts[0][5:],
+                  texts[0][: -pad - 1] + "=" * (pad + 1)):
         bad = [*good[:2], msg(ev(embedding=None, embedding_b64=wrong)), *good[2:]]
         groups = {}
         assert d._b64_pass(bad, None, groups) == [2], wrong
         (g,) = groups.values()
-        assert g.msg == [0, 1, 3, 4]
-        if j < 2 or pad == 2:
-            assert g.block is None and g.raw == [r.tobytes() for r in rows]
-        else:
-            assert g.block.tobytes() == rows.tobytes()
+        assert g.msg == [0, 1, 3, 4] and g.raw == texts and g.block.tobytes() == rows.tobytes()
         out = d.decode(bad)
         assert _outcome(out) == _outcome(_general_only().decode(bad))
         assert [r.message_index for r in out.rejections] == [2]
@@ -392,6 +388,26 @@ def test_b64_rows_are_decoded_together_and_a_bad_one_is_judged_alone(width: int,
         # Every row bad: the group is gone.
         groups = {}
         assert d._b64_pass(bad[2:3] * 2, None, groups) == [0, 1] and groups == {}
+
+
+def test_a_bad_row_costs_single_decodes_for_its_run_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from embedwatch import events
+
+    d = Decoder()
+    d.decode(_PRIME)
+    rows = np.arange(600, dtype="<f4").reshape(200, 3)
+    texts = [_b64(r.tolist()) for r in rows]
+    texts[150] = texts[150][:3] + "!" + texts[150][4:]
+    single: list[str] = []
+    real = events._b64decode
+    monkeypatch.setattr(events, "_b64decode", lambda t: single.append(t) or real(t))
+    groups: dict = {}
+    assert d._b64_pass([msg(ev(embedding=None, embedding_b64=t)) for t in texts], None, groups) == [150]
+    # The run of rows 144..159 holds the bad row: its rows are judged one by one, no other row.
+    assert events._RUN_ROWS == 16 and single == texts[144:160]
+    (g,) = groups.values()
+    keep = [i for i in range(200) if i != 150]
+    assert g.msg == keep and g.block.tobytes() == rows[keep].tobytes()
 
 
 def test_a_block_decoded_together_is_split_when_the_general_path_adds_a_row() -> None:
