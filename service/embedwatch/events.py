@@ -390,8 +390,12 @@ def _decode_rows(texts: Sequence[str], n: int, pad: int) -> np.ndarray:
     k = len(texts)
     text: Any
     if pad:
-        # One (rows, n) array of the texts' characters (ASCII, or UnicodeEncodeError).
-        text = np.array(texts, dtype=f"S{n}").view(np.uint8).reshape(k, n)
+        # One (rows, n) array of the texts' characters (ASCII, or UnicodeEncodeError). Its width is
+        # the longest text's: a longer one is refused here, a shorter one fails on its NUL filler.
+        chars = np.array(texts, dtype="S")
+        if chars.itemsize != n:
+            raise ValueError("base64 texts of different lengths")
+        text = chars.view(np.uint8).reshape(k, n)
         text[:, n - pad :] = ord("A")
     else:
         text = "".join(texts)

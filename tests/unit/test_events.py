@@ -390,6 +390,18 @@ def test_b64_rows_are_decoded_together_and_a_bad_one_is_judged_alone(width: int,
         assert d._b64_pass(bad[2:3] * 2, None, groups) == [0, 1] and groups == {}
 
 
+def test_rows_decoded_together_must_all_have_the_group_length() -> None:
+    from embedwatch.events import _decode_rows
+
+    ok = _decode_rows(["AACAPw==", "AAAAQA=="], 8, 2)
+    assert ok.view("<f4").tolist() == [[1.0], [2.0]]
+    for texts in (["AACAPw==", "AAAAQAAAAEA="], ["AACAPw==", "AAA="], ["AACAPw==", "AACA\x00w=="]):
+        with pytest.raises(ValueError):
+            _decode_rows(texts, 8, 2)
+    with pytest.raises(ValueError):
+        _decode_rows(["AACAPwAAAEAAAEBA", "AACAPwAAAEAAAEBAAAAA"], 16, 0)
+
+
 def test_a_bad_row_costs_single_decodes_for_its_run_only(monkeypatch: pytest.MonkeyPatch) -> None:
     from embedwatch import events
 
