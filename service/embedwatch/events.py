@@ -312,9 +312,8 @@ def _b64decode(s: str) -> bytes:
 
 class _B64Event(msgspec.Struct, gc=False):
     """The fields of an embedding event with ``embedding_b64``, typed as their common well-formed
-    values: msgspec parses them in one C call (:meth:`Decoder._b64_pass`). The base64 stays text:
-    msgspec's own base64 decoding took 0.9 µs of a 384-d event's 1.6, pybase64 decodes a batch's
-    worth in 0.09 µs an event. Other fields are skipped, as the checks ignore them."""
+    values: msgspec parses them in one C call (:meth:`Decoder._b64_pass`). The base64 stays text,
+    decoded a batch at a time (see there). Other fields are skipped, as the checks ignore them."""
 
     model: str
     model_version: str
@@ -428,6 +427,13 @@ class _Group:
             self.raw = [row.tobytes() for row in self.block]
             self.block = None
 
+    def take(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows``, in that order, in every per-row column."""
+        for name in ("raw", "ts", "lat", "ids", "msg", "payloads", "q"):
+            col = getattr(self, name)
+            if col:
+                setattr(self, name, [col[i] for i in rows])
+
     def in_message_order(self) -> np.ndarray:
         """The rows' message indices, after putting the rows in message order if they are not.
 
@@ -438,11 +444,7 @@ class _Group:
         msg = np.asarray(self.msg, dtype=np.int64)
         if msg.shape[0] > 1 and (msg[1:] < msg[:-1]).any():
             order = np.argsort(msg, kind="stable")
-            rows = order.tolist()
-            for name in ("raw", "ts", "lat", "ids", "msg", "payloads", "q"):
-                col = getattr(self, name)
-                if col:
-                    setattr(self, name, [col[i] for i in rows])
+            self.take(order.tolist())
             msg = msg[order]
         return msg
 
@@ -597,17 +599,19 @@ class Decoder:
             g.msg.append(mi)
             g.payloads.append(value)
         bad: list[int] = []
-        for g in list(groups.values()):
-            bad += self._decode_texts(g, groups)
+        for group_key, g in list(groups.items()):
+            bad += self._decode_texts(g)
+            if not g.msg:
+                del groups[group_key]
         if bad:
             rest = sorted(rest + bad)
         return rest
 
     @staticmethod
-    def _decode_texts(g: _Group, groups: dict[tuple[StreamKey, Kind, int | str], _Group]) -> list[int]:
+    def _decode_texts(g: _Group) -> list[int]:
         """Decode the base64 rows of ``g`` (texts of one length) into :attr:`_Group.block`, in
         one call (:func:`_decode_rows`); return the message indices of rows that are not valid
-        base64 (dropped from ``g``).
+        base64 (dropped from ``g``, which may be left empty).
 
         When the joined rows do not decode (a bad row), the group is decoded again in runs of
         :data:`_RUN_ROWS` rows, and only the rows of a run that does not decode are judged one by
@@ -644,13 +648,9 @@ class Decoder:
                     keep.append(i)
                 else:
                     bad.append(g.msg[i])
-        for name in ("raw", "ts", "lat", "ids", "msg", "payloads"):
-            col = getattr(g, name)
-            setattr(g, name, [col[i] for i in keep])
+        g.take(keep)
         if keep:
             g.block = np.concatenate(parts)
-        else:
-            del groups[next(key for key, v in groups.items() if v is g)]
         return bad
 
     def decode(self, messages: Sequence[Message], now: float | None = None) -> DecodedBatch:
