@@ -111,6 +111,7 @@ class _Views:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from embedwatch import heap
     from embedwatch.api import Backend, HttpServer
     from embedwatch.app import Service, starting_metrics
     from embedwatch.exporter import Exporter, make_registry
@@ -142,6 +143,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         service.handle_signals()
         source = open_kafka_source(settings, listener=service)
         sink = open_dead_letter_sink(settings)
+        heap.settle_collector(settings.kafka.max_poll_records)
         service.run(source, sink)
     finally:
         http.stop()

@@ -1,4 +1,5 @@
-"""Give freed heap memory back to the operating system (glibc only).
+"""The process heap over months of batches: freed memory given back to the OS (glibc only), and
+CPython's cyclic collector kept off the objects that live as long as the process.
 
 numpy frees its temporary arrays at once, but glibc keeps freed heap pages: once a large temporary
 has been freed, glibc raises its mmap threshold, and later arrays of hundreds of KiB come from the
@@ -6,6 +7,8 @@ heap, where freed gaps between live arrays stay resident. In ``benchmarks/memory
 streams fed to steady state, RSS slope between 4 and 16 streams) that was 1.1 MiB per stream, which
 ``malloc_trim(0)`` returned. The service's loop calls :func:`trim` every
 ``limits.heap_trim_interval_s`` (a minute by default; 3-5 ms each).
+
+``embedwatch run`` calls :func:`settle_collector` once, after start-up (see there).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
 from collections.abc import Callable
 
 
@@ -39,3 +43,27 @@ def trim() -> bool:
     """Return the free heap pages to the OS; False when nothing could be released (or no glibc)."""
     fn = _malloc_trim()
     return bool(fn(0)) if fn is not None else False
+
+
+def settle_collector(batch_records: int) -> None:
+    """Tune CPython's cyclic collector for a loop of poll batches of up to ``batch_records`` records.
+    Process-wide: call once, when start-up is done.
+
+    Two costs, measured on a 300,000-event b64 backlog (3 streams, 384-d, confluent-kafka): 219 ms
+    of collections in 5.5 s.
+
+    - Full collections walked the ~59,000 objects of the imports and start-up, which live as long
+      as the process: 21 ms each, 146 ms in all. ``gc.freeze()`` moves them out of the collector's
+      sight (they are still freed by reference counting).
+    - The young generation was collected 5-6 times a batch (a threshold of 700 allocations), each
+      time walking the batch's live records (a Message and a partition tuple each) and promoting
+      them, so that they counted towards the next full collection though they die with the batch.
+      The threshold becomes ten times the batch's records (20,000 at the default
+      ``kafka.max_poll_records``), so the young generation is collected about once a batch.
+
+    With both, collections took 44 ms of the same run. Real garbage cycles are still collected:
+    the collector stays on and its older thresholds keep their defaults.
+    """
+    gc.freeze()
+    young, older, oldest = gc.get_threshold()
+    gc.set_threshold(max(young, 10 * int(batch_records)), older, oldest)

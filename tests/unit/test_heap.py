@@ -62,3 +62,39 @@ def test_the_service_loop_trims_at_its_interval(monkeypatch: pytest.MonkeyPatch)
     off._last_heap_trim -= 1e9
     off._trim_heap()
     assert calls == [1.0]
+
+
+# Start-up objects, then settle_collector(100); prints what the collector holds and does after it.
+_COLLECTOR = """
+import gc, json
+from embedwatch import heap
+import numpy, embedwatch.app  # the start-up objects of a service
+before = len(gc.get_objects())
+heap.settle_collector(100)
+walked = len(gc.get_objects())
+young = gc.get_stats()[0]["collections"]
+batch = [[] for _ in range(900)]  # 900 tracked objects alive at once, dying together
+del batch
+batch_collections = gc.get_stats()[0]["collections"] - young
+freed = [0]
+class Cycle:
+    def __init__(self): self.me = self
+    def __del__(self): freed[0] += 1
+for _ in range(5000):
+    Cycle()
+print(json.dumps({"before": before, "walked": walked, "frozen": gc.get_freeze_count(),
+                  "threshold": gc.get_threshold(), "batch_collections": batch_collections,
+                  "cycles_freed": freed[0]}))
+"""
+
+
+def test_the_collector_leaves_start_up_objects_and_a_batch_alone_but_still_frees_cycles() -> None:
+    import json
+
+    out = json.loads(subprocess.run([sys.executable, "-c", _COLLECTOR], capture_output=True, text=True,
+                                    check=True).stdout)
+    assert out["before"] > 10_000  # the imports' objects, which every full collection walked
+    assert out["walked"] < 100 and out["frozen"] >= out["before"]
+    assert out["threshold"][0] == 1000 and out["threshold"][1:] == [10, 10]
+    assert out["batch_collections"] == 0  # at the default 700 the batch is walked while alive
+    assert out["cycles_freed"] >= 4000  # the collector still runs by itself
