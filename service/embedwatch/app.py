@@ -583,8 +583,26 @@ class Service:
                 self.durable[p] = (c.offset, ledgers[p])
         return True
 
-    def _held_by_broker(self, source: Source, positions: dict[PartitionId, Committed]) -> bool:
-        """Whether the group coordinator already holds exactly these positions (offset and ledger).
+    def _inflight_marker(self, parts: dict[PartitionId, tuple[int, int]]) -> dict[PartitionId, Committed]:
+        """Each partition's last committed position (offset and ledger), marked in flight up to the
+        batch's end: the durable point (the last checkpoint's, or the last confirmed commit), or
+        the previous batch's commit when it is not confirmed yet (it went out before this marker,
+        so whenever the marker is applied, it is too)."""
+        pending = self._unconfirmed
+        out: dict[PartitionId, Committed] = {}
+        for p, (lo, hi) in parts.items():
+            if pending is not None and p in pending[0]:
+                offset, ledger = pending[0][p].offset, pending[1][p]
+            else:
+                offset, ledger = self.durable.get(p, (lo, self.ledgers[p]))
+            out[p] = Committed(offset, ledger.encode(inflight_end=hi + 1))
+        return out
+
+    def _held_by_broker(self, source: Source, positions: dict[PartitionId, Committed],
+                        exact: bool = False) -> bool:
+        """Whether the group coordinator already holds these positions: their offsets and ledgers,
+        and with ``exact`` their in-flight marks too. Without it, a later batch's marker at the same
+        position holds them as well (it was sent after them: :meth:`_inflight_marker`).
 
         librdkafka hands an asynchronous commit's completion to the consumer queue behind the
         records prefetched before it, so the loop rarely sees it by the next batch, although the
@@ -604,8 +622,11 @@ class Service:
             return False
         for p, c in positions.items():
             h = held.get(p)
+            if h is None or h.offset != c.offset:
+                return False
             # Compared as ledgers: confluent-kafka stores the metadata with a trailing NUL.
-            if h is None or h.offset != c.offset or Ledger.decode(h.metadata) != Ledger.decode(c.metadata):
+            have, want = Ledger.decode(h.metadata), Ledger.decode(c.metadata)
+            if have != want and (exact or have.copy() != want.copy()):
                 return False
         return True
 
@@ -756,29 +777,26 @@ class Service:
             PartitionId(*k): (int(lo_off[i]), int(hi_off[i])) for k, i in first_seen.items()}
         for p in parts:
             self.ledgers.setdefault(p, Ledger())
+        # Mark the batch in flight before processing it, so that a successor after a crash knows
+        # what it processes a second time. Asynchronous: commits to one coordinator are applied in
+        # order, so the batch's final commit below still wins, and the batch's processing gives it
+        # time to land before the dead letters need it (below).
+        inflight = self._inflight_marker(parts)
+        source.commit(inflight, asynchronous=True)
         batch, rejections = self.process(messages)
         if not self._confirm_commit(source) and self.stop_requested.is_set():
-            return  # nothing of this batch left the process: the next owner processes it
-        # Mark the batch in flight at the last durable point: a successor after a crash knows what
-        # it processes a second time. process() only changed this process's memory, so the marker
-        # can follow it; it must reach the broker before anything outside (dead letters) does.
-        inflight: dict[PartitionId, Committed] = {}
-        for p, (lo, hi) in parts.items():
-            offset, ledger = self.durable.get(p, (lo, self.ledgers[p]))
-            inflight[p] = Committed(offset, ledger.encode(inflight_end=hi + 1))
-        if rejections:
-            # Synchronous: a crash after the dead letters are flushed must find the marker, or the
-            # successor writes them again without counting a replay. Only such batches pay the
-            # round trip.
+            return  # nothing of this batch but its marker left the process: the next owner processes it
+        # A crash after the dead letters are flushed must find the marker on the broker, or the
+        # successor writes them again without counting a replay: read back (an offset fetch), and
+        # committed synchronously only when it is not there.
+        if rejections and not self._held_by_broker(source, inflight, exact=True):
             if not self._commit(source, inflight):
                 # The partitions moved on or a stop came first: the batch is the next owner's.
                 if self.stop_requested.is_set():
                     self._state_ahead = True
                 return
-        else:
-            # Asynchronous: it only tells a successor what it replays, and commits to one
-            # coordinator are applied in order, so the batch's final commit below still wins.
-            source.commit(inflight, asynchronous=True)
+        elif rejections:
+            self.exporter.counters.inc("embedwatch_commits_total", ("success",))
         for r in rejections:
             m = messages[r.message_index]
             sink.send(self.settings.kafka.dlq_topic(m.topic), r.payload, m.key, dlq_headers(m, r))
@@ -815,7 +833,7 @@ class Service:
                 self._positions[p] = parts[p][1] + 1
                 until = self.replay_until.get(p)
                 if until is not None:
-                    lo, hi = parts[p]
+                    hi = parts[p][1]
                     n = sum(1 for m in messages if m.topic == p.topic and m.partition == p.partition
                             and m.offset < until)
                     if n:

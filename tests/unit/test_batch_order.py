@@ -38,11 +38,12 @@ class RecordingSource:
 
     It also models the broker's side of commits: ``applied`` is what a successor would read after a
     kill at this moment, and :meth:`committed` reads it back. Asynchronous commits are applied in
-    order at the next poll (where real clients serve their completions, and :meth:`landed` learns
-    of them) or, with ``slow``, only when a later synchronous commit pushes them through (commits
-    to one coordinator apply in order). With ``late_acks`` they are applied at the next poll but
-    their completions are not seen (librdkafka queues them behind the prefetched records); with
-    ``unreadable`` reading them back fails too."""
+    order by the next poll or read-back (a broker applies one within a round trip; the next poll is
+    where real clients serve their completions, and :meth:`landed` learns of them) or, with
+    ``slow``, only when a later synchronous commit pushes them through (commits to one coordinator
+    apply in order). With ``late_acks`` their completions are not seen (librdkafka queues them
+    behind the prefetched records); with ``unreadable`` reading them back fails too. With
+    ``fail_commits`` the broker is unreachable: every commit fails, asynchronous ones silently."""
 
     def __init__(self, log: list[tuple[str, object]], batches: list[list[Message]], svc: Service) -> None:
         self.log, self.batches, self.svc = log, batches, svc
@@ -82,8 +83,10 @@ class RecordingSource:
         return self.batches.pop(0)
 
     def commit(self, positions: dict[PartitionId, Committed], asynchronous: bool = False) -> None:
-        if self.fail_commits and not asynchronous:
+        if self.fail_commits:
             self.log.append(("commit-failed", None))
+            if asynchronous:
+                return  # its completion reports the error; nothing reaches the broker
             raise ConnectionError("broker unreachable")
         for p, c in positions.items():
             f = orjson.loads(c.metadata).get("f")
@@ -104,6 +107,8 @@ class RecordingSource:
         self.reads += 1
         if self.reads and self.unreadable:
             raise ConnectionError("broker unreachable")
+        if not self.slow:
+            self._apply_queued()
         return dict.fromkeys(partitions, self.held)
 
     def assignment(self) -> set[PartitionId]:
@@ -128,12 +133,14 @@ class RecordingSink:
         self.source = source
         self.fail_flush = False
         self.broker_at_send: list[tuple[int, tuple[int, int | None]]] = []
+        self.ledger_at_send: list[Ledger] = []
 
     def send(self, topic: str, value: bytes, key: bytes | None, headers: list[tuple[str, bytes]]) -> None:
         offset = dict(headers)["embedwatch-source-offset"].decode()
         self.log.append(("send", offset))
         if self.source is not None:
             self.broker_at_send.append((int(offset), self.source.applied))
+            self.ledger_at_send.append(Ledger.decode(self.source.held.metadata))
 
     def flush(self, timeout_s: float) -> None:
         if self.fail_flush:
@@ -170,16 +177,20 @@ def test_the_in_flight_marker_reaches_the_broker_before_any_dead_letter(acks: st
     for offset, (committed, inflight_end) in sink.broker_at_send:
         assert inflight_end is not None and committed <= offset < inflight_end
         assert inflight_end - committed <= 50
-    # Clean batches mark themselves in flight and commit without waiting for the broker.
+    # The marker carries the counts of everything below its offset (the two clean batches), which
+    # a successor restores as its ledger.
+    assert sink.ledger_at_send and all(led == Ledger(100, 0, 150) for led in sink.ledger_at_send)
+    # Every batch marks itself in flight before it is processed, and clean batches commit without
+    # waiting for the broker.
     assert ("commit-async", (P0, 0, 50)) in log and ("commit-async", (P0, 50, None)) in log
-    # The batch with dead letters: a synchronous marker naming the batch's end, before any send.
     first_send = next(i for i, (what, _) in enumerate(log) if what == "send")
-    assert ("commit", (P0, 100, 150)) in log[:first_send]
-    # When the previous batch's commit had not been seen to land, it was read back from the broker,
-    # and committed synchronously only when it was not found there.
+    assert ("commit-async", (P0, 100, 150)) in log[:first_send]
+    # The batch with dead letters: its marker was read back before any send, and committed
+    # synchronously only when the broker did not hold it (it could not be read, or it waits behind
+    # a synchronous commit); so was the previous batch's commit when its completion was not seen.
+    assert (("commit", (P0, 100, 150)) in log[:first_send]) == (acks in ("unreadable", "slow"))
     assert (("commit", (P0, 100, None)) in log[:first_send]) == (acks in ("unreadable", "slow"))
-    assert (source.reads > 0) == (acks != "prompt")
-    # Every batch's commit was confirmed, whichever way, and none twice.
+    assert source.reads > 0
     # Each of the four commits that must land (three batches' and the marker before the dead
     # letters) was confirmed once, whichever way: a read-back that found it is not followed by a
     # second commit.
@@ -279,6 +290,21 @@ def test_a_commit_is_taken_as_landed_only_when_the_broker_holds_exactly_it() -> 
     for other in (Committed(99, want[P0].metadata), Committed(100, Ledger(91, 9).encode()), None):
         assert not svc._held_by_broker(_HeldSource({**held, P0: other}), want)
     assert not svc._held_by_broker(_HeldSource(held, fail=True), want)  # unreachable: commit instead
+    # The next batch's in-flight marker at the same position holds it too (it was sent after it),
+    # but not a marker at another position or with other counts; and a marker read back exactly
+    # needs its own in-flight end.
+    marked = {p: Committed(c.offset, Ledger.decode(c.metadata).encode(inflight_end=c.offset + 50))
+              for p, c in want.items()}
+    assert svc._held_by_broker(_HeldSource(marked), want)
+    assert not svc._held_by_broker(_HeldSource({**marked, P0: Committed(99, marked[P0].metadata)}), want)
+    assert not svc._held_by_broker(
+        _HeldSource({**marked, P0: Committed(100, Ledger(91, 9).encode(inflight_end=150))}), want)
+    assert svc._held_by_broker(_HeldSource(marked), marked, exact=True)
+    assert svc._held_by_broker(_HeldSource({p: Committed(c.offset, c.metadata + "\x00") for p, c in marked.items()}),
+                               marked, exact=True)
+    assert not svc._held_by_broker(_HeldSource(held), marked, exact=True)
+    other_end = {**marked, P0: Committed(100, Ledger(90, 10).encode(inflight_end=120))}
+    assert not svc._held_by_broker(_HeldSource(other_end), marked, exact=True)
     svc.on_revoked([p1])
     assert not svc._held_by_broker(_HeldSource(held), want)  # not ours any more: the commit path decides
 
