@@ -569,13 +569,13 @@ class Service:
         if pending is None:
             return True
         positions, ledgers = pending
-        if source.landed(positions) or (wait and self._held_by_broker(source, positions)):
+        if source.landed(positions):
             self.exporter.counters.inc("embedwatch_commits_total", ("success",))
         elif not wait:
             return False
         else:
             self._unconfirmed = None
-            if not self._commit(source, positions):  # counts itself
+            if not self._make_held(source, positions):
                 return False
         self._unconfirmed = None
         for p, c in positions.items():
@@ -626,9 +626,18 @@ class Service:
                 return False
             # Compared as ledgers: confluent-kafka stores the metadata with a trailing NUL.
             have, want = Ledger.decode(h.metadata), Ledger.decode(c.metadata)
-            if have != want and (exact or have.copy() != want.copy()):
+            if have.copy() != want.copy() or (exact and have.inflight_end != want.inflight_end):
                 return False
         return True
+
+    def _make_held(self, source: Source, positions: dict[PartitionId, Committed], exact: bool = False) -> bool:
+        """Make sure the broker holds ``positions`` (see :meth:`_held_by_broker`): read them back,
+        and commit them synchronously only when they are not there. Either way counts one
+        successful commit; False as :meth:`_commit`."""
+        if self._held_by_broker(source, positions, exact):
+            self.exporter.counters.inc("embedwatch_commits_total", ("success",))
+            return True
+        return self._commit(source, positions)  # counts itself
 
     def _commit(self, source: Source, positions: dict[PartitionId, Committed]) -> bool:
         """Commit, retrying through broker outages; False if the partitions were taken away."""
@@ -787,16 +796,12 @@ class Service:
         if not self._confirm_commit(source) and self.stop_requested.is_set():
             return  # nothing of this batch but its marker left the process: the next owner processes it
         # A crash after the dead letters are flushed must find the marker on the broker, or the
-        # successor writes them again without counting a replay: read back (an offset fetch), and
-        # committed synchronously only when it is not there.
-        if rejections and not self._held_by_broker(source, inflight, exact=True):
-            if not self._commit(source, inflight):
-                # The partitions moved on or a stop came first: the batch is the next owner's.
-                if self.stop_requested.is_set():
-                    self._state_ahead = True
-                return
-        elif rejections:
-            self.exporter.counters.inc("embedwatch_commits_total", ("success",))
+        # successor writes them again without counting a replay.
+        if rejections and not self._make_held(source, inflight, exact=True):
+            # The partitions moved on or a stop came first: the batch is the next owner's.
+            if self.stop_requested.is_set():
+                self._state_ahead = True
+            return
         for r in rejections:
             m = messages[r.message_index]
             sink.send(self.settings.kafka.dlq_topic(m.topic), r.payload, m.key, dlq_headers(m, r))

@@ -49,11 +49,11 @@ def settle_collector(batch_records: int) -> None:
     """Tune CPython's cyclic collector for a loop of poll batches of up to ``batch_records`` records.
     Process-wide: call once, when start-up is done.
 
-    Two costs, measured on a 300,000-event b64 backlog (3 streams, 384-d, confluent-kafka): 219 ms
-    of collections in 5.5 s.
+    Two costs, measured on a 300,000-event b64 backlog (3 streams, 384-d, confluent-kafka): 219-309
+    ms of collections per run, about 5% of its processing time.
 
     - Full collections walked the ~59,000 objects of the imports and start-up, which live as long
-      as the process: 21 ms each, 146 ms in all. ``gc.freeze()`` moves them out of the collector's
+      as the process: 21-29 ms each, 146-202 ms in all. ``gc.freeze()`` moves them out of the collector's
       sight (they are still freed by reference counting).
     - The young generation was collected 5-6 times a batch (a threshold of 700 allocations), each
       time walking the batch's live records (a Message and a partition tuple each) and promoting
@@ -61,7 +61,7 @@ def settle_collector(batch_records: int) -> None:
       The threshold becomes ten times the batch's records (20,000 at the default
       ``kafka.max_poll_records``), so the young generation is collected about once a batch.
 
-    With both, collections took 44 ms of the same run. Real garbage cycles are still collected:
+    With both, collections took 35-43 ms of the same runs. Real garbage cycles are still collected:
     the collector stays on and its older thresholds keep their defaults.
     """
     gc.freeze()
