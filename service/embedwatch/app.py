@@ -51,6 +51,7 @@ from embedwatch.state import (
     decode_checkpoint,
     seal_checkpoint,
 )
+from embedwatch.window import ts_range
 
 log = logging.getLogger("embedwatch")
 
@@ -245,7 +246,7 @@ class Service:
                 continue
             s: LabelValues = tuple(b.stream)
             c.inc("embedwatch_events_total", (*s, b.kind.value), rows.n)
-            ts_max = float(np.max(rows.ts)) if rows.n else math.nan
+            ts_max = ts_range(rows.ts)[1] if rows.n else math.nan
             prev = ex.gauges["embedwatch_last_event_timestamp_seconds"].get(s, 0.0)
             ex.set_gauge("embedwatch_last_event_timestamp_seconds", s, max(prev, ts_max))
             h.observe("embedwatch_event_lag_seconds", s, now - rows.ts)
@@ -255,12 +256,10 @@ class Service:
                     norms = np.sqrt(np.einsum("ij,ij->i", rows.vectors, rows.vectors, dtype=np.float64))
                     h.observe("embedwatch_embedding_norm", s, norms)
                     base = mon.baseline
-                    centroid = base.mean if base is not None else None
-                    if centroid is not None and centroid.shape[0] == rows.dim:
-                        cn = float(np.linalg.norm(centroid))
-                        if cn > 0:
-                            sims = (rows.vectors @ (centroid / cn).astype(np.float32)) / np.maximum(norms, 1e-30)
-                            h.observe("embedwatch_similarity_to_baseline", s, sims)
+                    unit = base.centroid_unit if base is not None else None
+                    if unit is not None and unit.shape[0] == rows.dim:
+                        sims = (rows.vectors @ unit) / np.maximum(norms, 1e-30)
+                        h.observe("embedwatch_similarity_to_baseline", s, sims)
             else:
                 h.observe("embedwatch_query_latency_seconds", s, rows.latency_s)
                 if rows.top1 is not None:

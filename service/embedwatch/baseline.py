@@ -14,6 +14,7 @@ eigenvalues of the feature covariance (the analytic null of the MMD^2 test).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from collections.abc import Mapping
@@ -298,6 +299,17 @@ class Baseline:
     def mean(self) -> np.ndarray:
         return self.arrays["mean"]
 
+    @functools.cached_property
+    def centroid_unit(self) -> np.ndarray | None:
+        """The centroid scaled to unit length, float32 and read-only (``None`` when it is zero):
+        kept, because the service projects every batch of the stream on it."""
+        n = float(np.linalg.norm(self.mean))
+        if not n > 0:
+            return None
+        unit = (self.mean / n).astype(np.float32)
+        unit.flags.writeable = False
+        return unit
+
     @property
     def var(self) -> np.ndarray:
         return self.arrays["var"]
@@ -363,10 +375,9 @@ class Baseline:
     def projection(self, mmd: RFFMMD | None = None) -> Projection:
         """Centroid, bin edges and feature map for a :class:`embedwatch.window.Window`."""
         m = mmd if mmd is not None else self.mmd()
-        c = self.mean
-        n = float(np.linalg.norm(c))
-        unit = (c / n if n > 0 else c).astype(np.float32)
-        return Projection(unit, self.arrays["sim_edges"], self.arrays["norm_edges"], m.feature_sum, m.features)
+        unit = self.centroid_unit
+        return Projection(self.mean.astype(np.float32) if unit is None else unit, self.arrays["sim_edges"],
+                          self.arrays["norm_edges"], m.feature_sum, m.features)
 
 
 def _created(ts: np.ndarray | float | None) -> float:

@@ -821,14 +821,15 @@ class Decoder:
             vectors = _list_block(g.raw, g.lists, bad, reasons)
         if vectors.shape[1]:
             finite = np.isfinite(vectors).all(axis=1)
-            for i in np.flatnonzero(~finite & ~bad):
-                reasons[int(i)] = (Reason.NON_FINITE, "embedding holds NaN or Inf")
-            bad |= ~finite
             # Exactly zero, not "small": squaring tiny float32 values would underflow to 0.
-            zero = ~vectors.any(axis=1)
-            for i in np.flatnonzero(zero & ~bad):
-                reasons[int(i)] = (Reason.ZERO_VECTOR, "embedding has zero norm")
-            bad |= zero
+            nonzero = vectors.any(axis=1)
+            if not (finite.all() and nonzero.all()):  # rare: name each bad row's reason
+                for i in np.flatnonzero(~finite & ~bad):
+                    reasons[int(i)] = (Reason.NON_FINITE, "embedding holds NaN or Inf")
+                bad |= ~finite
+                for i in np.flatnonzero(~nonzero & ~bad):
+                    reasons[int(i)] = (Reason.ZERO_VECTOR, "embedding has zero norm")
+                bad |= ~nonzero
         for row, (reason, detail) in sorted(reasons.items()):
             out.rejections.append(Rejection(g.msg[row], reason, detail, g.payloads[row], stream))
         block = Block(

@@ -8,6 +8,7 @@ help come from :mod:`embedwatch.metrics_catalog`.
 
 from __future__ import annotations
 
+import bisect
 import math
 import sys
 from collections import defaultdict
@@ -60,22 +61,32 @@ class Counters:
                 del d[k]
 
 
+#: Arrays up to this long are observed value by value (bisect into the bounds): with many streams a
+#: block holds a few events, and four numpy calls per histogram cost more than that.
+_FEW = 16
+
+
 class Histograms:
     """Cumulative-bucket histograms fed with numpy arrays."""
 
     def __init__(self) -> None:
         self._buckets: dict[str, np.ndarray] = {}
+        self._bounds: dict[str, list[float]] = {}  # the same upper bounds, as a list
         self._counts: dict[str, dict[LabelValues, np.ndarray]] = defaultdict(dict)
         self._sums: dict[str, dict[LabelValues, float]] = defaultdict(dict)
 
     def observe(self, name: str, labels: LabelValues, values: np.ndarray) -> None:
         v = np.asarray(values, dtype=np.float64)
-        v = v[np.isfinite(v)]
-        if v.size == 0:
-            return
         edges = self._buckets.get(name)
         if edges is None:
             edges = self._buckets[name] = np.asarray(BY_NAME[name].buckets, dtype=np.float64)
+            self._bounds[name] = edges.tolist()
+        if v.size <= _FEW:
+            self._observe_few(name, labels, v.ravel().tolist())
+            return
+        v = v[np.isfinite(v)]
+        if v.size == 0:
+            return
         # side="left": a value equal to an upper bound ``le`` belongs to that bucket.
         idx = np.searchsorted(edges, v, side="left")
         counts = np.bincount(idx, minlength=edges.size + 1)
@@ -86,6 +97,22 @@ class Histograms:
         else:
             per[labels] = counts.astype(np.int64)
             self._sums[name][labels] = float(v.sum())
+
+    def _observe_few(self, name: str, labels: LabelValues, values: list[float]) -> None:
+        """:meth:`observe` of a few values, one by one (same buckets: ``bisect_left`` is
+        ``searchsorted(side="left")``)."""
+        finite = [x for x in values if math.isfinite(x)]
+        if not finite:
+            return
+        per = self._counts[name]
+        counts = per.get(labels)
+        if counts is None:
+            counts = per[labels] = np.zeros(len(self._bounds[name]) + 1, dtype=np.int64)
+            self._sums[name][labels] = 0.0
+        bounds = self._bounds[name]
+        for x in finite:
+            counts[bisect.bisect_left(bounds, x)] += 1
+        self._sums[name][labels] += sum(finite)
 
     def snapshot(self) -> list[tuple[str, np.ndarray, list[tuple[LabelValues, np.ndarray, float]]]]:
         """``[(name, upper bounds, [(labels, cumulative counts incl. +Inf, sum)])]``, copied."""

@@ -316,7 +316,7 @@ class StreamRouter:
     def _persist(self, key: StreamKey, mon: StreamMonitor) -> None:
         if self.baselines is None or mon.baseline is None:
             return
-        bid = str(mon.baseline.metadata["baseline_id"])
+        bid = mon.baseline.baseline_id
         if self._saved.get(key) != bid:
             try:
                 self.baselines.save(mon.baseline, activate=True)

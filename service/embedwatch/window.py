@@ -54,6 +54,8 @@ from embedwatch.config import DetectionSettings
 FeatureSum = Callable[[np.ndarray], np.ndarray]
 #: Rows of the batch processed at once in float64 (a 256 x 768 float64 chunk is 1.5 MiB).
 _CHUNK = 256
+#: Batches up to this many events are sampled into a bucket's reservoir event by event.
+_SMALL_SAMPLE = 16
 _tls = threading.local()
 #: What a released bucket holds instead of its reservoir (read-only, shared).
 _NO_ROWS = np.zeros((0, 0), dtype=np.float32)
@@ -69,6 +71,15 @@ def _ones(n: int) -> np.ndarray:
 
 _ONES = np.ones(_CHUNK)
 _ONES.flags.writeable = False
+
+
+def ts_range(ts: np.ndarray) -> tuple[float, float]:
+    """``(min, max)`` of a non-empty float64 array; a few values go through a list (a numpy
+    reduction's fixed cost is several times a short list's)."""
+    if ts.shape[0] <= _SMALL_SAMPLE:
+        t = ts.tolist()
+        return min(t), max(t)
+    return float(ts.min()), float(ts.max())
 
 
 def _float64_rows(x: np.ndarray) -> np.ndarray:
@@ -152,10 +163,12 @@ class Projection:
             np.multiply(c64, c64, out=c64)  # exact: a float32 squared fits a float64
             sq_norms[a : a + _CHUNK] = c64 @ ones
         norms = np.sqrt(sq_norms, out=sq_norms)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            sims = np.where(norms > 0, dots / norms, 0.0)
-        sim_bins = np.searchsorted(self.sim_edges, sims, side="right")
-        norm_bins = np.searchsorted(self.norm_edges, norms, side="right")
+        # A masked divide, not errstate + where: entering np.errstate costs more than the rest of
+        # a few-event batch's summary (many streams, a few events each per poll).
+        sims = np.zeros(n)
+        np.divide(dots, norms, out=sims, where=norms > 0)
+        sim_bins = self.sim_edges.searchsorted(sims, side="right")
+        norm_bins = self.norm_edges.searchsorted(norms, side="right")
         return Summary(norms, sims, sim_bins, norm_bins)
 
 
@@ -321,8 +334,9 @@ class Bucket:
             self.sumsq += ones @ c64
         self.sim_hist += np.bincount(s.sim_bins, minlength=self.sim_hist.shape[0])
         self.norm_hist += np.bincount(s.norm_bins, minlength=self.norm_hist.shape[0])
-        self.min_ts = min(self.min_ts, float(ts.min()))
-        self.max_ts = max(self.max_ts, float(ts.max()))
+        lo, hi = ts_range(ts)
+        self.min_ts = min(self.min_ts, lo)
+        self.max_ts = max(self.max_ts, hi)
         self._sims[self.count : self.count + n] = s.sims
         self._norms[self.count : self.count + n] = s.norms
         self._sample_into(x, self.count, first_index)
@@ -342,6 +356,17 @@ class Bucket:
             self.reservoir[seen : seen + n] = x
             self.res_index[seen : seen + n] = np.arange(first_index, first_index + n)
             self._dirty[seen : seen + n] = True
+        elif n <= _SMALL_SAMPLE:
+            # Event by event on the same draws: a few events (many streams, a few each per poll)
+            # cost less as row copies than as the vectorised path's dozen numpy calls.
+            draws = self.rng.random(n - nfill).tolist()
+            for i in range(n):
+                at = seen + i  # the event's index in the bucket
+                slot = at if i < nfill else int(draws[i - nfill] * (at + 1))
+                if slot < k:
+                    self.reservoir[slot] = x[i]
+                    self.res_index[slot] = first_index + i
+                    self._dirty[slot] = True
         else:
             t = np.arange(seen + nfill, seen + n)
             j = (self.rng.random(t.shape[0]) * (t + 1)).astype(np.int64)
@@ -524,6 +549,7 @@ class Window:
         if n == 0:
             return
         s = summary if summary is not None else self.projection.summarise(x)
+        newest = ts_range(ts)[1]
         pos = 0
         while pos < n:
             b = self.buckets[-1] if self.buckets else None
@@ -534,8 +560,11 @@ class Window:
             room = b.capacity - b.count
             seg_ts = ts[pos : pos + room]
             limit = (b.start_ts if b.count else float(seg_ts[0])) + self.span
-            over = seg_ts > limit
-            k = int(np.argmax(over)) if over.any() else seg_ts.shape[0]
+            if newest <= limit:  # the usual case: nothing here is past the bucket's time span
+                k = seg_ts.shape[0]
+            else:
+                over = seg_ts > limit
+                k = int(np.argmax(over)) if over.any() else seg_ts.shape[0]
             if k == 0:
                 b.closed = True
                 continue
@@ -543,7 +572,7 @@ class Window:
             pos += k
             if k < seg_ts.shape[0]:
                 b.closed = True
-        self.newest_ts = max(self.newest_ts, float(ts.max()))
+        self.newest_ts = max(self.newest_ts, newest)
         self.evict()
 
     def evict(self, now: float | None = None) -> None:

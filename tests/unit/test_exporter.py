@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -43,11 +44,14 @@ def test_histogram_matches_prometheus_client(batches: list[list[float]]) -> None
         assert np.isclose(got[k], want[k], rtol=1e-12, atol=1e-9), k
 
 
-def test_non_finite_values_are_not_observed() -> None:
+@pytest.mark.parametrize("repeat", [1, 20])  # a few values (observed one by one) and an array
+def test_non_finite_values_are_not_observed(repeat: int) -> None:
     ex = Exporter()
-    ex.histograms.observe("embedwatch_embedding_norm", ("m", "1", "d"), np.array([np.nan, 1.0, np.inf]))
-    got = samples(generate_latest(make_registry(ex, process_metrics=False)), "embedwatch_embedding_norm_count")
-    assert list(got.values()) == [1.0]
+    values = np.tile([np.nan, 1.0, np.inf, -np.inf], repeat)
+    ex.histograms.observe("embedwatch_embedding_norm", ("m", "1", "d"), values)
+    text = generate_latest(make_registry(ex, process_metrics=False))
+    assert list(samples(text, "embedwatch_embedding_norm_count").values()) == [float(repeat)]
+    assert list(samples(text, "embedwatch_embedding_norm_sum").values()) == [float(repeat)]
 
 
 def test_counters_and_gauges_exposed_with_catalog_help() -> None:

@@ -95,18 +95,15 @@ def test_reservoir_is_a_bounded_sample_of_the_bucket(n: int, k: int, seed: int, 
     assert_valid_reservoir(b, x, 1000)
 
 
-@settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 300), k=st.integers(1, 40), seed=st.integers(0, 10**6),
-       cuts=st.lists(st.integers(1, 299), max_size=5))
-def test_reservoir_equals_sequential_algorithm_r(n: int, k: int, seed: int, cuts: list[int]) -> None:
-    """The vectorised update (only each slot's last writer copied) leaves exactly the reservoir
-    of Algorithm R run event by event on the same random numbers (one draw per call, as above)."""
+def _reservoir_matches_algorithm_r(n: int, k: int, seed: int, bounds: list[int]) -> None:
+    """Feed a bucket ``x[a:e]`` for each consecutive pair of ``bounds``; its reservoir must be the
+    one Algorithm R leaves when run event by event on the same random numbers (one draw per call
+    for the events past the k-th)."""
     x, ts = data(seed, n)
     b = Bucket(DIM, PROJ.sim_bins, PROJ.norm_bins, k, n, np.random.default_rng(seed))
     rng = np.random.default_rng(seed)
     res = np.zeros((k, DIM), dtype=np.float32)
     index = np.full(k, -1, dtype=np.int64)
-    bounds = [0, *sorted({c for c in cuts if c < n}), n]
     for a, e in itertools.pairwise(bounds):
         b.add(x[a:e], PROJ.summarise(x[a:e]), ts[a:e], 7 + a)
         late = [t for t in range(a, e) if t >= k]
@@ -117,6 +114,23 @@ def test_reservoir_equals_sequential_algorithm_r(n: int, k: int, seed: int, cuts
                 res[slot], index[slot] = x[t], 7 + t
     np.testing.assert_array_equal(b.reservoir[: b.res_n], res[: b.res_n])
     np.testing.assert_array_equal(b.res_index, index)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 300), k=st.integers(1, 40), seed=st.integers(0, 10**6),
+       cuts=st.lists(st.integers(1, 299), max_size=5))
+def test_reservoir_equals_sequential_algorithm_r(n: int, k: int, seed: int, cuts: list[int]) -> None:
+    """The vectorised update (only each slot's last writer copied) leaves exactly the reservoir
+    of Algorithm R run event by event on the same random numbers (one draw per call, as above)."""
+    _reservoir_matches_algorithm_r(n, k, seed, [0, *sorted({c for c in cuts if c < n}), n])
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 300), k=st.integers(1, 40), seed=st.integers(0, 10**6), step=st.integers(1, 24))
+def test_reservoir_of_few_event_batches_equals_sequential_algorithm_r(n: int, k: int, seed: int, step: int) -> None:
+    """The same for a bucket fed a few events at a time (as with many streams), which takes the
+    per-event path up to ``_SMALL_SAMPLE`` events and the vectorised one beyond."""
+    _reservoir_matches_algorithm_r(n, k, seed, [*range(0, n, step), n])
 
 
 def test_reservoir_sampling_is_uniform() -> None:

@@ -53,6 +53,9 @@ RESULT_KEYS = (
 #: (O(batch)); a longer one the bulk ring update (:meth:`VersionComparison._update_alone`,
 #: O(probe)), whose fixed cost is about a hundred ids' worth of the loop.
 _LOOP_MAX = 64
+#: Up to this many rows of a batch are copied one by one; more take one fancy-indexed copy
+#: (measured crossover about 20 rows of 384-d).
+_ROW_COPIES = 16
 
 class _Probe:
     """Vectors of one version keyed by id: pinned (shared) rows plus a FIFO ring of recent ones."""
@@ -182,10 +185,14 @@ class VersionComparison:
                 if ident in other.index:
                     other.pin(ident)
                     probe.pin(ident)
-        if rows:
+        if len(rows) > _ROW_COPIES:
             dst = np.fromiter(rows.keys(), dtype=np.int64, count=len(rows))
             src = np.fromiter(rows.values(), dtype=np.int64, count=len(rows))
             probe.vectors[dst] = vectors[src]
+        else:  # a few rows (many streams, a few events each per poll): copies beat a fancy index
+            for row, pos in rows.items():
+                probe.vectors[row] = vectors[pos]
+        if rows:
             self._cache = None
 
     def _update_alone(self, probe: _Probe, ids: Sequence[str | None], vectors: np.ndarray) -> None:
