@@ -328,13 +328,13 @@ def render(r: dict[str, Any]) -> str:
         rows = [[k, _n(_v(e, "core")), _n(_v(e, "core_big_batch")),
                  _n(_v(e, "core_big_batch") / _v(e, "core"), 2, "x")] for k, e in big]
         size = _v(big[0][1], "core_big_batch", "batch")
-        most, widest = max(((int(k), e) for k, e in big), key=lambda t: t[0])
+        most, most_row = max(((int(k), e) for k, e in big), key=lambda t: t[0])
         per_update = 2000 / most  # events of a stream in a 2,000-event poll batch
         parts.append(
             "### Poll batch size with many streams (core, 384-d, one BLAS thread)\n\n"
             "With many streams a poll batch holds few events per stream, and each stream's fixed cost per "
             f"update, small numpy calls, dominates (at {_n(most)} streams an update of {per_update:g} events "
-            f"takes {_n(per_update / _v(widest, 'core') * 1e6)} µs). A service catching up on a "
+            f"takes {_n(per_update / _v(most_row, 'core') * 1e6)} µs). A service catching up on a "
             "backlog with many streams gains from a larger `kafka.max_poll_records` (default 2,000); in steady "
             "state at moderate rates a poll returns fewer events than either bound, so nothing changes there. "
             "Each batch is held in memory while it is processed (a 384-d event is about 2 KB as b64 and 1.5 KB "

@@ -51,7 +51,7 @@ from embedwatch.state import (
     decode_checkpoint,
     seal_checkpoint,
 )
-from embedwatch.window import ts_range
+from embedwatch.window import ts_max
 
 log = logging.getLogger("embedwatch")
 
@@ -246,9 +246,9 @@ class Service:
                 continue
             s: LabelValues = tuple(b.stream)
             c.inc("embedwatch_events_total", (*s, b.kind.value), rows.n)
-            ts_max = ts_range(rows.ts)[1] if rows.n else math.nan
+            newest = ts_max(rows.ts) if rows.n else math.nan
             prev = ex.gauges["embedwatch_last_event_timestamp_seconds"].get(s, 0.0)
-            ex.set_gauge("embedwatch_last_event_timestamp_seconds", s, max(prev, ts_max))
+            ex.set_gauge("embedwatch_last_event_timestamp_seconds", s, max(prev, newest))
             h.observe("embedwatch_event_lag_seconds", s, now - rows.ts)
             if b.kind is Kind.EMBEDDING:
                 h.observe("embedwatch_inference_latency_seconds", s, rows.latency_s)

@@ -52,7 +52,7 @@ from embedwatch.detectors.mmd import RFFMMD
 from embedwatch.events import StreamKey
 from embedwatch.metrics_catalog import METRICS
 from embedwatch.stats import ks_2samp, moments_from_sums
-from embedwatch.window import PrefixSums, Projection, ScalarWindow, Window, WindowTotals, ts_range
+from embedwatch.window import PrefixSums, Projection, ScalarWindow, Window, WindowTotals, ts_max
 
 #: Every per-stream measure key exported through metrics_catalog (``Metric.measure``).
 MEASURE_KEYS: tuple[str, ...] = tuple(m.measure for m in METRICS if m.measure is not None)
@@ -285,7 +285,7 @@ class StreamMonitor:
             raise ValueError(f"stream {self._name}: dimension {x.shape[1]} != expected {self.expected_dim}")
         if ids is not None:
             self._dups.update(ids)
-        self._newest_ts = max(self._newest_ts, ts_range(ts)[1])
+        self._newest_ts = max(self._newest_ts, ts_max(ts))
         first = self.events
         pos = 0
         if self.baseline is None:
@@ -600,7 +600,7 @@ class StreamMonitor:
                        precision=np.asarray(precision_at_k, dtype=np.float64),
                        recall=np.asarray(recall_at_k, dtype=np.float64), index=index)
         self.query_events += n
-        self._newest_ts = max(self._newest_ts, ts_range(ts)[1])
+        self._newest_ts = max(self._newest_ts, ts_max(ts))
         self._evaluate_queries()
         if vectors is None or vectors.ndim != 2 or vectors.shape[1] == 0:
             return []

@@ -54,8 +54,9 @@ from embedwatch.config import DetectionSettings
 FeatureSum = Callable[[np.ndarray], np.ndarray]
 #: Rows of the batch processed at once in float64 (a 256 x 768 float64 chunk is 1.5 MiB).
 _CHUNK = 256
-#: Batches up to this many events are sampled into a bucket's reservoir event by event.
-_SMALL_SAMPLE = 16
+#: Up to this many events, a loop over them costs less than numpy's fixed cost per call (a
+#: bucket's reservoir sampling, a batch's timestamp range): many streams, a few events each per poll.
+_FEW = 16
 _tls = threading.local()
 #: What a released bucket holds instead of its reservoir (read-only, shared).
 _NO_ROWS = np.zeros((0, 0), dtype=np.float32)
@@ -76,10 +77,15 @@ _ONES.flags.writeable = False
 def ts_range(ts: np.ndarray) -> tuple[float, float]:
     """``(min, max)`` of a non-empty float64 array; a few values go through a list (a numpy
     reduction's fixed cost is several times a short list's)."""
-    if ts.shape[0] <= _SMALL_SAMPLE:
+    if ts.shape[0] <= _FEW:
         t = ts.tolist()
         return min(t), max(t)
     return float(ts.min()), float(ts.max())
+
+
+def ts_max(ts: np.ndarray) -> float:
+    """``max`` of a non-empty float64 array, as :func:`ts_range` (one reduction, not two)."""
+    return max(ts.tolist()) if ts.shape[0] <= _FEW else float(ts.max())
 
 
 def _float64_rows(x: np.ndarray) -> np.ndarray:
@@ -356,7 +362,7 @@ class Bucket:
             self.reservoir[seen : seen + n] = x
             self.res_index[seen : seen + n] = np.arange(first_index, first_index + n)
             self._dirty[seen : seen + n] = True
-        elif n <= _SMALL_SAMPLE:
+        elif n <= _FEW:
             # Event by event on the same draws: a few events (many streams, a few each per poll)
             # cost less as row copies than as the vectorised path's dozen numpy calls.
             draws = self.rng.random(n - nfill).tolist()
@@ -549,7 +555,7 @@ class Window:
         if n == 0:
             return
         s = summary if summary is not None else self.projection.summarise(x)
-        newest = ts_range(ts)[1]
+        newest = ts_max(ts)
         pos = 0
         while pos < n:
             b = self.buckets[-1] if self.buckets else None

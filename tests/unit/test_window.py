@@ -129,7 +129,7 @@ def test_reservoir_equals_sequential_algorithm_r(n: int, k: int, seed: int, cuts
 @given(n=st.integers(1, 300), k=st.integers(1, 40), seed=st.integers(0, 10**6), step=st.integers(1, 24))
 def test_reservoir_of_few_event_batches_equals_sequential_algorithm_r(n: int, k: int, seed: int, step: int) -> None:
     """The same for a bucket fed a few events at a time (as with many streams), which takes the
-    per-event path up to ``_SMALL_SAMPLE`` events and the vectorised one beyond."""
+    per-event path up to ``_FEW`` events and the vectorised one beyond."""
     _reservoir_matches_algorithm_r(n, k, seed, [*range(0, n, step), n])
 
 
@@ -207,6 +207,26 @@ def test_time_bound_evicts_old_buckets_and_splits_by_span() -> None:
         assert b.max_ts >= 260 - 100
     w.evict(now=1000.0)
     assert w.count == 0 and w.totals().count == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 400), seed=st.integers(0, 10**6), step=st.integers(1, 24))
+def test_time_bound_holds_for_batches_of_a_few_or_many_events(n: int, seed: int, step: int) -> None:
+    """Batches of a few events take the timestamps' short paths: each bucket still spans at most
+    its share of window_seconds, and the window is the latest events of buckets not yet expired."""
+    s = settings_(window_seconds=100.0, window_events=10_000, buckets=10)  # span 10 s per bucket
+    w = Window(DIM, s, PROJ, seed)
+    x, _ = data(seed, n)
+    ts = np.cumsum(np.random.default_rng(seed).exponential(2.0, n))  # spans crossed inside batches
+    for a in range(0, n, step):
+        w.add(x[a : a + step], ts[a : a + step], a)
+    assert w.newest_ts == ts[-1]
+    for b in w.buckets:
+        assert b.max_ts - b.min_ts <= 10.0
+        assert b.max_ts >= ts[-1] - 100.0
+    tot = w.totals(with_features=False)
+    assert tot.count == w.count and tot.min_ts == ts[n - tot.count] and tot.max_ts == ts[-1]
+    np.testing.assert_allclose(tot.sum, x[n - tot.count :].astype(np.float64).sum(0), rtol=1e-9)
 
 
 def test_feature_sum_is_cached_until_the_reservoir_changes() -> None:
