@@ -202,26 +202,28 @@ class VersionComparison:
         (an id seen again moves to the newest end and takes its newest vector). Rows handed out
         so far are ``0..len(index) + len(free) - 1``, as :meth:`_Probe._row` assumes.
         """
-        last: dict[str | None, int] = {ident: pos for pos, ident in enumerate(ids)}
-        last.pop(None, None)
+        cap = probe.capacity
+        # The batch's last ``cap`` distinct ids, newest first, each with its last position: read
+        # from the end, a batch much longer than the ring is not read whole (3 streams, 667 ids a
+        # batch against a ring of 64). Once the ring is full of the batch's ids, an older id,
+        # seen earlier in the batch or not, leaves it either way.
+        last: dict[str, int] = {}
+        for pos in range(len(ids) - 1, -1, -1):
+            ident = ids[pos]
+            if ident is not None and ident not in last:
+                last[ident] = pos
+                if len(last) == cap:
+                    break
         if not last:
             return
-        cap = probe.capacity
-        n_ids = len(ids) - list(ids).count(None)
-        order = list(last) if len(last) == n_ids else sorted(last, key=last.__getitem__)
-        order = order[-cap:]  # type: ignore[assignment]
-        order_set = last if len(order) == len(last) else set(order)
+        order = list(last)[::-1]  # oldest first
         index = probe.index
-        old = list(probe.unpinned)
-        untouched = [i for i in old if i not in last]
+        untouched = [i for i in probe.unpinned if i not in last]
         keep = cap - len(order)
         kept_old = untouched[max(0, len(untouched) - keep):] if keep > 0 else []
         free = probe.free
         for i in untouched[: len(untouched) - len(kept_old)]:
             free.append(index.pop(i))
-        for i in old:
-            if i in last and i not in order_set:
-                free.append(index.pop(i))
         new_ids = [i for i in order if i not in index]
         handed = len(index) + len(free)
         extra = max(0, len(new_ids) - len(free))
@@ -233,9 +235,9 @@ class VersionComparison:
         pool = free[::-1][: len(new_ids)] + list(range(handed, handed + extra))
         del free[len(free) - min(len(free), len(new_ids)):]
         for ident, row in zip(new_ids, pool, strict=True):
-            index[ident] = row  # type: ignore[index]
-        probe.unpinned = OrderedDict.fromkeys([*kept_old, *order])  # type: ignore[list-item]
-        dst = np.fromiter((index[i] for i in order), dtype=np.int64, count=len(order))  # type: ignore[index]
+            index[ident] = row
+        probe.unpinned = OrderedDict.fromkeys([*kept_old, *order])
+        dst = np.fromiter((index[i] for i in order), dtype=np.int64, count=len(order))
         src = np.fromiter((last[i] for i in order), dtype=np.int64, count=len(order))
         probe.vectors[dst] = vectors[src]
         self._cache = None
