@@ -1,6 +1,8 @@
 """Memory: RSS of a service holding S streams of dimension D with default windows (run in a fresh process).
 
-    python memory.py STREAMS DIM [EVENTS]   -> one JSON object on stdout
+    python memory.py STREAMS DIM [EVENTS] [--config FILE]   -> one JSON object on stdout
+
+``--config``: a settings file (e.g. ``profiles/low-memory.yaml``) instead of the defaults.
 
 Each stream gets ``EVENTS`` events, by default ``reference_size + window_events`` (its baseline
 is built from the first ``reference_size``, then its window fills); with
@@ -29,7 +31,7 @@ import psutil
 
 from embedwatch import heap
 from embedwatch.app import Service
-from embedwatch.config import Settings
+from embedwatch.config import load_settings
 from embedwatch.detectors import mmd as mmd_module
 from embedwatch.events import Block, DecodedBatch, Kind, StreamKey
 from embedwatch.produce import EventGenerator, GeneratorConfig
@@ -62,9 +64,15 @@ def _nbytes(obj: Any, seen: set[int], depth: int = 0) -> int:
 
 
 def main() -> int:
-    streams, dim = int(sys.argv[1]), int(sys.argv[2])
-    events = int(sys.argv[3]) if len(sys.argv) > 3 else None
-    settings = Settings(limits={"max_streams": max(200, streams)})  # type: ignore[arg-type]
+    argv = sys.argv[1:]
+    config = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        config = argv[i + 1]
+        del argv[i : i + 2]
+    streams, dim = int(argv[0]), int(argv[1])
+    events = int(argv[2]) if len(argv) > 2 else None
+    settings = load_settings(config, limits={"max_streams": max(200, streams)})
     svc = Service(settings)
     proc = psutil.Process()
     gc.collect()
@@ -112,7 +120,7 @@ def main() -> int:
     if comps:
         breakdown["version_comparison_per_stream"] = int(stream_bytes(comps) / streams)
     print(json.dumps({
-        "streams": streams, "dim": dim, "events_per_stream": per_stream,
+        "streams": streams, "dim": dim, "events_per_stream": per_stream, "config": config,
         "live_streams": len(svc.router.monitors),
         "rss_before_mb": rss0 / 2**20, "rss_after_mb": rss1 / 2**20,
         "rss_after_untrimmed_mb": rss_untrimmed / 2**20, "heap_trim_ms": round(trim_ms, 2),

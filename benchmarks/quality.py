@@ -120,6 +120,24 @@ def _settings() -> Any:
     return s
 
 
+#: The settings file whose detection is measured beside the defaults (its memory: `make bench`).
+LOW_MEMORY_PROFILE = ROOT / "profiles" / "low-memory.yaml"
+
+
+def _profile_settings(defaults: Any, path: Path) -> tuple[Any, dict[str, Any]] | None:
+    """``defaults`` with the detection keys of the settings file ``path``, and those keys
+    (``None`` when the file does not exist)."""
+    if not path.exists():
+        return None
+    import yaml
+
+    from embedwatch.config import load_settings
+
+    keys = dict((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("detection") or {})
+    prof = load_settings(path).detection
+    return defaults.model_copy(update={k: getattr(prof, k) for k in keys}), keys
+
+
 def _alarm_starts(stream: qs.Stream, settings: Any, batch: int,
                   probe: list[tuple[int, float, float]] | None = None) -> list[Any]:
     """Alarm starts of a StreamMonitor fed the stream in batches; with ``probe``, the scan's
@@ -554,8 +572,9 @@ def main() -> int:
                              "or no alibi runs in it; run without --reuse-alibi")
     budget_settings = settings.model_copy(update={"false_alarm_rate": rate_for_ert(settings, alibi_cfg["ert"])})
     mmd_only = settings.model_copy(update={"scan_windows": []})
+    low_mem = _profile_settings(settings, LOW_MEMORY_PROFILE)
     per_det: dict[str, list[dict[str, Any]]] = {"embedwatch": [], "embedwatch_budget": [], "embedwatch_mmd": [],
-                                                "centroid": []}
+                                                **({"embedwatch_lowmem": []} if low_mem else {}), "centroid": []}
     t0 = time.perf_counter()
     for name in names:
         for seed in range(args.seeds):
@@ -563,6 +582,8 @@ def main() -> int:
             per_det["embedwatch"].append(run_embedwatch(s, settings, batch))
             per_det["embedwatch_budget"].append(run_embedwatch(s, budget_settings, batch, diagnostic=False))
             per_det["embedwatch_mmd"].append(run_embedwatch(s, mmd_only, batch, diagnostic=False))
+            if low_mem:
+                per_det["embedwatch_lowmem"].append(run_embedwatch(s, low_mem[0], batch, diagnostic=False))
             per_det["centroid"].append(run_centroid(s, settings))
         ew = summarise([r for r in per_det["embedwatch"] if r["name"] == name])[name]
         ce = summarise([r for r in per_det["centroid"] if r["name"] == name])[name]
@@ -599,6 +620,9 @@ def main() -> int:
     throughput: dict[str, Any] = {"embedwatch": {"updates_per_s": tp_ew[f"batch_{batch}"]["updates_per_s"]
                                                  if f"batch_{batch}" in tp_ew else tp_ew["batch_100"]["updates_per_s"],
                                                  "by_batch": tp_ew}}
+    if low_mem:
+        tp_lm = throughput_embedwatch(low_mem[0], batches=(batch,))
+        throughput["embedwatch_lowmem"] = {"updates_per_s": tp_lm[f"batch_{batch}"]["updates_per_s"], "by_batch": tp_lm}
     throughput["centroid"] = {"updates_per_s": None,
                               "note": "not measured: offline cumulative-sum implementation, not an online detector"}
     alibi_tp = AlibiJob("throughput", {**alibi_cfg, "throughput_events": 2000}).result() if have_venv else None
@@ -618,7 +642,8 @@ def main() -> int:
     summaries = {d: summarise(rs) for d, rs in per_det.items()}
     head = headline(per_det, common_seeds)
     labels = {"embedwatch": "embedwatch", "embedwatch_budget": "embedwatch @ alibi budget",
-              "embedwatch_mmd": "embedwatch MMD only", "centroid": "centroid",
+              "embedwatch_mmd": "embedwatch MMD only", "embedwatch_lowmem": "embedwatch low-memory profile",
+              "centroid": "centroid",
               "MMDDriftOnline": "alibi MMD", "LSDDDriftOnline": "alibi LSDD"}
     desc = {
         "embedwatch": f"StreamMonitor with default DetectionSettings: the recent-window mean-shift scan "
@@ -635,6 +660,10 @@ def main() -> int:
                              f"(1 / per-event budget) is alibi's ERT {alibi_cfg['ert']:g} events, i.e. an equal "
                              "nominal false-alarm budget (its real run length is longer: the bound is "
                              "conservative; compare the false-alarm columns).",
+        "embedwatch_lowmem": "the same StreamMonitor with the detection keys of "
+                             f"`{LOW_MEMORY_PROFILE.relative_to(ROOT)}` "
+                             f"({', '.join(f'{k}: {v}' for k, v in (low_mem[1] if low_mem else {}).items())}), "
+                             "everything else at its default: what the profile's memory costs in detection.",
         "centroid": f"cosine distance between the centroid of the last {settings.window_events} events and the "
                     f"reference centroid, same schedule and same per-evaluation level "
                     f"{settings.false_alarm_rate:g} (threshold from the Gaussian null of the window mean).",
@@ -777,6 +806,18 @@ def build_findings(summaries: dict[str, dict[str, Any]], head: dict[str, Any], n
     if null_ratio:
         f.append(f"Mean-shift scan on the null and control streams: its statistic reached at most "
                  f"{max(null_ratio):.2f} x its calibrated threshold (sampled after every batch of events).")
+    if "embedwatch_lowmem" in summaries:
+        lm, ew = summaries["embedwatch_lowmem"], summaries["embedwatch"]
+        diff = []
+        for n in names:
+            dv, pv = ew.get(n) or {}, lm.get(n) or {}
+            if (dv.get("detected"), dv.get("median_delay")) != (pv.get("detected"), pv.get("median_delay")):
+                diff.append(f"`{n}` {_dstr((pv.get('median_delay'), pv.get('detected'), pv.get('runs', 0)))} "
+                            f"against {_dstr((dv.get('median_delay'), dv.get('detected'), dv.get('runs', 0)))}")
+        hl = head["embedwatch_lowmem"]
+        f.append(f"The low-memory profile: {hl['false_alarms_null_and_controls']} false alarms in "
+                 f"{hl['runs_null_and_controls']} null and control runs; where its detection differs from the "
+                 "defaults' (every seed, delay in events): " + ("; ".join(diff) if diff else "nowhere") + ".")
     if ratios:
         f.append("Update throughput vs alibi (target >= 100x): " + ", ".join(
             f"{k.removeprefix('embedwatch_over_')} {v:,.0f}x ({'met' if v >= 100 else 'NOT met'})"

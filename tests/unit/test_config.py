@@ -78,3 +78,21 @@ def test_secrets_are_not_printed(tmp_path: Path) -> None:
 def test_configuration_doc_is_current() -> None:
     committed = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
     assert committed == settings_reference_markdown(), "run `make docs` to regenerate docs/configuration.md"
+
+
+def test_low_memory_profile_keeps_the_default_windows() -> None:
+    """profiles/low-memory.yaml loads, changes only the detection keys its comments describe (each
+    one lower than its default), and leaves the windows and every other section at their defaults:
+    docs/benchmarks.md measures its memory and its detection against those defaults."""
+    from embedwatch.config import DetectionSettings, Settings
+
+    s = load_settings(ROOT / "profiles" / "low-memory.yaml")
+    d, default = s.detection, DetectionSettings()
+    lowered = {"scan_components", "scan_windows", "version_solo_probe_size", "duplicate_window"}
+    changed = {k for k in DetectionSettings.model_fields if getattr(d, k) != getattr(default, k)}
+    assert changed == lowered
+    assert d.scan_components < default.scan_components
+    assert max(d.scan_windows) < max(default.scan_windows) and set(d.scan_windows) < set(default.scan_windows)
+    assert d.version_solo_probe_size < default.version_solo_probe_size
+    assert d.duplicate_window < default.duplicate_window
+    assert s.model_dump(exclude={"detection"}) == Settings().model_dump(exclude={"detection"})

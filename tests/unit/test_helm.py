@@ -312,6 +312,30 @@ def test_config_is_valid_service_config_without_secrets(
     assert settings.http.port == 9108
 
 
+def test_low_memory_profile_applies_through_the_chart(
+    tools: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """profiles/low-memory.yaml's detection keys, given as ``config.detection`` values (what
+    docs/deploy.md tells chart users to do), pass the chart's values schema and reach the
+    service's config beside the chart's own keys."""
+    from embedwatch.config import load_settings
+
+    for name in list(os.environ):
+        if name.startswith("EMBEDWATCH_"):
+            monkeypatch.delenv(name)
+    profile = ROOT / "profiles" / "low-memory.yaml"
+    detection = yaml.safe_load(profile.read_text(encoding="utf-8"))["detection"]
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"config": {"detection": detection}}), encoding="utf-8")
+    docs = docs_of(render(tools, "-f", str(values)))
+    text = one(docs, "ConfigMap", f"{RELEASE}-embedwatch")["data"]["config.yaml"]
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    got, want = load_settings(path), load_settings(profile)
+    assert got.detection == want.detection
+    assert got.kafka.bootstrap_servers == "kafka:9092" and got.state.backend == "kafka"
+
+
 def test_tls_paths_and_mount(all_docs: list[dict[str, Any]]) -> None:
     cfg = yaml.safe_load(one(all_docs, "ConfigMap", f"{RELEASE}-embedwatch")["data"]["config.yaml"])
     assert cfg["kafka"]["ssl_cafile"] == "/etc/embedwatch/tls/ca.crt"
