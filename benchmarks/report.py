@@ -16,7 +16,9 @@ How fast embedwatch is, how much memory it needs, and how well it detects drift.
 latency and memory come from `make bench` (benchmarks/run.py, about 10-15 minutes; `--quick` for a
 few minutes); the raw figures with the machine they were measured on are in
 `benchmarks/results.json`. Detection quality comes from `make bench-quality`, the soak test from
-`make soak`.
+`make soak`. The comparison with other tools takes the latest `make bench-quality` and
+`benchmarks/evidently_bench.py` results; after either, `benchmarks/run.py --report-only`
+regenerates the tables without measuring anything.
 
 ## Method
 
