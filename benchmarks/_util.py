@@ -26,6 +26,21 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BIN = str(Path(sys.executable).with_name("embedwatch"))
 KAFKA_LOCAL = ROOT / "scripts" / "kafka-local"
+#: A settings file measured beside the defaults: its memory by `make bench`, its detection by
+#: `make bench-quality`.
+LOW_MEMORY_PROFILE = ROOT / "profiles" / "low-memory.yaml"
+
+
+def profile_detection(path: Path) -> dict[str, Any]:
+    """The detection keys a settings file sets, with the values the service's config gives them
+    (the file is validated as ``embedwatch run --config`` validates it)."""
+    import yaml
+
+    from embedwatch.config import load_settings
+
+    keys = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("detection") or {}
+    detection = load_settings(path).detection
+    return {k: getattr(detection, k) for k in keys}
 
 
 # ------------------------------------------------------------------------------------- figures

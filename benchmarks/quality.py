@@ -50,6 +50,7 @@ sys.path.insert(0, str(HERE))
 
 import quality_baselines as qb  # noqa: E402
 import quality_scenarios as qs  # noqa: E402
+from _util import LOW_MEMORY_PROFILE, profile_detection  # noqa: E402
 
 RESULTS = HERE / "quality_results.json"
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -118,24 +119,6 @@ def _settings() -> Any:
         raise SystemExit(f"scenarios assume reference_size {qs.REF_SIZE}, the default is now {s.reference_size}: "
                          "update quality_scenarios.REF_SIZE")
     return s
-
-
-#: The settings file whose detection is measured beside the defaults (its memory: `make bench`).
-LOW_MEMORY_PROFILE = ROOT / "profiles" / "low-memory.yaml"
-
-
-def _profile_settings(defaults: Any, path: Path) -> tuple[Any, dict[str, Any]] | None:
-    """``defaults`` with the detection keys of the settings file ``path``, and those keys
-    (``None`` when the file does not exist)."""
-    if not path.exists():
-        return None
-    import yaml
-
-    from embedwatch.config import load_settings
-
-    keys = dict((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("detection") or {})
-    prof = load_settings(path).detection
-    return defaults.model_copy(update={k: getattr(prof, k) for k in keys}), keys
 
 
 def _alarm_starts(stream: qs.Stream, settings: Any, batch: int,
@@ -572,7 +555,10 @@ def main() -> int:
                              "or no alibi runs in it; run without --reuse-alibi")
     budget_settings = settings.model_copy(update={"false_alarm_rate": rate_for_ert(settings, alibi_cfg["ert"])})
     mmd_only = settings.model_copy(update={"scan_windows": []})
-    low_mem = _profile_settings(settings, LOW_MEMORY_PROFILE)
+    low_mem = None
+    if LOW_MEMORY_PROFILE.exists():
+        keys = profile_detection(LOW_MEMORY_PROFILE)
+        low_mem = (settings.model_copy(update=keys), keys)
     per_det: dict[str, list[dict[str, Any]]] = {"embedwatch": [], "embedwatch_budget": [], "embedwatch_mmd": [],
                                                 **({"embedwatch_lowmem": []} if low_mem else {}), "centroid": []}
     t0 = time.perf_counter()

@@ -32,7 +32,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _util import ROOT, figure, kafka_broker, loadavg, machine_info  # noqa: E402
+from _util import LOW_MEMORY_PROFILE, ROOT, figure, kafka_broker, loadavg, machine_info, profile_detection  # noqa: E402
 from embedwatch.config import Settings, load_settings  # noqa: E402
 
 RESULTS = HERE / "results.json"
@@ -107,10 +107,6 @@ def run_scaling(sz: dict[str, Any]) -> dict[str, Any]:
     return r
 
 
-#: A settings file whose memory is measured beside the defaults' (docs/deploy.md, "Resource sizing").
-LOW_MEMORY_PROFILE = ROOT / "profiles" / "low-memory.yaml"
-
-
 def _memory_point(streams: int, dim: int, events: int | None = None, config: Path | None = None) -> dict[str, Any]:
     args = [sys.executable, str(HERE / "memory.py"), str(streams), str(dim)] + ([str(events)] if events else [])
     if config is not None:
@@ -168,17 +164,9 @@ def run_memory(sz: dict[str, Any]) -> dict[str, Any]:
         print(f"  low-memory profile ({LOW_MEMORY_PROFILE.relative_to(ROOT)}):", flush=True)
         prof = _memory_set(sz, LOW_MEMORY_PROFILE)
         prof["config"] = str(LOW_MEMORY_PROFILE.relative_to(ROOT))
-        prof["detection_overrides"] = _profile_overrides(LOW_MEMORY_PROFILE)
+        prof["detection_overrides"] = profile_detection(LOW_MEMORY_PROFILE)
         out["low_memory_profile"] = prof
     return out
-
-
-def _profile_overrides(path: Path) -> dict[str, Any]:
-    """The detection keys a profile sets (from the file itself)."""
-    import yaml
-
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return dict(raw.get("detection") or {})
 
 
 def run_kafka(sz: dict[str, Any], sections: set[str], bootstrap: str | None, backends: list[str],
