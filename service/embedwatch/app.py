@@ -36,7 +36,7 @@ from embedwatch.events import DecodedBatch, DecodeLimits, Decoder, Kind, Message
 from embedwatch.exporter import Exporter, LabelValues
 from embedwatch.metrics_catalog import METRICS
 from embedwatch.monitor import Alarm, StreamMonitor
-from embedwatch.router import StreamRouter
+from embedwatch.router import RouteResult, StreamRouter
 from embedwatch.sources.base import Committed, DeadLetterSink, PartitionId, Source
 from embedwatch.state import (
     Checkpoint,
@@ -215,7 +215,7 @@ class Service:
         # the batch builds (see StreamRouter.route).
         result = self.router.route(batch, guard=self.exporter.lock)
         with self.exporter.lock:
-            self._observe(batch, result.rejections, messages, now)
+            self._observe(batch, result, messages, now)
             for a in result.alarms:
                 self.alarms.append(a)
                 log.warning("drift alarm %s: stream=%s index=%d detector=%s score=%.4g p=%s",
@@ -223,13 +223,12 @@ class Service:
             del self.alarms[:-1000]
         return batch, result.rejections
 
-    def _observe(self, batch: DecodedBatch, rejections: list[Rejection], messages: Sequence[Message],
-                 now: float) -> None:
+    def _observe(self, batch: DecodedBatch, result: RouteResult, messages: Sequence[Message], now: float) -> None:
         ex = self.exporter
         c = ex.counters
         h = ex.histograms
         rejected_rows: dict[int, int] = {}
-        for r in rejections:
+        for r in result.rejections:
             msg = messages[r.message_index]
             c.inc("embedwatch_events_rejected_total", (msg.topic, r.reason.value))
             if r.stream is not None and r.stream in self.router.monitors:
@@ -253,12 +252,20 @@ class Service:
             if b.kind is Kind.EMBEDDING:
                 h.observe("embedwatch_inference_latency_seconds", s, rows.latency_s)
                 if rows.dim:
-                    norms = np.sqrt(np.einsum("ij,ij->i", rows.vectors, rows.vectors, dtype=np.float64))
-                    h.observe("embedwatch_embedding_norm", s, norms)
                     base = mon.baseline
                     unit = base.centroid_unit if base is not None else None
-                    if unit is not None and unit.shape[0] == rows.dim:
-                        sims = (rows.vectors @ unit) / np.maximum(norms, 1e-30)
+                    # The monitor's own figures when it took this block whole (the usual case): the
+                    # float64 norms cost more than the histograms themselves.
+                    summary = result.summaries.get(b.stream)
+                    if summary is not None and summary.norms.shape[0] == rows.n:
+                        norms, sims = summary.norms, summary.sims
+                    else:
+                        norms = np.sqrt(np.einsum("ij,ij->i", rows.vectors, rows.vectors, dtype=np.float64))
+                        sims = None
+                        if unit is not None and unit.shape[0] == rows.dim:
+                            sims = (rows.vectors @ unit) / np.maximum(norms, 1e-30)
+                    h.observe("embedwatch_embedding_norm", s, norms)
+                    if unit is not None and sims is not None:
                         h.observe("embedwatch_similarity_to_baseline", s, sims)
             else:
                 h.observe("embedwatch_query_latency_seconds", s, rows.latency_s)

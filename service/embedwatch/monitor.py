@@ -52,7 +52,7 @@ from embedwatch.detectors.mmd import RFFMMD
 from embedwatch.events import StreamKey
 from embedwatch.metrics_catalog import METRICS
 from embedwatch.stats import ks_2samp, moments_from_sums
-from embedwatch.window import PrefixSums, Projection, ScalarWindow, Window, WindowTotals, ts_max
+from embedwatch.window import PrefixSums, Projection, ScalarWindow, Summary, Window, WindowTotals, ts_max
 
 #: Every per-stream measure key exported through metrics_catalog (``Metric.measure``).
 MEASURE_KEYS: tuple[str, ...] = tuple(m.measure for m in METRICS if m.measure is not None)
@@ -158,6 +158,8 @@ class StreamMonitor:
         self._last_eval: tuple[int, float] | None = None
         self._snapshot: WindowTotals | None = None
         self._derived_for: WindowTotals | None = None
+        # The last update's norms and similarities, when it was monitored whole (take_summary).
+        self._batch_summary: Summary | None = None
         self._mmd_last: tuple[float, int] | None = None
         # recent-window mean-shift scan: sums (and counts) of the last segments of scan_every events
         self._ms: MeanShiftTest | None = None
@@ -272,6 +274,7 @@ class StreamMonitor:
     ) -> list[Alarm]:
         """Feed a batch of accepted embedding events of this stream (rows in stream order)."""
         self.changes += 1
+        self._batch_summary = None
         x = np.asarray(vectors)
         n = int(x.shape[0]) if x.ndim == 2 else 0
         if n == 0:
@@ -306,9 +309,20 @@ class StreamMonitor:
                 if end is not None:
                     alarms.append(end)
         if pos < n:
-            alarms += self._monitor(x[pos:], ts[pos:], first + pos)
+            alarms += self._monitor(x[pos:], ts[pos:], first + pos, keep_summary=pos == 0)
         self.events += n
         return alarms
+
+    def take_summary(self) -> Summary | None:
+        """The last :meth:`update_embeddings` batch's per-event norms and cosine similarities to
+        the active baseline's centroid (float64, every row), when the whole batch was monitored
+        against one baseline; ``None`` otherwise (reference collection, a promotion, a baseline
+        activated within the batch). Handed over once: the service's histograms take the norms and
+        similarities from here instead of computing them a second time (see
+        :meth:`embedwatch.app.Service.process`), and no stream holds them longer.
+        """
+        s, self._batch_summary = self._batch_summary, None
+        return s
 
     def _collect(self, x: np.ndarray, ts: np.ndarray) -> None:
         self._ref_chunks.append(x.copy())
@@ -320,10 +334,12 @@ class StreamMonitor:
         return self.activate(Baseline.from_vectors(self.key, np.concatenate(self._ref_chunks),
                                                    np.concatenate(self._ref_ts), source, self.settings))
 
-    def _monitor(self, x: np.ndarray, ts: np.ndarray, first: int) -> list[Alarm]:
+    def _monitor(self, x: np.ndarray, ts: np.ndarray, first: int, keep_summary: bool = False) -> list[Alarm]:
         assert self._window is not None and self.baseline is not None
         w = self._window
         s = w.projection.summarise(x)
+        if keep_summary:
+            self._batch_summary = s
         self._changepoint_scan(s.sims, ts, first)
         n = x.shape[0]
         e = self.settings.evaluate_every
@@ -607,7 +623,9 @@ class StreamMonitor:
         if self._qvec is None:
             self._qvec = StreamMonitor(self.key, self.settings)
         lat = latency_s if latency_s is not None else np.full(n, np.nan)
-        return [replace(a, detector="mmd_query") for a in self._qvec.update_embeddings(vectors, ts, lat)]
+        alarms = self._qvec.update_embeddings(vectors, ts, lat)
+        self._qvec.take_summary()  # query vectors have no norm histogram: not held until the next batch
+        return [replace(a, detector="mmd_query") for a in alarms]
 
     def _evaluate_queries(self) -> None:
         v = self._qwin.view()

@@ -302,6 +302,9 @@ class _Collector:
         self.events += int(vectors.shape[0])
         return []
 
+    def take_summary(self) -> None:
+        return None  # nothing is monitored
+
     def update_queries(self, *args: Any, **kwargs: Any) -> list[Alarm]:
         return []
 

@@ -43,6 +43,7 @@ from embedwatch.config import DetectionSettings, Settings
 from embedwatch.detectors.version_compare import VersionComparison
 from embedwatch.events import Block, DecodedBatch, Kind, Reason, Rejection, StreamKey
 from embedwatch.monitor import Alarm, StreamMonitor
+from embedwatch.window import Summary
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,17 @@ class RouteResult:
     ``rejections``: all rejected events of the batch (decoder's first, then the router's), each with
     its ``message_index`` in the batch and the payload to dead-letter. ``alarms``: alarms raised by
     the monitors (``kind`` "start" or "end"). ``accepted``: accepted events per stream and kind.
-    ``new_streams``: streams created by this batch, in creation order.
+    ``new_streams``: streams created by this batch, in creation order. ``summaries``: per stream
+    whose embedding block was monitored whole against its baseline, the events' norms and cosine
+    similarities to the baseline centroid (:meth:`StreamMonitor.take_summary`), which the service's
+    histograms reuse.
     """
 
     rejections: list[Rejection] = field(default_factory=list)
     alarms: list[Alarm] = field(default_factory=list)
     accepted: Counter[tuple[StreamKey, Kind]] = field(default_factory=Counter)
     new_streams: list[StreamKey] = field(default_factory=list)
+    summaries: dict[StreamKey, Summary] = field(default_factory=dict)
 
 
 def _default_factory(key: StreamKey, settings: DetectionSettings, baseline: Baseline | None) -> StreamMonitor:
@@ -286,6 +291,9 @@ class StreamRouter:
             )
         else:
             alarms = mon.update_embeddings(block.vectors, block.ts, block.latency_s, block.ids)
+            summary = mon.take_summary()
+            if summary is not None:
+                res.summaries[key] = summary
             if compared:
                 self._comparison(key.model).update(key.model_version, block.ids, block.vectors)
         res.alarms.extend(alarms)

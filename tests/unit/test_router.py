@@ -69,12 +69,35 @@ def test_list_and_b64_blocks_are_merged_in_message_order() -> None:
             self.expected_dim = vectors.shape[1]
             return []
 
+        def take_summary(self) -> None:
+            return None
+
     r = StreamRouter(settings(), monitor_factory=lambda *a: cast(StreamMonitor, Spy(*a)))
     vecs = [[float(i), 1.0] for i in range(1, 7)]
     msgs = [msg("a", v, b64=i % 2 == 1) for i, v in enumerate(vecs)]
     r.route(Decoder().decode(msgs))
     assert len(seen) == 1
     assert seen[0][:, 0].tolist() == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_block_monitored_whole_hands_its_norms_and_similarities_over_once() -> None:
+    """The per-event norms and cosines to the baseline centroid the service's histograms reuse
+    (float64, against a batch computation) come only with a block its monitor took whole against
+    its baseline: not while the reference is collected, not with the block that completes it."""
+    r = StreamRouter(settings())  # reference_size 50
+    x = np.random.default_rng(3).standard_normal((120, 8)).astype(np.float32)
+    key = StreamKey("a", "1")
+    assert r.route(Decoder().decode([msg("a", v) for v in x[:30]])).summaries == {}
+    assert r.route(Decoder().decode([msg("a", v) for v in x[30:70]])).summaries == {}  # 20 of 40 monitored
+    res = r.route(Decoder().decode([msg("a", v) for v in x[70:]]))
+    s = res.summaries[key]
+    want = x[70:].astype(np.float64)
+    norms = np.linalg.norm(want, axis=1)
+    np.testing.assert_allclose(s.norms, norms, rtol=1e-12)
+    base = r.monitors[key].baseline
+    assert base is not None and base.centroid_unit is not None
+    np.testing.assert_allclose(s.sims, want @ base.centroid_unit.astype(np.float64) / norms, rtol=1e-12)
+    assert r.monitors[key].take_summary() is None  # handed over, not held by the stream
 
 
 def test_version_comparison_is_fed() -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+
 import numpy as np
+import orjson
 import pytest
 
 from embedwatch.app import Service
@@ -27,6 +30,17 @@ def _expected(name: str, values: list[np.ndarray]) -> tuple[np.ndarray, float]:
     edges = np.asarray(BY_NAME[name].buckets, dtype=np.float64)
     counts = np.bincount(np.searchsorted(edges, v, side="left"), minlength=edges.size + 1)
     return np.cumsum(counts), float(v.sum())
+
+
+def _assert_histograms(svc: Service, norms: list[np.ndarray], sims: list[np.ndarray]) -> None:
+    got = _histograms(svc)
+    for name, values in (("embedwatch_embedding_norm", norms), ("embedwatch_similarity_to_baseline", sims)):
+        want_cum, want_sum = _expected(name, values)
+        cum, total = got[name]
+        # float32 products against float64 ones: a value within 1e-6 of a bucket bound may land
+        # on the other side, which these generated vectors never bring about
+        np.testing.assert_array_equal(cum, want_cum, err_msg=name)
+        assert total == pytest.approx(want_sum, rel=1e-6), name
 
 
 @pytest.mark.parametrize("sizes", [[60, *[3] * 30], [60, 1, 2, 40, 5, 200]])
@@ -54,11 +68,32 @@ def test_norm_and_similarity_histograms_equal_a_batch_computation(sizes: list[in
         if base is not None:  # the batch that completes the reference is compared with it too
             unit = base.mean / np.linalg.norm(base.mean)
             sims.append(x @ unit / nrm)
-        got = _histograms(svc)
-        for name, values in (("embedwatch_embedding_norm", norms), ("embedwatch_similarity_to_baseline", sims)):
-            want_cum, want_sum = _expected(name, values)
-            cum, total = got[name]
-            # float32 products against float64 ones: a value within 1e-6 of a bucket bound may land
-            # on the other side, which these generated vectors never bring about
-            np.testing.assert_array_equal(cum, want_cum, err_msg=name)
-            assert total == pytest.approx(want_sum, rel=1e-6), name
+        _assert_histograms(svc, norms, sims)
+
+
+def test_histograms_of_a_stream_sending_number_lists_and_base64_in_one_batch() -> None:
+    """The decoder makes two blocks of such a batch, the router feeds its monitor one: the norms
+    and similarities the monitor hands over cover both, so each block's are computed for it, and
+    the histograms still hold every event once."""
+    svc = Service(Settings(detection={"reference_size": 50, "window_events": 100}))  # type: ignore[arg-type]
+    gen = EventGenerator(GeneratorConfig(streams=1, dim=24, seed=7, encoding="b64"))
+    norms: list[np.ndarray] = []
+    sims: list[np.ndarray] = []
+    for batch_no, n in enumerate((60, 40, 40)):
+        msgs = []
+        for i, (k, v) in enumerate(gen.messages(n, ts=1.7e9)):
+            if i % 2:  # every other event as a number list
+                ev = orjson.loads(v)
+                ev["embedding"] = np.frombuffer(base64.b64decode(ev.pop("embedding_b64")), "<f4").tolist()
+                v = orjson.dumps(ev)
+            msgs.append(Message(v, topic="embeddings", offset=100 * batch_no + i, timestamp_ms=1_700_000_000_000,
+                                key=k))
+        batch, rejections = svc.process(msgs, now=1.7e9 + 1)
+        assert not rejections and len(batch.blocks) == 2
+        x = np.concatenate([b.vectors for b in batch.blocks]).astype(np.float64)
+        nrm = np.linalg.norm(x, axis=1)
+        norms.append(nrm)
+        base = svc.router.monitors[batch.blocks[0].stream].baseline
+        if base is not None:
+            sims.append(x @ (base.mean / np.linalg.norm(base.mean)) / nrm)
+        _assert_histograms(svc, norms, sims)
