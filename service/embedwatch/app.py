@@ -873,13 +873,14 @@ class Service:
             log.info("replayed %d events already processed before a restart", replayed)
 
     def _trim_heap(self, now_due: bool = False) -> None:
-        """Return freed heap memory to the OS now and then (see :mod:`embedwatch.heap`); with
-        ``now_due``, right away (unless trimming is off)."""
+        """Collect garbage cycles and return freed heap memory to the OS now and then (see
+        :mod:`embedwatch.heap`); with ``now_due``, right away (unless trimming is off)."""
         every = self.settings.limits.heap_trim_interval_s
         now = time.monotonic()
         if every <= 0 or (not now_due and now - self._last_heap_trim < every):
             return
         self._last_heap_trim = now
+        heap.collect()  # first: what the cycles held is then freed, and trimmed with the rest
         heap.trim()
 
     def _probe(self, source: Source, every_s: float = 2.0) -> None:

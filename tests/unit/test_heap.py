@@ -49,19 +49,20 @@ def test_the_service_loop_trims_at_its_interval(monkeypatch: pytest.MonkeyPatch)
     from embedwatch.app import Service
     from embedwatch.config import Settings
 
-    calls: list[float] = []
-    monkeypatch.setattr(heap, "trim", lambda: calls.append(1.0) or True)
+    calls: list[str] = []
+    monkeypatch.setattr(heap, "trim", lambda: calls.append("trim") or True)
+    monkeypatch.setattr(heap, "collect", lambda: calls.append("collect") or 0)
     svc = Service(Settings(limits={"heap_trim_interval_s": 60.0}))  # type: ignore[arg-type]
     svc._trim_heap()
     assert calls == []  # not due yet
     svc._last_heap_trim -= 61.0
     svc._trim_heap()
     svc._trim_heap()
-    assert calls == [1.0]
+    assert calls == ["collect", "trim"]  # cycles first, so that what they held is trimmed too
     off = Service(Settings(limits={"heap_trim_interval_s": 0}))  # type: ignore[arg-type]
     off._last_heap_trim -= 1e9
     off._trim_heap()
-    assert calls == [1.0]
+    assert calls == ["collect", "trim"]
 
 
 # Start-up objects, then settle_collector(100); prints what the collector holds and does after it.
@@ -98,3 +99,31 @@ def test_the_collector_leaves_start_up_objects_and_a_batch_alone_but_still_frees
     assert out["threshold"][0] == 1000 and out["threshold"][1:] == [10, 10]
     assert out["batch_collections"] == 0  # at the default 700 the batch is walked while alive
     assert out["cycles_freed"] >= 4000  # the collector still runs by itself
+
+
+# settle_collector at the default poll batch, then garbage cycles fewer than its young threshold,
+# each holding 100 KB (as the frames kafka-python keeps hold fetch data); prints how many of them the
+# collector freed by itself and how many heap.collect freed.
+_CYCLES = """
+import gc, json
+from embedwatch import heap
+heap.settle_collector(2000)
+freed = [0]
+class Cycle:
+    def __init__(self): self.me, self.data = self, bytes(100_000)
+    def __del__(self): freed[0] += 1
+for _ in range(500):
+    Cycle()
+by_itself = freed[0]
+heap.collect()
+print(json.dumps({"by_itself": by_itself, "collected": freed[0] - by_itself}))
+"""
+
+
+def test_collect_frees_the_cycles_the_settled_collector_leaves_for_later() -> None:
+    import json
+
+    out = json.loads(subprocess.run([sys.executable, "-c", _CYCLES], capture_output=True, text=True,
+                                    check=True).stdout)
+    assert out["by_itself"] == 0  # 50 MB held: far from the young threshold of 20,000 objects
+    assert out["collected"] == 500
