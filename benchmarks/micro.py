@@ -28,7 +28,7 @@ from threadpoolctl import threadpool_limits
 from _util import best_rate, figure
 from embedwatch.app import Service
 from embedwatch.config import Settings
-from embedwatch.events import DecodedBatch, Decoder, Message, StreamKey
+from embedwatch.events import _B64_DECODE, DecodedBatch, Decoder, Message, StreamKey  # _B64_DECODE: its envelope parse
 from embedwatch.monitor import StreamMonitor
 from embedwatch.produce import EventGenerator, GeneratorConfig
 
@@ -92,13 +92,28 @@ def bench_decode(n: int, dim: int = 384, repeats: int = 3) -> dict[str, Any]:
                     np.frombuffer(b"".join([pybase64.b64decode(orjson.loads(v)["embedding_b64"]) for v in vals]),
                                   dtype="<f4").reshape(len(vals), -1)
 
+            def envelope(raw_values: list[list[bytes]] = raw_values) -> None:
+                # The decoder's own msgspec parse of the envelope, and nothing else.
+                for vals in raw_values:
+                    [_B64_DECODE(v) for v in vals]
+
             rm = best_rate(memcopy, n, repeats)
             rmin = best_rate(minimal, n, repeats)
+            renv = best_rate(envelope, n, repeats)
             entry["baseline_memcopy"] = figure(rm["best"], "events/s",
                                                method="np.frombuffer(b''.join(decoded vector bytes)) (no parsing)")
             entry["baseline_minimal_parse"] = figure(rmin["best"], "events/s", method=(
                 "orjson.loads + pybase64.b64decode per message, one b''.join + np.frombuffer (no validation)"))
-            entry["slowdown_vs_memcopy"] = figure(rm["best"] / r["best"], "x")
+            # The envelope parse alone is the floor of any decoder of this event format: the fields
+            # must be found in the JSON text before the vector bytes can be copied.
+            entry["baseline_envelope_parse"] = figure(renv["best"], "events/s", method=(
+                "msgspec decode of each message into the decoder's typed struct, base64 left as text "
+                "(no base64 decoding, no validation, no grouping)"))
+            # "Close to a memory copy" read as the JSON target's bound: within 1.5x.
+            entry["slowdown_vs_memcopy"] = figure(rm["best"] / r["best"], "x", target="<= 1.5 (close to a memory copy)",
+                                                  target_met=rm["best"] / r["best"] <= 1.5)
+            entry["envelope_parse_vs_memcopy"] = figure(rm["best"] / renv["best"], "x")
+            entry["slowdown_vs_envelope_parse"] = figure(renv["best"] / r["best"], "x")
             entry["slowdown_vs_minimal_parse"] = figure(rmin["best"] / r["best"], "x")
         entry["message_bytes_mean"] = figure(float(np.mean([len(m.value) for m in msgs])), "bytes")
         out[enc] = entry

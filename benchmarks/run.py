@@ -223,6 +223,17 @@ def comparison(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def section_runs(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per section, the run it was measured in (``started``, ``quick``), from a results file's
+    ``run`` record, including those written before the record named them per section."""
+    if run.get("section_runs"):
+        return dict(run["section_runs"])
+    here = {"started": run.get("started"), "quick": run.get("quick")}
+    other = run.get("other_sections_from") or here
+    ran = set(run.get("sections") or ALL)
+    return {s: (here if s in ran else other) for s in ALL}
+
+
 # ----------------------------------------------------------------------------------------- main
 
 def main() -> int:
@@ -263,10 +274,11 @@ def main() -> int:
     results["machine"] = machine_info()
     results["run"] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick, "sizes": sz,
                       "sections": sorted(sections)}
-    if sections != set(ALL) and previous:
-        # Which run the kept sections come from (the last full one).
-        results["run"]["other_sections_from"] = (
-            previous.get("other_sections_from") or {"started": previous.get("started"), "quick": previous.get("quick")})
+    # Which run each section comes from: a partial run keeps the others' (so a second partial run
+    # does not credit the first one's sections to the last full run).
+    this_run = {"started": results["run"]["started"], "quick": args.quick}
+    kept = section_runs(previous) if sections != set(ALL) and previous else {}
+    results["run"]["section_runs"] = {s: (this_run if s in sections else kept.get(s, this_run)) for s in ALL}
     print(json.dumps(results["machine"], indent=1), flush=True)
     if "decode" in sections:
         _timed("decode", lambda: run_decode(sz), results)
