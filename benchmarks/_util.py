@@ -166,11 +166,12 @@ class Broker:
     owned: bool = True
     topics: list[str] = field(default_factory=list)
 
-    def create_topic(self, name: str, partitions: int) -> None:
+    def create_topic(self, name: str, partitions: int, config: dict[str, str] | None = None) -> None:
         from confluent_kafka.admin import AdminClient, NewTopic
 
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
-        for f in admin.create_topics([NewTopic(name, partitions, 1)], operation_timeout=30).values():
+        for f in admin.create_topics([NewTopic(name, partitions, 1, config=config or {})],
+                                     operation_timeout=30).values():
             f.result()
         self.topics.append(name)
 

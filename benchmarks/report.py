@@ -143,7 +143,7 @@ def render(r: dict[str, Any]) -> str:
     if len(by_run) > 1:
         # The run that measured most sections is "the other sections"; the rest are named.
         (main_started, main_quick), _ = max(by_run.items(), key=lambda kv: len(kv[1]))
-        named = [f"{', '.join(secs)} from the {'quick' if q else ''}{' ' if q else ''}run of {st}"
+        named = [f"{', '.join(secs)} from the {'quick ' if q else ''}run of {st}"
                  for (st, q), secs in sorted(by_run.items(), key=lambda kv: str(kv[0][0]), reverse=True)
                  if (st, q) != (main_started, main_quick)]
         parts.append(f"_Generated from benchmarks/results.json: {'; '.join(named)}; the other sections from the "

@@ -25,6 +25,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from _util import Broker  # benchmarks/ is the script's directory, first on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).with_name("embedwatch")
 
@@ -81,14 +83,9 @@ def update_docs(result: dict[str, object]) -> None:
 RETENTION_MS = 10 * 60 * 1000
 
 
-def create_event_topic(bootstrap: str, name: str = "embeddings", partitions: int = 3) -> None:
+def create_event_topic(bootstrap: str, directory: Path, name: str = "embeddings", partitions: int = 3) -> None:
     """The events topic (the broker's default partitions), keeping only its last ``RETENTION_MS``."""
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    topic = NewTopic(name, partitions, 1, config={"retention.ms": str(RETENTION_MS)})
-    for f in admin.create_topics([topic], operation_timeout=30).values():
-        f.result()
+    Broker(bootstrap, directory, owned=False).create_topic(name, partitions, {"retention.ms": str(RETENTION_MS)})
 
 
 def main() -> int:
@@ -102,7 +99,7 @@ def main() -> int:
     kafka_dir = work / "kafka"
     bootstrap = subprocess.run([str(ROOT / "scripts" / "kafka-local"), "start", "--dir", str(kafka_dir)],
                                check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    create_event_topic(bootstrap)
+    create_event_topic(bootstrap, kafka_dir)
     port = free_port()
     cfg = work / "config.yaml"
     cfg.write_text(json.dumps({
