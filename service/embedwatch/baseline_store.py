@@ -47,7 +47,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from embedwatch.baseline import Baseline
+from embedwatch.baseline import Baseline, MeanShiftKey
 from embedwatch.detectors.mean_shift import MeanShiftTest
 from embedwatch.events import DEFAULT_SEGMENT, StreamKey
 
@@ -257,8 +257,9 @@ def encode_fits(baseline: Baseline) -> bytes | None:
     return _npz_bytes({**arrays, _META_ARRAY: np.frombuffer(header, dtype=np.uint8)})
 
 
-def attach_fits(data: bytes, baseline: Baseline, origin: str = "<bytes>") -> int:
-    """Give ``baseline`` the fitted tests of :func:`encode_fits` output; returns how many.
+def attach_fits(data: bytes, baseline: Baseline, origin: str = "<bytes>") -> list[MeanShiftKey]:
+    """Give ``baseline`` the fitted tests of :func:`encode_fits` output; returns their keys
+    (:func:`embedwatch.baseline.mean_shift_key`).
     :class:`BaselineIntegrityError` if they are damaged or belong to another baseline."""
     header, arrays = _read_record(data, origin)
     if not isinstance(header, dict) or header.get("format") != FITS_FORMAT or header.get("format_version") != 1:
@@ -278,15 +279,22 @@ def attach_fits(data: bytes, baseline: Baseline, origin: str = "<bytes>") -> int
         raise BaselineIntegrityError(f"{origin}: invalid fitted test: {e}") from e
     for key, test in tests:
         baseline.keep_mean_shift(key, test)
-    return len(tests)
+    return [key for key, _ in tests]
 
 
-def atomic_write(path: Path, data: bytes | bytearray) -> None:
-    """Write ``data`` to ``path`` so a reader sees the old or the new content, never a mix."""
+#: What :func:`atomic_write`'s temporary file name adds to the name of the file it replaces
+#: ("." before it, then "." + 8 random characters + ".tmp" after it).
+ATOMIC_WRITE_EXTRA_NAME_BYTES = 14
+
+
+def atomic_write(path: Path, data: bytes | bytearray, head: bytes = b"") -> None:
+    """Write ``head`` then ``data`` to ``path`` so a reader sees the old or the new content, never
+    a mix (``head`` apart, so a large ``data`` is not copied to prefix it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            f.write(head)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -566,7 +574,12 @@ class MemoryBaselineStore(_IndexedStore):
         self._meta[(key, bid)] = _metadata(baseline)
 
     def _read_version(self, key: StreamKey, baseline_id: str) -> Baseline:
-        return self._baselines[(key, baseline_id)]
+        try:
+            return self._baselines[(key, baseline_id)]
+        except KeyError:
+            # An index naming a version that is not held (e.g. its record was damaged): a lookup
+            # error the callers handle, not a KeyError that stops the service loop.
+            raise BaselineNotFoundError(f"stream {key}: baseline {baseline_id!r} is not in the store") from None
 
     def hold(self, baseline: Baseline) -> None:
         """Replace the stored version with the same id by ``baseline`` (written through stores
@@ -577,4 +590,7 @@ class MemoryBaselineStore(_IndexedStore):
                 self._baselines[version] = baseline
 
     def _version_metadata(self, key: StreamKey, baseline_id: str) -> dict[str, Any]:
-        return dict(self._meta[(key, baseline_id)])
+        try:
+            return dict(self._meta[(key, baseline_id)])
+        except KeyError:
+            raise BaselineNotFoundError(f"stream {key}: baseline {baseline_id!r} is not in the store") from None

@@ -5,7 +5,7 @@ Two backends keep the same key -> bytes records:
 * ``kafka`` (default): a compacted topic (``state.topic``). Compaction keeps the newest value
   per key, so the topic stays about as large as the state itself.
 * ``file``: one file per key in ``state.directory`` (a PersistentVolume in Kubernetes), written
-  atomically.
+  atomically (a key too long for a file name: a file named after its hash, holding the key).
 
 Keys::
 
@@ -44,8 +44,9 @@ from urllib.parse import quote, unquote
 
 import numpy as np
 
-from embedwatch.baseline import Baseline, mean_shift_key
+from embedwatch.baseline import Baseline, MeanShiftKey, mean_shift_key
 from embedwatch.baseline_store import (
+    ATOMIC_WRITE_EXTRA_NAME_BYTES,
     BaselineIntegrityError,
     MemoryBaselineStore,
     _Index,
@@ -112,16 +113,35 @@ class NullStateBackend:
         return None
 
 
+#: Longest file name the file backend gives a key as itself (percent-encoded): a file system's
+#: limit (255 bytes) less what :func:`atomic_write` adds for its temporary file. Every key written
+#: before longer ones were hashed had such a name, so their files are still found.
+_MAX_PLAIN_NAME = 255 - ATOMIC_WRITE_EXTRA_NAME_BYTES
+#: File name prefix of a longer key: then the sha256 of the key. ``quote`` always escapes "=", so
+#: no plain name starts with it.
+_HASHED_NAME = "=sha256="
+#: A hashed name's file starts with this, the key's UTF-8 length (4 bytes) and the key; the value follows.
+_KEYED = b"EWFK1\n"
+
+
 class FileStateBackend:
-    """One file per key under ``directory``; atomic replace on write."""
+    """One file per key under ``directory``; atomic replace on write.
+
+    A file is named after its key (percent-encoded), or, for a key whose name would be too long
+    for the file system (stream labels may be 128 characters each, and a non-ASCII character,
+    percent-encoded in the key and again in the name, takes up to 20 bytes), after the key's
+    sha256, with the key stored at the start of the file."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._seen: dict[str, float] = {}
+        self._seen: dict[str, float] = {}  # file name -> modification time when read
 
     def _path(self, key: str) -> Path:
-        return self.directory / quote(key, safe="")
+        name = quote(key, safe="")
+        if len(name) > _MAX_PLAIN_NAME:
+            name = _HASHED_NAME + hashlib.sha256(key.encode()).hexdigest()
+        return self.directory / name
 
     def read_all(self, take: Take | None = None) -> dict[str, bytes]:
         self._seen.clear()
@@ -130,21 +150,45 @@ class FileStateBackend:
     def read_new(self, take: Take | None = None) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
         for p in self.directory.iterdir():
-            if p.name.startswith(".") or p.name.endswith(".tmp"):
-                continue
-            key, mtime = unquote(p.name), p.stat().st_mtime
-            if self._seen.get(key) != mtime:
-                value = p.read_bytes()
-                self._seen[key] = mtime
+            if p.name.startswith(".") or p.name.endswith(".tmp") or not p.is_file():
+                continue  # a directory: e.g. the lost+found of a volume's root
+            mtime = p.stat().st_mtime
+            if self._seen.get(p.name) != mtime:
+                self._seen[p.name] = mtime
+                read = self._read_keyed(p) if p.name.startswith(_HASHED_NAME) else (unquote(p.name), p.read_bytes())
+                if read is None:
+                    continue
+                key, value = read
                 if take is None or not take(key, value):
                     out[key] = value
         return out
+
+    @staticmethod
+    def _read_keyed(p: Path) -> tuple[str, bytes] | None:
+        """The key and value of a file named after its key's hash; None (logged) if damaged."""
+        with p.open("rb") as f:
+            head = f.read(len(_KEYED) + 4)
+            n = int.from_bytes(head[len(_KEYED):], "little")
+            raw = f.read(n) if head.startswith(_KEYED) and len(head) == len(_KEYED) + 4 else b""
+            try:
+                key = raw.decode()
+            except UnicodeDecodeError:
+                key = ""
+            if not key or len(raw) != n or p.name != _HASHED_NAME + hashlib.sha256(raw).hexdigest():
+                log.error("state file %s: no key of its name at its start (damaged?); ignored", p)
+                return None
+            return key, f.read()
 
     def write(self, records: Mapping[str, bytes | bytearray]) -> None:
         # Not marked as seen: read_new returns this replica's writes too, as the kafka backend's
         # does (the service re-reads its own checkpoints when a partition comes back).
         for key, value in records.items():
-            atomic_write(self._path(key), value)  # its temporary files start with "." and are skipped by reads
+            path = self._path(key)  # atomic_write's temporary files start with "." and are skipped by reads
+            if path.name.startswith(_HASHED_NAME):
+                raw = key.encode()
+                atomic_write(path, value, head=_KEYED + len(raw).to_bytes(4, "little") + raw)
+            else:
+                atomic_write(path, value)
 
     def close(self) -> None:
         return None
@@ -235,6 +279,7 @@ class KafkaStateBackend:
 
     def _drain(self, take: Take | None) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
+        deferred: set[str] = set()  # manifests read before all their chunks: offered to take at the end
         ends = self._consumer.end_offsets(self._parts)
         deadline = time.monotonic() + 60
         while any(self._consumer.position(tp) < end for tp, end in ends.items()):
@@ -255,6 +300,7 @@ class KafkaStateBackend:
                             if not held:
                                 del self._chunks[of]
                         continue
+                    deferred.discard(key)  # a later record of the key supersedes it
                     if r.value is None:
                         out.pop(key, None)
                         continue
@@ -268,13 +314,21 @@ class KafkaStateBackend:
                         whole = self._assemble_one(key, value, final=False)
                         if whole is None:
                             out[key] = value
+                            deferred.add(key)
                             continue
                         value = whole
                     if take is not None and take(key, value):
                         out.pop(key, None)
                     else:
                         out[key] = value
-        return self._assemble(out)
+        out = self._assemble(out)
+        if take is not None:
+            # Assembled only now (its chunks came after it: a state topic of several partitions,
+            # or compacted under a newer write): a stored baseline left here was never restored.
+            for key in [k for k in deferred if k in out]:
+                if take(key, out[key]):
+                    del out[key]
+        return out
 
     def _assemble(self, out: dict[str, bytes]) -> dict[str, bytes]:
         """Replace each manifest left in ``out`` by its value, or drop it (logged) when its chunks
@@ -582,11 +636,15 @@ class DurableBaselineStore(MemoryBaselineStore):
         # is held without its sample.
         self.detection = detection
         self._restoring = False
-        self._fitted: set[str] = set()  # baselines (by record name) whose fits are stored
+        # Per baseline (by record name): the settings (mean_shift_key) of the fits its stored fits
+        # record holds, as this store last wrote or read it.
+        self._fitted: dict[str, set[MeanShiftKey]] = {}
         self._names: dict[str, tuple[StreamKey, str]] = {}  # record name -> stored version
         # Read before their baseline (the file backend's order): attached when it comes.
         self._early_fits: dict[str, bytes] = {}
         self._indexes_read: dict[str, bytes] = {}  # applied once every version is read
+        # Per stream: its index as read (key, value), when applied without versions not held.
+        self._partial_indexes: dict[StreamKey, tuple[str, bytes]] = {}
         if records:
             self.restore(records)
 
@@ -614,7 +672,7 @@ class DurableBaselineStore(MemoryBaselineStore):
                 self._take_baseline(key, value)
             elif key.startswith("baseline-fit/"):
                 name = key.removeprefix("baseline-fit/")
-                if name in self._fitted:  # attached or written by this store already
+                if self._has_running_fit(name):  # attached or written by this store already
                     pass
                 elif name in self._names:
                     self._take_fits(name, value)
@@ -648,12 +706,34 @@ class DurableBaselineStore(MemoryBaselineStore):
             for name in self._early_fits:
                 log.warning("fitted tests baseline-fit/%s belong to no stored baseline: ignored", name)
             self._early_fits.clear()
-            for data in self._indexes_read.values():
+            for key, data in self._indexes_read.items():
                 doc = json.loads(data)
                 index = _Index(StreamKey(*doc["stream"]), list(doc["versions"]), doc.get("active"),
                                list(doc.get("previous", [])))
+                if self._drop_missing_versions(index):
+                    # Kept as read: a version written just before its index may come in the next
+                    # read (a directory listed while another replica wrote), then it is applied again.
+                    self._partial_indexes[index.stream] = key, data
+                else:
+                    self._partial_indexes.pop(index.stream, None)
                 super()._store_index(index)
             self._indexes_read.clear()
+
+    def _drop_missing_versions(self, index: _Index) -> bool:
+        """Remove from ``index`` the versions this store does not hold (a damaged record, skipped):
+        an index naming them made list() and get() fail. Without its active version, the stream
+        has none and builds a new baseline, as for a stored one that does not load. True if any was."""
+        stream = index.stream
+        held = [bid for bid in index.versions if (stream, bid) in self._baselines]
+        if len(held) == len(index.versions):
+            return False
+        if index.active is not None and (stream, index.active) not in self._baselines:
+            log.error("stream %s: its active baseline %s is not stored (damaged record?): the stream "
+                      "has no active baseline and builds a new one", stream, index.active)
+            index.active = None
+        index.versions = held
+        index.previous = [bid for bid in index.previous if (stream, bid) in self._baselines]
+        return True
 
     @contextlib.contextmanager
     def _restore_mode(self) -> Iterator[None]:
@@ -675,7 +755,11 @@ class DurableBaselineStore(MemoryBaselineStore):
         except ValueError as e:
             log.error("skipping damaged baseline record %s: %s", key, e)
             return
-        self._write_version(_stream_of_baseline(b), b)
+        stream = _stream_of_baseline(b)
+        self._write_version(stream, b)
+        if stream in self._partial_indexes:  # its index was applied without some version: again
+            index_key, index_data = self._partial_indexes.pop(stream)
+            self._indexes_read.setdefault(index_key, index_data)  # unless a newer one was read
         name = key.removeprefix("baseline/")
         fits = self._early_fits.pop(name, None)
         if fits is not None:
@@ -687,12 +771,20 @@ class DurableBaselineStore(MemoryBaselineStore):
         """Give a stored baseline the mean-shift tests fitted on it before the restart."""
         baseline = self._baselines[self._names[name]]
         try:
-            attach_fits(data, baseline, origin=f"baseline-fit/{name}")
+            keys = attach_fits(data, baseline, origin=f"baseline-fit/{name}")
         except BaselineIntegrityError as e:
             log.error("skipping damaged fitted tests baseline-fit/%s (refitted when needed): %s", name, e)
             return
-        self._fitted.add(name)
+        self._fitted[name] = set(keys)  # the record read is the stored one now
         self._release_samples([baseline])
+
+    def _has_running_fit(self, name: str) -> bool:
+        """Whether the stored fits of baseline ``name`` are known to hold all the running settings
+        need: another fits record of it (another replica's) has nothing more for this store."""
+        if name not in self._fitted:
+            return False
+        det = self.detection
+        return det is None or not det.scan_windows or mean_shift_key(det) in self._fitted[name]
 
     def _release_samples(self, baselines: list[Baseline]) -> None:
         """Hold restored baselines without their reference sample when a monitor will not need it:
@@ -711,12 +803,15 @@ class DurableBaselineStore(MemoryBaselineStore):
         """As the in-memory store's, and store the fits of a baseline stored without them once a
         monitor has fitted it: a baseline written by a version of embedwatch that did not store
         fits, or activated through the API before any monitor used it, would otherwise be refitted
-        at every restart, and kept with its sample by the replicas that do not own its stream."""
+        at every restart, and kept with its sample by the replicas that do not own its stream.
+        So is a fit for settings its stored fits lack (the scan settings changed at a restart):
+        its fits record is rewritten with every fit it holds."""
         super().hold(baseline)
         key = _stream_of_baseline(baseline)
         bid = str(baseline.metadata["baseline_id"])
         name = _record_name(key, bid)
-        if self._restoring or name in self._fitted or (key, bid) not in self._baselines:
+        keys = set(baseline.mean_shift_fits())
+        if self._restoring or keys <= self._fitted.get(name, set()) or (key, bid) not in self._baselines:
             return
         fits = self._fits_record(name, baseline)
         if not fits:
@@ -726,7 +821,7 @@ class DurableBaselineStore(MemoryBaselineStore):
         except (OSError, RuntimeError) as e:  # derived data: without it, a restart refits
             log.warning("cannot store the fitted tests of baseline %s: %s", bid, e)
             return
-        self._fitted.add(name)
+        self._fitted[name] = keys
 
     @staticmethod
     def _fits_record(name: str, baseline: Baseline) -> dict[str, bytes]:
@@ -745,11 +840,12 @@ class DurableBaselineStore(MemoryBaselineStore):
             fits = self._fits_record(name, baseline)
             self.backend.write({f"baseline/{name}": encode_baseline(baseline), **fits})
             if fits:
-                self._fitted.add(name)
+                self._fitted[name] = set(baseline.mean_shift_fits())
 
     def _store_index(self, index: _Index) -> None:
         super()._store_index(index)
         if not self._restoring:
+            self._partial_indexes.pop(index.stream, None)  # superseded by this one
             doc = index.to_json()
             doc["stream"] = list(index.stream)
             self.backend.write({f"baseline-index/{safe_name(index.stream)}": json.dumps(doc).encode()})

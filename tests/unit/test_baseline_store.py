@@ -19,6 +19,7 @@ from embedwatch.baseline_store import (
     BaselineRepository,
     BaselineStore,
     MemoryBaselineStore,
+    _Index,
     decode_baseline,
     encode_baseline,
     load_file,
@@ -107,6 +108,23 @@ def test_rollback_without_history_and_unknowns(store: BaselineRepository) -> Non
         store.promote(KEY, "nope")
     with pytest.raises(BaselineNotFoundError):
         store.get(KEY, "nope")
+
+
+def test_an_index_naming_a_version_the_store_lacks_is_not_found(store: BaselineRepository) -> None:
+    """A version named by the index but not stored (a damaged record a restore skipped) is a
+    BaselineNotFoundError naming it, which the router handles: a KeyError from the memory store
+    stopped the service loop."""
+    assert isinstance(store, BaselineStore | MemoryBaselineStore)
+    b = make(1)
+    store.save(b)
+    store._store_index(_Index(KEY, [b.baseline_id, "gone"], "gone", [b.baseline_id]))
+    with pytest.raises(BaselineNotFoundError, match="gone"):
+        store.get(KEY)
+    with pytest.raises(BaselineNotFoundError, match="gone"):
+        store.list(KEY)
+    with pytest.raises(BaselineNotFoundError, match="gone"):
+        store.promote(KEY, "gone")
+    assert store.get(KEY, b.baseline_id).baseline_id == b.baseline_id
 
 
 def test_inactive_first_save_has_no_active(store: BaselineRepository) -> None:

@@ -733,3 +733,220 @@ def test_a_checkpoint_is_hashed_and_written_outside_the_exporter_lock(tmp_path: 
     ckpt = checkpoint_key(settings.kafka.group_id, "embeddings", 0)
     (sc,) = decode_checkpoint(backend.read_all()[ckpt]).streams
     np.testing.assert_array_equal(sc.arrays["ref_vectors"], x)  # 150 of the 200 reference events
+
+
+def _stream_batch(seed: int, start: int, n: int = 300) -> list[Message]:
+    """``n`` events of the stream KEY at offsets ``start``... of partition embeddings/0."""
+    vectors = np.random.default_rng(seed).standard_normal((n, 16)).astype(np.float32)
+    return [Message(orjson.dumps({"model": KEY.model, "model_version": KEY.model_version, "embedding": v.tolist()}),
+                    "embeddings", 0, start + i) for i, v in enumerate(vectors)]
+
+
+def test_a_damaged_baseline_record_leaves_its_stream_to_build_a_new_baseline(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A baseline record that does not decode (a truncated file) is skipped at restore; its
+    stream's index no longer names it, so list() and get() answer (a KeyError from them stopped
+    the service loop), the other versions stay, and the stream builds a new baseline."""
+    from embedwatch.app import Service
+    from embedwatch.baseline_store import BaselineNotFoundError
+
+    settings, first = _service_that_ran(tmp_path, seed=12)
+    damaged = first.router.monitors[KEY].baseline.baseline_id
+    older, _ = _fed_monitor(250, seed=13)  # an intact version, active before the damaged one
+    assert older.baseline is not None
+    kept = older.baseline.baseline_id
+    writer = DurableBaselineStore(FileStateBackend(tmp_path), FileStateBackend(tmp_path).read_all())
+    writer.save(older.baseline, activate=True)
+    writer.promote(KEY, damaged)
+    [record] = [p for p in tmp_path.iterdir() if p.name.endswith(damaged) and p.name.startswith("baseline%2F")]
+    record.write_bytes(record.read_bytes()[:1000])
+
+    backend = FileStateBackend(tmp_path)
+    records = backend.read_all()
+    store = DurableBaselineStore(backend, records)
+    assert [m["baseline_id"] for m in store.list(KEY)] == [kept]
+    assert store.active_id(KEY) is None
+    with pytest.raises(BaselineNotFoundError):
+        store.get(KEY)
+    with pytest.raises(BaselineNotFoundError):
+        store.get(KEY, damaged)
+    assert store.get(KEY, kept).baseline_id == kept
+    assert f"its active baseline {damaged} is not stored" in caplog.text and str(KEY) in caplog.text
+
+    again = Service(settings, baselines=store, state_backend=backend, state_records=records)
+    again.run(_Source(again, [_stream_batch(14, 300)]), _NoSink())
+    built = again.router.monitors[KEY].baseline
+    assert built is not None and built.baseline_id not in (damaged, kept)
+    assert store.get(KEY).baseline_id == built.baseline_id
+    assert [m["baseline_id"] for m in store.list(KEY)] == [kept, built.baseline_id]
+
+
+def test_an_index_read_before_its_version_is_applied_again_when_the_version_comes(tmp_path: Path) -> None:
+    """A read may see another replica's index but not the baseline written just before it (a
+    directory listed while they were written): the version comes with the next read, and the
+    index is then applied whole, its active version included."""
+    backend = FileStateBackend(tmp_path)
+    [key] = _stored_baselines(backend, 1)
+    records = FileStateBackend(tmp_path).read_all()
+    store = DurableBaselineStore(backend, None, SETTINGS)
+    store.restore({k: v for k, v in records.items() if k.startswith("baseline-index/")})
+    assert store.active_id(key) is None
+    store.restore({k: v for k, v in records.items() if k.startswith(("baseline/", "baseline-fit/"))})
+    assert store.active_id(key) is not None and store.get(key).released_sample_rows == SETTINGS.baseline_sample
+
+
+def test_a_scan_fitted_for_new_settings_after_a_restart_is_stored(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a restart with other scan settings, the fit for them is stored beside the baseline
+    (its fits record rewritten with every fit it holds): the next restart takes it instead of
+    fitting again (70 ms a 768-d stream), and the replicas hold the baseline without its sample.
+    The fit restored for the old settings kept it from being stored, at every restart."""
+    from embedwatch.app import Service
+    from embedwatch.baseline import mean_shift_key
+    from embedwatch.baseline_store import _read_record
+    from embedwatch.config import Settings
+    from embedwatch.detectors.mean_shift import MeanShiftTest
+
+    _service_that_ran(tmp_path, seed=15)
+    new = SETTINGS.model_copy(update={"scan_components": 8})
+    settings = Settings(kafka={"poll_timeout_ms": 1},  # type: ignore[arg-type]
+                        state={"backend": "file", "directory": str(tmp_path)},  # type: ignore[arg-type]
+                        detection=new.model_dump())  # type: ignore[arg-type]
+
+    def stored_fits() -> list[list[list[float]]]:
+        [fits] = [v for k, v in FileStateBackend(tmp_path).read_all().items() if k.startswith("baseline-fit/")]
+        return sorted(_read_record(fits, "fits")[0]["settings"])
+
+    assert stored_fits() == [list(mean_shift_key(SETTINGS))]
+    replica = FileStateBackend(tmp_path)  # another replica, restarted with the new settings too
+    replica_store = DurableBaselineStore(replica, replica.read_all(), new)
+    assert replica_store.get(KEY).released_sample_rows is None  # kept for the new fit
+
+    backend = FileStateBackend(tmp_path)
+    records = backend.read_all()
+    again = Service(settings, baselines=DurableBaselineStore(backend, records, new), state_backend=backend,
+                    state_records=records)
+    again.run(_Source(again, []), _NoSink())  # the restored stream fits its scan for the new settings
+    assert stored_fits() == sorted([list(mean_shift_key(SETTINGS)), list(mean_shift_key(new))])
+    replica_store.restore(replica.read_new())  # the replica reads the new fit: the sample goes
+    assert replica_store.get(KEY).released_sample_rows == new.baseline_sample
+
+    def no_fit(*args: Any, **kwargs: Any) -> MeanShiftTest:
+        raise AssertionError("refitted")
+
+    monkeypatch.setattr(MeanShiftTest, "fit", no_fit)
+    backend = FileStateBackend(tmp_path)
+    records = backend.read_all()
+    store = DurableBaselineStore(backend, records, new)
+    assert store.get(KEY).released_sample_rows == new.baseline_sample
+    last = Service(settings, baselines=store, state_backend=backend, state_records=records)
+    last.run(_Source(last, []), _NoSink())
+    restored = last.router.monitors[KEY].baseline
+    assert restored is not None and mean_shift_key(new) in restored.mean_shift_fits()
+
+
+def test_file_backend_stores_keys_too_long_for_a_file_name(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Stream labels of up to 128 characters, non-ASCII ones included, make keys longer than a
+    file name may be (255 bytes, and atomic_write's temporary file adds 14): every write failed
+    with "File name too long" and the stream's state was lost at a restart. Such a key's file is
+    named after its hash and holds the key; a key that fitted keeps the name it had."""
+    import time
+    from urllib.parse import quote
+
+    from embedwatch.baseline_store import safe_name
+
+    stream = StreamKey("模型" * 30, "版本" * 20, "東京" * 64)
+    long_keys = [f"baseline/{safe_name(stream)}/0123abcd", "ckpt/g/" + "東京" * 70 + "/0"]
+    assert all(len(k.encode()) > 400 for k in long_keys)
+    fits, too_long = "x" * 241, "x" * 242  # 241 + 14 bytes is a file name's limit: it was written
+    state = tmp_path / "state"
+    b = FileStateBackend(state)
+    b.write({long_keys[0]: b"one", long_keys[1]: b"two", "ckpt/g/t/0": b"short", fits: b"a", too_long: b"b"})
+    expected = {long_keys[0]: b"one", long_keys[1]: b"two", "ckpt/g/t/0": b"short", fits: b"a", too_long: b"b"}
+    assert b.read_all() == expected
+    assert (state / quote("ckpt/g/t/0", safe="")).read_bytes() == b"short"
+    assert (state / fits).read_bytes() == b"a"
+    assert not (state / too_long).exists()
+    assert all(len(p.name.encode()) <= 241 for p in state.iterdir())
+    taken: dict[str, bytes] = {}
+    assert FileStateBackend(state).read_all(lambda k, v: taken.update({k: v}) is None) == {}
+    assert taken == expected
+
+    other = FileStateBackend(state)  # another replica: sees the rewrite of a long key, in the same file
+    assert other.read_all() == expected
+    files = sorted(p.name for p in state.iterdir())
+    time.sleep(0.02)  # a later modification time than the first write's
+    b.write({long_keys[0]: b"one again"})
+    assert other.read_new() == {long_keys[0]: b"one again"}
+    assert other.read_new() == {}
+    assert sorted(p.name for p in state.iterdir()) == files
+
+    # A damaged file of a long key is skipped with an error, not taken for another key.
+    [hashed] = [p for p in state.iterdir() if p.read_bytes().endswith(b"two")]
+    hashed.write_bytes(hashed.read_bytes()[:10])
+    assert long_keys[1] not in FileStateBackend(state).read_all()
+    assert "damaged" in caplog.text and hashed.name in caplog.text
+
+
+def test_file_backend_skips_directories_in_its_directory(tmp_path: Path) -> None:
+    """The root of an ext4 volume holds lost+found: a read raised IsADirectoryError, and the
+    service retried opening its state for ever."""
+    b = FileStateBackend(tmp_path / "state")
+    (tmp_path / "state" / "lost+found").mkdir()
+    b.write({"ckpt/g/topic/0": b"one"})
+    assert b.read_all() == {"ckpt/g/topic/0": b"one"}
+
+
+class _Record:
+    def __init__(self, key: str, value: bytes | bytearray | None) -> None:
+        self.key = key.encode()
+        self.value = None if value is None else bytes(value)
+
+
+class _Replay:
+    """Records in a chosen order, as a consumer of the state topic reads them (pure logic of the
+    read: the broker's side is tests/integration/test_state_chunks.py)."""
+
+    def __init__(self, records: list[_Record]) -> None:
+        self.records, self.at = records, 0
+
+    def end_offsets(self, parts: Any) -> dict[int, int]:
+        return {0: len(self.records)}
+
+    def position(self, tp: Any) -> int:
+        return self.at
+
+    def poll(self, timeout_ms: int) -> dict[int, list[_Record]]:
+        batch, self.at = self.records[self.at:], len(self.records)
+        return {0: batch}
+
+
+def test_a_chunked_value_whose_manifest_comes_first_is_still_offered_to_the_reader() -> None:
+    """A state topic of several partitions (or compaction) can hand over a chunked value's manifest
+    before its chunks: it is assembled at the end of the read, and a stored baseline among such
+    values was left out of the baseline store (returned as an "other" record)."""
+    from embedwatch.state import KafkaStateBackend
+
+    writer = object.__new__(KafkaStateBackend)
+    sent: list[tuple[str, bytes | bytearray | None]] = []
+    writer.chunk_bytes, writer._slot, writer._gen, writer._nchunks = 10, {}, {}, {}
+    writer._send = lambda records: sent.extend(records)  # type: ignore[method-assign]
+    big, small = bytes(range(35)), b"checkpoint"
+    writer.write({"baseline/m/1": big, "ckpt/g/t/0": small})
+    chunks = [_Record(k, v) for k, v in sent if k.startswith("chunk/")]
+    heads = [_Record(k, v) for k, v in sent if not k.startswith("chunk/")]
+    assert len(chunks) == 4 and len(heads) == 2
+    for order in (chunks + heads, heads + chunks):
+        reader = object.__new__(KafkaStateBackend)
+        reader._parts, reader._slot, reader._gen, reader._nchunks, reader._chunks = [0], {}, {}, {}, {}
+        reader._consumer = _Replay(order)
+        taken: dict[str, bytes] = {}
+
+        def take(key: str, value: bytes, into: dict[str, bytes] = taken) -> bool:
+            if key.startswith("baseline/"):
+                into[key] = value
+                return True
+            return False
+
+        assert reader._drain(take) == {"ckpt/g/t/0": small}
+        assert taken == {"baseline/m/1": big}
