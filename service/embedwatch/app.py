@@ -156,6 +156,7 @@ class Service:
                 max_events_per_message=lim.max_events_per_message,
                 max_label_length=lim.max_label_length,
                 precision_k=settings.detection.precision_k,
+                max_future_skew_s=lim.max_future_skew_s,
             ),
             query_topics=frozenset([k.queries_topic] if k.queries_topic else []),
         )

@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from embedwatch import __version__
 from embedwatch.config import ConfigError, Settings, load_settings, settings_reference_markdown
@@ -28,6 +28,38 @@ def _settings(path: str | None) -> Settings:
     except ConfigError as e:
         print(f"embedwatch: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _fail(message: str, status: int) -> int:
+    """Report a problem with what the command was given on one line; the exit status."""
+    print(f"embedwatch: {message}", file=sys.stderr)
+    return status
+
+
+class _RemoteError(Exception):
+    """A call to a running service failed; ``status`` 1, or 2 for a bad ``--url``."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+BLAS_THREADS_ENV = "EMBEDWATCH_BLAS_THREADS"
+
+
+def _blas_threads() -> int:
+    """``EMBEDWATCH_BLAS_THREADS`` (default 1), checked as the setting ``blas_threads`` is: read
+    here, before any command loads its settings, so a bad value must not crash the parse."""
+    raw = os.environ.get(BLAS_THREADS_ENV)
+    if raw is None:
+        return 1
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return int(TypeAdapter(Annotated[int, Settings.model_fields["blas_threads"]]).validate_python(raw))
+    except ValidationError as e:
+        msg = e.errors()[0]["msg"] if e.errors() else str(e)
+        raise ConfigError(f"invalid configuration (environment): {BLAS_THREADS_ENV}: {msg} (got {raw!r})") from None
 
 
 def _setup_logging(level: str) -> None:
@@ -55,15 +87,22 @@ def _open_state(settings: Settings, beat: Callable[[], None] = lambda: None,
                      if settings.state.backend != "none" else None)
             # The store takes its records as the read comes to them, so they are not all held.
             records = store.read(backend.read_all, beat) if store is not None else backend.read_all()
-            versions = len(store.list()) if store is not None else 0
-            if records or versions:
-                log.info("state: %d baseline versions and %d other records restored from the %s backend",
-                         versions, len(records), settings.state.backend)
-            return backend, store, records
+            break
         except Exception as e:  # the broker may be down at start: keep trying, never crash-loop
             log.error("state backend %s unavailable (%s); retrying in %.1fs", settings.state.backend, e, delay)
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 30.0)
+    # Informational only, so outside the retry loop: a store that fails to list its versions is
+    # not an unreachable backend, and the state already read must not be read again forever.
+    try:
+        versions = len(store.list()) if store is not None else 0
+    except Exception as e:
+        log.warning("state: cannot count the restored baseline versions (%s)", e)
+        versions = 0
+    if records or versions:
+        log.info("state: %d baseline versions and %d other records restored from the %s backend",
+                 versions, len(records), settings.state.backend)
+    return backend, store, records
 
 
 class _Views:
@@ -181,22 +220,32 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from embedwatch.replay import run_replay
+    from embedwatch.replay import ReplayError, load_baselines, run_replay
 
     settings = _settings(args.config)
     _setup_logging("WARNING")
-    run_replay(Path(args.events), Path(args.report), settings, reference_size=args.reference_size,
-               progress=not args.quiet)
+    try:
+        baselines = load_baselines(args.baseline) if args.baseline else None
+        run_replay(Path(args.events), Path(args.report), settings, reference_size=args.reference_size,
+                   progress=not args.quiet, baselines=baselines)
+    except ConfigError as e:  # --reference-size out of the configuration's range
+        return _fail(str(e), 2)
+    except ReplayError as e:
+        return _fail(str(e), e.status)
     return 0
 
 
 def cmd_baseline_build(args: argparse.Namespace) -> int:
-    from embedwatch.replay import build_baseline
+    from embedwatch.replay import ReplayError, build_baseline
 
     settings = _settings(args.config)
-    if args.reference_size:
-        settings.detection.reference_size = args.reference_size
-    metas = build_baseline(Path(args.events), Path(args.output), settings, stream=args.stream)
+    try:
+        metas = build_baseline(Path(args.events), Path(args.output), settings, stream=args.stream,
+                               reference_size=args.reference_size)
+    except ConfigError as e:
+        return _fail(str(e), 2)
+    except ReplayError as e:
+        return _fail(str(e), e.status)
     for m in metas:
         print(f"{m['model']}/{m['model_version']}/{m['segment']}  baseline {m['baseline_id']}  "
               f"dim={m['dim']} count={m['count']}")
@@ -204,31 +253,56 @@ def cmd_baseline_build(args: argparse.Namespace) -> int:
 
 
 def _http(method: str, url: str, token: str | None = None, body: dict[str, Any] | None = None) -> Any:
+    """The JSON answer of the service; :class:`_RemoteError` naming the status and the body."""
+    import http.client
+    import urllib.error
     import urllib.request
 
     import orjson
 
-    req = urllib.request.Request(url, method=method, data=orjson.dumps(body or {}) if method == "POST" else None)
+    try:
+        req = urllib.request.Request(url, method=method,
+                                     data=orjson.dumps(body or {}) if method == "POST" else None)
+    except ValueError as e:  # e.g. no http:// scheme
+        raise _RemoteError(f"bad --url {url}: {e}", 2) from None
     if token:
         req.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return orjson.loads(r.read())
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            data = r.read()
+    except urllib.error.HTTPError as e:  # before URLError, its base class
+        text = " ".join(e.read().decode("utf-8", "replace").split())[:500]
+        raise _RemoteError(f"{method} {url}: HTTP {e.code} {e.reason}" + (f": {text}" if text else "")) from None
+    except urllib.error.URLError as e:
+        raise _RemoteError(f"{method} {url}: cannot reach the service: {e.reason}") from None
+    except (OSError, http.client.HTTPException) as e:  # timeout or connection reset mid-answer
+        raise _RemoteError(f"{method} {url}: {str(e) or type(e).__name__}") from None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise _RemoteError(f"{method} {url}: the answer is not JSON: {data[:200]!r}") from None
 
 
 def cmd_baseline_remote(args: argparse.Namespace) -> int:
+    import urllib.parse
+
     import orjson
 
     base = args.url.rstrip("/")
-    if args.action == "list":
-        doc = _http("GET", f"{base}/api/baselines")
-    else:
-        import os
-
-        # The same variable the service reads its token from, so one Secret serves both.
-        token = os.environ.get("EMBEDWATCH_HTTP__ADMIN_TOKEN")
-        path = f"{base}/api/baselines/{args.stream}/{args.action}"
-        events = getattr(args, "events", None)
-        doc = _http("POST", path, token, {"events": events} if events is not None else None)
+    url = urllib.parse.urlsplit(base)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        return _fail(f"bad --url {args.url}: expected http://host:port", 2)
+    try:
+        if args.action == "list":
+            doc = _http("GET", f"{base}/api/baselines")
+        else:
+            # The same variable the service reads its token from, so one Secret serves both.
+            token = os.environ.get("EMBEDWATCH_HTTP__ADMIN_TOKEN")
+            path = f"{base}/api/baselines/{args.stream}/{args.action}"
+            events = getattr(args, "events", None)
+            doc = _http("POST", path, token, {"events": events} if events is not None else None)
+    except _RemoteError as e:
+        return _fail(str(e), e.status)
     print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
     return 0
 
@@ -290,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--report", required=True)
     rp.add_argument("--config")
     rp.add_argument("--reference-size", type=int, default=None)
+    rp.add_argument("--baseline", action="append", default=[], metavar="FILE",
+                    help="a baseline file written by `baseline build` (X.npz, X.json or X); its stream "
+                    "is monitored against it from its first event (repeat for several streams)")
     rp.add_argument("--quiet", action="store_true")
     rp.set_defaults(func=cmd_replay)
 
@@ -334,7 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     # process; scale out with replicas. `blas_threads` (EMBEDWATCH_BLAS_THREADS) overrides.
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=int(os.environ.get("EMBEDWATCH_BLAS_THREADS", "1")), user_api="blas"):
+    try:
+        threads = _blas_threads()
+    except ConfigError as e:
+        return _fail(str(e), 2)
+    with threadpool_limits(limits=threads, user_api="blas"):
         return int(args.func(args))
 
 

@@ -105,6 +105,12 @@ class LimitSettings(_Section):
     max_dim: int = Field(8192, ge=1, le=1_000_000, description="Larger vectors are dead-lettered.")
     max_events_per_message: int = Field(10_000, ge=1, description="Longest JSON array accepted.")
     max_label_length: int = Field(128, ge=1, le=1024, description="Longest model/version/segment.")
+    max_future_skew_s: float = Field(
+        300.0, ge=0,
+        description="Events whose time is more than this many seconds after this service's clock are "
+        "dead-lettered (schema): a window keeps its newest time as a running max, so one event from a "
+        "clock far ahead (or in milliseconds sent as seconds) would evict every later, correct event.",
+    )
     heap_trim_interval_s: float = Field(
         60.0, ge=0,
         description="Seconds between collections of garbage cycles and returns of freed heap memory to the OS "
@@ -121,7 +127,9 @@ class DetectionSettings(_Section):
     )
     window_events: int = Field(1000, ge=50, description="Count bound of the rolling window.")
     window_seconds: float = Field(3600.0, gt=0, description="Time bound of the rolling window.")
-    buckets: int = Field(10, ge=2, le=1000, description="Buckets in the window ring.")
+    buckets: int = Field(
+        10, ge=2, le=1000, description="Buckets in the window ring (window_events must be a multiple of it)."
+    )
     reservoir_per_bucket: int = Field(
         64, ge=4, le=100_000, description="Vectors sampled per bucket for the MMD test (held until their "
         "random-feature sum is computed, then dropped)."
@@ -186,7 +194,8 @@ class DetectionSettings(_Section):
     )
     seed: int = Field(0, description="Seed of every random choice (reservoirs, features), for repeatability.")
     min_window_events: int = Field(
-        100, ge=10, description="Window events needed before the multivariate drift test runs."
+        100, ge=10, description="Window events needed before the multivariate drift test runs (at most "
+        "window_events)."
     )
     max_evaluations_per_update: int = Field(
         4, ge=1, le=100_000,
@@ -202,12 +211,31 @@ class DetectionSettings(_Section):
                              f"({self.scan_every})")
         if len(set(self.scan_windows)) != len(self.scan_windows):
             raise ValueError("scan_windows must not repeat a size")
+        if self.scan_windows and self.evaluate_every * self.alarm_end_evaluations < self.scan_every:
+            # An alarm ends after alarm_end_evaluations quiet evaluations; fewer events than
+            # scan_every between them and no scan point falls inside, so a loud scan cannot hold
+            # the alarm and it ends and starts again (flaps).
+            raise ValueError(f"evaluate_every * alarm_end_evaluations ({self.evaluate_every} * "
+                             f"{self.alarm_end_evaluations}) must be at least scan_every ({self.scan_every})")
+        return self
+
+    @model_validator(mode="after")
+    def _check_window(self) -> DetectionSettings:
+        if self.window_events % self.buckets:
+            # Equal buckets make the count bound exact: a window holds between window_events -
+            # window_events / buckets + 1 and window_events events.
+            raise ValueError(f"window_events ({self.window_events}) must be a multiple of buckets "
+                             f"({self.buckets})")
+        if self.min_window_events > self.window_events:
+            raise ValueError(f"min_window_events ({self.min_window_events}) must be at most window_events "
+                             f"({self.window_events}): the multivariate test would never run")
         return self
 
     alarm_end_evaluations: int = Field(
         2, ge=1, le=1000,
         description="Consecutive evaluations with p > 100 * false_alarm_rate or score below the floor "
-        "that end an alarm (hysteresis against flapping).",
+        "that end an alarm (hysteresis against flapping). With the scan on, evaluate_every * "
+        "alarm_end_evaluations must be at least scan_every, so a scan point falls within them.",
     )
     changepoint_threshold: float = Field(
         50.0, gt=0, description="Page-Hinkley threshold, in baseline standard deviations of the score."
@@ -328,8 +356,25 @@ def _check_env_keys() -> None:
                 )
 
 
+def _env_parse_error(err: ValueError) -> str:
+    """The message of a variable pydantic-settings could not parse (a list or a section given as
+    bad JSON): it names the field only, so name the variables that set it (their values may be
+    secrets: not echoed)."""
+    import re
+
+    m = re.search(r'field "([^"]+)"', str(err))
+    field = m.group(1).upper() if m else ""
+    own = f"{ENV_PREFIX}{field}"
+    names = sorted(n for n in os.environ if field and (n.upper() == own or n.upper().startswith(own + "__")))
+    which = ", ".join(names) or (own if field else "an EMBEDWATCH_* variable")
+    cause = f": {err.__cause__}" if err.__cause__ is not None else ""
+    return f"invalid configuration (environment): {which}: cannot parse the value (lists and sections are JSON){cause}"
+
+
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     """Read settings from ``path`` (YAML) and the environment; raise :class:`ConfigError` on any problem."""
+    from pydantic_settings.exceptions import SettingsError
+
     data: dict[str, Any] = {}
     origin = "defaults + environment"
     if path is not None:
@@ -338,6 +383,8 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
             raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text: {e}") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
         if raw is None:
@@ -351,6 +398,8 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         return Settings(**data)
     except ValidationError as e:
         raise ConfigError(_format_error(e, origin)) from e
+    except SettingsError as e:  # an EMBEDWATCH_* value that is not even parseable (bad JSON)
+        raise ConfigError(_env_parse_error(e)) from e
 
 
 def settings_reference_markdown() -> str:

@@ -27,9 +27,11 @@ import binascii
 import gc
 import json
 import math
+import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, NamedTuple
 
@@ -51,6 +53,14 @@ except ImportError:  # pragma: no cover - an optional speed-up: the standard lib
 DEFAULT_SEGMENT = "default"
 
 
+#: Largest component magnitude accepted: products and sums of a vector of up to a million
+#: components with unit-scale random weights stay within float32 (3.4e38).
+MAX_MAGNITUDE = 1e30
+#: A vector whose components are all smaller is refused as zero: its pairwise distances would give
+#: a kernel bandwidth whose inverse overflows float32.
+MIN_MAGNITUDE = 1e-30
+
+
 class Reason(StrEnum):
     """Why an event was dead-lettered: the value of the ``embedwatch-error`` header."""
 
@@ -61,6 +71,7 @@ class Reason(StrEnum):
     DIMENSION_MISMATCH = "dimension_mismatch"
     STREAM_LIMIT = "stream_limit"
     TOO_LARGE = "too_large"
+    PROCESSING_ERROR = "processing_error"  # the stream's update raised: see the service's log
 
 
 class Kind(StrEnum):
@@ -179,6 +190,9 @@ class DecodeLimits:
     max_events_per_message: int = 10_000
     max_label_length: int = 128
     precision_k: int = 10
+    # An event time later than the decoding time plus this is dead-lettered: the window keeps its
+    # newest time as a running max, so one such event would evict every later, correct one.
+    max_future_skew_s: float = 300.0
 
 
 class _Bad(Exception):
@@ -188,23 +202,28 @@ class _Bad(Exception):
         self.detail = detail
 
 
-def _loads(raw: bytes) -> Any:
+def _loads(raw: bytes) -> tuple[Any, bool]:
+    """The parsed document, and whether the standard library's parser read it (see there)."""
     try:
-        return orjson.loads(raw)
+        return orjson.loads(raw), False
     except orjson.JSONDecodeError:
         pass
     # orjson refuses the NaN/Infinity tokens many producers emit (Python's json does); parse those
     # with the standard library so they are reported as non_finite, the real problem.
     try:
-        return json.loads(raw)
+        return json.loads(raw), True
     except (ValueError, RecursionError, UnicodeDecodeError) as e:
         raise _Bad(Reason.INVALID_JSON, f"not valid JSON: {str(e)[:200]}") from None
 
 
 def _label(ev: dict[str, Any], name: str, limits: DecodeLimits, default: str | None = None) -> str:
-    v = ev.get(name, default)
+    """Field ``name``, checked; a field with a ``default`` is optional: absent or null gives it."""
+    v = ev.get(name)
     if v is None:
-        raise _Bad(Reason.SCHEMA, f"missing required field {name!r}")
+        if default is not None:
+            return default  # null means absent, as for every optional field
+        raise _Bad(Reason.SCHEMA, f"required field {name!r} is null" if name in ev
+                   else f"missing required field {name!r}")
     if not isinstance(v, str):
         raise _Bad(Reason.SCHEMA, f"field {name!r} must be a string, got {type(v).__name__}")
     if not v or len(v) > limits.max_label_length:
@@ -236,9 +255,15 @@ def _float_or_inf(v: float) -> float:
         return math.inf
 
 
-def _timestamp(ev: dict[str, Any], default: float) -> float:
+def _timestamp(ev: dict[str, Any], default: float, clock: float, skew: float) -> float:
+    """The event's time: its ``ts`` (epoch seconds, or an ISO 8601 / RFC 3339 string, UTC when it
+    has no offset), else ``default``; never before 1970, nor more than ``skew`` seconds after
+    ``clock``, the time of decoding."""
     v = ev.get("ts")
     if v is None:
+        if default > clock + skew:  # the Kafka timestamp: a producer clock ahead harms alike
+            raise _Bad(Reason.SCHEMA, f"the event has no 'ts' and its Kafka timestamp {default:.6g} is "
+                       f"{default - clock:.3g} s ahead of this service's clock (allowed {skew:g} s)")
         return default
     if isinstance(v, bool):
         raise _Bad(Reason.SCHEMA, "field 'ts' must be epoch seconds or an RFC 3339 string")
@@ -246,13 +271,35 @@ def _timestamp(ev: dict[str, Any], default: float) -> float:
         f = _float_or_inf(v)
         if not math.isfinite(f) or f < 0:
             raise _Bad(Reason.SCHEMA, "field 'ts' must be finite epoch seconds")
-        return f
-    if isinstance(v, str) and len(v) <= 64:
+    elif isinstance(v, str) and len(v) <= 64:
         try:
-            return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            pass
-    raise _Bad(Reason.SCHEMA, "field 'ts' must be epoch seconds or an RFC 3339 string")
+            dt = datetime.fromisoformat(v.replace("Z", "+00:00"))
+            # No offset: UTC (docs/architecture.md), not the host's zone, which would make one
+            # event's time depend on where the service runs.
+            f = (dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)).timestamp()
+        except (ValueError, OverflowError, OSError):
+            raise _Bad(Reason.SCHEMA, "field 'ts' must be epoch seconds or an RFC 3339 string") from None
+        if f < 0:  # the range numbers have
+            raise _Bad(Reason.SCHEMA, f"field 'ts' {v!r} is before 1970-01-01T00:00:00Z")
+    else:
+        raise _Bad(Reason.SCHEMA, "field 'ts' must be epoch seconds or an RFC 3339 string")
+    if f > clock + skew:
+        raise _Bad(Reason.SCHEMA, _ahead_detail(v, f, clock, skew))
+    return f
+
+
+def _ahead_detail(v: str | float, ts: float, clock: float, skew: float) -> str:
+    """Why ``ts`` (the value ``v`` given) is refused, with the likely cause."""
+    hint = "a producer clock ahead?"
+    if not isinstance(v, str):
+        # A unit slip when the time read in that unit is after 1973 and not ahead: the usual cause.
+        for unit, scale in (("milli", 1e3), ("micro", 1e6), ("nano", 1e9)):
+            if ts >= 1e8 * scale and ts / scale <= clock + skew:
+                hint = f"{unit}seconds sent as seconds?"
+                break
+    shown = repr(v) if isinstance(v, str) else f"{ts:.6g}"
+    return (f"ts {shown} is {ts - clock:.3g} s ahead of this service's clock "
+            f"(allowed {skew:g} s): {hint}")
 
 
 def _optional_id(ev: dict[str, Any], name: str, limits: DecodeLimits) -> str | None:
@@ -318,7 +365,7 @@ class _B64Event(msgspec.Struct, gc=False):
     model: str
     model_version: str
     embedding_b64: str
-    segment: str = DEFAULT_SEGMENT
+    segment: str | None = DEFAULT_SEGMENT  # null: the default, looked up as the general path keys it
     ts: float | None = None
     id: str | int | None = None
     latency_ms: float | None = None
@@ -329,8 +376,11 @@ _B64_DECODE = msgspec.json.Decoder(_B64Event).decode
 _SJ_OBJECT: Any = _simdjson.Object if _simdjson is not None else None
 _SJ_ARRAY: Any = _simdjson.Array if _simdjson is not None else None
 _fromiter = np.fromiter
+_convert = msgspec.convert
+_FLOATS = list[float]
 _F32 = np.dtype(np.float32)
 _INF = math.inf
+_MAX_FLOAT = sys.float_info.max
 _INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1  # the integers orjson reads as integers
 _NAN = math.nan
 
@@ -356,11 +406,14 @@ def _query_fields(ev: dict[str, Any], k: int) -> tuple[float, float, float, floa
     rel = ev.get("relevant_ids")
     if rel is None:
         return top1, float(len(results)), math.nan, math.nan
-    if not isinstance(rel, list) or not all(isinstance(x, str | int) for x in rel):
-        raise _Bad(Reason.SCHEMA, "field 'relevant_ids' must be a list of ids")
+    # Ids are strings or integers; a bool is neither (it would equal, and match, the id 1 or 0).
+    if not isinstance(rel, list) or not all(type(x) is str or type(x) is int for x in rel):
+        raise _Bad(Reason.SCHEMA, "field 'relevant_ids' must be a list of ids (strings or integers)")
     relevant = set(rel)
-    # A result id that is a list or an object matches nothing (and cannot be looked up in a set).
-    hits = sum(1 for x in ids[:k] if not isinstance(x, list | dict) and x in relevant)
+    # Distinct relevant ids in the top k: a result list repeating a relevant id counts it once, so
+    # recall stays <= 1 and precision@k = distinct relevant hits / k. A result id of another type
+    # (a bool, a float, a list, an object) matches nothing.
+    hits = len({x for x in ids[:k] if (type(x) is str or type(x) is int) and x in relevant})
     precision = hits / k
     recall = hits / len(relevant) if relevant else math.nan
     return top1, float(len(results)), precision, recall
@@ -460,8 +513,14 @@ class Decoder:
     'invalid_json'
     """
 
-    def __init__(self, limits: DecodeLimits | None = None, query_topics: frozenset[str] = frozenset()) -> None:
+    def __init__(self, limits: DecodeLimits | None = None, query_topics: frozenset[str] = frozenset(),
+                 clock: Callable[[], float] = time.time) -> None:
         self.limits = limits or DecodeLimits()
+        # The time of decoding, read once a batch, against which an event time too far ahead is
+        # refused (DecodeLimits.max_future_skew_s); replaceable for tests.
+        self.clock = clock
+        self._now = 0.0  # this batch's time of decoding, and the latest event time it accepts
+        self._ts_max = _MAX_FLOAT
         self.query_topics = query_topics
         # (model, model_version, segment) values already validated -> their StreamKey. Labels repeat
         # on almost every event, so validating each distinct triple once saves three checks per event.
@@ -520,7 +579,7 @@ class Decoder:
             del doc, emb, v
 
     def _b64_pass(self, messages: Sequence[Message], now: float | None,
-                  groups: dict[tuple[StreamKey, Kind, int | str], _Group]) -> list[int]:
+                  groups: dict[tuple[StreamKey, Kind, int | str], _Group], ts_max: float | None = None) -> list[int]:
         """Add the batch's well-formed b64 embedding events to their groups, one msgspec decode
         each; return the indices of the other messages, for the general path to judge in order.
 
@@ -541,10 +600,14 @@ class Decoder:
         µs an event. Decoder alone, alternating runs: 384-d 222-249k -> 265-315k events/s,
         768-d 90-114k -> 110-131k; padded base64 (dimensions not divisible by 3) pays two more
         copies: 128-d 354-361k -> 362-399k, 1024-d 87-90k -> 78-84k.
+
+        ``ts_max``: the latest event time accepted (:meth:`_clock_at`); ``None``: from the clock now.
         """
         decode = self._b64_event
         if decode is None:
             return list(range(len(messages)))
+        if ts_max is None:
+            ts_max = self._clock_at(now)[1]
         rest: list[int] = []
         keys = self._keys
         lim = self.limits
@@ -569,7 +632,8 @@ class Decoder:
             ts, lat, ident = ev.ts, ev.latency_ms, ev.id
             if ts is None:
                 ts = _default_ts(msg, now)
-            if (stream is None or n == 0 or n & 3 or not 0.0 <= ts < _INF
+            # A time ahead of ts_max (finite) too: the general path words it.
+            if (stream is None or n == 0 or n & 3 or not 0.0 <= ts <= ts_max
                     or (lat is not None and not 0.0 <= lat < _INF)):
                 rest.append(mi)
                 continue
@@ -654,6 +718,8 @@ class Decoder:
         return bad
 
     def decode(self, messages: Sequence[Message], now: float | None = None) -> DecodedBatch:
+        """Decode ``messages``. ``now``: the time of an event that carries neither a ``ts`` nor a
+        Kafka timestamp (``None``: 0), and the time of decoding when later than :attr:`clock`."""
         # The batch's parsed documents (thousands of dicts and number lists) stay alive until the
         # block conversion; the cyclic GC would walk them again and again while they pile up (they
         # hold no cycles), so it is paused for the batch. Nothing is lost: it runs afterwards.
@@ -668,11 +734,22 @@ class Decoder:
             if paused:
                 gc.enable()
 
+    def _clock_at(self, now: float | None) -> tuple[float, float]:
+        """(time of decoding, latest event time accepted). The time of decoding is the clock's, or
+        the caller's ``now`` when later: a caller's time ahead of the clock (a simulation, a test)
+        must not refuse its own events. ``replay`` passes 0, which leaves the clock's."""
+        clock = self.clock()
+        if now is not None and now > clock:
+            clock = now
+        # Finite even when the skew is not, so that one comparison also refuses an infinite time.
+        return clock, min(clock + self.limits.max_future_skew_s, _MAX_FLOAT)
+
     def _decode(self, messages: Sequence[Message], now: float | None) -> DecodedBatch:
         out = DecodedBatch()
         groups: dict[tuple[StreamKey, Kind, int | str], _Group] = {}
         lim = self.limits
-        for mi in self._b64_pass(messages, now, groups):
+        self._now, self._ts_max = self._clock_at(now)
+        for mi in self._b64_pass(messages, now, groups, self._ts_max):
             msg = messages[mi]
             value = msg.value
             if value is None or len(value) == 0:
@@ -693,7 +770,7 @@ class Decoder:
                     out.rejections.append(Rejection(mi, e.reason, e.detail, value, _stream_or_none(fast[0], lim)))
                 continue
             try:
-                doc = _loads(value)
+                doc, lenient = _loads(value)
             except _Bad as e:
                 out.rejections.append(Rejection(mi, e.reason, e.detail, value))
                 continue
@@ -713,7 +790,7 @@ class Decoder:
                 single = True
             for ev in elements:
                 # A bad element of an array is dead-lettered alone, re-serialised.
-                payload = value if single else _dumps_element(ev, value)
+                payload = value if single else _dumps_element(ev, value, lenient)
                 try:
                     self._one(ev, kind, default_ts, mi, payload, groups)
                 except _Bad as e:
@@ -757,7 +834,8 @@ class Decoder:
         # The common b64 events of known streams never get here: the b64 pass takes them.
         src: Any = row if row is not None else _vector_source(ev, lim, required=kind is Kind.EMBEDDING)
         v = get("ts")
-        ts = v if type(v) is float and 0.0 <= v < _INF else _timestamp(ev, default_ts)
+        ts = (v if type(v) is float and 0.0 <= v <= self._ts_max
+              else _timestamp(ev, default_ts, self._now, lim.max_future_skew_s))
         v = get("latency_ms")
         if v is None:
             lat = _NAN
@@ -790,9 +868,13 @@ class Decoder:
             g.split_block()
         if shape > 0 and row is None:
             try:
+                # Numbers only (ints or floats): np.fromiter alone reads true as 1, "2.5" as 2.5
+                # and null as NaN. msgspec's strict check refuses those, in 2 µs on 384-d (a
+                # type scan in Python took 7).
+                _convert(src, _FLOATS)
                 # Now, while the list is hot, and so that the parsed document can be freed.
                 src = _fromiter(src, _F32, shape)
-            except (TypeError, ValueError, OverflowError):
+            except (msgspec.ValidationError, TypeError, ValueError, OverflowError):
                 g.lists = True  # kept as a list: judged row by row in _list_block
         g.raw.append(src)
         g.ts.append(ts)
@@ -820,15 +902,21 @@ class Decoder:
         else:
             vectors = _list_block(g.raw, g.lists, bad, reasons)
         if vectors.shape[1]:
-            finite = np.isfinite(vectors).all(axis=1)
-            # Exactly zero, not "small": squaring tiny float32 values would underflow to 0.
-            nonzero = vectors.any(axis=1)
+            # Each row's largest magnitude (NaN if it holds one): finite and within the range the
+            # statistics' float32 arithmetic resolves. Beyond it, one vector overflowed the random
+            # features of a baseline fit (every later batch of the stream raised) or underflowed
+            # its kernel bandwidth.
+            peak = np.abs(vectors).max(axis=1)
+            finite = peak <= MAX_MAGNITUDE
+            nonzero = peak >= MIN_MAGNITUDE
             if not (finite.all() and nonzero.all()):  # rare: name each bad row's reason
                 for i in np.flatnonzero(~finite & ~bad):
-                    reasons[int(i)] = (Reason.NON_FINITE, "embedding holds NaN or Inf")
+                    reasons[int(i)] = (Reason.NON_FINITE, "embedding holds NaN or Inf" if not np.isfinite(
+                        peak[i]) else f"embedding holds a value beyond {MAX_MAGNITUDE:g} in magnitude")
                 bad |= ~finite
                 for i in np.flatnonzero(~nonzero & ~bad):
-                    reasons[int(i)] = (Reason.ZERO_VECTOR, "embedding has zero norm")
+                    reasons[int(i)] = (Reason.ZERO_VECTOR, "embedding has zero norm" if peak[i] == 0 else
+                                       f"embedding has no component of magnitude {MIN_MAGNITUDE:g} or more")
                 bad |= ~nonzero
         for row, (reason, detail) in sorted(reasons.items()):
             out.rejections.append(Rejection(g.msg[row], reason, detail, g.payloads[row], stream))
@@ -856,8 +944,9 @@ class Decoder:
 def _list_block(raw: list[Any], lists: bool, bad: np.ndarray,
                 reasons: dict[int, tuple[Reason, str]]) -> np.ndarray:
     """Join same-length rows into one float32 block. Rows are float32 arrays (converted when
-    parsed), float64 buffers (the simdjson path) or, for a list that did not convert (``lists``),
-    the list itself: only then is each such row checked on its own, and the bad ones marked."""
+    parsed), float64 buffers (the simdjson path) or, for a list that did not convert or holds
+    something else than numbers (``lists``), the list itself: only then is each such row checked
+    on its own, and the bad ones marked."""
     n, dim = len(raw), len(raw[0])
     if not lists:
         if all(type(r) is memoryview for r in raw):  # every row from simdjson: one join, one cast
@@ -870,15 +959,29 @@ def _list_block(raw: list[Any], lists: bool, bad: np.ndarray,
         if type(r) is np.ndarray or type(r) is memoryview:
             rows[i] = r
             continue
-        try:
-            row = np.array(r, dtype=np.float64)
-            if row.ndim != 1 or any(isinstance(x, bool) for x in r):
-                raise TypeError
-            rows[i] = row
-        except (TypeError, ValueError, OverflowError):
+        # Numbers only: numpy would also read a bool as 1 or 0, a numeric string as its number,
+        # and null as NaN (a non_finite rejection, when the event's fault is its schema).
+        j = next((j for j, x in enumerate(r) if type(x) is not float and type(x) is not int), -1)
+        if j >= 0:
             bad[i] = True
-            reasons[i] = (Reason.SCHEMA, "field 'embedding' must be a list of numbers")
+            reasons[i] = (Reason.SCHEMA, "field 'embedding' must be a list of numbers, "
+                          f"element {j} is {_json_type(r[j])}")
+            continue
+        try:
+            rows[i] = r
+        except OverflowError:  # an integer beyond float64, from the standard library's parser
+            bad[i] = True
+            reasons[i] = (Reason.SCHEMA, "field 'embedding' must be a list of numbers within float range")
     return _to_f32(rows)
+
+
+_JSON_TYPES: dict[type, str] = {type(None): "null", bool: "a boolean", str: "a string", list: "an array",
+                                dict: "an object"}
+
+
+def _json_type(x: object) -> str:
+    """What ``x`` was in the JSON document, for error details."""
+    return _JSON_TYPES.get(type(x), type(x).__name__)
 
 
 def _to_f32(arr: np.ndarray) -> np.ndarray:
@@ -887,20 +990,23 @@ def _to_f32(arr: np.ndarray) -> np.ndarray:
         return arr.astype(np.float32)
 
 
-def _dumps_element(ev: Any, original: bytes) -> bytes:
+def _dumps_element(ev: Any, original: bytes, lenient: bool = False) -> bytes:
     """One element of a JSON array message, re-serialised to be dead-lettered alone.
 
-    Falls back to the whole original message when the element cannot be written back (nesting
-    deeper than the encoders allow): the dead letter then carries more than the bad event, never
-    less.
+    ``lenient``: the standard library's parser read the message (orjson refused it), so it may
+    hold NaN or an infinity, which orjson would write as null: the dead letter would no longer
+    show what it was rejected for. The standard library writes them as the NaN / Infinity tokens
+    (1e400 as Infinity). Falls back to the whole original message when the element cannot be
+    written back (nesting deeper than the encoders allow): the dead letter then carries more than
+    the bad event, never less.
     """
+    if not lenient:
+        try:
+            return orjson.dumps(ev)
+        except (TypeError, orjson.JSONEncodeError):
+            pass
     try:
-        return orjson.dumps(ev)
-    except (TypeError, orjson.JSONEncodeError):
-        pass
-    try:
-        # Integers beyond 64 bits (parsed by the json fallback) are more than orjson writes.
-        return json.dumps(ev, allow_nan=True).encode()
+        return json.dumps(ev, allow_nan=True, separators=(",", ":")).encode()
     except (TypeError, ValueError, RecursionError):
         return original
 

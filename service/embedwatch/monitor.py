@@ -292,7 +292,8 @@ class StreamMonitor:
         first = self.events
         pos = 0
         if self.baseline is None:
-            take = min(n, self.settings.reference_size - self._ref_n)
+            # At least 0: a checkpoint restored under a smaller reference_size may hold more.
+            take = max(0, min(n, self.settings.reference_size - self._ref_n))
             self._collect(x[:take], ts[:take])
             pos = take
             if self._ref_n >= self.settings.reference_size:
@@ -605,7 +606,7 @@ class StreamMonitor:
         top1 = np.asarray(top1, dtype=np.float64)
         index = self.query_events + np.arange(n, dtype=np.float64)
         if self._qref_done is None:
-            take = min(n, self.settings.reference_size - self._qref_n)
+            take = max(0, min(n, self.settings.reference_size - self._qref_n))
             self._qref.append(top1[:take])
             self._qref_n += take
             if self._qref_n >= self.settings.reference_size:
@@ -663,6 +664,9 @@ class StreamMonitor:
         """
         s = self.settings
         ph = self._ph
+        # The lazily derived measures go in as well: a restored monitor has no window snapshot to
+        # derive them from until its next evaluation (an idle stream's gauges stayed NaN).
+        self._derive()
         self._derive_queries()
         meta: dict[str, Any] = {
             "schema": CHECKPOINT_SCHEMA,

@@ -1,40 +1,65 @@
 """Offline replay: run the service's detectors over a JSONL file of events (docs/replay.md).
 
-``embedwatch replay EVENTS.jsonl --report REPORT.json [--config FILE] [--reference-size N]``
-is a contract (DESIGN.md, "Offline replay"). The file holds one JSON event per line, in stream
-order. Lines are decoded by :class:`~embedwatch.events.Decoder` in chunks, as messages of the
-embeddings topic without a Kafka timestamp, and routed by the same
+``embedwatch replay EVENTS.jsonl --report REPORT.json [--config FILE] [--reference-size N]
+[--baseline FILE ...]`` is a contract (DESIGN.md, "Offline replay"). The file holds one JSON
+event per line, in stream order. Lines are decoded by :class:`~embedwatch.events.Decoder` in
+chunks, as messages of the embeddings topic without a Kafka timestamp, and routed by the same
 :class:`~embedwatch.router.StreamRouter` as the live service, so the detectors, the stream cap
 and the dimension checks are exactly those of ``embedwatch run`` with the same configuration.
 Events without ``ts`` get timestamp 0 (there is no Kafka timestamp to default to), which keeps a
-report reproducible; give ``ts`` if the time bound of the window matters.
+report reproducible; give ``ts`` if the time bound of the window matters. A stream given a
+baseline file (``--baseline``, written by ``baseline build``) is monitored against it from its
+first event, as the service monitors a stream whose baseline is in its store.
 
 ``embedwatch baseline build EVENTS.jsonl -o FILE`` (:func:`build_baseline`) builds baselines
-from the first ``reference_size`` accepted events of each stream (all of them if fewer).
+from the first ``reference_size`` accepted events of each stream (all of them if fewer; a stream
+with fewer than 50 is skipped with a warning).
 """
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import sys
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO, cast
 
 import numpy as np
 import orjson
+from pydantic import ValidationError
 
 from embedwatch.baseline import Baseline
-from embedwatch.baseline_store import safe_name, save_file
-from embedwatch.config import DetectionSettings, Settings
+from embedwatch.baseline_store import (
+    BaselineIntegrityError,
+    BaselineNotFoundError,
+    MemoryBaselineStore,
+    load_file,
+    safe_name,
+    save_file,
+)
+from embedwatch.config import ConfigError, DetectionSettings, Settings
 from embedwatch.events import DecodedBatch, DecodeLimits, Decoder, Message, Reason, StreamKey
-from embedwatch.monitor import Alarm, StreamMonitor
-from embedwatch.router import StreamRouter
+from embedwatch.monitor import MIN_PROMOTED_EVENTS, Alarm, StreamMonitor
+from embedwatch.router import RouteResult, StreamRouter
 
 CHUNK_LINES = 2000
+#: Change points listed per stream in a report; more are counted in ``changepoints_omitted``
+#: (a stream flapping on every event must not make the report, or the replay's memory, unbounded).
+MAX_REPORT_CHANGEPOINTS = 10_000
+
+
+class ReplayError(Exception):
+    """A problem with what replay was given (a missing file, an unknown stream, a bad baseline
+    file...): the CLI prints the message on one line and exits with ``status``."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def make_decoder(settings: Settings) -> Decoder:
@@ -50,13 +75,54 @@ def make_decoder(settings: Settings) -> Decoder:
 
 
 def with_reference_size(settings: Settings, reference_size: int | None) -> Settings:
-    """``settings`` with ``detection.reference_size`` replaced (a copy; None: unchanged)."""
+    """``settings`` with ``detection.reference_size`` replaced (a copy; None: unchanged), checked
+    as the configuration checks it: :class:`ConfigError` when out of range."""
     if reference_size is None:
         return settings
-    if reference_size < 1:
-        raise ValueError(f"reference size must be >= 1, got {reference_size}")
-    detection = settings.detection.model_copy(update={"reference_size": int(reference_size)})
+    # Validated through the section's model (model_copy(update=) would not run its checks). Not
+    # through Settings: that would read the EMBEDWATCH_* variables again, which would win over
+    # the command-line value.
+    try:
+        detection = DetectionSettings.model_validate(
+            {**settings.detection.model_dump(), "reference_size": reference_size})
+    except ValidationError as e:
+        problems = "; ".join(
+            f"detection.{'.'.join(str(p) for p in err['loc']) or 'reference_size'}: {err['msg']}"
+            for err in e.errors())
+        raise ConfigError(f"invalid --reference-size {reference_size}: {problems}") from None
     return settings.model_copy(update={"detection": detection})
+
+
+def check_readable(path: Path) -> None:
+    """:class:`ReplayError` unless ``path`` opens for reading (missing, a directory, no permission)."""
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as e:
+        raise ReplayError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def check_writable(path: Path) -> None:
+    """:class:`ReplayError` unless ``path`` can be written (its missing parent directories
+    created): checked before a replay, which may run for minutes, rather than found when the
+    report is written at its end. Creates nothing."""
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if path.parent.is_dir():
+            existed = path.exists()
+            with path.open("ab"):  # appends nothing: an existing file is left as it is
+                pass
+            if not existed:
+                path.unlink()
+            return
+        ancestor = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+        if not ancestor.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as e:
+        raise ReplayError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 class _Progress:
@@ -120,6 +186,42 @@ def _clean(value: Any) -> Any:
 class _StreamLog:
     alarms: list[dict[str, Any]]
     changepoints: list[dict[str, Any]]
+    changepoints_omitted: int = 0
+
+
+class _ReplayMonitor(StreamMonitor):
+    """The service's monitor, keeping every change point until the replay takes them: the
+    service's monitor keeps the last 100 (its API shows recent ones), and one chunk of lines can
+    hold more than 100 events' worth of change points of a stream (array lines, small
+    ``changepoint_min_instances``)."""
+
+    def __init__(self, key: StreamKey, settings: DetectionSettings, baseline: Baseline | None = None) -> None:
+        super().__init__(key, settings, baseline)
+        self._changepoints = deque()  # unbounded: emptied by take_changepoints after each chunk
+
+    def take_changepoints(self) -> list[Alarm]:
+        taken = list(self._changepoints)
+        self._changepoints.clear()
+        return taken
+
+
+def load_baselines(paths: Sequence[str | Path]) -> dict[StreamKey, Baseline]:
+    """The baselines of files written by ``baseline build`` (``X.npz``, ``X.json`` or ``X``),
+    by stream; :class:`ReplayError` for a missing or damaged file, or two files of one stream."""
+    out: dict[StreamKey, Baseline] = {}
+    origin: dict[StreamKey, str] = {}
+    for path in paths:
+        try:
+            b = load_file(path)
+        except (BaselineNotFoundError, BaselineIntegrityError) as e:
+            raise ReplayError(f"baseline {path}: {e}") from None
+        except (OSError, ValueError) as e:  # unreadable, not an npz, bad metadata
+            raise ReplayError(f"baseline {path}: cannot load it: {e}") from None
+        if b.key in out:
+            raise ReplayError(f"baselines {origin[b.key]} and {path} are both of stream {b.key}")
+        out[b.key] = b
+        origin[b.key] = str(path)
+    return out
 
 
 def _alarm_entry(a: Alarm) -> dict[str, Any]:
@@ -133,9 +235,10 @@ def _drive(
     router: StreamRouter,
     progress: bool,
     on_batch: Callable[[DecodedBatch], DecodedBatch] | None = None,
-    on_alarms: Callable[[list[Alarm]], None] | None = None,
+    on_result: Callable[[RouteResult], None] | None = None,
 ) -> int:
     """Decode ``events_path`` chunk by chunk and route it; returns the number of lines read."""
+    check_readable(events_path)
     decoder = make_decoder(settings)
     topic = settings.kafka.embeddings_topic
     total = events_path.stat().st_size
@@ -146,8 +249,8 @@ def _drive(
         if on_batch is not None:
             batch = on_batch(batch)
         result = router.route(batch)
-        if on_alarms is not None:
-            on_alarms(result.alarms)
+        if on_result is not None:
+            on_result(result)
         lines += len(chunk)
         bar.update(lines, done)
     bar.update(lines, total, final=True)
@@ -161,12 +264,23 @@ def run_replay(
     reference_size: int | None = None,
     progress: bool = True,
     out: TextIO | None = None,
+    baselines: Mapping[StreamKey, Baseline] | None = None,
 ) -> dict[str, Any]:
     """Replay ``events_path``; write the report (contract layout) to ``report_path`` unless None,
     print a per-stream summary table to ``out`` (default stdout; ``progress=False`` and
-    ``out=None`` from tests is fine), and return the report."""
+    ``out=None`` from tests is fine), and return the report.
+
+    ``baselines`` (:func:`load_baselines`): streams monitored against the given baseline from
+    their first event, as the service monitors a stream whose baseline is in its store; the other
+    streams build theirs from their first ``reference_size`` events. :class:`ReplayError` when
+    the events cannot be read or the report cannot be written (checked before replaying);
+    :class:`~embedwatch.config.ConfigError` for a bad ``reference_size``."""
     events_path = Path(events_path)
     settings = with_reference_size(settings, reference_size)
+    check_readable(events_path)
+    if report_path is not None:
+        check_writable(Path(report_path))
+    given: Mapping[StreamKey, Baseline] = baselines or {}
     # Offline, memory is not what limits: every model keeps version_probe_size ids from its first
     # version on, so a file of the old version followed by the new one pairs as fully as an
     # interleaved dual write (the service keeps only version_solo_probe_size per single-version model).
@@ -174,62 +288,107 @@ def run_replay(
     settings = settings.model_copy(update={"detection": d.model_copy(
         update={"version_solo_probe_size": d.version_probe_size})})
     ref = settings.detection.reference_size
-    router = StreamRouter(settings)
+    store: MemoryBaselineStore | None = None
+    if given:
+        # The service's path for a stored baseline (router.monitor_for): the same dimension check
+        # (other dimensions are rejected as dimension_mismatch) and the same handling after.
+        store = MemoryBaselineStore()
+        for b in given.values():
+            store.save(b, activate=True)
+    router = StreamRouter(settings, baselines=store, monitor_factory=_ReplayMonitor)
     logs: dict[StreamKey, _StreamLog] = {}
+    # Counted here rather than read from the router, which counts a stream's rejections only
+    # while it has a monitor: a rejection before the stream's first accepted event (in an earlier
+    # chunk) or of a stream with none would be missed, and the counts would depend on chunking.
+    rejected_by_stream: dict[StreamKey, Counter[str]] = {}
 
-    def on_alarms(alarms: list[Alarm]) -> None:
-        for a in alarms:
-            key = StreamKey.parse(a.stream)
-            log = logs.setdefault(key, _StreamLog([], []))
-            if a.index < ref:
-                continue  # contract: the reference events never alarm
-            if a.detector == "changepoint":
+    def log_alarm(a: Alarm) -> None:
+        key = StreamKey.parse(a.stream)
+        log = logs.setdefault(key, _StreamLog([], []))
+        if a.index < (0 if key in given else ref):
+            return  # contract: the reference events never alarm
+        if a.detector == "changepoint":
+            if len(log.changepoints) < MAX_REPORT_CHANGEPOINTS:
                 log.changepoints.append(_alarm_entry(a))
-            elif a.kind == "start":
-                log.alarms.append(_alarm_entry(a))
+            else:
+                log.changepoints_omitted += 1
+        elif a.kind == "start":
+            log.alarms.append(_alarm_entry(a))
 
-    seen_changepoints: dict[StreamKey, int] = {}
-
-    def collect_changepoints(_alarms: list[Alarm]) -> None:
-        # Change points are not returned by update_embeddings: read the new ones after each chunk.
-        for key, mon in router.monitors.items():
-            count = int(mon.counters().get("changepoints", 0))
-            new = count - seen_changepoints.get(key, 0)
-            if new > 0:
-                seen_changepoints[key] = count
-                on_alarms(mon.changepoints()[-new:])
-
-    def on_chunk(alarms: list[Alarm]) -> None:
-        on_alarms(alarms)
-        collect_changepoints(alarms)
+    def on_result(result: RouteResult) -> None:
+        for a in result.alarms:
+            log_alarm(a)
+        for r in result.rejections:
+            if r.stream is not None:
+                rejected_by_stream.setdefault(r.stream, Counter())[r.reason.value] += 1
+        # Change points are not returned by update_embeddings: take the new ones after each chunk.
+        for mon in router.monitors.values():
+            if isinstance(mon, _ReplayMonitor):
+                for a in mon.take_changepoints():
+                    log_alarm(a)
 
     t0 = time.monotonic()
-    lines = _drive(events_path, settings, router, progress, on_alarms=on_chunk)
+    lines = _drive(events_path, settings, router, progress, on_result=on_result)
     elapsed = time.monotonic() - t0
-    report = build_report(router, logs, ref)
+    report = build_report(router, logs, ref, rejected_by_stream, given)
     if report_path is not None:
-        Path(report_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(report_path).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+        try:
+            Path(report_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(report_path).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+        except OSError as e:
+            raise ReplayError(f"cannot write {report_path}: {e.strerror or e}", status=1) from None
     print_summary(report, lines, elapsed, out if out is not None else sys.stdout)
+    for key, b in sorted(given.items(), key=lambda kv: str(kv[0])):
+        wrong = rejected_by_stream.get(key, Counter())["dimension_mismatch"]
+        if key not in router.monitors:
+            print(f"embedwatch: warning: baseline {b.baseline_id} is of stream {key}, which has no "
+                  f"events in {events_path}", file=sys.stderr)
+        elif wrong:
+            print(f"embedwatch: warning: stream {key}: {wrong} events rejected as dimension_mismatch: "
+                  f"its baseline {b.baseline_id} has {b.dim} dimensions", file=sys.stderr)
     return report
 
 
-def build_report(router: StreamRouter, logs: dict[StreamKey, Any], reference_size: int) -> dict[str, Any]:
+def build_report(
+    router: StreamRouter,
+    logs: Mapping[StreamKey, Any],
+    reference_size: int,
+    rejected_by_stream: Mapping[StreamKey, Counter[str]] | None = None,
+    baselines: Mapping[StreamKey, Baseline] | None = None,
+) -> dict[str, Any]:
+    """The report of a routed file. ``rejected_by_stream``: rejections per stream and reason
+    (default the router's counts, which cover only streams with a monitor); a stream with
+    rejections only is listed with 0 events. ``baselines``: the streams monitored against a given
+    baseline from their first event (``reference_size`` 0, ``baseline_id`` given)."""
+    rejected = rejected_by_stream if rejected_by_stream is not None else router.stream_rejected
+    given = baselines or {}
+    keys = set(router.monitors) | {k for k, c in rejected.items() if sum(c.values())}
+    unmonitored: dict[str, Any] | None = None
     streams: dict[str, Any] = {}
-    for key in sorted(router.monitors, key=str):
-        mon = router.monitors[key]
+    for key in sorted(keys, key=str):
+        mon = router.monitors.get(key)
         log = logs.get(key) or _StreamLog([], [])
-        summary: dict[str, Any] = dict(mon.measures())
-        summary.update(mon.counters())
+        if mon is None:
+            if unmonitored is None:
+                # The measures of a stream that has seen no event (all null), keyed as the others.
+                blank = StreamMonitor(key, router.detection)
+                unmonitored = {**blank.measures(), **blank.counters()}
+            summary = dict(unmonitored)
+        else:
+            summary = {**mon.measures(), **mon.counters()}
         entry: dict[str, Any] = {
-            "events": int(mon.events),
-            "rejected": int(sum(router.stream_rejected.get(key, Counter()).values())),
-            "reference_size": int(reference_size),
+            "events": int(mon.events) if mon is not None else 0,
+            "rejected": int(sum(rejected.get(key, Counter()).values())),
+            "reference_size": 0 if key in given else int(reference_size),
             "alarms": log.alarms,
             "summary": summary,
         }
+        if key in given:
+            entry["baseline_id"] = given[key].baseline_id
         if log.changepoints:
             entry["changepoints"] = log.changepoints
+        if log.changepoints_omitted:
+            entry["changepoints_omitted"] = int(log.changepoints_omitted)
         streams[str(key)] = entry
     report: dict[str, Any] = {
         "streams": streams,
@@ -318,21 +477,38 @@ def baseline_file_path(out_path: Path, stream: StreamKey, several: bool) -> Path
     return stem.with_name(f"{stem.name}.{safe_name(stream)}.npz")
 
 
+def _stderr_warning(message: str) -> None:
+    print(f"embedwatch: warning: {message}", file=sys.stderr)
+
+
 def build_baseline(
     events_path: str | Path,
     out_path: str | Path,
     settings: Settings,
     stream: str | None = None,
     reference_size: int | None = None,
+    warn: Callable[[str], None] = _stderr_warning,
 ) -> list[dict[str, Any]]:
     """Build a baseline per stream of ``events_path`` (or only ``stream``, "model/version/segment")
     from its first ``detection.reference_size`` accepted events (all if fewer), with the service's
     validation. One stream: ``out_path`` (``X.npz`` + ``X.json``); several: one pair per stream,
-    ``X.<model+model_version+segment>.npz``. Returns the metadata of each, plus ``"path"``."""
+    ``X.<model+model_version+segment>.npz``. Returns the metadata of each, plus ``"path"``.
+
+    A stream with fewer than ``MIN_PROMOTED_EVENTS`` (50) accepted events, the fewest the
+    service builds a baseline from, is skipped and named to ``warn``. Every stream is checked
+    before any file is written: :class:`ReplayError` (nothing written) for an unreadable file,
+    a malformed ``stream``, no accepted events (of ``stream``), or too few of every stream or of
+    ``stream``; :class:`~embedwatch.config.ConfigError` for a bad ``reference_size``."""
     events_path, out_path = Path(events_path), Path(out_path)
     settings = with_reference_size(settings, reference_size)
     limit = settings.detection.reference_size
-    only = StreamKey.parse(stream) if stream is not None else None
+    try:
+        only = StreamKey.parse(stream) if stream is not None else None
+    except ValueError as e:
+        raise ReplayError(f"--stream: {e}") from None
+    check_readable(events_path)
+    # Before reading the file: an output directory that cannot be written is found at once.
+    check_writable(baseline_file_path(out_path, only or StreamKey("x", "x"), False))
     collectors: dict[StreamKey, _Collector] = {}
 
     def factory(key: StreamKey, _d: DetectionSettings, _b: Baseline | None) -> StreamMonitor:
@@ -349,20 +525,36 @@ def build_baseline(
     router = StreamRouter(settings, monitor_factory=factory)
     _drive(events_path, settings, router, progress=False, on_batch=keep)
     if only is not None and only not in collectors:
-        raise ValueError(f"no accepted events of stream {only} in {events_path}")
+        raise ReplayError(f"no accepted events of stream {only} in {events_path}")
     if not collectors:
-        raise ValueError(f"no accepted events in {events_path}")
+        raise ReplayError(f"no accepted events in {events_path}")
+    counts = {key: min(c.events, limit) for key, c in collectors.items()}
+    short = sorted((k for k, n in counts.items() if n < MIN_PROMOTED_EVENTS), key=str)
+    if len(short) == len(counts):
+        which = ", ".join(f"{k} ({counts[k]})" for k in short)
+        raise ReplayError(f"too few accepted events in {events_path} for a baseline (at least "
+                          f"{MIN_PROMOTED_EVENTS} per stream): {which}")
+    for key in short:
+        warn(f"stream {key}: skipped, {counts[key]} accepted events in {events_path} "
+             f"(a baseline needs at least {MIN_PROMOTED_EVENTS})")
+    # The names depend on the streams of the file, not on which were skipped.
     several = len(collectors) > 1
-    out: list[dict[str, Any]] = []
+    built: list[tuple[Baseline, Path]] = []
     for key in sorted(collectors, key=str):
+        if key in short:
+            continue
         c = collectors[key]
-        vectors = np.concatenate(c.vectors)
-        ts = np.concatenate(c.ts)
         baseline = Baseline.from_vectors(
-            key, vectors, ts=ts, settings=settings.detection, source=f"file:{events_path.name}",
+            key, np.concatenate(c.vectors), ts=np.concatenate(c.ts), settings=settings.detection,
+            source=f"file:{events_path.name}",
         )
-        path = baseline_file_path(out_path, key, several)
-        save_file(baseline, path)
+        built.append((baseline, baseline_file_path(out_path, key, several)))
+    out: list[dict[str, Any]] = []
+    for baseline, path in built:
+        try:
+            save_file(baseline, path)
+        except OSError as e:
+            raise ReplayError(f"cannot write {path}: {e.strerror or e}", status=1) from None
         md = dict(baseline.metadata)
         md["path"] = str(path)
         out.append(md)
@@ -370,10 +562,15 @@ def build_baseline(
 
 
 __all__ = [
+    "MAX_REPORT_CHANGEPOINTS",
     "Reason",
+    "ReplayError",
     "baseline_file_path",
     "build_baseline",
     "build_report",
+    "check_readable",
+    "check_writable",
+    "load_baselines",
     "make_decoder",
     "print_summary",
     "read_chunks",

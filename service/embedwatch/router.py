@@ -155,6 +155,7 @@ class StreamRouter:
         self._dims: dict[StreamKey, int] = {}
         # baseline_id last persisted (or loaded) per stream, so a baseline is saved once.
         self._saved: dict[StreamKey, str] = {}
+        self._failures: set[StreamKey] = set()  # streams whose update raised (logged with a traceback once)
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -198,7 +199,7 @@ class StreamRouter:
                 baseline = None
         mon = self._factory(key, self.detection, baseline)
         self.monitors[key] = mon
-        self.stream_rejected[key] = Counter()
+        self.stream_rejected.setdefault(key, Counter())  # kept across a reset after a failure
         if baseline is not None:
             self._saved[key] = str(baseline.metadata["baseline_id"])
         return mon
@@ -241,7 +242,11 @@ class StreamRouter:
             accepted = self._admit(_merged(batch.blocks), res)
         for block, mon, compared in accepted:
             with guard:
-                self._update(block, mon, compared, res)
+                done = (res.accepted[(block.stream, block.kind)], len(res.alarms))
+                try:
+                    self._update(block, mon, compared, res)
+                except Exception as e:  # never a crash: one stream's failure costs that stream's block
+                    self._failed(block, e, res, done)
         with guard:
             for r in res.rejections:
                 self.rejected[r.reason.value] += 1
@@ -299,6 +304,35 @@ class StreamRouter:
         res.alarms.extend(alarms)
         res.accepted[(key, block.kind)] += block.n
         self._persist(key, mon)
+
+    def _failed(self, block: Block, error: Exception, res: RouteResult, done: tuple[int, int]) -> None:
+        """A stream's update raised (a defect, or input no check foresaw): its block is
+        dead-lettered with :attr:`Reason.PROCESSING_ERROR` and the stream starts afresh (its
+        stored baseline, if any, is loaded again), since its state may be half updated. The
+        traceback is logged for a stream's first failure, a line for the next ones."""
+        key = block.stream
+        first = key not in self._failures
+        self._failures.add(key)
+        log.error("stream %s: processing %d events failed (%s: %s); they are dead-lettered and the "
+                  "stream's state is reset", key, block.n, type(error).__name__, error, exc_info=first)
+        res.rejections.extend(_reject_all(
+            block, Reason.PROCESSING_ERROR, f"stream {key}: {type(error).__name__}: {error}"[:500]))
+        # What the block had added to the result before it raised is taken back: its events are
+        # dead-lettered, not accepted, and the alarms of a state now dropped are not raised.
+        accepted, alarms = done
+        if accepted:
+            res.accepted[(key, block.kind)] = accepted
+        else:
+            del res.accepted[(key, block.kind)]
+        del res.alarms[alarms:]
+        res.summaries.pop(key, None)
+        self.monitors.pop(key, None)
+        self._dims.pop(key, None)
+        self._saved.pop(key, None)
+        try:
+            self.monitor_for(key)
+        except Exception:  # created at its next block, or failing then
+            log.exception("stream %s: cannot start afresh", key)
 
     def _comparison(self, model: str) -> VersionComparison:
         comp = self.comparisons.get(model)

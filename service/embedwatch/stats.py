@@ -398,18 +398,24 @@ def weighted_chi2_sf(x: float, w: FloatArray) -> float:
     w = np.asarray(w, dtype=np.float64)
     w = w[w > 0]
     if w.size == 0:
-        return 0.0 if x >= 0 else 1.0
+        # The sum is 0 exactly (a constant reference): a p-value P(T >= x) of 1 at 0, not 0.
+        return 1.0 if x <= 0 else 0.0
     mean, _ = _cumulants(w)
     if x <= mean:
         return _gamma_sf(x, w)
     wmax = float(w.max())
     hi = 0.5 / wmax  # K' -> inf as t -> hi
+    upper = hi * (1.0 - 1e-15)
 
     def kprime(t: float) -> float:
         return float(np.sum(w / (1.0 - 2.0 * t * w))) - x
 
-    # K'(0) = mean < x, K'(t) -> inf at hi: a root exists in (0, hi).
-    t_hat = float(brentq(kprime, 0.0, hi * (1.0 - 1e-15), xtol=1e-300, rtol=1e-14, maxiter=500))
+    # K'(0) = mean < x, K'(t) -> inf at hi: a root exists in (0, hi), unless x is beyond what
+    # double precision brackets (x > ~1e15 wmax, one absurd vector in a window): the tail, below
+    # exp(-x / (2 wmax)), is 0 in double precision.
+    if kprime(upper) <= 0:
+        return 0.0
+    t_hat = float(brentq(kprime, 0.0, upper, xtol=1e-300, rtol=1e-14, maxiter=500))
     one = 1.0 - 2.0 * t_hat * w
     k = float(-0.5 * np.sum(np.log(one)))
     k2 = float(np.sum(2.0 * w * w / (one * one)))
@@ -427,25 +433,34 @@ def weighted_chi2_sf(x: float, w: FloatArray) -> float:
     return float(min(max(p, 0.0), 1.0))
 
 
+#: The smallest positive double (subnormal).
+_TINY = math.nextafter(0.0, 1.0)
+
+
 def weighted_chi2_isf(alpha: float, w: FloatArray) -> float:
     """The ``x`` with ``weighted_chi2_sf(x, w) == alpha`` (the rejection threshold at level alpha)."""
     w = np.asarray(w, dtype=np.float64)
     w = w[w > 0]
     if w.size == 0:
-        return 0.0
+        # The sum is 0 exactly: every positive value rejects, 0 itself does not (a constant
+        # window against a constant reference is no drift).
+        return math.nextafter(0.0, 1.0)
     mean, var = _cumulants(w)
     sd = math.sqrt(var)
+
+    def gap(x: float) -> float:
+        # log sf - log alpha; a tail that underflows to 0 counts as the smallest double, so the
+        # bracket below may overshoot into it (a tiny alpha, e.g. 1e-200) without a log(0).
+        return math.log(max(weighted_chi2_sf(x, w), _TINY)) - math.log(alpha)
+
     if weighted_chi2_sf(mean, w) <= alpha:  # a quantile at or below the mean (alpha near 1/2 or above)
-        return float(brentq(lambda x: math.log(weighted_chi2_sf(x, w)) - math.log(alpha), 0.0, mean,
-                            rtol=1e-10))
+        return float(brentq(gap, 0.0, mean, rtol=1e-10))
     lo = mean
     hi = mean + 4.0 * sd + 4.0 * float(w.max())
     while weighted_chi2_sf(hi, w) > alpha:
         lo = hi
         hi = mean + 2.0 * (hi - mean)
-    return float(
-        brentq(lambda x: math.log(weighted_chi2_sf(x, w)) - math.log(alpha), lo, hi, rtol=1e-10)
-    )
+    return float(brentq(gap, lo, hi, rtol=1e-10))
 
 
 class TwoSampleNull:
@@ -487,7 +502,8 @@ class TwoSampleNull:
             if len(self._cache) >= self._cache_size:
                 self._cache.clear()
             self._cache[key] = q
-        return self.scale(m) * q
+        t = self.scale(m) * q
+        return t if t > 0 else q  # a degenerate null's quantile (the smallest double) stays positive
 
     def sf(self, statistic: float, m: int) -> float:
         """``P(statistic >= x)`` for a window of ``m`` events."""

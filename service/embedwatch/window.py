@@ -21,10 +21,11 @@ longer change drops them (:meth:`Bucket.release`) once an evaluation has summed 
 it keeps the sum, their count and stream indices. Only the open bucket and those sealed since the
 last evaluation hold vectors: 0.4 instead of 2.0 MiB per 768-d stream at the default settings.
 
-Bounds. A bucket holds at most ``window_events // buckets`` events and spans at most
-``window_seconds / buckets`` seconds (from its first event); a new one is opened when it is full,
-and the oldest bucket is dropped when the ring already has ``buckets`` of them (count bound: at
-most ``window_events`` events, at least ``window_events - window_events // buckets`` once warm).
+Bounds. A bucket holds at most ``window_events / buckets`` events (the settings require a
+multiple) and spans at most ``window_seconds / buckets`` seconds (from its first event); a new one
+is opened when it is full, and the oldest bucket is dropped when the ring already has ``buckets``
+of them (count bound: at most ``window_events`` events, at least ``window_events - window_events /
+buckets`` once warm).
 Buckets whose newest event is older than ``newest_ts - window_seconds`` are evicted (time bound).
 
 Cost. An update is a handful of vectorised numpy calls per batch plus a few per bucket touched:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from embedwatch.config import ConfigError, load_settings, settings_reference_markdown
+from embedwatch.config import ConfigError, DetectionSettings, load_settings, settings_reference_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,3 +96,54 @@ def test_low_memory_profile_keeps_the_default_windows() -> None:
     assert d.version_solo_probe_size < default.version_solo_probe_size
     assert d.duplicate_window < default.duplicate_window
     assert s.model_dump(exclude={"detection"}) == Settings().model_dump(exclude={"detection"})
+
+
+@pytest.mark.parametrize(
+    ("detection", "words"),
+    [
+        # A ring of 100 buckets of 1 event held 100 events for a bound of 50; 95 / 10 held 82-90.
+        ({"window_events": 50, "buckets": 100}, ["window_events (50)", "multiple of buckets (100)"]),
+        ({"window_events": 95, "buckets": 10}, ["window_events (95)", "multiple of buckets (10)"]),
+        # The multivariate test would never run: detection silently off.
+        ({"window_events": 50, "buckets": 10}, ["min_window_events (100)", "window_events (50)"]),
+        # Quiet evaluations with no scan point between them ended a loud alarm, which then restarted.
+        ({"evaluate_every": 5, "alarm_end_evaluations": 2}, ["evaluate_every * alarm_end_evaluations (5 * 2)",
+                                                             "scan_every (20)"]),
+    ],
+)
+def test_settings_that_break_the_window_or_the_alarm_policy_are_refused(
+        tmp_path: Path, detection: dict[str, int], words: list[str]) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("detection:\n" + "".join(f"  {k}: {v}\n" for k, v in detection.items()))
+    with pytest.raises(ConfigError) as e:
+        load_settings(f)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_the_checks_of_combined_settings_accept_their_bounds() -> None:
+    d = DetectionSettings(window_events=100, buckets=10, min_window_events=100, evaluate_every=10,
+                          alarm_end_evaluations=2, scan_every=20)
+    assert (d.window_events, d.min_window_events) == (100, 100)
+    assert DetectionSettings(evaluate_every=1, alarm_end_evaluations=2, scan_windows=[]).scan_windows == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("EMBEDWATCH_DETECTION__SCAN_WINDOWS", "abc"),  # a list is JSON
+        ("EMBEDWATCH_DETECTION", '{"reference_size":'),  # a section as truncated JSON
+    ],
+)
+def test_unparseable_env_value_is_a_config_error_naming_the_variable(
+        monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=rf"\(environment\): {name}: cannot parse") as e:
+        load_settings(None)
+    assert value not in str(e.value)  # values are not echoed: a section may hold a secret
+
+
+def test_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_bytes(b"\xff\xfe\x00k\x00a\x00f\x00k\x00a")
+    with pytest.raises(ConfigError, match=r"c\.yaml is not UTF-8 text"):
+        load_settings(f)

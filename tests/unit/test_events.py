@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import orjson
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from embedwatch.events import DecodeLimits, Decoder, Kind, Message, Reason, StreamKey
+from embedwatch.events import MAX_MAGNITUDE, MIN_MAGNITUDE, DecodeLimits, Decoder, Kind, Message, Reason, StreamKey
 
 
 def ev(**kw: object) -> dict[str, object]:
@@ -24,6 +25,13 @@ def ev(**kw: object) -> dict[str, object]:
 def msg(doc: object, topic: str = "embeddings", raw: bytes | None = None) -> Message:
     return Message(value=raw if raw is not None else json.dumps(doc).encode(), topic=topic,
                    timestamp_ms=1_700_000_000_000)
+
+
+CLOCK = 1_700_000_100.0  # the time of decoding of the decoders that compare paths: the same for each
+
+
+def _clock() -> float:
+    return CLOCK
 
 
 def test_list_and_b64_give_identical_float32_vectors() -> None:
@@ -176,7 +184,7 @@ def test_deeply_nested_array_elements_are_dead_lettered_without_crashing() -> No
 
 
 def _orjson_only() -> Decoder:
-    d = Decoder()
+    d = Decoder(clock=_clock)
     d._parser = None  # every message through the orjson path
     return d
 
@@ -235,10 +243,17 @@ scalars = st.none() | st.booleans() | numbers | st.text(max_size=8)
                      b'{"model":"m","model_version":"1","embedding":[1,2]} ',
                      b'{"model":"m","model_version":"1","embedding":[1,2]}x',
                      b'{"model":"m","model_version":"1","\\u0000":1,"embedding":[1,2]}',
-                     b'{"model":"m","model_version":"1","embedding":[[1],[2.5]]}'])), max_size=12))
+                     b'{"model":"m","model_version":"1","embedding":[[1],[2.5]]}',
+                     b'{"model":"m","model_version":"1","segment":null,"embedding":[1,2]}',
+                     b'{"model":"m","model_version":"1","embedding":[1,2],"ts":1.7e12}',
+                     b'{"model":"m","model_version":"1","embedding":[1,2],"ts":1700000400}',
+                     b'{"model":"m","model_version":"1","embedding":[1,2],"ts":1700000400.5}',
+                     b'{"model":"m","model_version":"1","embedding":[1,2],"ts":"2023-11-14T22:13:20"}',
+                     b'{"model":"m","model_version":"1","embedding":[1,2],"ts":"1969-12-31T23:59:59Z"}'])),
+                max_size=12))
 def test_simdjson_path_decodes_exactly_like_the_orjson_path(raws: list[bytes]) -> None:
     msgs = [msg(None, raw=r) for r in raws]
-    assert _outcome(Decoder().decode(msgs)) == _outcome(_orjson_only().decode(msgs))
+    assert _outcome(Decoder(clock=_clock).decode(msgs)) == _outcome(_orjson_only().decode(msgs))
 
 
 @settings(max_examples=500, deadline=None)
@@ -262,13 +277,17 @@ def test_b64_fields_are_judged_exactly_like_b64decode_validate(s: str) -> None:
         out = d.decode([msg(ev(embedding=None, embedding_b64=s))])
         if want is None or len(want) % 4 or not want:
             assert out.blocks == [] and out.rejections[0].reason is Reason.SCHEMA, (s, want)
-        elif np.isfinite(np.frombuffer(want, "<f4")).all() and np.frombuffer(want, "<f4").any():
-            assert out.rejections == [], s
-            assert out.blocks[0].vectors.tobytes() == want
+        else:
+            peak = np.abs(np.frombuffer(want, "<f4")).max()
+            if MIN_MAGNITUDE <= peak <= MAX_MAGNITUDE:  # the values' own range check
+                assert out.rejections == [], s
+                assert out.blocks[0].vectors.tobytes() == want
+            else:
+                assert [r.reason for r in out.rejections] in ([Reason.NON_FINITE], [Reason.ZERO_VECTOR]), s
 
 
 def _general_only() -> Decoder:
-    d = Decoder()
+    d = Decoder(clock=_clock)
     d._b64_event = None  # every b64 event through the general path (orjson, pybase64, the checks)
     return d
 
@@ -333,7 +352,9 @@ plausible_b64_events = st.fixed_dictionaries(
         {"model": st.sampled_from(["m", "n"]) | scalars, "model_version": st.sampled_from(["1", "2"]) | scalars,
          "embedding_b64": b64_values | scalars},
         optional={"segment": st.sampled_from(["a", "default", "b/c", ""]) | scalars,
-                  "ts": scalars | st.sampled_from(["2025-01-01T00:00:00Z", 2**1100, -1]),
+                  "ts": scalars | st.sampled_from(["2025-01-01T00:00:00Z", 2**1100, -1, 1.7e12, CLOCK + 300,
+                                                   CLOCK + 300.5, "2023-11-14T22:13:20",
+                                                   "1900-01-01T00:00:00Z"]),
                   "latency_ms": scalars | st.sampled_from([2**1100, -0.0]), "id": scalars | st.integers(),
                   "embedding": json_values, "extra": json_values},
     ).map(lambda e: json.dumps(e).encode()),
@@ -349,7 +370,7 @@ plausible_b64_events = st.fixed_dictionaries(
            b'{"model":"m","model_version":"1","embedding_b64":"AACAPwAAAEAAAE\\/A"}'])), max_size=12))
 def test_msgspec_pass_decodes_exactly_like_the_general_path(raws: list[bytes]) -> None:
     msgs = [msg(None, raw=r) for r in raws]
-    fast, general = Decoder(), _general_only()
+    fast, general = Decoder(clock=_clock), _general_only()
     fast.decode(_PRIME)
     general.decode(_PRIME)
     assert _outcome(fast.decode(msgs)) == _outcome(general.decode(msgs))
@@ -482,3 +503,285 @@ def test_every_query_event_is_accounted_for(raws: list[bytes]) -> None:
     out = Decoder(query_topics=frozenset({"queries"})).decode([msg(None, raw=r, topic="queries") for r in raws])
     seen = sorted([int(i) for b in out.blocks for i in b.message_index] + [r.message_index for r in out.rejections])
     assert seen == list(range(len(raws)))
+
+
+# -- the decoder's paths, for the checks every one of them must apply -------------------------------
+
+def _paths() -> dict[str, Decoder]:
+    """A decoder per path an event can take, all at the time of decoding CLOCK: simdjson (a plain
+    JSON event) with the msgspec pass of known streams (a b64 event), orjson alone, and the general
+    path for b64 events."""
+    primed = Decoder(clock=_clock)
+    primed.decode(_PRIME)
+    return {"default": primed, "orjson": _orjson_only(), "general": _general_only()}
+
+
+def _all_forms(doc: dict[str, object]) -> list[Message]:
+    """``doc`` with a JSON list, with base64, and as the second element of an event array (after
+    a good event: see :func:`_others`)."""
+    emb = doc.get("embedding", [0.5, -1.0, 2.0])
+    b64 = {k: v for k, v in doc.items() if k != "embedding"}
+    b64["embedding_b64"] = _b64(emb)  # type: ignore[arg-type]
+    return [msg(doc), msg(b64), msg([ev(), doc])]
+
+
+def _others(m: Message) -> int:
+    """The good events :func:`_all_forms` put in ``m`` beside the one under test."""
+    return 1 if m.value.startswith(b"[") else 0
+
+
+@pytest.mark.parametrize("ts", [1.7e12, 1_700_000_000_000, CLOCK + 300.001, "2100-01-01T00:00:00Z",
+                                "9999-12-31T23:59:59"])
+def test_an_event_time_beyond_the_allowed_clock_skew_is_dead_lettered_on_every_path(ts: object) -> None:
+    """A time far ahead (here mostly ms sent as seconds) would become the window's newest time
+    for good, evicting every later event; it is refused, with its time and the allowance."""
+    for name, d in _paths().items():
+        for m in _all_forms(ev(ts=ts)):
+            out = d.decode([m])
+            assert out.accepted == _others(m), (name, m)
+            (r,) = out.rejections
+            assert r.reason is Reason.SCHEMA and r.stream == StreamKey("m", "1"), (name, m)
+            assert "ahead of this service's clock (allowed 300 s)" in r.detail, r.detail
+    detail = _paths()["default"].decode([msg(ev(ts=1.7e12))]).rejections[0].detail
+    assert detail == "ts 1.7e+12 is 1.7e+12 s ahead of this service's clock (allowed 300 s): " \
+                     "milliseconds sent as seconds?"
+
+
+def test_an_event_time_within_the_allowed_skew_is_accepted_on_every_path() -> None:
+    for name, d in _paths().items():
+        for ts in (CLOCK + 300, CLOCK, 0.0, "2023-11-14T22:20:00Z"):  # the last is CLOCK + 300
+            for m in _all_forms(ev(ts=ts)):
+                out = d.decode([m])
+                assert out.rejections == [], (name, ts, out.rejections)
+
+
+def test_the_allowed_skew_is_a_limit_and_the_time_of_decoding_the_later_of_clock_and_now() -> None:
+    d = Decoder(DecodeLimits(max_future_skew_s=10.0), clock=_clock)
+    assert [r.detail for r in d.decode([msg(ev(ts=CLOCK + 11))]).rejections] == [
+        "ts 1.7e+09 is 11 s ahead of this service's clock (allowed 10 s): a producer clock ahead?"]
+    # The hint names the unit slip the time fits.
+    for ts, hint in ((CLOCK * 1e3, "milliseconds"), (CLOCK * 1e6, "microseconds"), (CLOCK * 1e9, "nanoseconds")):
+        assert d.decode([msg(ev(ts=ts))]).rejections[0].detail.endswith(f"{hint} sent as seconds?")
+    assert [r.detail for r in d.decode([msg(ev(ts="2100-01-01T00:00:00"))]).rejections] == [
+        "ts '2100-01-01T00:00:00' is 2.4e+09 s ahead of this service's clock (allowed 10 s): a producer clock ahead?"]
+    assert d.decode([msg(ev(ts=CLOCK + 10))]).rejections == []
+    # A caller's ``now`` ahead of the clock (a simulation) does not refuse its own events.
+    assert d.decode([msg(ev(ts=CLOCK + 1000))], now=CLOCK + 995).rejections == []
+    # Without a ts, the Kafka timestamp stands for it and is held to the same bound.
+    late = Message(json.dumps(ev()).encode(), topic="embeddings", timestamp_ms=int((CLOCK + 60) * 1000))
+    (r,) = d.decode([late]).rejections
+    assert r.reason is Reason.SCHEMA and "Kafka timestamp" in r.detail and "allowed 10 s" in r.detail
+    assert Decoder(DecodeLimits(max_future_skew_s=60.0), clock=_clock).decode([late]).rejections == []
+    # An infinite allowance still refuses an infinite time.
+    inf = Decoder(DecodeLimits(max_future_skew_s=math.inf), clock=_clock)
+    assert inf.decode([msg(ev(ts=1e300))]).rejections == []
+    assert [r.reason for r in inf.decode([msg(None, raw=json.dumps(ev(ts=1)).encode()[:-1] + b',"ts":1e400}')])
+            .rejections] == [Reason.SCHEMA]
+
+
+def test_by_default_the_decoder_refuses_milliseconds_sent_as_seconds_against_the_wall_clock() -> None:
+    import time
+
+    out = Decoder().decode([msg(ev(ts=time.time() * 1000)), msg(ev(ts=time.time()))])
+    assert [(r.message_index, r.reason) for r in out.rejections] == [(0, Reason.SCHEMA)]
+    assert out.accepted == 1
+
+
+def test_the_service_passes_its_allowed_skew_to_the_decoder() -> None:
+    from embedwatch.app import Service
+    from embedwatch.config import Settings
+
+    assert Settings().limits.max_future_skew_s == 300.0
+    svc = Service(Settings(limits={"max_future_skew_s": 5.0}))  # type: ignore[arg-type]
+    assert svc.decoder.limits.max_future_skew_s == 5.0
+    _, rejections = svc.process([msg(ev(ts=1.7e12))])
+    assert [r.reason for r in rejections] == [Reason.SCHEMA]
+
+
+@pytest.mark.parametrize(("embedding", "element"), [
+    ([1.0, True], "element 1 is a boolean"), ([True, False], "element 0 is a boolean"),
+    ([0.0, 1.0, False], "element 2 is a boolean"), ([1, True], "element 1 is a boolean"),
+    ([1.0, "2.5"], "element 1 is a string"), (["1e3", " 7 "], "element 0 is a string"),
+    ([1.0, "nan"], "element 1 is a string"), ([1.0, None], "element 1 is null"),
+])
+def test_embedding_elements_that_are_not_numbers_are_schema_errors_on_every_path(
+        embedding: list[object], element: str) -> None:
+    """np.fromiter read true as 1, "2.5" as 2.5 and null as NaN (a non_finite rejection)."""
+    want = f"field 'embedding' must be a list of numbers, {element}"
+    good = ev(embedding=[0.25, -1.0, 3.0][: len(embedding)])
+    for name, d in _paths().items():
+        for m in (msg(ev(embedding=embedding)), msg([good, ev(embedding=embedding)]),
+                  msg(ev(embedding=embedding), topic="queries")):
+            d.query_topics = frozenset({"queries"})
+            out = d.decode([msg(good), m])
+            assert [(r.message_index, r.reason, r.detail) for r in out.rejections] == [(1, Reason.SCHEMA, want)], \
+                (name, m)
+            (b,) = [b for b in out.blocks if b.kind is Kind.EMBEDDING]
+            np.testing.assert_array_equal(b.vectors[0], np.array(good["embedding"], dtype=np.float32))
+
+
+def test_the_row_by_row_path_refuses_what_is_not_a_number() -> None:
+    """A malformed row sends its group row by row: there too, only numbers pass."""
+    docs = [ev(embedding=[3, 4]), ev(embedding=["3", "4"]), ev(embedding=[1.0, True]),
+            ev(embedding=[1.0, None]), ev(embedding=[1.0, [2.0]]), ev(embedding=[0.5, 2.0])]
+    for d in _paths().values():
+        out = d.decode([msg(x) for x in docs])
+        assert [(r.message_index, r.reason) for r in out.rejections] == [(i, Reason.SCHEMA) for i in (1, 2, 3, 4)]
+        (b,) = out.blocks
+        assert b.message_index.tolist() == [0, 5] and b.vectors.tolist() == [[3.0, 4.0], [0.5, 2.0]]
+
+
+def _query_block(q: Mapping[str, object], k: int = 3) -> object:
+    out = Decoder(DecodeLimits(precision_k=k), query_topics=frozenset({"queries"})).decode([msg(q, topic="queries")])
+    assert out.rejections == []
+    (b,) = out.blocks
+    return b
+
+
+def test_repeated_result_ids_count_once_in_precision_and_recall() -> None:
+    q = {"model": "m", "model_version": "1", "relevant_ids": ["a"],
+         "results": [{"id": "a", "score": 0.9}, {"id": "a", "score": 0.8}, {"id": "a", "score": 0.7}]}
+    b = _query_block(q)
+    assert b.recall_at_k.tolist() == [1.0] and b.precision_at_k.tolist() == [1 / 3]  # type: ignore[attr-defined]
+    q2 = {**q, "relevant_ids": ["a", "b", "b", 7],
+          "results": [{"id": "b", "score": 0.9}, {"id": 7, "score": 0.5}, {"id": "b", "score": 0.4},
+                      {"id": "a", "score": 0.1}]}  # "a" beyond k
+    b = _query_block(q2)
+    assert b.recall_at_k.tolist() == [2 / 3] and b.precision_at_k.tolist() == [2 / 3]  # type: ignore[attr-defined]
+
+
+def test_bools_are_not_ids() -> None:
+    q = {"model": "m", "model_version": "1", "results": [{"id": 1, "score": 0.9}], "relevant_ids": [True]}
+    out = Decoder(query_topics=frozenset({"queries"})).decode([msg(q, topic="queries")])
+    assert out.blocks == [] and [r.reason for r in out.rejections] == [Reason.SCHEMA]
+    assert "strings or integers" in out.rejections[0].detail
+    # A result id true does not match the relevant id 1 (nor a float 1.0).
+    b = _query_block({**q, "relevant_ids": [1], "results": [{"id": True, "score": 0.9}, {"id": 1.0, "score": 0.5}]})
+    assert b.recall_at_k.tolist() == [0.0] and b.precision_at_k.tolist() == [0.0]  # type: ignore[attr-defined]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", 1, 2, True, 1.0, None]), max_size=8),
+       st.lists(st.sampled_from(["a", "b", 1, 2]), max_size=4), st.integers(1, 5))
+def test_precision_and_recall_at_k_are_distinct_relevant_hits_over_k_and_over_relevant(
+        result_ids: list[object], relevant: list[object], k: int) -> None:
+    q = {"model": "m", "model_version": "1", "relevant_ids": relevant,
+         "results": [{"id": x, "score": 1.0} for x in result_ids]}
+    b = _query_block(q, k)
+    hits = {x for x in result_ids[:k] if type(x) in (str, int) and x in relevant}
+    assert b.precision_at_k.tolist() == [len(hits) / k]  # type: ignore[attr-defined]
+    if relevant:
+        assert b.recall_at_k.tolist() == [len(hits) / len(set(relevant))]  # type: ignore[attr-defined]
+        assert 0.0 <= b.recall_at_k[0] <= 1.0  # type: ignore[attr-defined]
+
+
+def test_dead_letters_of_array_elements_keep_their_nan_and_infinity() -> None:
+    """orjson writes NaN and Infinity as null: the dead letter would not show its fault."""
+    raw = (b'[{"model":"m","model_version":"1","embedding":[1.0,2.0]},'
+           b'{"model":"m","model_version":"1","embedding":[NaN,1.0]},'
+           b'{"model":"m","model_version":"1","embedding":[1e400,-Infinity]},'
+           b'{"model":"m","model_version":"1","embedding":[1.0,2.0],"ts":Infinity}]')
+    for name, d in _paths().items():
+        out = d.decode([msg(None, raw=raw)])
+        assert out.accepted == 1, name
+        got = {r.reason: r.payload for r in out.rejections}
+        assert [r.payload for r in out.rejections if r.reason is Reason.SCHEMA] == [
+            b'{"model":"m","model_version":"1","embedding":[1.0,2.0],"ts":Infinity}']
+        assert sorted(r.payload for r in out.rejections if r.reason is Reason.NON_FINITE) == [
+            b'{"model":"m","model_version":"1","embedding":[Infinity,-Infinity]}',
+            b'{"model":"m","model_version":"1","embedding":[NaN,1.0]}'], (name, got)
+        assert all(json.loads(r.payload) for r in out.rejections)  # each still JSON (the Python dialect)
+
+
+def test_offset_less_time_strings_are_utc_whatever_the_host_time_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    try:
+        for tz in ("UTC", "Asia/Tokyo", "America/Los_Angeles"):
+            monkeypatch.setenv("TZ", tz)
+            time.tzset()
+            for name, d in _paths().items():
+                for ts, want in (("2023-11-14T22:13:20", 1_700_000_000.0), ("2023-11-14 22:13:20.5", 1_700_000_000.5),
+                                 ("2023-11-14", 1_699_920_000.0), ("2023-11-14T22:13:20+01:00", 1_699_996_400.0)):
+                    for m in _all_forms(ev(ts=ts)):
+                        out = d.decode([m])
+                        assert out.rejections == [] and out.blocks[0].ts[-1] == want, (tz, name, ts)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+@pytest.mark.parametrize("ts", ["1969-12-31T23:59:59Z", "1900-01-01T00:00:00", "0001-01-01",
+                                "1970-01-01T00:30:00+01:00"])
+def test_time_strings_before_1970_are_refused_like_negative_numbers(ts: str) -> None:
+    for name, d in _paths().items():
+        for m in _all_forms(ev(ts=ts)):
+            out = d.decode([m])
+            assert out.accepted == _others(m) and [r.reason for r in out.rejections] == [Reason.SCHEMA], (name, m)
+            assert out.rejections[0].detail == f"field 'ts' {ts!r} is before 1970-01-01T00:00:00Z"
+    assert _paths()["default"].decode([msg(ev(ts="1970-01-01T00:00:00"))]).blocks[0].ts.tolist() == [0.0]
+
+
+def test_null_optional_fields_are_absent_on_every_path() -> None:
+    for name, d in _paths().items():
+        for m in _all_forms(ev(segment=None, ts=None, id=None, latency_ms=None)):
+            out = d.decode([m])
+            assert out.rejections == [] and out.accepted == 1 + _others(m), (name, m, out.rejections)
+            assert [b.stream for b in out.blocks] == [StreamKey("m", "1", "default")]
+            assert out.blocks[0].ts[-1] == 1_700_000_000.0  # the Kafka timestamp
+    # A known stream's b64 events with a null segment take the msgspec pass once the general path
+    # has seen the labels.
+    d = _paths()["default"]
+    m = msg(ev(segment=None, embedding=None, embedding_b64=_b64([1.0, 2.0])))
+    assert d.decode([m]).accepted == 1
+    assert d._b64_pass([m], None, {}) == []
+
+
+def test_a_null_required_field_is_named_as_null_and_a_missing_one_as_missing() -> None:
+    out = Decoder().decode([msg(ev(model=None)), msg({"model_version": "1", "embedding": [1.0]})])
+    assert [(r.reason, r.detail) for r in out.rejections] == [
+        (Reason.SCHEMA, "required field 'model' is null"), (Reason.SCHEMA, "missing required field 'model'")]
+
+
+@pytest.mark.parametrize(("embedding", "reason", "detail"), [
+    ([1e31, 1.0, 0.5], Reason.NON_FINITE, "embedding holds a value beyond 1e+30 in magnitude"),
+    ([-3e38, 1.0, 0.5], Reason.NON_FINITE, "embedding holds a value beyond 1e+30 in magnitude"),
+    ([1e-31, -5e-31, 0.0], Reason.ZERO_VECTOR, "embedding has no component of magnitude 1e-30 or more"),
+    ([8e-40, 0.0, 0.0], Reason.ZERO_VECTOR, "embedding has no component of magnitude 1e-30 or more"),
+    ([0.0, 0.0, 0.0], Reason.ZERO_VECTOR, "embedding has zero norm"),
+])
+def test_vectors_beyond_the_range_of_float32_statistics_are_refused_on_every_path(
+        embedding: list[float], reason: Reason, detail: str) -> None:
+    """Finite float32 values of 1e38 overflowed a baseline fit's random features and a vector of
+    components near 1e-39 its kernel bandwidth: the fit raised at every later batch of the stream."""
+    for name, d in _paths().items():
+        for m in _all_forms(ev(embedding=embedding)):
+            out = d.decode([m])
+            assert out.accepted == _others(m), (name, m)
+            (r,) = out.rejections
+            assert (r.reason, r.detail) == (reason, detail), (name, m)
+
+
+def test_vectors_at_the_bounds_of_the_range_are_accepted() -> None:
+    for name, d in _paths().items():
+        for emb in ([1e30, -1e30, 0.0], [1e-30, 0.0, 0.0], [-1e-30, 1e-31, 0.0]):
+            for m in _all_forms(ev(embedding=emb)):
+                assert d.decode([m]).rejections == [], (name, emb)
+
+
+def test_a_stream_fed_an_extreme_vector_keeps_running() -> None:
+    """In the service: the stream's baseline is built from the other events, and no batch raises."""
+    from embedwatch.app import Service
+    from embedwatch.config import Settings
+
+    svc = Service(Settings(detection={"reference_size": 100, "window_events": 100, "baseline_sample": 100}))
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        rows = rng.normal(size=(60, 8)).astype(np.float32)
+        if k == 0:
+            rows[5] = 3e38
+            rows[6] = 8e-40
+        docs = [ev(embedding=r.tolist(), ts=1.7e9 + 60 * k + i) for i, r in enumerate(rows)]
+        svc.process([msg(doc) for doc in docs], now=1.7e9 + 300)
+    mon = svc.router.monitors[StreamKey("m", "1")]
+    assert mon.baseline is not None and mon.events == 238

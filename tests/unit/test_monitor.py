@@ -361,6 +361,49 @@ def test_checkpoint_restore_continues_identically(split: int) -> None:
     assert b.query_events == split
 
 
+def test_a_restored_monitor_reports_the_measures_of_its_last_evaluation() -> None:
+    """The measures derived lazily from the last evaluated window survive a checkpoint: a restored
+    monitor has no window snapshot to derive them from until its next evaluation, and an idle
+    stream's gauges would stay NaN (or keep a window older than the last evaluation's)."""
+    rng = np.random.default_rng(3)
+    s = det()
+    x = np.concatenate([draw(rng, 1000), draw(rng, 600, shift=0.4)])
+    never_read = StreamMonitor(KEY, s)
+    feed(never_read, x, 0, 100)
+    read_before = StreamMonitor(KEY, s)
+    feed(read_before, x[:1400], 0, 100)
+    read_before.measures()  # a scrape, then one more evaluated batch
+    feed(read_before, x[1400:], 1400, 100)
+    for live in (never_read, read_before):
+        restored = _round_trip(live, s)  # before the live one's measures are read (that derives them)
+        want, got = live.measures(), restored.measures()
+        assert math.isfinite(want["centroid_cosine_distance"]) and math.isfinite(want["drift_p_value"])
+        assert got == pytest.approx(want, rel=1e-12, nan_ok=True)
+
+
+def test_a_reference_restored_under_a_smaller_reference_size_is_built_from_what_was_collected() -> None:
+    """A checkpoint taken while 300 reference events were collected, restored with reference_size
+    200: the baseline is built from the 300 at the next batch, and every event of that batch is
+    monitored with its own stream index (a negative take once collected rows of the wrong part)."""
+    rng = np.random.default_rng(0)
+    x = draw(rng, 600)
+    m = StreamMonitor(KEY, det(reference_size=400))
+    m.update_embeddings(x[:300], np.arange(300.0))
+    nan = np.full(300, np.nan)
+    m.update_queries(np.linspace(0, 1, 300), nan + 3, nan, nan, None, np.arange(300.0))
+    meta, arrays = m.checkpoint()
+    r = StreamMonitor.restore(KEY, det(reference_size=200), meta, arrays, None)
+    r.update_embeddings(x[300:550], np.arange(300.0, 550.0))
+    assert r.baseline is not None and r.baseline.count == 300
+    np.testing.assert_allclose(r.baseline.mean, x[:300].astype(np.float64).mean(axis=0), rtol=1e-6)
+    assert r._window is not None and r._window.count == 250 and r.events == 550
+    firsts = [int(b.res_index[: b.res_n].min()) for b in r._window.buckets]
+    assert min(firsts) == 300
+    r.update_queries(np.full(10, 0.5), np.full(10, 3.0), np.full(10, np.nan), np.full(10, np.nan), None,
+                     np.arange(300.0, 310.0))
+    assert r._qref_n == 300 and r._qref_done is not None and r._qref_done.shape == (300,)
+
+
 def test_sealed_buckets_drop_their_vectors_and_a_checkpoint_keeps_their_feature_sums() -> None:
     rng = np.random.default_rng(13)
     s = det()
@@ -404,3 +447,36 @@ def test_restore_refuses_a_wrong_baseline() -> None:
     s2 = det(window_events=800)
     r = StreamMonitor.restore(KEY, s2, meta, arrays, m.baseline)
     assert r.events == 500 and r.measures()["window_events"] == 0.0
+
+
+# The step's scan ratio is stat / (the smallest double): +inf, what a degenerate null gives.
+@pytest.mark.filterwarnings("ignore:overflow encountered in divide:RuntimeWarning")
+def test_a_constant_stream_is_no_drift_and_a_step_away_from_it_is() -> None:
+    """A reference of one repeated vector gives null laws of all-zero weights: the same vector
+    afterwards scores 0 and must not reject (it did at effect floors of 0, as p = 0), another one
+    must."""
+    s = det(effect_size_floor=0.0, scan_effect_floor=0.0)
+    v = draw(np.random.default_rng(4), 1)
+    m = StreamMonitor(KEY, s)
+    assert feed(m, np.repeat(v, 1200, axis=0), 0, 100) == []
+    me = m.measures()
+    assert me["drift_p_value"] == 1.0 and me["mean_shift_threshold_ratio"] == 0.0
+    moved = v.copy()
+    moved[0, 0] += 1.0
+    alarms = feed(m, np.repeat(moved, 200, axis=0), 1200, 100)
+    assert alarms and alarms[0].kind == "start" and alarms[0].index < 1300
+
+
+def test_one_absurd_vector_in_the_window_is_a_rejection_not_an_exception() -> None:
+    """Finite values of 1e9 in one event make the scan's statistic too large for the tail's
+    root-finding bracket: the monitor raised (and so did the service loop) at every later batch."""
+    rng = np.random.default_rng(8)
+    m = StreamMonitor(KEY, det())
+    feed(m, draw(rng, 600), 0, 100)
+    huge = np.full((1, D), 1e9, dtype=np.float32)
+    alarms = m.update_embeddings(huge, np.array([600.0]))
+    for k in range(5):
+        alarms += feed(m, draw(rng, 100), 601 + 100 * k, 100)
+    assert [a.kind for a in alarms][:1] == ["start"]
+    me = m.measures()
+    assert me["window_events"] > 300 and math.isfinite(me["drift_score"])

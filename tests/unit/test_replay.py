@@ -202,3 +202,221 @@ def test_cli_replay(events_file: tuple[Path, dict[str, int]], tmp_path: Path, re
     assert proc.returncode == 0, proc.stderr
     assert DRIFTED in proc.stdout
     assert orjson.loads(out.read_bytes()) == report
+
+
+# -- bad input, per-stream accounting, change points, given baselines -------------------------------
+
+
+def _gaussian_lines(key: tuple[str, str, str | None], x: np.ndarray, t0: float = 1.7e9) -> list[bytes]:
+    return [_line(*key, np.round(v, 6), t0 + i) for i, v in enumerate(x)]
+
+
+def _write(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_unreadable_events_and_unwritable_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  events_file: tuple[Path, dict[str, int]]) -> None:
+    from embedwatch import replay
+
+    with pytest.raises(replay.ReplayError, match=r"cannot read .*missing\.jsonl: No such file"):
+        run_replay(tmp_path / "missing.jsonl", None, Settings(), progress=False, out=io.StringIO())
+    with pytest.raises(replay.ReplayError, match="Is a directory"):
+        run_replay(tmp_path, None, Settings(), progress=False, out=io.StringIO())
+    with pytest.raises(replay.ReplayError, match="cannot read"):
+        build_baseline(tmp_path / "missing.jsonl", tmp_path / "b", Settings())
+
+    # An unwritable report is found before the replay, not after it.
+    def no_replay(*_a: Any, **_k: Any) -> int:
+        raise AssertionError("replayed before checking the report path")
+
+    monkeypatch.setattr(replay, "_drive", no_replay)
+    path, _ = events_file
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(replay.ReplayError, match=r"cannot write .*adir: Is a directory"):
+        run_replay(path, tmp_path / "adir", Settings(), progress=False, out=io.StringIO())
+    assert not (tmp_path / "new" / "r.json").exists()
+    with pytest.raises(AssertionError, match="replayed"):  # a writable one passes, and is not created
+        run_replay(path, tmp_path / "new" / "r.json", Settings(), progress=False, out=io.StringIO())
+    assert not (tmp_path / "new" / "r.json").exists()
+
+
+@pytest.mark.parametrize("size", [0, 1, 10, -5])
+def test_reference_size_is_validated_as_the_config_is(size: int, events_file: tuple[Path, dict[str, int]],
+                                                       tmp_path: Path) -> None:
+    from embedwatch.config import ConfigError
+
+    path, _ = events_file
+    with pytest.raises(ConfigError,
+                       match=r"--reference-size .*detection\.reference_size: .*greater than or equal to 50"):
+        run_replay(path, None, Settings(), reference_size=size, progress=False, out=io.StringIO())
+    with pytest.raises(ConfigError, match=r"detection\.reference_size"):
+        build_baseline(path, tmp_path / "b.npz", Settings(), stream=DRIFTED, reference_size=size)
+    assert not list(tmp_path.iterdir())
+
+
+def test_build_baseline_skips_short_streams_and_writes_nothing_on_error(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    lines = _gaussian_lines(("a", "1", None), rng.normal(size=(120, 8)))
+    lines += _gaussian_lines(("b", "1", None), rng.normal(size=(49, 8)))  # one short of the minimum
+    lines += _gaussian_lines(("c", "1", None), rng.normal(size=(1, 8)))  # Baseline needs 2: crashed
+    path = _write(tmp_path / "ev.jsonl", lines)
+    warnings: list[str] = []
+    metas = build_baseline(path, tmp_path / "out" / "base.npz", Settings(), warn=warnings.append)
+    assert [(m["model"], m["count"]) for m in metas] == [("a", 120)]
+    # named as one of several streams: the file's streams decide, not which were skipped
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["base.a+1+default.json", "base.a+1+default.npz"]
+    assert len(warnings) == 2
+    assert "b/1/default" in warnings[0] and "49" in warnings[0] and "50" in warnings[0]
+    assert "c/1/default" in warnings[1] and "1 accepted" in warnings[1]
+
+    from embedwatch.replay import ReplayError
+
+    short = _write(tmp_path / "short.jsonl", lines[120:])
+    with pytest.raises(ReplayError, match=r"too few .*b/1/default \(49\).*c/1/default \(1\)"):
+        build_baseline(short, tmp_path / "none" / "x.npz", Settings(), warn=warnings.append)
+    with pytest.raises(ReplayError, match="too few"):
+        build_baseline(path, tmp_path / "none" / "x.npz", Settings(), stream="b/1/default")
+    with pytest.raises(ReplayError, match="--stream: stream key must be"):
+        build_baseline(path, tmp_path / "none" / "x.npz", Settings(), stream="bogus")
+    with pytest.raises(ReplayError, match="no accepted events of stream a/1/zzz"):
+        build_baseline(path, tmp_path / "none" / "x.npz", Settings(), stream="a/1/zzz")
+    empty = _write(tmp_path / "empty.jsonl", [b"not json", b"\xff\xfe garbage"])
+    with pytest.raises(ReplayError, match="no accepted events in"):
+        build_baseline(empty, tmp_path / "none" / "x.npz", Settings())
+    assert not (tmp_path / "none").exists() or not list((tmp_path / "none").iterdir())
+
+
+def test_rejections_per_stream_do_not_depend_on_chunks(tmp_path: Path) -> None:
+    from embedwatch.replay import CHUNK_LINES
+
+    rng = np.random.default_rng(4)
+    nan = b'{"model": "m", "model_version": "1", "embedding": [NaN, 1.0, 2.0, 3.0]}'
+    filler = _gaussian_lines(("f", "1", None), rng.normal(size=(CHUNK_LINES + 10, 4)))
+    own = _gaussian_lines(("m", "1", None), rng.normal(size=(100, 4)))
+    reports = []
+    # m's events open the second chunk; its NaN line is in the chunk before them, or in theirs
+    for at in (5, CHUNK_LINES + 5):
+        lines = filler + own
+        lines.insert(at, nan)
+        reports.append(run_replay(_write(tmp_path / f"{at}.jsonl", lines), None, Settings(), progress=False,
+                                  out=io.StringIO()))
+    for rep in reports:
+        assert rep["streams"]["m/1/default"]["rejected"] == 1
+        assert rep["streams"]["m/1/default"]["events"] == 100
+        assert rep["rejected"] == {"non_finite": 1}
+
+
+def test_stream_with_only_rejected_events_is_listed(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    nan = b'{"model": "bad", "model_version": "1", "embedding": [NaN, 1.0, 2.0, 3.0]}'
+    lines = _gaussian_lines(("ok", "1", None), rng.normal(size=(20, 4))) + [nan] * 5
+    buf = io.StringIO()
+    rep = run_replay(_write(tmp_path / "ev.jsonl", lines), None, Settings(), progress=False, out=buf)
+    bad = rep["streams"]["bad/1/default"]
+    assert bad["events"] == 0 and bad["rejected"] == 5 and bad["alarms"] == []
+    assert STREAM_KEYS <= set(bad) <= STREAM_KEYS | OPTIONAL_STREAM_KEYS
+    assert set(bad["summary"]) == set(rep["streams"]["ok/1/default"]["summary"])
+    assert bad["summary"]["drift_score"] is None
+    assert "bad/1/default" in buf.getvalue()
+
+
+def _flapping_file(tmp_path: Path) -> tuple[Path, Settings]:
+    """One chunk (under CHUNK_LINES lines) of a stream whose similarity flips every 3 events: with
+    the settings returned, hundreds of change points, far over the monitor's 100 recent ones."""
+    rng = np.random.default_rng(1)
+    c = rng.normal(size=16)
+    c *= 3 / np.linalg.norm(c)
+    x = rng.normal(size=(1900, 16)) + c
+    for i in range(50, len(x)):
+        if (i // 3) % 2:
+            x[i] = -x[i]
+    path = _write(tmp_path / "flap.jsonl", _gaussian_lines(("cp", "1", None), x))
+    settings = Settings(detection={"reference_size": 50, "changepoint_min_instances": 1,  # type: ignore[arg-type]
+                                   "changepoint_threshold": 1.0, "changepoint_delta": 0.0})
+    return path, settings
+
+
+def test_every_changepoint_is_listed(tmp_path: Path) -> None:
+    path, settings = _flapping_file(tmp_path)
+    s = run_replay(path, None, settings, progress=False, out=io.StringIO())["streams"]["cp/1/default"]
+    total = s["summary"]["changepoints"]
+    assert total > 200
+    assert len(s["changepoints"]) == total and "changepoints_omitted" not in s
+    idx = [c["index"] for c in s["changepoints"]]
+    assert idx == sorted(idx) and len(set(idx)) == total and idx[0] >= 50
+
+
+def test_changepoints_over_the_cap_are_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from embedwatch import replay
+
+    monkeypatch.setattr(replay, "MAX_REPORT_CHANGEPOINTS", 150)
+    path, settings = _flapping_file(tmp_path)
+    s = run_replay(path, None, settings, progress=False, out=io.StringIO())["streams"]["cp/1/default"]
+    assert len(s["changepoints"]) == 150
+    assert s["changepoints_omitted"] == s["summary"]["changepoints"] - 150 > 0
+
+
+def _baseline_files(tmp_path: Path) -> tuple[Path, Path, Path, list[dict[str, Any]]]:
+    """A baseline built from a good period of enc/1/web, then a later file of the same behaviour
+    and one shifted from its first event on."""
+    rng = np.random.default_rng(11)
+    center = rng.normal(size=DIM)
+    center *= 3.0 / np.linalg.norm(center)
+    shift = rng.normal(size=DIM)
+    shift *= 1.5 / np.linalg.norm(shift)
+    key = ("enc", "1", "web")
+    good = _write(tmp_path / "good.jsonl", _gaussian_lines(key, rng.normal(size=(1000, DIM)) + center))
+    later = _write(tmp_path / "later.jsonl", _gaussian_lines(key, rng.normal(size=(1500, DIM)) + center))
+    bad = _write(tmp_path / "bad.jsonl", _gaussian_lines(key, rng.normal(size=(1500, DIM)) + center + shift))
+    metas = build_baseline(good, tmp_path / "baseline.npz", Settings())
+    return later, bad, tmp_path / "baseline.npz", metas
+
+
+def test_replay_against_a_built_baseline(tmp_path: Path) -> None:
+    from embedwatch.replay import load_baselines
+
+    later, bad, base, [md] = _baseline_files(tmp_path)
+    given = load_baselines([base])
+    ok = run_replay(later, None, Settings(), progress=False, out=io.StringIO(), baselines=given)
+    s = ok["streams"][DRIFTED]
+    assert s["events"] == 1500 and s["alarms"] == [] and s["reference_size"] == 0
+    assert s["baseline_id"] == md["baseline_id"]
+    assert s["summary"]["baseline_ready"] == 1.0 and s["summary"]["drift_detected"] == 0.0
+    # Shifted from its first event: against the given baseline it alarms within the first
+    # reference_size events; building its own baseline from them, it never could.
+    found = run_replay(bad, None, Settings(), progress=False, out=io.StringIO(), baselines=given)
+    alarms = found["streams"][DRIFTED]["alarms"]
+    assert alarms and alarms[0]["index"] < 500
+    assert found["streams"][DRIFTED]["summary"]["drift_detected"] == 1.0
+    blind = run_replay(bad, None, Settings(), progress=False, out=io.StringIO())
+    assert blind["streams"][DRIFTED]["alarms"] == []
+
+
+def test_given_baseline_of_another_dimension_rejects_as_the_service_does(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from embedwatch.replay import load_baselines
+
+    _, _, base, _ = _baseline_files(tmp_path)
+    rng = np.random.default_rng(12)
+    other = _write(tmp_path / "other.jsonl", _gaussian_lines(("enc", "1", "web"), rng.normal(size=(100, DIM // 2))))
+    rep = run_replay(other, None, Settings(), progress=False, out=io.StringIO(), baselines=load_baselines([base]))
+    s = rep["streams"][DRIFTED]
+    assert s["events"] == 0 and s["rejected"] == 100
+    assert rep["rejected"] == {"dimension_mismatch": 100}
+    assert f"{DRIFTED}: 100 events rejected as dimension_mismatch" in capsys.readouterr().err
+
+
+def test_load_baselines_errors(tmp_path: Path) -> None:
+    from embedwatch.replay import ReplayError, load_baselines
+
+    _, _, base, [md] = _baseline_files(tmp_path)
+    with pytest.raises(ReplayError, match="missing"):
+        load_baselines([tmp_path / "nope.npz"])
+    with pytest.raises(ReplayError, match="both of stream enc/1/web"):
+        load_baselines([base, tmp_path / "baseline.json"])
+    js = tmp_path / "baseline.json"
+    js.write_text(js.read_text().replace(md["baseline_id"], "0" * 16))
+    with pytest.raises(ReplayError, match=r"baseline .*baseline\.npz"):
+        load_baselines([base])

@@ -10,7 +10,7 @@ import orjson
 
 from embedwatch.baseline_store import MemoryBaselineStore
 from embedwatch.config import Settings
-from embedwatch.events import Decoder, Message, Reason, StreamKey
+from embedwatch.events import Decoder, Kind, Message, Reason, StreamKey
 from embedwatch.monitor import StreamMonitor
 from embedwatch.router import StreamRouter
 
@@ -188,3 +188,41 @@ def test_a_reader_of_the_guard_gets_in_between_two_streams_updates() -> None:
         time.sleep(0.01)
     assert order == ["a", "reader", "b", "c"]
     assert not lock.owned()
+
+
+def test_a_stream_whose_update_raises_dead_letters_its_block_and_starts_afresh(caplog: Any) -> None:
+    """A defect, or input no check foresaw, in one stream's update: its block is dead-lettered with
+    processing_error, nothing it added to the batch's result stays, the other streams go on, and
+    the stream gets a fresh monitor (no crash of the service loop, which did not catch it)."""
+    created: list[StreamKey] = []
+    boom = {"a": 1}
+
+    class Flaky(StreamMonitor):
+        def update_embeddings(self, vectors: np.ndarray, *rest: Any) -> list[Any]:
+            out = super().update_embeddings(vectors, *rest)
+            if boom.get(self.key.model, 0) and self.events > 60:
+                boom[self.key.model] -= 1
+                raise FloatingPointError("something no check foresaw")
+            return out
+
+    def factory(key: StreamKey, det: Any, baseline: Any) -> StreamMonitor:
+        created.append(key)
+        return Flaky(key, det, baseline)
+
+    r = StreamRouter(settings(), monitor_factory=factory)
+    rng = np.random.default_rng(0)
+    first = Decoder().decode([msg(m, v) for v in rng.normal(size=(40, 4)) for m in ("a", "b")])
+    assert r.route(first).rejections == []
+    res = r.route(Decoder().decode([msg(m, v) for v in rng.normal(size=(30, 4)) for m in ("a", "b")]))
+    assert [x.message_index for x in res.rejections] == list(range(0, 60, 2))
+    assert {(x.reason, x.stream) for x in res.rejections} == {(Reason.PROCESSING_ERROR, StreamKey("a", "1"))}
+    assert "FloatingPointError: something no check foresaw" in res.rejections[0].detail
+    assert dict(res.accepted) == {(StreamKey("b", "1"), Kind.EMBEDDING): 30}
+    assert StreamKey("a", "1") not in res.summaries
+    assert created == [StreamKey("a", "1"), StreamKey("b", "1"), StreamKey("a", "1")]
+    assert r.monitors[StreamKey("a", "1")].events == 0 and r.monitors[StreamKey("b", "1")].events == 70
+    assert r.rejected == {"processing_error": 30}
+    assert r.stream_rejected[StreamKey("a", "1")] == {"processing_error": 30}
+    assert "Traceback" in caplog.text
+    res = r.route(Decoder().decode([msg("a", v) for v in rng.normal(size=(10, 4))]))
+    assert res.rejections == [] and r.monitors[StreamKey("a", "1")].events == 10

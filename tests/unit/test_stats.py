@@ -194,3 +194,34 @@ def test_two_sample_null_quantiles_scale_with_the_window_and_cost_one_root_per_l
             # and it is the level-alpha point of the scaled law's tail
             assert stats.weighted_chi2_sf(null.isf(m, alpha), null.scale(m) * w) == pytest.approx(alpha, rel=1e-6)
     assert sorted(roots) == [1e-6, 0.01, 0.5]
+
+
+@pytest.mark.parametrize("k", [3, 64])
+@pytest.mark.parametrize("alpha", [1e-100, 1e-200, 1e-300])
+def test_weighted_chi2_quantiles_of_tiny_levels_match_chi2(k: int, alpha: float) -> None:
+    """Levels whose bracket overshoots into the underflowed tail (sf == 0) are found, not log(0)."""
+    w = np.full(k, 0.37)
+    x = stats.weighted_chi2_isf(alpha, w)
+    assert x == pytest.approx(0.37 * ss.chi2.isf(alpha, k), rel=0.002)
+    assert stats.weighted_chi2_sf(x, w) == pytest.approx(alpha, rel=0.02)
+
+
+def test_weighted_chi2_tail_of_a_statistic_beyond_double_precision_is_zero() -> None:
+    """One absurd vector in a window gives a statistic ~1e15 times the largest weight or more:
+    no root of K' is bracketed in double precision, and the tail (below exp(-x / 2 w_max)) is 0."""
+    w = np.random.default_rng(6).gamma(0.5, 1e-3, size=64)
+    for x in (1e15 * w.max() * 3, 1e30, 1e300):
+        assert stats.weighted_chi2_sf(x, w) == 0.0
+    # just below that range the tail is tiny but still a probability
+    assert 0.0 <= stats.weighted_chi2_sf(1e3 * w.max(), w) < 1e-100
+
+
+def test_a_degenerate_null_rejects_every_positive_statistic_and_not_zero() -> None:
+    """Every weight 0 (a constant reference): the statistic is 0 exactly under the null."""
+    zeros = np.zeros(16)
+    assert stats.weighted_chi2_sf(0.0, zeros) == 1.0 and stats.weighted_chi2_sf(1e-300, zeros) == 0.0
+    null = stats.TwoSampleNull(zeros, n_reference=1000)
+    for m in (2, 100, 10**6):
+        thr = null.isf(m, 1e-6)
+        assert 0.0 < thr <= 1e-300  # score >= thr: 0 does not reject, 1e-300 does
+        assert null.sf(0.0, m) == 1.0

@@ -375,7 +375,7 @@ def test_features_of_one_row_match_the_same_row_in_a_batch() -> None:
 
 def test_recycled_bucket_arrays_start_clean() -> None:
     """A new bucket reusing a dropped one's arrays has the same statistics as a fresh one."""
-    s = settings_(window_events=50, buckets=2, reservoir_per_bucket=8)  # buckets of 25 events
+    s = settings_(window_events=50, buckets=2, reservoir_per_bucket=8, min_window_events=50)  # buckets of 25 events
     x, _ = data(6, 200)
     ts = np.arange(200, dtype=np.float64)
     w = Window(DIM, s, PROJ, 0)
