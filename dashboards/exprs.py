@@ -163,12 +163,16 @@ def load_catalog() -> Any:
 def known_series_names() -> set[str]:
     """Every series name embedwatch exposes according to the metrics catalog: counters as
     ``<name>`` and ``<name>_total`` style names as listed, histograms with ``_bucket``/``_sum``/
-    ``_count``, plus ``_created`` for counters and histograms."""
+    ``_count`` (``_bucket`` only for one with a negative bucket bound: the exposition leaves its
+    ``_sum``/``_count`` out, as prometheus_client does), plus ``_created`` for counters and
+    histograms."""
     names: set[str] = set()
     for m in load_catalog().METRICS:
         names.add(m.name)
         if m.type == "histogram":
-            names.update({f"{m.name}_bucket", f"{m.name}_sum", f"{m.name}_count", f"{m.name}_created"})
+            names.update({f"{m.name}_bucket", f"{m.name}_created"})
+            if not m.buckets or m.buckets[0] >= 0:
+                names.update({f"{m.name}_sum", f"{m.name}_count"})
         elif m.type == "counter":
             names.add(f"{m.name.removesuffix('_total')}_created")
         elif m.type == "info":

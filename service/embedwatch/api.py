@@ -23,6 +23,11 @@ from embedwatch.exporter import ExporterRegistry
 
 log = logging.getLogger(__name__)
 
+#: Seconds a connection may stay silent while a request is read (or between keep-alive requests).
+REQUEST_TIMEOUT_S = 10.0
+#: Connections served at once.
+MAX_CONNECTIONS = 64
+
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str) -> None:
@@ -59,6 +64,9 @@ def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "embedwatch"
         sys_version = ""
+        # A connection that sends nothing more for this long is closed: without it, idle
+        # half-requests held a server thread each, for ever.
+        timeout = REQUEST_TIMEOUT_S
 
         def log_message(self, format: str, *args: Any) -> None:
             # Request lines can carry tokens in odd clients; keep access logs at debug level only.
@@ -69,10 +77,27 @@ def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if not getattr(self, "_head", False):
+                self.wfile.write(body)
 
         def _json(self, status: int, doc: Any) -> None:
             self._send(status, orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS))
+
+        def do_HEAD(self) -> None:
+            self._head = True  # what GET answers, without its body (e.g. a HEAD health check)
+            self.do_GET()
+
+        def _refuse_method(self) -> None:
+            self.send_response(405)
+            self.send_header("Allow", "GET, HEAD" if not urlsplit(self.path).path.startswith("/api/baselines/")
+                             else "GET, HEAD, POST")
+            body = orjson.dumps({"error": f"method {self.command} not allowed"})
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse_method
 
         def do_GET(self) -> None:
             path = urlsplit(self.path).path.rstrip("/") or "/"
@@ -92,8 +117,11 @@ def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
                 elif path == "/api/baselines":
                     self._json(200, {"baselines": backend.baselines(None)})
                 elif path.startswith("/api/baselines/"):
-                    stream = unquote(path.removeprefix("/api/baselines/"))
-                    self._json(200, {"baselines": backend.baselines(str(StreamKey.parse(stream)))})
+                    key = StreamKey.parse(unquote(path.removeprefix("/api/baselines/")))
+                    versions = backend.baselines(str(key))
+                    if not versions and str(key) not in backend.streams():
+                        raise ApiError(404, f"unknown stream {key}")
+                    self._json(200, {"baselines": versions})
                 else:
                     self._json(404, {"error": "not found"})
             except ApiError as e:
@@ -110,7 +138,13 @@ def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
             path = urlsplit(self.path).path.rstrip("/")
             try:
                 self._authorize()
+                if self.headers.get("Transfer-Encoding"):
+                    # Not decoded by this server: read as no body, a chunked {"baseline_id": ...}
+                    # started a new promotion instead of re-activating that version.
+                    raise ApiError(411, "send the body with a Content-Length, not chunked")
                 length = int(self.headers.get("Content-Length") or 0)
+                if length < 0:
+                    raise ApiError(400, "negative Content-Length")  # read(-1) waited for the client to close
                 if length > 65536:
                     raise ApiError(413, "body too large")
                 body = self.rfile.read(length) if length else b""
@@ -139,7 +173,7 @@ def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
                     raise ApiError(404, "not found")
             except ApiError as e:
                 self._json(e.status, {"error": e.message})
-            except KeyError as e:
+            except LookupError as e:  # KeyError, BaselineNotFoundError
                 self._json(404, {"error": f"not found: {e}"})
             except (ValueError, orjson.JSONDecodeError) as e:
                 self._json(400, {"error": str(e)})
@@ -153,18 +187,45 @@ def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
                 raise ApiError(401, "missing bearer token")
             token = backend.admin_token
             given = header.removeprefix("Bearer ").strip().encode()
-            if token is None or not hmac.compare_digest(given, token.encode()):
+            # Stripped as the client's is: a Secret made --from-file ends with a newline.
+            if token is None or not hmac.compare_digest(given, token.strip().encode()):
                 raise ApiError(403, "invalid token")
 
     return Handler
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, at most :data:`MAX_CONNECTIONS` at once: a connection beyond them
+    is closed at once (a scraper retries), so many slow or idle clients cannot exhaust threads."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class HttpServer:
     """The HTTP server in a daemon thread."""
 
     def __init__(self, backend: Backend, host: str, port: int) -> None:
-        self.httpd = ThreadingHTTPServer((host, port), _handler(backend))
-        self.httpd.daemon_threads = True
+        self.httpd = _BoundedServer((host, port), _handler(backend))
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
 
     @property

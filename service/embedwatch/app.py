@@ -32,12 +32,20 @@ import orjson
 from embedwatch import heap
 from embedwatch.baseline_store import BaselineRepository, MemoryBaselineStore
 from embedwatch.config import Settings
-from embedwatch.events import DecodedBatch, DecodeLimits, Decoder, Kind, Message, Rejection, StreamKey
+from embedwatch.events import DecodedBatch, DecodeLimits, Decoder, Kind, Message, Reason, Rejection, StreamKey
 from embedwatch.exporter import Exporter, LabelValues
 from embedwatch.metrics_catalog import METRICS
 from embedwatch.monitor import Alarm, StreamMonitor
 from embedwatch.router import RouteResult, StreamRouter
-from embedwatch.sources.base import Committed, DeadLetterSink, PartitionId, Source
+from embedwatch.sources.base import (
+    Committed,
+    DeadLetter,
+    DeadLetterSink,
+    PartitionId,
+    Source,
+    dead_letter_limit,
+    fit_dead_letter,
+)
 from embedwatch.state import (
     Checkpoint,
     DurableBaselineStore,
@@ -102,6 +110,20 @@ def dlq_headers(msg: Message, r: Rejection) -> list[tuple[str, bytes]]:
         ("embedwatch-source-partition", str(msg.partition).encode()),
         ("embedwatch-source-offset", str(msg.offset).encode()),
     ]
+
+
+def accepted_per_message(batch: DecodedBatch, result: RouteResult, n_messages: int) -> np.ndarray:
+    """How many events of each message the monitors took: the message's decoded events, less the
+    ones the router refused (stream limit, dimension, a stream's failed update, any reason it
+    adds), which follow the decoder's rejections in ``result.rejections``. So the ledger counts
+    what the router accepted (``result.accepted`` sums to the same), each event once."""
+    counts = np.zeros(n_messages, dtype=np.int64)
+    for b in batch.blocks:
+        counts += np.bincount(b.message_index, minlength=n_messages)
+    refused = result.rejections[len(batch.rejections):]
+    if refused:
+        counts -= np.bincount([r.message_index for r in refused], minlength=n_messages)
+    return counts
 
 
 _REBALANCE_ERRORS = ("CommitFailed", "IllegalGeneration", "UnknownMemberId", "RebalanceInProgress",
@@ -201,6 +223,14 @@ class Service:
         # broker was unreachable): the in-memory state is ahead of every position, so it must not be
         # checkpointed; the next owner replays the batch from the last durable point.
         self._state_ahead = False
+        # Partitions whose checkpoint would hold a batch that was processed but not committed, the
+        # group having moved on (see _abandon): not checkpointed until they are revoked.
+        self._ahead: set[PartitionId] = set()
+        # Streams of such partitions once revoked: forgotten whether or not the partitions come back.
+        self._stale: set[StreamKey] = set()
+        # A read of the state topic at an assignment failed after consuming part of it: the next
+        # one reads it whole, or the checkpoints it had consumed would be missed.
+        self._reread_state = False
         # Without durable state: the last batch's commit, sent asynchronously, until its landing is
         # confirmed (positions, and the ledgers they carry).
         self._unconfirmed: tuple[dict[PartitionId, Committed], dict[PartitionId, Ledger]] | None = None
@@ -210,6 +240,11 @@ class Service:
 
     def process(self, messages: Sequence[Message], now: float | None = None) -> tuple[DecodedBatch, list[Rejection]]:
         """Decode and route ``messages``; update metrics. Returns the batch and its rejections."""
+        batch, result = self._route(messages, now)
+        return batch, result.rejections
+
+    def _route(self, messages: Sequence[Message], now: float | None = None) -> tuple[DecodedBatch, RouteResult]:
+        """:meth:`process`, returning what the router did."""
         now = time.time() if now is None else now
         batch = self.decoder.decode(messages, now=now)
         # The lock per stream, not around the batch: a scrape must not wait for every baseline
@@ -222,7 +257,7 @@ class Service:
                 log.warning("drift alarm %s: stream=%s index=%d detector=%s score=%.4g p=%s",
                             a.kind, a.stream, a.index, a.detector, a.score, a.p_value)
             del self.alarms[:-1000]
-        return batch, result.rejections
+        return batch, result
 
     def _observe(self, batch: DecodedBatch, result: RouteResult, messages: Sequence[Message], now: float) -> None:
         ex = self.exporter
@@ -235,9 +270,14 @@ class Service:
             if r.stream is not None and r.stream in self.router.monitors:
                 c.inc("embedwatch_stream_rejected_total", (*r.stream, r.reason.value))
             rejected_rows[r.message_index] = rejected_rows.get(r.message_index, 0) + 1
+        # Blocks of a stream whose update raised: dead-lettered, not taken (StreamRouter._failed).
+        failed = {(r.stream, r.message_index) for r in result.rejections[len(batch.rejections):]
+                  if r.reason is Reason.PROCESSING_ERROR}
         for b in batch.blocks:
             mon = self.router.monitors.get(b.stream)
             if mon is None:
+                continue
+            if failed and (b.stream, int(b.message_index[0])) in failed:
                 continue
             # Rows of this block that the router rejected (dimension, stream limit) are not counted.
             rows = b
@@ -309,6 +349,12 @@ class Service:
 
     def _load_assignment(self, source: Source) -> None:
         partitions, self._pending_assignment = self._pending_assignment, []
+        if self._stale:
+            # Before any restore: a partition that comes back gets its streams from its checkpoint.
+            with self.exporter.lock:
+                for key in self._stale:
+                    self._forget_stream(key)
+                self._stale.clear()
         if self._orphans and not self._awaiting_assignment:
             with self.exporter.lock:
                 owned = self._assigned | set(partitions)
@@ -319,11 +365,21 @@ class Service:
                 self._orphans.clear()
         if not partitions:
             return
-        committed = source.committed(partitions)
-        if self.persistent:
-            read = self.state_backend.read_new
-            fresh = self.baselines.read(read) if isinstance(self.baselines, DurableBaselineStore) else read(None)
-            self._state_records.update(checkpoints_in(fresh, self.settings.kafka.group_id))
+        try:
+            committed = source.committed(partitions)
+            if self.persistent:
+                backend = self.state_backend
+                read = backend.read_all if self._reread_state else backend.read_new
+                self._reread_state = True  # until this read completes
+                fresh = self.baselines.read(read) if isinstance(self.baselines, DurableBaselineStore) else read(None)
+                self._reread_state = False
+                self._state_records.update(checkpoints_in(fresh, self.settings.kafka.group_id))
+        except Exception:
+            # The broker or the state topic did not answer: the partitions go back, and the loop
+            # completes their assignment at its next attempt (a revocation meanwhile takes them
+            # out of the list again: on_revoked).
+            self._pending_assignment[:0] = partitions
+            raise
         for p in partitions:
             # Decoded and rebuilt outside the lock, installed under it: a scrape waited 13.6 s for
             # a restore under it (5-6 s a partition of 67 streams of 768-d while each refitted its
@@ -401,6 +457,10 @@ class Service:
             self.router.adopt(mon)
             self.stream_home[mon.key] = p
             s: LabelValues = tuple(mon.key)
+            if math.isfinite(mon.newest_ts):
+                # As before the restart: StreamSilent measures the age of this time, and without it
+                # a stream silent across a rollout or a rebalance stopped alerting.
+                self.exporter.set_gauge("embedwatch_last_event_timestamp_seconds", s, mon.newest_ts)
             self.exporter.counters.set("embedwatch_events_total", (*s, "embedding"), float(mon.events))
             if mon.query_events:
                 self.exporter.counters.set("embedwatch_events_total", (*s, "query"), float(mon.query_events))
@@ -441,7 +501,10 @@ class Service:
             # Their streams are forgotten only if the partitions go to another replica: the
             # assignment that follows (eager rebalance) often gives them straight back.
             revoked = set(partitions)
-            self._orphans |= {k for k, home in self.stream_home.items() if home in revoked}
+            stale = revoked & self._ahead
+            self._ahead -= stale
+            self._stale |= {k for k, home in self.stream_home.items() if home in stale}
+            self._orphans |= {k for k, home in self.stream_home.items() if home in revoked} - self._stale
             self._awaiting_assignment = bool(revoked)
         log.info("revoked %s", sorted(partitions))
 
@@ -455,6 +518,7 @@ class Service:
             ex.counters.drop(name, lambda lv: lv[:n] == s)
         ex.histograms.drop(lambda lv: lv[:n] == s)
         ex.gauges["embedwatch_last_event_timestamp_seconds"].pop(s, None)
+        ex.set_gauge("embedwatch_streams", (), float(len(self.router.monitors)))
 
     def _checkpoint(self, partitions: Iterable[PartitionId], commit: Source | None,
                     deadline: float | None = None) -> bool:
@@ -479,6 +543,8 @@ class Service:
         signatures: dict[PartitionId, tuple[Any, ...]] = {}
         built = unchanged = False
         for part in partitions:
+            if part in self._ahead:
+                continue  # its streams hold a batch that was not committed (_abandon)
             with self.exporter.lock:
                 signature = self._state_signature(part)
                 if self._checkpointed.get(part) == signature:
@@ -713,11 +779,35 @@ class Service:
         """Consume until :attr:`stop_requested` is set; commit; leave the group."""
         self._source, self._sink = source, sink
         k = self.settings.kafka
+        poll_delay = 0.2
         try:
             while not self.stop_requested.is_set():
                 self._heartbeat = time.monotonic()
-                messages = source.poll(k.max_poll_records, k.poll_timeout_ms)
-                self._load_assignment(source)
+                try:
+                    messages = source.poll(k.max_poll_records, k.poll_timeout_ms)
+                except Exception as e:
+                    # A client's error (confluent-kafka raises its transport errors from consume):
+                    # the service stays up, not ready, and polls again after a backoff.
+                    self._set_connected(False)
+                    log.warning("poll failed (%s); retrying in %.1fs", e, poll_delay)
+                    self.stop_requested.wait(poll_delay * (0.5 + random.random()))
+                    poll_delay = min(poll_delay * 2, 10.0)
+                    continue
+                poll_delay = 0.2
+                try:
+                    self._load_assignment(source)
+                except Exception as e:
+                    # Retried here, not at the next poll: the batch may hold records of these
+                    # partitions, which the consumer does not fetch again.
+                    log.warning("partition assignment failed (%s); retrying", e)
+                    self._set_connected(False)
+                    if (not self._retry(functools.partial(self._load_assignment, source), "partition assignment",
+                                        lambda: bool(self._pending_assignment))
+                            and self.stop_requested.is_set()):
+                        break  # the batch is left unprocessed and uncommitted: its next owner reads it
+                    # Otherwise done, or given up because the partitions were revoked meanwhile
+                    # (their records are dropped below) or the group moved on (tried again after
+                    # the next poll, whose rejoin restores their positions).
                 if messages:
                     self._handle_batch(messages, source, sink)
                 elif self._unconfirmed is not None:
@@ -799,43 +889,45 @@ class Service:
         # time to land before the dead letters need it (below).
         inflight = self._inflight_marker(parts)
         source.commit(inflight, asynchronous=True)
-        batch, rejections = self.process(messages)
+        batch, result = self._route(messages)
+        rejections = result.rejections
         if not self._confirm_commit(source) and self.stop_requested.is_set():
             return  # nothing of this batch but its marker left the process: the next owner processes it
         # A crash after the dead letters are flushed must find the marker on the broker, or the
         # successor writes them again without counting a replay.
         if rejections and not self._make_held(source, inflight, exact=True):
-            # The partitions moved on or a stop came first: the batch is the next owner's.
-            if self.stop_requested.is_set():
-                self._state_ahead = True
+            self._abandon(batch)  # the partitions moved on or a stop came first
             return
-        for r in rejections:
-            m = messages[r.message_index]
-            sink.send(self.settings.kafka.dlq_topic(m.topic), r.payload, m.key, dlq_headers(m, r))
+        limit = dead_letter_limit(self.settings.limits.max_message_bytes)
+        letters = [self._dead_letter(messages[r.message_index], r, limit) for r in rejections]
+        queued = 0
 
-        def flush() -> None:
+        def deliver() -> None:
+            # Sent inside the retry (a send raises while the broker is away: kafka-python's
+            # max_block_ms), each letter once: a retry resumes after the last one queued, and the
+            # flush of the sinks produces the failed ones again.
+            nonlocal queued
             try:
+                while queued < len(letters):
+                    d = letters[queued]
+                    sink.send(d.topic, d.value, d.key, d.headers)
+                    queued += 1
                 sink.flush(timeout_s=10.0)
             except Exception:
                 self.exporter.counters.inc("embedwatch_dead_letter_errors_total")
                 raise
 
-        if not self._retry(flush, "dead-letter write"):
-            # Stopping before the dead letters were acknowledged: nothing committed, replayed later.
-            self._state_ahead = True
+        if not self._retry(deliver, "dead-letter write"):
+            # Nothing committed: the batch is replayed from the last durable point.
+            self._abandon(batch)
             return
         # Per-partition outcome counts, vectorised over the batch's events.
         pidx = {p: i for i, p in enumerate(parts)}  # the order of msg_part's indices
-        acc = np.zeros(len(parts), dtype=np.int64)
-        for b in batch.blocks:
-            acc += np.bincount(msg_part[b.message_index], minlength=len(parts))
+        acc = np.bincount(msg_part, weights=accepted_per_message(batch, result, len(messages)),
+                          minlength=len(parts)).astype(np.int64)
         rej = np.zeros(len(parts), dtype=np.int64)
         if rejections:
             rej += np.bincount(msg_part[[r.message_index for r in rejections]], minlength=len(parts))
-        # Router rejections (dimension, stream limit) are rows of decoded blocks: move them over.
-        router_rej = [r for r in rejections if r.reason.value in ("dimension_mismatch", "stream_limit")]
-        if router_rej:
-            acc -= np.bincount(msg_part[[r.message_index for r in router_rej]], minlength=len(parts))
         replayed = 0
         with self.exporter.lock:
             for p, i in pidx.items():
@@ -872,6 +964,44 @@ class Service:
                                          np.array([time.perf_counter() - t0]))
         if replayed:
             log.info("replayed %d events already processed before a restart", replayed)
+
+    def _dead_letter(self, msg: Message, r: Rejection, limit: int) -> DeadLetter:
+        """The dead letter of ``r``, cut to the dead-letter producer's ``limit`` (see
+        :func:`fit_dead_letter`): an event refused as too large may be larger than the producer
+        takes, and refused at every send it stopped the loop, again after every restart."""
+        d = DeadLetter(self.settings.kafka.dlq_topic(msg.topic), r.payload, msg.key, dlq_headers(msg, r))
+        fitted = fit_dead_letter(d, limit)
+        if fitted is not d:
+            log.warning("dead letter of %s:%d@%d (%s) cut from %d to %d bytes to fit the dead-letter producer",
+                        msg.topic, msg.partition, msg.offset, r.reason.value, len(d.value), len(fitted.value))
+        return fitted
+
+    def _abandon(self, batch: DecodedBatch) -> None:
+        """The batch was processed in memory but is not committed (the group moved on, or a stop
+        came first): its partitions' next owner processes it again from their last durable point,
+        so no checkpoint may hold its effects, or they are applied twice.
+
+        Stopping, nothing more is checkpointed (``_state_ahead``). Otherwise the loop goes on, and
+        the state of the partitions whose checkpoint would carry the batch (the homes of the
+        streams it touched) is ahead of every position: they are not checkpointed, and their
+        streams are forgotten once they are revoked, which a lost assignment brings at the next
+        poll, even if the assignment that follows returns them; they are then restored from
+        their last checkpoint, as a partition that moved between replicas is. Their state is not
+        reset here instead: the last checkpoint is only read again at an assignment, and the
+        consumer reads the batch again only from the position that assignment restores. A stream
+        the batch created has no home and no checkpoint yet: it is forgotten now."""
+        if self.stop_requested.is_set():
+            self._state_ahead = True
+            return
+        with self.exporter.lock:
+            for key in {b.stream for b in batch.blocks}:
+                home = self.stream_home.get(key)
+                if home is not None and home in self._assigned:
+                    self._ahead.add(home)
+                else:
+                    self._forget_stream(key)
+        log.warning("a batch was abandoned after it was processed: partitions %s are not checkpointed "
+                    "until they are revoked", sorted(self._ahead))
 
     def _trim_heap(self, now_due: bool = False) -> None:
         """Collect garbage cycles and return freed heap memory to the OS now and then (see

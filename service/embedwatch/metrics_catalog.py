@@ -136,7 +136,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("embedwatch_embedding_norm", "histogram", "L2 norm of accepted vectors.", S,
            buckets=NORM_BUCKETS),
     Metric("embedwatch_similarity_to_baseline", "histogram",
-           "Cosine similarity of each vector to its stream's baseline centroid.", S,
+           "Cosine similarity of each vector to its stream's baseline centroid (buckets from -0.5: "
+           "no _sum or _count series).", S,
            buckets=SIMILARITY_BUCKETS),
     # --- queries ------------------------------------------------------------------------------
     Metric("embedwatch_query_top1_score", "histogram", "Top-1 retrieval score of query events.", S,

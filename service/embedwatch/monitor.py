@@ -314,6 +314,11 @@ class StreamMonitor:
         self.events += n
         return alarms
 
+    @property
+    def newest_ts(self) -> float:
+        """Time of the newest event of the stream (embeddings and queries; -inf before any)."""
+        return self._newest_ts
+
     def take_summary(self) -> Summary | None:
         """The last :meth:`update_embeddings` batch's per-event norms and cosine similarities to
         the active baseline's centroid (float64, every row), when the whole batch was monitored

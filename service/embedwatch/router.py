@@ -223,11 +223,16 @@ class StreamRouter:
             self._release_sample(monitor)
 
     def remove(self, key: StreamKey) -> None:
-        """Forget a stream (e.g. idle eviction); frees its slot under ``max_streams``."""
+        """Forget a stream (e.g. idle eviction); frees its slot under ``max_streams``. Its model's
+        version comparison goes with the model's last live stream: kept, a replica that no longer
+        owns the model exported its comparison (and a dimension change, a critical alert) for
+        ever, and the comparisons grew with every model ever seen."""
         self.monitors.pop(key, None)
         self.stream_rejected.pop(key, None)
         self._dims.pop(key, None)
         self._saved.pop(key, None)
+        if not any(k.model == key.model for k in self.monitors):
+            self.comparisons.pop(key.model, None)
 
     def route(self, batch: DecodedBatch, guard: AbstractContextManager[Any] = _UNGUARDED) -> RouteResult:
         """Validate and dispatch one decoded batch; see the module docstring.
@@ -362,8 +367,11 @@ class StreamRouter:
         if self._saved.get(key) != bid:
             try:
                 self.baselines.save(mon.baseline, activate=True)
-            except (OSError, ValueError) as e:
-                # Retried with the next batch of the stream; detection goes on meanwhile.
+            except Exception as e:
+                # Retried with the next batch of the stream; detection goes on meanwhile. Any
+                # error: a durable store's backend raises its client's (e.g. kafka-python's
+                # KafkaTimeoutError), and raised from here it cost the stream its block and the
+                # baseline it had just built (StreamRouter._failed).
                 log.error("stream %s: cannot save baseline %s: %s", key, bid, e)
                 return
             self._saved[key] = bid

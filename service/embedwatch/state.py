@@ -818,7 +818,9 @@ class DurableBaselineStore(MemoryBaselineStore):
             return
         try:
             self.backend.write(fits)
-        except (OSError, RuntimeError) as e:  # derived data: without it, a restart refits
+        except Exception as e:
+            # Derived data: without it, a restart refits. Any backend error: a KafkaError raised
+            # from here failed the router's update of the stream (its block dead-lettered).
             log.warning("cannot store the fitted tests of baseline %s: %s", bid, e)
             return
         self._fitted[name] = keys

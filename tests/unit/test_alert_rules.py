@@ -280,3 +280,23 @@ def test_runbook_promql_parses_and_uses_catalog_metrics(tmp_path: Path) -> None:
             {"record": "runbook:query", "expr": concrete}]}]}), encoding="utf-8")
         res = run(exe, "check", "rules", str(path))
         assert res.returncode == 0, f"{name}: promtool rejects {expr}\n{res.stdout}{res.stderr}"
+
+
+def test_known_series_names_are_what_the_exposition_holds_for_histograms() -> None:
+    """A histogram with a negative bucket bound has no _sum/_count series (prometheus_client's
+    rule): a panel or rule over them passed the name check and was always empty."""
+    import numpy as np
+
+    from embedwatch.exporter import Exporter, make_registry
+
+    ex = Exporter()
+    labels = ("m", "1", "default")
+    for name in ("embedwatch_similarity_to_baseline", "embedwatch_embedding_norm"):
+        ex.histograms.observe(name, labels, np.array([0.5, 0.9]))
+    text = make_registry(ex, process_metrics=False).exposition().decode()
+    exposed = {line.split("{")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    known = known_series_names()
+    for name in ("embedwatch_similarity_to_baseline", "embedwatch_embedding_norm"):
+        for suffix in ("_bucket", "_sum", "_count"):
+            assert (name + suffix in exposed) == (name + suffix in known), name + suffix
+    assert "embedwatch_similarity_to_baseline_sum" not in known

@@ -104,3 +104,96 @@ def test_token_never_in_responses(server: tuple[HttpServer, list[Any]]) -> None:
     for path in ("/metrics", "/api/streams", "/api/baselines", "/healthz", "/readyz"):
         assert TOKEN not in str(req(srv, "GET", path)[1])
     assert TOKEN not in str(req(srv, "POST", "/api/baselines/m/1/default/promote", token="bad")[1])
+
+
+def _raw(srv: HttpServer, request: bytes, wait: float = 5.0) -> bytes:
+    """One request as bytes on a socket; the whole answer (the server closes or times out)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=wait) as s:
+        s.sendall(request)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+                if b"\r\n\r\n" in out and out.split(b"\r\n\r\n", 1)[1] and b"Content-Length" in out:
+                    break
+        except TimeoutError:
+            pass
+        return out
+
+
+def test_an_unknown_version_or_stream_is_404_not_500() -> None:
+    """BaselineNotFoundError is a LookupError, not a KeyError: it fell through to a 500 (and a
+    logged traceback) for a mistyped baseline id."""
+    from embedwatch.baseline_store import BaselineNotFoundError
+
+    def promote(k: StreamKey, b: str | None, n: int | None) -> dict[str, Any]:
+        raise BaselineNotFoundError(f"stream {k} has no baseline {b!r}")
+
+    backend = Backend(registry=make_registry(Exporter(), process_metrics=False), healthy=lambda: True,
+                      ready=lambda: True, streams=lambda: {"m/1/default": {}}, baselines=lambda s: [],
+                      promote=promote, rollback=lambda k: promote(k, None, None), admin_token=TOKEN)
+    srv = HttpServer(backend, "127.0.0.1", 0)
+    srv.start()
+    try:
+        status, doc = req(srv, "POST", "/api/baselines/m/1/default/promote", TOKEN, b'{"baseline_id": "nope"}')
+        assert status == 404 and "has no baseline 'nope'" in doc["error"]
+        assert req(srv, "POST", "/api/baselines/m/1/default/rollback", TOKEN)[0] == 404
+        assert req(srv, "GET", "/api/baselines/m/1/default") == (200, {"baselines": []})  # a live stream
+        assert req(srv, "GET", "/api/baselines/other/1/default")[0] == 404  # neither live nor stored
+    finally:
+        srv.stop()
+
+
+def test_bodies_the_server_cannot_read_are_refused(server: tuple[HttpServer, list[Any]]) -> None:
+    """A chunked body was read as none (a re-activation became a new promotion), a negative
+    Content-Length waited for the client to close."""
+    srv, calls = server
+    head = (f"POST /api/baselines/m/1/default/promote HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {TOKEN}\r\n").encode()
+    body = b'{"baseline_id": "b1"}'
+    chunked = head + b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    assert _raw(srv, chunked).startswith(b"HTTP/1.0 411")
+    assert _raw(srv, head + b"Content-Length: -1\r\n\r\n", wait=3.0).startswith(b"HTTP/1.0 400")
+    assert calls == []
+
+
+def test_other_methods_get_json_and_head_gets_the_get_headers(server: tuple[HttpServer, list[Any]]) -> None:
+    srv, _ = server
+    for method in ("PUT", "DELETE", "PATCH", "OPTIONS"):
+        status, doc = req(srv, method, "/api/baselines/m/1/default/promote", TOKEN)
+        assert status == 405 and doc == {"error": f"method {method} not allowed"}
+    answer = _raw(srv, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n", wait=3.0)
+    assert answer.startswith(b"HTTP/1.0 200") and b"Content-Length: 15" in answer  # {"status":"ok"}
+    assert answer.endswith(b"\r\n\r\n")  # no body
+
+
+def test_idle_connections_are_closed_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Idle half-requests each held a server thread for ever; past the bound a connection is
+    closed at once, and a request still gets through once idle ones time out."""
+    import socket
+    import time
+
+    from embedwatch import api
+
+    monkeypatch.setattr(api, "REQUEST_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(api, "MAX_CONNECTIONS", 4)
+    backend = Backend(registry=make_registry(Exporter(), process_metrics=False), healthy=lambda: True,
+                      ready=lambda: True, streams=dict, baselines=lambda s: [],
+                      promote=lambda k, b, n: {}, rollback=lambda k: {}, admin_token=TOKEN)
+    srv = HttpServer(backend, "127.0.0.1", 0)
+    srv.start()
+    idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(4)]
+    try:
+        for s in idle:
+            s.sendall(b"GET /healthz HTTP/1.1\r\n")  # never finished
+        time.sleep(0.2)
+        assert _raw(srv, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", wait=2.0) == b""  # closed: no slot
+        time.sleep(1.0)  # the idle ones time out
+        assert req(srv, "GET", "/healthz") == (200, {"status": "ok"})
+        assert [s.recv(100) for s in idle] == [b""] * 4  # closed by the server
+    finally:
+        for s in idle:
+            s.close()
+        srv.stop()

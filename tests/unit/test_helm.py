@@ -532,3 +532,27 @@ def test_chart_metadata() -> None:
     assert chart["apiVersion"] == "v2" and chart["name"] == "embedwatch"
     assert chart["appVersion"] == "0.1.0"
     assert (CHART / "templates" / "NOTES.txt").exists()
+
+
+@pytest.mark.parametrize(("sets", "words"), [
+    # Rendered and valid, but every checkpoint failed on the read-only root: the pod never ready.
+    (["config.state.backend=file"], "needs persistence.enabled"),
+    # Pods on other nodes cannot attach one ReadWriteOnce volume.
+    (["config.state.backend=file", "persistence.enabled=true", "replicaCount=3"], "3 replicas cannot share"),
+    (["config.state.backend=file", "persistence.enabled=true", "keda.enabled=true"], "6 replicas cannot share"),
+    # No replica: no StreamSilent, and EmbedwatchDown (critical) at every scale to zero.
+    (["keda.enabled=true", "keda.minReplicaCount=0"], "minReplicaCount"),
+])
+def test_state_and_scaling_values_that_cannot_work_are_refused(
+        tools: dict[str, Path], sets: list[str], words: str) -> None:
+    args = [a for s in sets for a in ("--set", s)]
+    proc = helm(tools, "template", RELEASE, str(CHART), *args, check=False)
+    assert proc.returncode != 0 and words in proc.stderr, proc.stderr
+
+
+def test_one_replica_on_a_volume_and_several_on_a_shared_one_render(tools: dict[str, Path]) -> None:
+    one_replica = docs_of(render(tools, "--set", "config.state.backend=file", "--set", "persistence.enabled=true"))
+    assert one(one_replica, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteOnce"]
+    shared = docs_of(render(tools, "--set", "config.state.backend=file", "--set", "persistence.enabled=true",
+                            "--set", "replicaCount=3", "--set", "persistence.accessModes={ReadWriteMany}"))
+    assert one(shared, "Deployment")["spec"]["replicas"] == 3

@@ -226,3 +226,16 @@ def test_a_stream_whose_update_raises_dead_letters_its_block_and_starts_afresh(c
     assert "Traceback" in caplog.text
     res = r.route(Decoder().decode([msg("a", v) for v in rng.normal(size=(10, 4))]))
     assert res.rejections == [] and r.monitors[StreamKey("a", "1")].events == 10
+
+
+def test_a_model_comparison_goes_with_the_models_last_stream() -> None:
+    """Kept, a replica that no longer owned a model (a rebalance) exported its comparison, and a
+    dimension change in it, for ever; and the comparisons grew with every model ever seen."""
+    r = StreamRouter(settings())
+    x = np.random.default_rng(0).normal(size=(20, 4))
+    r.route(Decoder().decode([msg("m", v, version=ver, ident=f"d{i}") for i, v in enumerate(x) for ver in ("1", "2")]))
+    assert [res["model"] for res in r.version_results()] == ["m"]
+    r.remove(StreamKey("m", "2"))
+    assert [res["model"] for res in r.version_results()] == ["m"]  # version 1 still live
+    r.remove(StreamKey("m", "1"))
+    assert r.version_results() == [] and r.comparisons == {}

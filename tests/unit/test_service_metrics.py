@@ -97,3 +97,25 @@ def test_histograms_of_a_stream_sending_number_lists_and_base64_in_one_batch() -
         if base is not None:
             sims.append(x @ (base.mean / np.linalg.norm(base.mean)) / nrm)
         _assert_histograms(svc, norms, sims)
+
+
+def test_a_block_whose_update_raised_is_neither_counted_nor_observed() -> None:
+    """Its events are dead-lettered (processing_error): embedwatch_events_total and the histograms
+    hold the events the monitors took, those of the other stream of the batch."""
+    from embedwatch.monitor import StreamMonitor
+
+    class Boom(StreamMonitor):
+        def update_embeddings(self, *a: object, **k: object) -> list:  # type: ignore[type-arg]
+            raise RuntimeError("boom")
+
+    svc = Service(Settings(detection={"reference_size": 50, "window_events": 100}))  # type: ignore[arg-type]
+    svc.router._factory = lambda key, det, bl: (Boom if key.model == "bad" else StreamMonitor)(key, det, bl)
+    rng = np.random.default_rng(3)
+    msgs = [Message(orjson.dumps({"model": "bad" if i % 3 == 0 else "m", "model_version": "v1",
+                                  "embedding": (rng.standard_normal(8) + 2).tolist()}),
+                    topic="embeddings", offset=i, timestamp_ms=1_700_000_000_000) for i in range(30)]
+    _, rejections = svc.process(msgs, now=1.7e9 + 1)
+    assert {r.reason.value for r in rejections} == {"processing_error"} and len(rejections) == 10
+    assert svc.exporter.counters.series("embedwatch_events_total") == {("m", "v1", "default", "embedding"): 20.0}
+    for name, _edges, series in svc.exporter.histograms.snapshot():
+        assert [labels[0] for labels, _cum, _total in series] == ["m"], name

@@ -950,3 +950,60 @@ def test_a_chunked_value_whose_manifest_comes_first_is_still_offered_to_the_read
 
         assert reader._drain(take) == {"ckpt/g/t/0": small}
         assert taken == {"baseline/m/1": big}
+
+
+class _FitsUnwritable(FileStateBackend):
+    """The file backend, whose writes of fits records fail as KafkaStateBackend's do when the
+    broker does not acknowledge them in time (kafka-python's KafkaTimeoutError)."""
+
+    def write(self, records: Any) -> None:
+        from kafka.errors import KafkaTimeoutError
+
+        if any(k.startswith("baseline-fit/") for k in records):
+            raise KafkaTimeoutError("Timeout after waiting for 15 secs.")
+        super().write(records)
+
+
+def test_fits_the_backend_cannot_store_leave_the_restored_stream_running(tmp_path: Path) -> None:
+    """Derived data: a restore whose fits record cannot be written goes on without it (the next
+    restart fits the scan again) instead of failing the assignment."""
+    from embedwatch.app import Service
+
+    settings, first = _service_that_ran(tmp_path, seed=12)
+    [fit_file] = [p for p in tmp_path.rglob("*") if p.is_file() and "baseline-fit" in p.name]
+    fit_file.unlink()  # as an earlier version of embedwatch stored it: the restore fits the scan
+    backend = _FitsUnwritable(tmp_path)
+    records = backend.read_all()
+    again = Service(settings, baselines=DurableBaselineStore(backend, records, SETTINGS), state_backend=backend,
+                    state_records=records)
+    again.run(_Source(again, []), _NoSink())
+    assert not [k for k in FileStateBackend(tmp_path).read_all() if k.startswith("baseline-fit/")]
+    mon = again.router.monitors[KEY]
+    assert mon.events == first.router.monitors[KEY].events == 300
+    assert mon.baseline is not None and mon.baseline.released_sample_rows == SETTINGS.baseline_sample
+
+
+def test_a_restored_stream_exports_the_time_of_its_newest_event(tmp_path: Path) -> None:
+    """StreamSilent alerts on the age of embedwatch_last_event_timestamp_seconds: a stream restored
+    after a rollout or a rebalance had none until its next event, so a stream silent across the
+    restart stopped alerting."""
+    from embedwatch.app import Service
+    from embedwatch.config import Settings
+
+    settings = Settings(kafka={"poll_timeout_ms": 1},  # type: ignore[arg-type]
+                        state={"backend": "file", "directory": str(tmp_path)},  # type: ignore[arg-type]
+                        detection=SETTINGS.model_dump())  # type: ignore[arg-type]
+    vectors = np.random.default_rng(3).standard_normal((300, 16)).astype(np.float32)
+    batch = [Message(orjson.dumps({"model": KEY.model, "model_version": KEY.model_version, "ts": 1.7e9 + i,
+                                   "embedding": v.tolist()}), "embeddings", 0, i) for i, v in enumerate(vectors)]
+    first = Service(settings, baselines=DurableBaselineStore(FileStateBackend(tmp_path)),
+                    state_backend=FileStateBackend(tmp_path))
+    first.run(_Source(first, [batch]), _NoSink())
+    gauge = "embedwatch_last_event_timestamp_seconds"
+    assert first.exporter.gauges[gauge][tuple(KEY)] == 1.7e9 + 299
+    backend = FileStateBackend(tmp_path)
+    records = backend.read_all()
+    again = Service(settings, baselines=DurableBaselineStore(backend, records), state_backend=backend,
+                    state_records=records)
+    again.run(_Source(again, []), _NoSink())  # no new event
+    assert again.exporter.gauges[gauge][tuple(KEY)] == 1.7e9 + 299

@@ -43,6 +43,63 @@ class AckedCommits:
             self._acked.pop((p.topic, p.partition), None)
 
 
+#: Header of a dead letter whose value was cut to fit its producer or the broker: the length of
+#: the original value (bytes, decimal).
+TRUNCATED_HEADER = "embedwatch-truncated"
+#: Header of a dead letter whose source headers (or key) were dropped too: how many headers.
+DROPPED_HEADERS_HEADER = "embedwatch-dropped-headers"
+#: What a record takes on the wire beyond its key, value and headers (record and batch framing),
+#: with room to spare: librdkafka and kafka-python count it against their size limits.
+RECORD_OVERHEAD_BYTES = 1024
+
+
+def dead_letter_limit(max_message_bytes: int) -> int:
+    """The dead-letter producers' largest record (``message.max.bytes``, ``max_request_size``):
+    the largest event the service accepts, with room for the headers it adds."""
+    return max(1 << 20, max_message_bytes + 65536)
+
+
+class DeadLetter(NamedTuple):
+    topic: str
+    value: bytes
+    key: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+def record_size(d: DeadLetter) -> int:
+    """An upper bound of the record's size as the producers check it."""
+    return (RECORD_OVERHEAD_BYTES + len(d.value) + len(d.key or b"")
+            + sum(len(k.encode()) + len(v) for k, v in d.headers))
+
+
+def fit_dead_letter(d: DeadLetter, limit: int) -> DeadLetter:
+    """``d`` as it is if it fits ``limit`` bytes, else with its value cut to fit and marked with
+    :data:`TRUNCATED_HEADER` (the original length, kept through a second cut). A record that
+    cannot be written is retried for ever and holds its partition's commits: a payload larger
+    than the producer's limit (an event refused as ``too_large``), or than the topic's, lands
+    cut instead, still with its reason and source headers. Should the source's headers or key
+    alone not fit, they go too (embedwatch's headers stay: they say what the record is)."""
+    if record_size(d) <= limit:
+        return d
+    original = next((v for k, v in d.headers if k == TRUNCATED_HEADER), str(len(d.value)).encode())
+    headers = [h for h in d.headers if h[0] != TRUNCATED_HEADER]
+    cut = DeadLetter(d.topic, b"", d.key, [*headers, (TRUNCATED_HEADER, original)])
+    if record_size(cut) > limit:
+        earlier = [int(v) for k, v in headers if k == DROPPED_HEADERS_HEADER and v.isdigit()]  # a cut before
+        headers = [h for h in headers if h[0] != DROPPED_HEADERS_HEADER]
+        ours = [h for h in headers if h[0].startswith("embedwatch-")]
+        dropped = len(headers) - len(ours) + sum(earlier)
+        cut = DeadLetter(d.topic, b"", None,
+                         [*ours, (DROPPED_HEADERS_HEADER, str(dropped).encode()), (TRUNCATED_HEADER, original)])
+    return cut._replace(value=d.value[:max(0, limit - record_size(cut))])
+
+
+def shrunk(d: DeadLetter) -> DeadLetter:
+    """``d`` cut to half its size: a broker refused it as too large (a topic's
+    ``max.message.bytes`` below the producer's limit), which no retry of the same record changes."""
+    return fit_dead_letter(d, record_size(d) // 2)
+
+
 class RebalanceListener(Protocol):
     def on_revoked(self, partitions: Sequence[PartitionId]) -> None: ...
 

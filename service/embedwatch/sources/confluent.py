@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -10,7 +11,15 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from embedwatch.config import KafkaSettings, Settings
 from embedwatch.events import Message
-from embedwatch.sources.base import AckedCommits, Committed, PartitionId, RebalanceListener
+from embedwatch.sources.base import (
+    AckedCommits,
+    Committed,
+    DeadLetter,
+    PartitionId,
+    RebalanceListener,
+    dead_letter_limit,
+    shrunk,
+)
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +180,17 @@ class ConfluentSource:
 
 
 class ConfluentDeadLetterSink:
-    def __init__(self, settings: Settings) -> None:
+    """Records whose delivery failed are kept and produced again at the next :meth:`flush` (as
+    kafka-python's sink does): clearing them made the loop's retried flush succeed, and the
+    offsets were committed past dead letters that were never written. A record the broker refuses
+    as too large is produced again cut (:func:`shrunk`), since the same record would be refused
+    for ever."""
+
+    def __init__(self, settings: Settings, producer: Any = None) -> None:
         k = settings.kafka
-        self._errors: list[str] = []
-        self._producer = Producer({
+        # (record, error) of each failed delivery, until it is produced again.
+        self._failed: list[tuple[DeadLetter, Any]] = []
+        self._producer = producer if producer is not None else Producer({
             "bootstrap.servers": k.bootstrap_servers,
             "client.id": f"{k.client_id}-dlq",
             "acks": "all",
@@ -182,30 +198,49 @@ class ConfluentDeadLetterSink:
             "linger.ms": 5,
             # Never give a dead letter up: during a broker outage the loop waits for them.
             "message.timeout.ms": 0,
-            "message.max.bytes": max(1 << 20, settings.limits.max_message_bytes + 65536),
+            "message.max.bytes": dead_letter_limit(settings.limits.max_message_bytes),
             **security_config(k),
         })
 
-    def _delivered(self, err: Any, msg: Any) -> None:
+    def _delivered(self, record: DeadLetter, err: Any, msg: Any) -> None:
         if err is not None:
-            self._errors.append(str(err))
+            self._failed.append((record, err))
 
-    def send(self, topic: str, value: bytes, key: bytes | None, headers: list[tuple[str, bytes]]) -> None:
+    def _produce(self, record: DeadLetter) -> None:
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, headers=list(headers),  # type: ignore[arg-type]
-                                       on_delivery=self._delivered)
+                self._producer.produce(record.topic, value=record.value, key=record.key,
+                                       headers=list(record.headers),  # type: ignore[arg-type]
+                                       on_delivery=functools.partial(self._delivered, record))
                 return
             except BufferError:
                 self._producer.poll(0.05)
 
+    def send(self, topic: str, value: bytes, key: bytes | None, headers: list[tuple[str, bytes]]) -> None:
+        self._produce(DeadLetter(topic, value, key, list(headers)))
+
     def flush(self, timeout_s: float) -> None:
-        """Wait for every queued record; librdkafka retries failed sends itself until
-        message.timeout.ms, so a record reported failed here is re-queued by the caller's retry."""
+        """Produce the records that failed before again, wait for every queued record, and raise
+        if any is still not delivered (the caller retries; librdkafka retries transient failures
+        itself, message.timeout.ms being unbounded)."""
+        while self._failed:
+            record, err = self._failed[0]
+            # One at a time, removed once queued again: a produce that raises leaves the rest kept.
+            self._produce(shrunk(record) if _too_large(err) else record)
+            self._failed.pop(0)
         left = self._producer.flush(timeout_s)
-        errors, self._errors = self._errors, []
-        if left or errors:
-            raise RuntimeError(f"dead-letter delivery failed: {left} undelivered, errors: {errors[:3]}")
+        if left or self._failed:
+            errors = [str(e) for _, e in self._failed[:3]]
+            raise RuntimeError(f"dead-letter delivery failed: {left} undelivered, {len(self._failed)} failed "
+                               f"(produced again at the next flush): {errors}")
 
     def close(self) -> None:
         self._producer.flush(5)
+
+
+def _too_large(err: Any) -> bool:
+    """A delivery error saying the broker refuses the record's size (permanent for that record)."""
+    code = getattr(err, "code", None)
+    if callable(code):
+        return bool(code() == KafkaError.MSG_SIZE_TOO_LARGE)
+    return "MSG_SIZE_TOO_LARGE" in str(err)

@@ -9,12 +9,20 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from embedwatch.config import KafkaSettings, Settings
 from embedwatch.events import Message
-from embedwatch.sources.base import AckedCommits, Committed, PartitionId, RebalanceListener
+from embedwatch.sources.base import (
+    AckedCommits,
+    Committed,
+    DeadLetter,
+    PartitionId,
+    RebalanceListener,
+    dead_letter_limit,
+    shrunk,
+)
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +251,7 @@ class KafkaPythonDeadLetterSink:
         self._producer: KafkaProducer | None = None
         # (future, record) pairs not yet acknowledged: a failed flush can be retried without
         # losing or duplicating the records that did get through.
-        self._pending: list[tuple[Any, tuple[str, bytes, bytes | None, list[tuple[str, bytes]]]]] = []
+        self._pending: list[tuple[Any, DeadLetter]] = []
 
     def _client(self) -> KafkaProducer:
         if self._producer is None:
@@ -253,7 +261,7 @@ class KafkaPythonDeadLetterSink:
                 client_id=f"{k.client_id}-dlq",
                 acks="all",
                 linger_ms=5,
-                max_request_size=max(1 << 20, settings.limits.max_message_bytes + 65536),
+                max_request_size=dead_letter_limit(settings.limits.max_message_bytes),
                 retries=2**31 - 1,
                 max_block_ms=5000,  # fail fast while the broker is away; the loop retries with backoff
                 **security_kwargs(k),
@@ -261,7 +269,7 @@ class KafkaPythonDeadLetterSink:
         return self._producer
 
     def send(self, topic: str, value: bytes, key: bytes | None, headers: list[tuple[str, bytes]]) -> None:
-        record = (topic, value, key, headers)
+        record = DeadLetter(topic, value, key, headers)
         self._pending.append((self._client().send(topic, value=value, key=key, headers=headers), record))
 
     def flush(self, timeout_s: float) -> None:
@@ -273,13 +281,15 @@ class KafkaPythonDeadLetterSink:
             producer.flush(timeout=timeout_s)
         except KafkaError as e:
             log.warning("dead-letter flush: %s", e)
-        left: list[tuple[Any, tuple[str, bytes, bytes | None, list[tuple[str, bytes]]]]] = []
+        left: list[tuple[Any, DeadLetter]] = []
         errors = []
         for fut, record in self._pending:
             if not fut.is_done:
                 left.append((fut, record))
             elif fut.failed():
                 errors.append(fut.exception)
+                if isinstance(fut.exception, (MessageSizeTooLargeError, RecordListTooLargeError)):
+                    record = shrunk(record)  # the broker refuses its size: the same record, for ever
                 topic, value, key, headers = record
                 left.append((producer.send(topic, value=value, key=key, headers=headers), record))
         self._pending = left
