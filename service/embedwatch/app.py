@@ -112,6 +112,21 @@ def dlq_headers(msg: Message, r: Rejection) -> list[tuple[str, bytes]]:
     ]
 
 
+def _stored(change: Callable[[], Any]) -> None:
+    """A change of the baseline store asked for through the API: a mistake of the request (an
+    unknown version, no history: LookupError, ValueError) as it is, a store that did not take it
+    (the state topic or volume unavailable) a 503 saying that nothing changed and to retry."""
+    from embedwatch.api import ApiError
+
+    try:
+        change()
+    except (LookupError, ValueError):
+        raise
+    except Exception as e:
+        raise ApiError(503, f"the baseline store did not take the change ({type(e).__name__}: {e}); "
+                            "nothing changed, retry") from e
+
+
 def accepted_per_message(batch: DecodedBatch, result: RouteResult, n_messages: int) -> np.ndarray:
     """How many events of each message the monitors took: the message's decoded events, less the
     ones the router refused (stream limit, dimension, a stream's failed update, any reason it
@@ -1073,23 +1088,31 @@ class Service:
                     return {"status": "collecting", "stream": str(key), **progress}
                 assert built is not None
                 baseline = built
-                self.baselines.save(baseline, activate=True)
+                _stored(lambda: self.baselines.save(baseline, activate=True))
             else:
-                self.baselines.promote(key, baseline_id)
+                _stored(lambda: self.baselines.promote(key, baseline_id))
                 baseline = self.baselines.get(key)
-                mon.activate(baseline)
+                self._record_end(mon.activate(baseline))
             self.router.mark_saved(key, str(baseline.metadata["baseline_id"]))
             log.info("baseline of %s is now %s", key, baseline.metadata["baseline_id"])
             return {"status": "active", **baseline.metadata}
+
+    def _record_end(self, end: Alarm | None) -> None:
+        """The end of an alarm an activation closed: recorded and logged as the loop's are."""
+        if end is not None:
+            self.alarms.append(end)
+            log.warning("drift alarm %s: stream=%s index=%d detector=%s score=%.4g p=%s (baseline changed)",
+                        end.kind, end.stream, end.index, end.detector, end.score, end.p_value)
+            del self.alarms[:-1000]
 
     def rollback_baseline(self, key: StreamKey) -> dict[str, Any]:
         with self.exporter.lock:
             mon = self.router.monitors.get(key)
             if mon is None:
                 raise KeyError(str(key))
-            self.baselines.rollback(key)
+            _stored(lambda: self.baselines.rollback(key))
             baseline = self.baselines.get(key)
-            mon.activate(baseline)
+            self._record_end(mon.activate(baseline))
             self.router.mark_saved(key, str(baseline.metadata["baseline_id"]))
             log.info("baseline of %s rolled back to %s", key, baseline.metadata["baseline_id"])
             return dict(baseline.metadata)

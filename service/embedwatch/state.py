@@ -832,25 +832,29 @@ class DurableBaselineStore(MemoryBaselineStore):
         return {} if fits is None else {f"baseline-fit/{name}": fits}
 
     def _write_version(self, key: StreamKey, baseline: Baseline) -> None:
-        super()._write_version(key, baseline)
         bid = str(baseline.metadata["baseline_id"])
         name = _record_name(key, bid)
-        self._names[name] = key, bid
         if not self._restoring:
-            # Beside it, what was fitted on it (a baseline built by a stream is saved once its
-            # monitor has fitted its scan): a restart then takes the fit instead of redoing it.
+            # Written before it is held: a write that fails leaves this store as it was. Beside
+            # it, what was fitted on it (a baseline built by a stream is saved once its monitor has
+            # fitted its scan): a restart then takes the fit instead of redoing it.
             fits = self._fits_record(name, baseline)
             self.backend.write({f"baseline/{name}": encode_baseline(baseline), **fits})
             if fits:
                 self._fitted[name] = set(baseline.mean_shift_fits())
+        super()._write_version(key, baseline)
+        self._names[name] = key, bid
 
     def _store_index(self, index: _Index) -> None:
-        super()._store_index(index)
         if not self._restoring:
-            self._partial_indexes.pop(index.stream, None)  # superseded by this one
+            # Written before it is applied: a write that fails (a state-topic timeout) must leave
+            # the index as the backend has it, or the API reported a version active that neither
+            # the stream nor the stored state used, and a retried rollback went back two versions.
             doc = index.to_json()
             doc["stream"] = list(index.stream)
             self.backend.write({f"baseline-index/{safe_name(index.stream)}": json.dumps(doc).encode()})
+            self._partial_indexes.pop(index.stream, None)  # superseded by this one
+        super()._store_index(index)
 
 
 def _record_name(key: StreamKey, baseline_id: str) -> str:

@@ -588,6 +588,9 @@ class Window:
         limit = ref - self.window_seconds
         while self.buckets and self.buckets[0].max_ts < limit:
             self._spare = self.buckets.popleft()
+        if any(b.max_ts < limit for b in self.buckets):
+            # Out of order (late producers): a bucket after the first may have expired before it.
+            self.buckets = deque(b for b in self.buckets if b.max_ts >= limit)
 
     @property
     def held_buckets(self) -> int:

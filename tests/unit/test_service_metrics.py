@@ -119,3 +119,28 @@ def test_a_block_whose_update_raised_is_neither_counted_nor_observed() -> None:
     assert svc.exporter.counters.series("embedwatch_events_total") == {("m", "v1", "default", "embedding"): 20.0}
     for name, _edges, series in svc.exporter.histograms.snapshot():
         assert [labels[0] for labels, _cum, _total in series] == ["m"], name
+
+
+def test_an_alarm_ended_by_a_baseline_change_through_the_api_is_recorded() -> None:
+    """Activating a version ends an open alarm; the end was kept by the stream but left out of the
+    service's alarms and its log."""
+    from embedwatch.events import StreamKey
+
+    key = StreamKey("m", "1")
+    svc = Service(Settings(detection={"reference_size": 100, "window_events": 100,  # type: ignore[arg-type]
+                                      "baseline_sample": 100}))
+    rng = np.random.default_rng(1)
+
+    def feed(n: int, shift: float, t0: float) -> None:
+        x = rng.normal(size=(n, 8)) + 1.0 + shift
+        svc.process([Message(orjson.dumps({"model": "m", "model_version": "1", "embedding": r.tolist(),
+                                           "ts": t0 + i}), "embeddings") for i, r in enumerate(x)], now=1.7e9 + 1e4)
+
+    feed(100, 0.0, 1.7e9)
+    feed(400, 3.0, 1.7e9 + 100)
+    assert svc.router.monitors[key].drifting and svc.alarms[-1].kind == "start"
+    active = svc.baselines.active_id(key)
+    assert active is not None
+    svc.promote_baseline(key, active)  # re-activate it: a fresh window, the alarm ends
+    assert not svc.router.monitors[key].drifting
+    assert [(a.kind, a.stream) for a in svc.alarms[-2:]] == [("start", "m/1/default"), ("end", "m/1/default")]

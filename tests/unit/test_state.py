@@ -1007,3 +1007,56 @@ def test_a_restored_stream_exports_the_time_of_its_newest_event(tmp_path: Path) 
                     state_records=records)
     again.run(_Source(again, []), _NoSink())  # no new event
     assert again.exporter.gauges[gauge][tuple(KEY)] == 1.7e9 + 299
+
+
+class _FailsOnce(FileStateBackend):
+    fail = False
+
+    def write(self, records: Any) -> None:
+        if self.fail:
+            self.fail = False
+            raise OSError("state topic unavailable")
+        super().write(records)
+
+
+def _promoted_three_times(tmp_path: Path) -> tuple[Any, _FailsOnce, list[str]]:
+    """A service on durable state whose stream has baselines A (its first events), B and C
+    (promotions of shifted events), C active."""
+    from embedwatch.app import Service
+    from embedwatch.config import Settings
+
+    def msgs(rng: np.random.Generator, n: int, shift: float, t0: float) -> list[Message]:
+        x = rng.normal(size=(n, 8)) + 1.0 + shift
+        return [Message(orjson.dumps({"model": "m", "model_version": "1", "embedding": r.tolist(), "ts": t0 + i}),
+                        "embeddings", timestamp_ms=1_700_000_000_000) for i, r in enumerate(x)]
+
+    backend = _FailsOnce(tmp_path)
+    settings = Settings(detection={"reference_size": 100, "window_events": 100,  # type: ignore[arg-type]
+                                   "baseline_sample": 100})
+    svc = Service(settings, baselines=DurableBaselineStore(backend, {}, settings.detection), state_backend=backend)
+    rng = np.random.default_rng(0)
+    svc.process(msgs(rng, 100, 0.0, 1.7e9), now=1.7e9 + 200)
+    for k, shift in enumerate((1.0, 2.0)):
+        svc.promote_baseline(StreamKey("m", "1"), None, 50)
+        svc.process(msgs(rng, 50, shift, 1.7e9 + 100 + 50 * k), now=1.7e9 + 400)
+    return svc, backend, [m["baseline_id"] for m in svc.list_baselines("m/1/default")]
+
+
+def test_a_baseline_change_the_state_backend_refuses_changes_nothing(tmp_path: Path) -> None:
+    """The durable store applied a new index before writing it: after one failed write the API
+    said a version was active that neither the stream nor the stored state used, and the retried
+    rollback went back two versions."""
+    from embedwatch.api import ApiError
+
+    key = StreamKey("m", "1")
+    svc, backend, (a, b, c) = _promoted_three_times(tmp_path)
+    mon = svc.router.monitors[key]
+    for change in (lambda: svc.rollback_baseline(key), lambda: svc.promote_baseline(key, a)):
+        backend.fail = True
+        with pytest.raises(ApiError) as e:
+            change()
+        assert e.value.status == 503 and "nothing changed, retry" in e.value.message
+        assert svc.baselines.active_id(key) == c and mon.baseline is not None and mon.baseline.baseline_id == c
+    assert svc.rollback_baseline(key)["baseline_id"] == b
+    stored = FileStateBackend(tmp_path)
+    assert DurableBaselineStore(stored, stored.read_all()).active_id(key) == b

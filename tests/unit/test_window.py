@@ -209,6 +209,20 @@ def test_time_bound_evicts_old_buckets_and_splits_by_span() -> None:
     assert w.count == 0 and w.totals().count == 0
 
 
+def test_time_bound_evicts_expired_buckets_behind_a_newer_one() -> None:
+    """Late producers (timestamps out of order): a bucket after the first may expire first; only
+    the first was looked at, and up to 57 events past the bound stayed (2 events/s, +-40 s)."""
+    s = settings_(window_seconds=100.0, window_events=1000, buckets=10)
+    w = Window(DIM, s, PROJ, 0)
+    rng = np.random.default_rng(0)
+    x, _ = data(2, 3000)
+    ts = np.arange(3000) * 0.5 + rng.normal(0, 40, 3000)
+    for i in range(0, 3000, 10):
+        w.add(x[i:i + 10], ts[i:i + 10], i)
+        assert all(b.max_ts >= w.newest_ts - 100.0 for b in w.buckets)
+    assert w.totals(with_features=False).count == w.count > 0
+
+
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 400), seed=st.integers(0, 10**6), step=st.integers(1, 24))
 def test_time_bound_holds_for_batches_of_a_few_or_many_events(n: int, seed: int, step: int) -> None:
