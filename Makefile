@@ -32,8 +32,11 @@ lint: venv
 	$(VENV)/bin/ruff check service tests $(wildcard benchmarks alerts dashboards)
 	$(VENV)/bin/mypy
 
-demo: deps
-	@scripts/demo
+# The demo needs only the venv and the Kafka broker, not the test tools (helm, kubeconform, ...).
+demo:
+	@scripts/bootstrap demo
+	@# Ctrl-C (130) or SIGTERM (143) is how a demo ends: not an error of make.
+	@scripts/demo; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 130 ] || [ $$rc -eq 143 ] || exit $$rc
 
 bench: deps
 	$(PY) benchmarks/run.py

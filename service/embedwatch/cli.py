@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -190,33 +191,38 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    from embedwatch.produce import EventGenerator, Fault, GeneratorConfig, produce
+    from embedwatch.produce import EventGenerator, Fault, GeneratorConfig, ProduceError, ProduceResult, produce
 
     try:
         faults = [Fault.parse(f) for f in args.fault]
+        gen = EventGenerator(GeneratorConfig(streams=args.streams, dim=args.dim, encoding=args.encoding,
+                                             query_ratio=args.query_ratio, seed=args.seed,
+                                             model_prefix=args.model_prefix, faults=faults))
     except ValueError as e:
-        print(f"embedwatch produce: {e}", file=sys.stderr)
-        return 2
-    gen = EventGenerator(GeneratorConfig(streams=args.streams, dim=args.dim, encoding=args.encoding,
-                                         query_ratio=args.query_ratio, seed=args.seed,
-                                         model_prefix=args.model_prefix, faults=faults))
+        return _fail(str(e), 2)
     t0 = time.monotonic()
     last = [t0]
 
-    def progress(sent: int) -> None:
+    def failures(r: ProduceResult) -> str:
+        return f", {r.failed} failed to deliver (last: {r.last_error})" if r.failed else ""
+
+    def progress(r: ProduceResult) -> None:
         now = time.monotonic()
         if not args.quiet and now - last[0] >= 2:
             last[0] = now
-            print(f"produced {sent} events ({sent / (now - t0):,.0f}/s)", file=sys.stderr)
+            print(f"produced {r.sent} events ({r.sent / (now - t0):,.0f}/s){failures(r)}", file=sys.stderr)
 
     try:
-        sent = produce(args.bootstrap, gen, args.total, args.rate, args.topic, args.queries_topic or None,
-                       on_progress=progress)
+        result = produce(args.bootstrap, gen, args.total, args.rate, args.topic, args.queries_topic or None,
+                         on_progress=progress)
     except KeyboardInterrupt:
         return 0
+    except ProduceError as e:
+        return _fail(str(e), 1)
     dt = time.monotonic() - t0
-    print(f"produced {sent} events in {dt:.1f}s ({sent / max(dt, 1e-9):,.0f}/s)", file=sys.stderr)
-    return 0
+    print(f"produced {result.sent} events in {dt:.1f}s ({result.sent / max(dt, 1e-9):,.0f}/s){failures(result)}",
+          file=sys.stderr)
+    return 1 if result.failed else 0
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -331,6 +337,26 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(kind: type[int] | type[float], low: float, *, strict: bool = False, high: float | None = None
+            ) -> Callable[[str], float]:
+    """An argparse type: a ``kind`` >= ``low`` (> if ``strict``), <= ``high``; argparse turns the
+    ValueError into a one-line usage error, exit 2."""
+    def parse(text: str) -> float:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}"
+                                             ) from None
+        if not math.isfinite(v) or v < low or (strict and v == low) or (high is not None and v > high):
+            bound = f"> {low:g}" if strict else f">= {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound}{f' and <= {high:g}' if high is not None else ''}"
+                                             f" (got {text})")
+        return v
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="embedwatch", description="Watch production embedding streams for "
                                 "drift, bad data and latency.")
@@ -345,12 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--bootstrap", default="127.0.0.1:9092")
     pr.add_argument("--topic", default="embeddings")
     pr.add_argument("--queries-topic", default="queries")
-    pr.add_argument("--streams", type=int, default=3)
-    pr.add_argument("--dim", type=int, default=384)
+    pr.add_argument("--streams", type=_number(int, 1), default=3)
+    pr.add_argument("--dim", type=_number(int, 1), default=384)
     pr.add_argument("--encoding", choices=["json", "b64"], default="json")
-    pr.add_argument("--rate", type=float, default=None, help="events/s (default: flat out)")
-    pr.add_argument("--total", type=int, default=10_000, help="events to write (0: until Ctrl-C)")
-    pr.add_argument("--query-ratio", type=float, default=0.0)
+    pr.add_argument("--rate", type=_number(float, 0, strict=True), default=None,
+                    help="events/s (default: flat out)")
+    pr.add_argument("--total", type=_number(int, 0), default=10_000, help="events to write (0: until Ctrl-C)")
+    pr.add_argument("--query-ratio", type=_number(float, 0, high=1), default=0.0)
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--model-prefix", default="model")
     pr.add_argument("--fault", action="append", default=[],
@@ -392,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("watch", help="live terminal summary of a running service")
     w.add_argument("--url", default="http://127.0.0.1:9108")
-    w.add_argument("--interval", type=float, default=2.0)
+    w.add_argument("--interval", type=_number(float, 0, strict=True), default=2.0, help="seconds between frames")
     w.add_argument("--once", action="store_true")
     w.set_defaults(func=cmd_watch)
 

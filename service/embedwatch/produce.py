@@ -23,6 +23,7 @@ segment     events go to segment ``name`` (a new client)
 from __future__ import annotations
 
 import base64
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -51,33 +52,65 @@ class Fault:
 
     @classmethod
     def parse(cls, text: str) -> Fault:
-        """``kind@at[:until][,key=value...]``, e.g. ``shift@5000,stream=1,magnitude=0.4``."""
-        head, *opts = [p.strip() for p in text.split(",") if p.strip()]
-        if "@" not in head:
-            raise ValueError(f"fault {text!r}: expected kind@index[...]")
+        """``kind@at[:until][,key=value...]``, e.g. ``shift@5000,stream=1,magnitude=0.4``.
+
+        Raises ValueError naming the fault and what is wrong with it.
+        """
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts or "@" not in parts[0]:
+            raise ValueError(f"fault {text!r}: expected kind@index[:until][,key=value...]")
+        head, *opts = parts
         kind, when = head.split("@", 1)
         if kind not in FAULT_KINDS:
             raise ValueError(f"fault {text!r}: kind must be one of {', '.join(FAULT_KINDS)}")
         at_s, _, until_s = when.partition(":")
-        kw: dict[str, Any] = {"kind": kind, "at": int(at_s)}
+        kw: dict[str, Any] = {"kind": kind, "at": _parse_number(text, "index", at_s, int)}
         if until_s:
-            kw["until"] = int(until_s)
+            kw["until"] = _parse_number(text, "until", until_s, int)
         types: dict[str, Callable[[str], Any]] = {
             f: type(getattr(cls, f)) for f in ("stream", "magnitude", "angle", "planes", "factor", "dim", "count",
                                                "name")
         }
         for o in opts:
-            k, _, v = o.partition("=")
+            k, eq, v = o.partition("=")
             if k not in types:
-                raise ValueError(f"fault {text!r}: unknown option {k!r}")
-            kw[k] = types[k](v)
-        return cls(**kw)
+                raise ValueError(f"fault {text!r}: unknown option {k!r} (options: {', '.join(types)})")
+            if not eq or not v:
+                raise ValueError(f"fault {text!r}: option {k!r} needs a value ({k}=...)")
+            kw[k] = v if types[k] is str else _parse_number(text, k, v, types[k])
+        fault = cls(**kw)
+        fault.check(text)
+        return fault
+
+    def check(self, text: str | None = None) -> None:
+        """ValueError if a number is out of range (a zero dim would divide by zero later)."""
+        where = f"fault {text if text is not None else self.kind + '@' + str(self.at)!r}"
+        if self.at < 0:
+            raise ValueError(f"{where}: index must be >= 0 (got {self.at})")
+        if self.until is not None and self.until <= self.at:
+            raise ValueError(f"{where}: until ({self.until}) must be after the index ({self.at})")
+        if self.stream < 0:
+            raise ValueError(f"{where}: stream must be >= 0 (got {self.stream})")
+        for name, low in (("dim", 1), ("planes", 1), ("count", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{where}: {name} must be >= {low} (got {getattr(self, name)})")
+        for name in ("magnitude", "angle", "factor"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{where}: {name} must be a finite number (got {getattr(self, name)})")
 
     def active(self, idx: np.ndarray) -> np.ndarray:
         m = idx >= self.at
         if self.until is not None:
             m &= idx < self.until
         return m
+
+
+def _parse_number(text: str, what: str, value: str, kind: Callable[[str], Any]) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        noun = "an integer" if kind is int else "a number"
+        raise ValueError(f"fault {text!r}: {what} {value!r} is not {noun}") from None
 
 
 @dataclass
@@ -110,6 +143,15 @@ class EventGenerator:
     """
 
     def __init__(self, cfg: GeneratorConfig) -> None:
+        if cfg.streams < 1:
+            raise ValueError(f"streams must be >= 1 (got {cfg.streams})")
+        if cfg.dim < 1:
+            raise ValueError(f"dim must be >= 1 (got {cfg.dim})")
+        for f in cfg.faults:
+            f.check()
+            if f.stream >= cfg.streams:
+                raise ValueError(f"fault {f.kind}@{f.at}: stream={f.stream} but there are only {cfg.streams} "
+                                 f"streams (0-{cfg.streams - 1})")
         self.cfg = cfg
         self.rng = np.random.default_rng(cfg.seed)
         self.streams = [StreamSpec(f"{cfg.model_prefix}-{i}", "v1") for i in range(cfg.streams)]
@@ -117,6 +159,9 @@ class EventGenerator:
         self._directions: dict[tuple[int, int], np.ndarray] = {}
         self.index = np.zeros(cfg.streams, dtype=np.int64)
         self._nan_left = {id(f): f.count for f in cfg.faults if f.kind == "nan"}
+        # Stream that gets the first of the leftover events of the next call: rotated so that at
+        # low rates (fewer events per call than streams) every stream gets its share.
+        self._next_extra = 0
 
     def _centre(self, s: int, dim: int) -> np.ndarray:
         key = (s, dim)
@@ -178,7 +223,9 @@ class EventGenerator:
         out: list[tuple[bytes, bytes]] = []
         now = time.time() if ts is None else ts
         per = np.full(cfg.streams, n // cfg.streams)
-        per[: n % cfg.streams] += 1
+        extra = n % cfg.streams
+        per[(self._next_extra + np.arange(extra)) % cfg.streams] += 1
+        self._next_extra = (self._next_extra + extra) % cfg.streams
         chunks: list[list[tuple[bytes, bytes]]] = []
         for s, spec in enumerate(self.streams):
             k = int(per[s])
@@ -241,6 +288,22 @@ def split_topics(pairs: list[tuple[bytes, bytes]], embeddings_topic: str,
         yield topic, key, value
 
 
+#: Seconds to wait for the broker's metadata at start, and for the last events at the end.
+CONNECT_TIMEOUT_S = 10.0
+FLUSH_TIMEOUT_S = 60.0
+
+
+class ProduceError(Exception):
+    """The broker cannot be reached, or events were not delivered (a one-line message)."""
+
+
+@dataclass
+class ProduceResult:
+    sent: int = 0  # handed to the client
+    failed: int = 0  # reported failed by the client's delivery reports
+    last_error: str | None = None
+
+
 def produce(
     bootstrap: str,
     gen: EventGenerator,
@@ -249,54 +312,92 @@ def produce(
     embeddings_topic: str = "embeddings",
     queries_topic: str | None = "queries",
     chunk: int = 1000,
-    on_progress: Any = None,
+    on_progress: Callable[[ProduceResult], None] | None = None,
     producer_config: dict[str, Any] | None = None,
-) -> int:
-    """Write ``total`` events (0: until interrupted) at ``rate`` events/s (None: flat out)."""
-    send, flush = _producer(bootstrap, producer_config or {})
-    sent = 0
+) -> ProduceResult:
+    """Write ``total`` events (0: until interrupted) at ``rate`` events/s (None: flat out).
+
+    Raises ProduceError if the broker gives no metadata within ``CONNECT_TIMEOUT_S`` (before
+    anything is sent), or if events are still undelivered ``FLUSH_TIMEOUT_S`` after the last one.
+    """
+    result = ProduceResult()
+
+    def failed(err: object) -> None:
+        result.failed += 1
+        result.last_error = str(err)
+
+    send, flush = _producer(bootstrap, producer_config or {}, failed)
     t0 = time.monotonic()
     try:
-        while total == 0 or sent < total:
-            n = chunk if total == 0 else min(chunk, total - sent)
+        while total == 0 or result.sent < total:
+            n = chunk if total == 0 else min(chunk, total - result.sent)
             if rate:
                 n = max(1, min(n, int(rate / 10) or 1))
             for topic, key, value in split_topics(gen.messages(n), embeddings_topic, queries_topic):
                 send(topic, key, value)
-            sent += n
+            result.sent += n
             if on_progress is not None:
-                on_progress(sent)
+                on_progress(result)
             if rate:
-                ahead = sent / rate - (time.monotonic() - t0)
+                ahead = result.sent / rate - (time.monotonic() - t0)
                 if ahead > 0:
                     time.sleep(ahead)
     finally:
         flush()
-    return sent
+    return result
 
 
-def _producer(bootstrap: str, extra: dict[str, Any]) -> tuple[Any, Any]:
-    """A fast producer: confluent-kafka when installed, else kafka-python."""
+def _producer(bootstrap: str, extra: dict[str, Any],
+              on_failure: Callable[[object], None]) -> tuple[Callable[[str, bytes, bytes], None], Callable[[], None]]:
+    """A fast producer: confluent-kafka when installed, else kafka-python; ``on_failure`` gets
+    each delivery error. The broker is asked for metadata first: an unreachable one is an error
+    at once, not a run that reports rates while nothing arrives."""
+    unreachable = f"cannot reach the Kafka broker at {bootstrap}"
     try:
-        from confluent_kafka import Producer
+        from confluent_kafka import KafkaException, Producer
     except ImportError:
         from kafka import KafkaProducer
+        from kafka.errors import KafkaError
 
-        kp = KafkaProducer(bootstrap_servers=bootstrap.split(","), linger_ms=20, batch_size=1 << 20,
-                           acks="all", max_request_size=8 << 20, **extra)
+        # The constructor waits for the broker: bootstrap_timeout_ms (kafka-python >= 3), else
+        # api_version_auto_timeout_ms.
+        wait = next(k for k in ("bootstrap_timeout_ms", "api_version_auto_timeout_ms", "request_timeout_ms")
+                    if k in KafkaProducer.DEFAULT_CONFIG)
+        try:
+            kp = KafkaProducer(bootstrap_servers=bootstrap.split(","), linger_ms=20, batch_size=1 << 20,
+                               acks="all", max_request_size=8 << 20,
+                               **{wait: int(CONNECT_TIMEOUT_S * 1000), **extra})
+        except KafkaError as e:
+            raise ProduceError(f"{unreachable} ({e})") from None
 
         def send_kp(topic: str, key: bytes, value: bytes) -> None:
-            kp.send(topic, key=key, value=value)
+            kp.send(topic, key=key, value=value).add_errback(on_failure)
 
         def flush_kp() -> None:
-            kp.flush()
-            kp.close()
+            try:
+                kp.flush(timeout=FLUSH_TIMEOUT_S)
+            except KafkaError as e:
+                raise ProduceError(f"events not delivered within {FLUSH_TIMEOUT_S:.0f}s to {bootstrap} "
+                                   f"({type(e).__name__})") from None
+            finally:
+                kp.close(timeout=0)
 
         return send_kp, flush_kp
 
+    def on_delivery(err: Any, _msg: Any) -> None:
+        if err is not None:
+            on_failure(err.str() if hasattr(err, "str") else err)
+
     p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "acks": "all",
                   "queue.buffering.max.messages": 1_000_000, "message.max.bytes": 8 << 20,
-                  "enable.idempotence": True, **extra})
+                  "enable.idempotence": True, "on_delivery": on_delivery,
+                  "delivery.report.only.error": True, "logger": _rdkafka_logger(), **extra})
+    try:
+        p.list_topics(timeout=CONNECT_TIMEOUT_S)
+    except KafkaException as e:
+        err = e.args[0] if e.args else e
+        raise ProduceError(f"{unreachable} (no metadata within {CONNECT_TIMEOUT_S:.0f}s: "
+                           f"{err.str() if hasattr(err, 'str') else err})") from None
 
     def send(topic: str, key: bytes, value: bytes) -> None:
         while True:
@@ -308,8 +409,30 @@ def _producer(bootstrap: str, extra: dict[str, Any]) -> tuple[Any, Any]:
                 p.poll(0.05)
 
     def flush() -> None:
-        left = p.flush(60)
+        left = p.flush(FLUSH_TIMEOUT_S)
         if left:
-            raise RuntimeError(f"{left} messages were not delivered")
+            raise ProduceError(f"{left} events not delivered within {FLUSH_TIMEOUT_S:.0f}s to {bootstrap}")
 
     return send, flush
+
+
+class _OncePerMessage(logging.Filter):
+    """librdkafka repeats a connection failure every few hundred ms; each distinct message once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
+
+
+def _rdkafka_logger() -> logging.Logger:
+    log = logging.getLogger("embedwatch.produce.rdkafka")
+    if not log.filters:
+        log.addFilter(_OncePerMessage())
+    return log

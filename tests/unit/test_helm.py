@@ -53,8 +53,6 @@ def _cache_dir() -> Path:
 @pytest.fixture(scope="session")
 def tools() -> dict[str, Path]:
     """helm and kubeconform, installed (idempotently, cached) by scripts/install-tools."""
-    if shutil.which("go") is None and not (_cache_dir() / "tools" / "bin" / "helm").exists():
-        pytest.fail("helm is not installed and Go is missing: install Go >= 1.24, then scripts/install-tools")
     proc = subprocess.run(
         [str(ROOT / "scripts" / "install-tools")], capture_output=True, text=True, timeout=1200
     )
