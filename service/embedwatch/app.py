@@ -32,7 +32,7 @@ import orjson
 from embedwatch import heap
 from embedwatch.baseline_store import BaselineRepository, MemoryBaselineStore
 from embedwatch.config import Settings
-from embedwatch.events import DecodedBatch, DecodeLimits, Decoder, Kind, Message, Reason, Rejection, StreamKey
+from embedwatch.events import DecodedBatch, DecodeLimits, Decoder, Kind, Message, Rejection, StreamKey
 from embedwatch.exporter import Exporter, LabelValues
 from embedwatch.metrics_catalog import METRICS
 from embedwatch.monitor import Alarm, StreamMonitor
@@ -285,15 +285,10 @@ class Service:
             if r.stream is not None and r.stream in self.router.monitors:
                 c.inc("embedwatch_stream_rejected_total", (*r.stream, r.reason.value))
             rejected_rows[r.message_index] = rejected_rows.get(r.message_index, 0) + 1
-        # Blocks of a stream whose update raised: dead-lettered, not taken (StreamRouter._failed).
-        failed = {(r.stream, r.message_index) for r in result.rejections[len(batch.rejections):]
-                  if r.reason is Reason.PROCESSING_ERROR}
         for b in batch.blocks:
             mon = self.router.monitors.get(b.stream)
-            if mon is None:
-                continue
-            if failed and (b.stream, int(b.message_index[0])) in failed:
-                continue
+            if mon is None or (b.stream, b.kind) in result.failed:
+                continue  # (failed: dead-lettered by StreamRouter._failed, not taken)
             # Rows of this block that the router rejected (dimension, stream limit) are not counted.
             rows = b
             expected = self.router.expected_dim(b.stream)

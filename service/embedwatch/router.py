@@ -62,7 +62,8 @@ class RouteResult:
     ``new_streams``: streams created by this batch, in creation order. ``summaries``: per stream
     whose embedding block was monitored whole against its baseline, the events' norms and cosine
     similarities to the baseline centroid (:meth:`StreamMonitor.take_summary`), which the service's
-    histograms reuse.
+    histograms reuse. ``failed``: the (stream, kind) whose update raised; their events are among
+    the rejections (:attr:`Reason.PROCESSING_ERROR`), not accepted.
     """
 
     rejections: list[Rejection] = field(default_factory=list)
@@ -70,6 +71,7 @@ class RouteResult:
     accepted: Counter[tuple[StreamKey, Kind]] = field(default_factory=Counter)
     new_streams: list[StreamKey] = field(default_factory=list)
     summaries: dict[StreamKey, Summary] = field(default_factory=dict)
+    failed: set[tuple[StreamKey, Kind]] = field(default_factory=set)
 
 
 def _default_factory(key: StreamKey, settings: DetectionSettings, baseline: Baseline | None) -> StreamMonitor:
@@ -331,6 +333,7 @@ class StreamRouter:
             del res.accepted[(key, block.kind)]
         del res.alarms[alarms:]
         res.summaries.pop(key, None)
+        res.failed.add((key, block.kind))
         self.monitors.pop(key, None)
         self._dims.pop(key, None)
         self._saved.pop(key, None)

@@ -219,6 +219,7 @@ def test_a_stream_whose_update_raises_dead_letters_its_block_and_starts_afresh(c
     assert "FloatingPointError: something no check foresaw" in res.rejections[0].detail
     assert dict(res.accepted) == {(StreamKey("b", "1"), Kind.EMBEDDING): 30}
     assert StreamKey("a", "1") not in res.summaries
+    assert res.failed == {(StreamKey("a", "1"), Kind.EMBEDDING)}
     assert created == [StreamKey("a", "1"), StreamKey("b", "1"), StreamKey("a", "1")]
     assert r.monitors[StreamKey("a", "1")].events == 0 and r.monitors[StreamKey("b", "1")].events == 70
     assert r.rejected == {"processing_error": 30}
