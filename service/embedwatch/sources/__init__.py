@@ -7,7 +7,14 @@ adding one module here and one branch in :func:`open_kafka_source`.
 from __future__ import annotations
 
 from embedwatch.config import Settings
-from embedwatch.sources.base import Committed, DeadLetterSink, PartitionId, RebalanceListener, Source
+from embedwatch.sources.base import (
+    Committed,
+    DeadLetterSink,
+    PartitionId,
+    RebalanceListener,
+    Source,
+    UnknownTopicError,
+)
 
 
 def open_kafka_source(settings: Settings, listener: RebalanceListener | None = None) -> Source:
@@ -38,6 +45,7 @@ __all__ = [
     "PartitionId",
     "RebalanceListener",
     "Source",
+    "UnknownTopicError",
     "open_dead_letter_sink",
     "open_kafka_source",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -100,6 +100,21 @@ def shrunk(d: DeadLetter) -> DeadLetter:
     return fit_dead_letter(d, record_size(d) // 2)
 
 
+class UnknownTopicError(LookupError):
+    """The broker answered, and these topics, or these partitions of topics that exist, are not
+    there: deleted, misspelled, or not visible to this client. A broker that does not answer
+    raises the client's own errors instead."""
+
+    def __init__(self, topics: Iterable[str] = (), partitions: Iterable[PartitionId] = ()) -> None:
+        self.topics = tuple(sorted(set(topics)))
+        self.partitions = tuple(sorted(p for p in set(partitions) if p.topic not in self.topics))
+        missing = [f"topic {t!r} does not exist" for t in self.topics]
+        for topic in sorted({p.topic for p in self.partitions}):
+            numbers = ", ".join(str(p.partition) for p in self.partitions if p.topic == topic)
+            missing.append(f"topic {topic!r} has no partition {numbers}")
+        super().__init__("; ".join(missing))
+
+
 class RebalanceListener(Protocol):
     def on_revoked(self, partitions: Sequence[PartitionId]) -> None: ...
 
@@ -131,7 +146,8 @@ class Source(Protocol):
     def assignment(self) -> set[PartitionId]: ...
 
     def end_offsets(self, partitions: Sequence[PartitionId]) -> dict[PartitionId, int]:
-        """Log end offsets; raises when the broker does not answer."""
+        """Log end offsets; raises :class:`UnknownTopicError` when the broker says a topic or
+        partition does not exist, and the client's errors when the broker does not answer."""
         ...
 
     def position(self, partition: PartitionId) -> int | None: ...

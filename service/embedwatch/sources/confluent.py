@@ -17,11 +17,16 @@ from embedwatch.sources.base import (
     DeadLetter,
     PartitionId,
     RebalanceListener,
+    UnknownTopicError,
     dead_letter_limit,
     shrunk,
 )
 
 log = logging.getLogger(__name__)
+
+#: What librdkafka answers for a partition it has no metadata of: a topic or partition that does
+#: not exist, but also (``_UNKNOWN_PARTITION``) one whose brokers are all down.
+_UNKNOWN = (KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART)
 
 
 def security_config(k: KafkaSettings) -> dict[str, Any]:
@@ -65,6 +70,13 @@ class ConfluentSource:
             # idle in consume(): about a fifth of a run on a backlog (py-spy). 10 ms keeps it fed.
             "fetch.queue.backoff.ms": 10,
             "reconnect.backoff.max.ms": 5000,
+            # Partitions added to a subscribed topic (or a topic created after the subscription)
+            # are found at the next metadata refresh: every 5 minutes by default. 10 s, as the
+            # kafka-python backend: one small request.
+            "topic.metadata.refresh.interval.ms": 10_000,
+            # A consumer never creates the topics it reads (librdkafka's default, stated): a
+            # misspelled or deleted topic stays missing, and is reported, instead of appearing empty.
+            "allow.auto.create.topics": False,
             "error_cb": self._on_error,
             "on_commit": self._on_commit,
             **security_config(k),
@@ -113,7 +125,10 @@ class ConfluentSource:
         for r in records:
             if r.error():
                 # Partition EOF and transient errors are informational here; real faults surface
-                # through error_cb and the lag probe.
+                # through error_cb and the lag probe. A subscribed topic that does not exist is
+                # reported here only, once (at each change of its metadata), not to error_cb.
+                if r.error().code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    log.warning("kafka: topic %s does not exist: %s", r.topic(), r.error())
                 continue
             ts_type, ts = r.timestamp()
             headers: Any = r.headers()
@@ -162,11 +177,34 @@ class ConfluentSource:
                 if high is None or high < 0:
                     _, high = self._consumer.get_watermark_offsets(tp, timeout=3)
                 out[p] = int(high)
-        except KafkaException:
-            self._connected = False
+        except KafkaException as e:
+            err = e.args[0] if e.args else None
+            unknown = self._unknown(partitions) if isinstance(err, KafkaError) and err.code() in _UNKNOWN else None
+            self._connected = unknown is not None  # the broker answered that
+            if unknown is not None:
+                raise unknown from e
             raise
         self._connected = True
         return out
+
+    def _unknown(self, partitions: Sequence[PartitionId]) -> UnknownTopicError | None:
+        """The partitions the broker says do not exist, or None when it does not answer (or
+        knows them all): librdkafka's own error does not tell a deleted topic from an outage."""
+        topics: set[str] = set()
+        missing: list[PartitionId] = []
+        for topic in sorted({p.topic for p in partitions}):
+            try:
+                # Never creates the topic: allow.auto.create.topics is off.
+                meta = self._consumer.list_topics(topic, timeout=1.0).topics.get(topic)
+            except KafkaException:
+                return None
+            if meta is None or (meta.error is not None and meta.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART):
+                topics.add(topic)
+            elif meta.error is not None:
+                return None
+            else:
+                missing += [p for p in partitions if p.topic == topic and p.partition not in meta.partitions]
+        return UnknownTopicError(topics, missing) if topics or missing else None
 
     def position(self, partition: PartitionId) -> int | None:
         (tp,) = self._consumer.position([TopicPartition(partition.topic, partition.partition)])

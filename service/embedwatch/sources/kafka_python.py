@@ -20,11 +20,35 @@ from embedwatch.sources.base import (
     DeadLetter,
     PartitionId,
     RebalanceListener,
+    UnknownTopicError,
     dead_letter_limit,
     shrunk,
 )
 
 log = logging.getLogger(__name__)
+
+
+class _MissingTopicLogs(logging.Filter):
+    """Once a minute per topic: kafka-python logs a subscribed topic that does not exist at each
+    metadata refresh, and retries those every 100 ms (an error line ten times a second)."""
+
+    EVERY_S = 60.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[object, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != "Topic %s not found in cluster metadata" or not isinstance(record.args, tuple):
+            return True
+        topic, now = record.args[0] if record.args else None, time.monotonic()
+        if now - self._last.get(topic, -self.EVERY_S) < self.EVERY_S:
+            return False
+        self._last[topic] = now
+        return True
+
+
+logging.getLogger("kafka.cluster").addFilter(_MissingTopicLogs())
 
 # kafka-python >= 3 bootstraps inside the client constructors and raises after this long; a short
 # bound keeps the service loop (SIGTERM, /healthz) responsive while the broker refuses us.
@@ -54,6 +78,17 @@ def security_kwargs(k: KafkaSettings) -> dict[str, Any]:
         kw["ssl_keyfile"] = k.ssl_keyfile
         kw["ssl_check_hostname"] = k.ssl_check_hostname
     return kw
+
+
+def _no_auto_create(consumer: Any) -> None:
+    """Make the consumer's metadata requests ask the broker not to create missing topics.
+    kafka-python 3.0 accepts ``allow_auto_create_topics`` but does not hand it to the cluster
+    metadata that builds the requests (which then ask for creation: a misspelled topic was
+    created, and a deleted one created again by the consumer)."""
+    cluster = getattr(consumer, "_cluster", None)
+    config = getattr(cluster, "config", None)
+    if isinstance(config, dict) and "allow_auto_create_topics" in config:
+        config["allow_auto_create_topics"] = False
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -110,6 +145,10 @@ class KafkaPythonSource:
                 # A topic created after the subscription, or new partitions, are found at the next
                 # metadata refresh: 5 minutes by default; the cost of 10 s is one small request.
                 metadata_max_age_ms=10_000,
+                # kafka-python's metadata requests create missing topics by default (on a broker
+                # with auto.create.topics.enable): a misspelled topic appeared, empty and healthy,
+                # and a deleted one was created again by the consumer itself.
+                allow_auto_create_topics=False,
                 **_bootstrap_kwargs(KafkaConsumer),
                 **security_kwargs(k),
             )
@@ -122,6 +161,7 @@ class KafkaPythonSource:
         if self._failures:
             log.info("kafka: connected to %s after %d failed attempts", _describe(k), self._failures)
             self._failures = 0
+        _no_auto_create(consumer)  # before subscribe(): its metadata requests name the topics
         consumer.subscribe(self._topics, listener=_Listener(self._listener, self._acked))
         for topic in self._topics:
             # Fetch the topics' metadata after subscribing and before joining (the join happens in
@@ -134,7 +174,8 @@ class KafkaPythonSource:
             # state, 1 in 30-50 starts stalled in that rejoin (the leader's SyncGroup went unanswered).
             # A missing topic is fine: it is joined later through the metadata refresh above.
             try:
-                consumer.partitions_for_topic(topic)
+                if not consumer.partitions_for_topic(topic):
+                    log.warning("kafka: topic %s does not exist; it is consumed once created", topic)
             except KafkaError as e:
                 log.warning("kafka: no metadata for topic %s yet: %s", topic, e)
         self._consumer = consumer
@@ -217,15 +258,42 @@ class KafkaPythonSource:
         return {PartitionId(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
     def end_offsets(self, partitions: Sequence[PartitionId]) -> dict[PartitionId, int]:
+        since_ms = time.monotonic() * 1000
         try:
             ends = self._client.end_offsets(
                 [TopicPartition(p.topic, p.partition) for p in partitions], timeout_ms=3000
             )
-        except Exception:
-            self._connected = False
+        except Exception as e:
+            # kafka-python times out the same way whether the broker is away or the partition is
+            # not there (and raises KeyError when only some are not there): the metadata it
+            # refreshed meanwhile tells which.
+            unknown = self._unknown(partitions, since_ms)
+            self._connected = unknown is not None  # the broker answered that
+            if unknown is not None:
+                raise unknown from e
             raise
         self._connected = True
         return {PartitionId(tp.topic, tp.partition): int(o) for tp, o in ends.items()}
+
+    def _unknown(self, partitions: Sequence[PartitionId], since_ms: float) -> UnknownTopicError | None:
+        """The partitions missing from cluster metadata the broker sent after ``since_ms``
+        (monotonic), among topics that metadata was asked for; None when no such answer came."""
+        cluster = getattr(self._consumer, "_cluster", None)
+        answered = getattr(cluster, "_last_successful_refresh_ms", None)
+        asked = getattr(cluster, "_topics", None)
+        if cluster is None or not isinstance(answered, (int, float)) or answered < since_ms or asked is None:
+            return None
+        topics: set[str] = set()
+        missing: list[PartitionId] = []
+        for p in partitions:
+            if p.topic not in asked:
+                return None
+            known = cluster.partitions_for_topic(p.topic)
+            if known is None:
+                topics.add(p.topic)
+            elif p.partition not in known:
+                missing.append(p)
+        return UnknownTopicError(topics, missing) if topics or missing else None
 
     def position(self, partition: PartitionId) -> int | None:
         try:
