@@ -79,8 +79,11 @@ WORKDIR /tmp
 EXPOSE 9108
 STOPSIGNAL SIGTERM
 
+# The port is read as the service reads it (the mounted config file, then EMBEDWATCH_* env vars),
+# so a configured http.port is probed too. Not an ENV default: an EMBEDWATCH_HTTP__PORT in the image
+# would override the config file's port.
 HEALTHCHECK --interval=30s --timeout=3s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9108/healthz', timeout=2).status == 200 else 1)"]
+    CMD ["python", "-c", "import os, sys, urllib.request; from embedwatch.config import load_settings; path = '/etc/embedwatch/config.yaml'; port = load_settings(path if os.path.exists(path) else None).http.port; sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2).status == 200 else 1)"]
 
 ENTRYPOINT ["/usr/bin/tini", "--", "embedwatch"]
 CMD ["run", "--config", "/etc/embedwatch/config.yaml"]

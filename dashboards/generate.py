@@ -620,6 +620,13 @@ def queries() -> dict[str, Any]:
         "Recall@k", "Mean recall@k over labelled window queries (needs relevant_ids).",
         targets((by_stream("max", "embedwatch_query_recall_at_k"), STREAM_LEGEND)),
         "percentunit", min_=0, max_=1)
+    query_drift = timeseries(
+        "Query embedding drift score", "MMD² drift score of the query embeddings (query events that "
+        "carry an embedding) against their own baseline, and 1 while they are drifting "
+        "(EmbeddingDriftDetected with cause=query_embeddings after 15m).",
+        targets((by_stream("max", "embedwatch_query_drift_score"), "score " + STREAM_LEGEND),
+                (by_stream("max", "embedwatch_query_drift_detected"), "drifting " + STREAM_LEGEND)),
+        "none", min_=0)
     latency = timeseries(
         "Retrieval latency percentiles", "End-to-end retrieval latency reported by query events.",
         targets(*quantiles("embedwatch_query_latency_seconds", SEL)), "s", min_=0)
@@ -634,6 +641,7 @@ def queries() -> dict[str, Any]:
         [(top1_ks, 12, 8), (results, 12, 8)],
         [(precision, 12, 8), (recall, 12, 8)],
         [(latency, 12, 8), (latency_stream, 12, 8)],
+        [(query_drift, 24, 8)],
     ])
     return dashboard("embedwatch-queries", "embedwatch / Queries",
                      "Retrieval quality seen through query events: top-1 scores, no-match rate, "

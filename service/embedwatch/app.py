@@ -36,13 +36,14 @@ from embedwatch.events import DecodedBatch, DecodeLimits, Decoder, Kind, Message
 from embedwatch.exporter import Exporter, LabelValues
 from embedwatch.metrics_catalog import METRICS
 from embedwatch.monitor import Alarm, StreamMonitor
-from embedwatch.router import RouteResult, StreamRouter
+from embedwatch.router import RouteResult, StreamRouter, is_idle, last_activity
 from embedwatch.sources.base import (
     Committed,
     DeadLetter,
     DeadLetterSink,
     PartitionId,
     Source,
+    UnknownTopicError,
     dead_letter_limit,
     fit_dead_letter,
 )
@@ -64,6 +65,14 @@ from embedwatch.window import ts_max
 log = logging.getLogger("embedwatch")
 
 LEDGER_VERSION = 1
+#: Seconds without a loop round after which the service is not alive (/healthz 503, embedwatch_up 0).
+STALL_S = 120.0
+#: Seconds between two looks for streams gone idle (limits.stream_idle_s is days: a minute late is nothing).
+IDLE_CHECK_S = 60.0
+#: Share of shutdown_timeout_s kept for leaving the group and closing the dead-letter producer: a
+#: final checkpoint that stalls must not keep the partitions from their next owner until the
+#: session times out.
+CLOSE_SHARE = 0.25
 _MEASURE_METRICS = [(m.name, m.measure) for m in METRICS if m.measure is not None]
 
 
@@ -145,6 +154,13 @@ _REBALANCE_ERRORS = ("CommitFailed", "IllegalGeneration", "UnknownMemberId", "Re
                      "ILLEGAL_GENERATION", "UNKNOWN_MEMBER_ID", "REBALANCE_IN_PROGRESS", "FencedInstanceId")
 
 
+def _when(t: float) -> str:
+    """An epoch time for a log line (UTC, to the second); "never" for -inf."""
+    if not math.isfinite(t):
+        return "never"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
 def _lost_assignment(e: BaseException) -> bool:
     """The consumer was removed from the group (e.g. its session expired during an outage): retrying
     the commit cannot succeed before the next poll rejoins."""
@@ -159,7 +175,7 @@ def starting_metrics(exporter: Exporter) -> None:
     exporter.set_gauge("embedwatch_up", (), 1.0)
     for name in ("embedwatch_dead_letter_errors_total", "embedwatch_rebalances_total",
                  "embedwatch_batches_total", "embedwatch_checkpoints_total",
-                 "embedwatch_checkpoint_bytes_total"):
+                 "embedwatch_checkpoint_bytes_total", "embedwatch_streams_forgotten_total"):
         exporter.counters.inc(name, (), 0)
     exporter.set_gauge("embedwatch_kafka_connected", (), 0.0)
     exporter.set_gauge("embedwatch_ready", (), 0.0)
@@ -213,7 +229,18 @@ class Service:
         self._positions: dict[PartitionId, int] = {}
         self._last_lag_probe = 0.0
         self._last_heap_trim = time.monotonic()
+        self._last_idle_check = time.monotonic()
+        self._last_window_check = time.monotonic()
+        self._behind: set[PartitionId] = set()  # partitions with unread events at the last probe
         self._heartbeat = time.monotonic()
+        # When (wall clock) the loop last received an event of each live stream (see _expire_idle_streams).
+        self._seen: dict[StreamKey, float] = {}
+        # The stop: when it was asked for (a signal), its deadline (shutdown_timeout_s later), and
+        # whether one of its steps was abandoned (its thread must then not use the consumer).
+        self._stop_at: float | None = None
+        self._stop_deadline: float | None = None
+        self._stop_abandoned = threading.Event()
+        self._loop_done = False
         self._pending_assignment: list[PartitionId] = []
         # Streams of revoked partitions, forgotten unless the next assignment returns them.
         self._orphans: set[StreamKey] = set()
@@ -250,6 +277,10 @@ class Service:
         # confirmed (positions, and the ledgers they carry).
         self._unconfirmed: tuple[dict[PartitionId, Committed], dict[PartitionId, Ledger]] | None = None
         starting_metrics(self.exporter)
+        # From now on embedwatch_up is read at each scrape (_liveness): the constant 1 of a starting
+        # process stayed 1 while a stuck loop turned /healthz 503.
+        self.exporter.gauges["embedwatch_up"].pop((), None)
+        self.exporter.gauge_sources.append(self._liveness)
 
     # -- the pure part ----------------------------------------------------------------------
 
@@ -285,8 +316,11 @@ class Service:
             if r.stream is not None and r.stream in self.router.monitors:
                 c.inc("embedwatch_stream_rejected_total", (*r.stream, r.reason.value))
             rejected_rows[r.message_index] = rejected_rows.get(r.message_index, 0) + 1
+        seen = self._seen
         for b in batch.blocks:
             mon = self.router.monitors.get(b.stream)
+            if mon is not None:
+                seen[b.stream] = now  # its events arrive, whether taken or refused: not idle
             if mon is None or (b.stream, b.kind) in result.failed:
                 continue  # (failed: dead-lettered by StreamRouter._failed, not taken)
             # Rows of this block that the router rejected (dimension, stream limit) are not counted.
@@ -323,6 +357,11 @@ class Service:
                 if rows.top1 is not None:
                     h.observe("embedwatch_query_top1_score", s, rows.top1)
         ex.set_gauge("embedwatch_streams", (), float(len(self.router.monitors)))
+
+    def _liveness(self) -> Iterable[tuple[str, LabelValues, float]]:
+        """``embedwatch_up`` at scrape time: 1 while the loop goes round (as /healthz), 0 once it
+        is stuck for STALL_S or has stopped."""
+        yield "embedwatch_up", (), float(not self._loop_done and self.healthy())
 
     def _stream_gauges(self) -> Iterable[tuple[str, LabelValues, float]]:
         for key, mon in self.router.monitors.items():
@@ -443,8 +482,20 @@ class Service:
             log.error("checkpoint of %s:%d is unusable (%s): its streams start afresh", p.topic, p.partition, e)
             return None
         det = self.settings.detection
+        idle_s = self.settings.limits.stream_idle_s
+        # Judged when the checkpoint was written, not now: after a downtime longer than
+        # stream_idle_s a stream's events may be waiting in the topic (the tick judges it later).
+        at = ckpt.created_at if ckpt.created_at > 0 else time.time()
         monitors: list[StreamMonitor] = []
         for sc in ckpt.streams:
+            newest = float(sc.meta.get("newest_ts", -math.inf))
+            if is_idle(last_activity(newest, sc.seen_at), at, idle_s):
+                # Not restored: its slot, series and checkpoint entry (the partition's next
+                # checkpoint leaves it out) are freed; back, it starts from its stored baseline.
+                log.info("stream %s forgotten at restore: idle for more than limits.stream_idle_s=%gs "
+                         "(last active %s)", sc.key, idle_s, _when(last_activity(newest, sc.seen_at)))
+                self.exporter.counters.inc("embedwatch_streams_forgotten_total")
+                continue
             baseline = None
             bid = sc.meta.get("baseline_id")
             if bid:
@@ -463,9 +514,13 @@ class Service:
         if restored is None:
             return None
         ckpt, monitors = restored
+        seen_at = {sc.key: sc.seen_at for sc in ckpt.streams}
         for mon in monitors:
             self.router.adopt(mon)
             self.stream_home[mon.key] = p
+            when = seen_at.get(mon.key)
+            if when is not None:
+                self._seen[mon.key] = when
             s: LabelValues = tuple(mon.key)
             if math.isfinite(mon.newest_ts):
                 # As before the restart: StreamSilent measures the age of this time, and without it
@@ -483,11 +538,14 @@ class Service:
         # here; the checkpoint's offset is authoritative, so no commit is needed (and none is
         # possible from kafka-python's IO thread). Then forget their streams and series.
         self.exporter.counters.inc("embedwatch_rebalances_total")
-        if self.persistent:
+        if self.persistent and not self._stop_abandoned.is_set():
             # Bounded: a rebalance must not wait for a broker that is down; the next owner then
-            # resumes from the previous checkpoint.
-            self._checkpoint([p for p in partitions if p in self._assigned], commit=None,
-                             deadline=time.monotonic() + 10.0)
+            # resumes from the previous checkpoint. Leaving the group at a stop, within the stop's
+            # budget; not at all once a step of the stop was abandoned (its thread may still run).
+            deadline = time.monotonic() + 10.0
+            if self._stop_deadline is not None:
+                deadline = min(deadline, self._stop_deadline)
+            self._checkpoint([p for p in partitions if p in self._assigned], commit=None, deadline=deadline)
         if self._unconfirmed is not None:
             # The next owner resumes from whatever landed; a late confirmation must not commit
             # over its positions.
@@ -521,6 +579,7 @@ class Service:
     def _forget_stream(self, key: StreamKey) -> None:
         self.router.remove(key)
         self.stream_home.pop(key, None)
+        self._seen.pop(key, None)
         s = tuple(key)
         n = len(s)
         ex = self.exporter
@@ -593,8 +652,8 @@ class Service:
             self.exporter.set_gauge("embedwatch_last_checkpoint_timestamp_seconds", (), time.time())
         if not positions:
             return built
-        if commit is not None and not self._commit(commit, positions):
-            return built
+        if commit is not None and (self._stop_abandoned.is_set() or not self._commit(commit, positions)):
+            return built  # (abandoned: the stop went on without it, the consumer may be closed)
         with self.exporter.lock:
             for p, c in positions.items():
                 self.durable[p] = (c.offset, ledgers[p])
@@ -635,7 +694,7 @@ class Service:
                 mon = self.router.monitors.get(key)
                 if home == p and mon is not None:
                     meta, arrays = mon.checkpoint()
-                    streams.append(StreamCheckpoint(key, meta, arrays))
+                    streams.append(StreamCheckpoint(key, meta, arrays, self._seen.get(key)))
             records[checkpoint_key(group, *p)] = build_checkpoint(
                 Checkpoint(p.topic, p.partition, offset, {"a": ledger.accepted, "d": ledger.dead_lettered},
                            streams, now))
@@ -724,6 +783,9 @@ class Service:
 
     def _commit(self, source: Source, positions: dict[PartitionId, Committed]) -> bool:
         """Commit, retrying through broker outages; False if the partitions were taken away."""
+        if self._stop_abandoned.is_set():
+            return False  # the stop went on without this commit and may have closed the consumer
+
         def attempt() -> None:
             try:
                 source.commit({p: c for p, c in positions.items() if p in self._assigned})
@@ -759,6 +821,10 @@ class Service:
                     log.error("%s abandoned (%s): the events are replayed by the partitions' next owner", what, e)
                     return False
                 log.warning("%s failed (%s); retrying in %.1fs", what, e, delay)
+                # Waiting for the broker is not a stuck loop: /healthz stays 200 and embedwatch_up 1
+                # (a restart would not bring the broker back), while /readyz and
+                # embedwatch_kafka_connected say what is wrong.
+                self._heartbeat = time.monotonic()
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, max_delay_s)
 
@@ -780,6 +846,8 @@ class Service:
     def handle_signals(self) -> None:
         def _stop(signum: int, frame: FrameType | None) -> None:
             log.info("signal %d: finishing the batch, committing, leaving the group", signum)
+            if self._stop_at is None:
+                self._stop_at = time.monotonic()  # shutdown_timeout_s counts from here
             self.stop_requested.set()
 
         signal.signal(signal.SIGTERM, _stop)
@@ -833,21 +901,75 @@ class Service:
                         self._trim_heap(now_due=True)
                 self._probe(source)
                 self._trim_heap()
+                self._expire_idle_streams()
+                self._expire_windows()
+            deadline = self._begin_stop()
+            # Some of the budget is kept for leaving the group (CLOSE_SHARE).
+            keep = CLOSE_SHARE * self.settings.shutdown_timeout_s
             if self.persistent:
                 # Graceful stop: everything processed is checkpointed and committed, so the next
                 # owner replays nothing.
-                self._checkpoint(sorted(self._assigned), commit=source)
+                self._within(functools.partial(self._checkpoint, sorted(self._assigned), commit=source,
+                                               deadline=deadline - keep),
+                             "the final checkpoint and commit", deadline - keep)
             else:
-                self._confirm_commit(source)  # the last batch's commit, before the group is left
+                # The last batch's commit, before the group is left.
+                self._within(functools.partial(self._confirm_commit, source), "the last batch's commit",
+                             deadline - keep)
         finally:
+            # Leaving the group takes milliseconds and spares the next owner session_timeout_ms of
+            # waiting: it always gets CLOSE_SHARE of the budget, even after a batch in progress
+            # overran the rest (terminationGracePeriodSeconds is above shutdown_timeout_s).
+            deadline = max(self._begin_stop(), time.monotonic() + CLOSE_SHARE * self.settings.shutdown_timeout_s)
             self.ready = False
             self.exporter.set_gauge("embedwatch_ready", (), 0.0)
             try:
-                source.close()
+                self._within(source.close, "leaving the consumer group", deadline)
             finally:
-                sink.close()
-            self.exporter.set_gauge("embedwatch_up", (), 0.0)
+                self._within(sink.close, "the dead-letter producer's flush and close", deadline)
+            self._loop_done = True  # embedwatch_up 0 (_liveness)
             log.info("stopped")
+
+    def _begin_stop(self) -> float:
+        """The stop's deadline: ``shutdown_timeout_s`` after the signal (or, without one, now)."""
+        if self._stop_deadline is None:
+            start = self._stop_at if self._stop_at is not None else time.monotonic()
+            self._stop_deadline = start + self.settings.shutdown_timeout_s
+        return self._stop_deadline
+
+    def _within(self, step: Callable[[], object], what: str, deadline: float) -> bool:
+        """Run one step of the stop, waiting for it until ``deadline``; False when it did not
+        finish in time. A step still running then is abandoned (its thread is a daemon, it ends
+        with the process) and nothing after it uses the consumer from that thread: the group
+        must be left before Kubernetes kills the pod (terminationGracePeriodSeconds), and what
+        was not committed is processed again by the partitions' next owner (at-least-once). The
+        step's exception, if it finished with one, is raised here."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            self._stop_abandoned.set()
+            log.warning("stop: %s skipped: shutdown_timeout_s=%gs is spent; uncommitted events are "
+                        "processed again by the partitions' next owner", what, self.settings.shutdown_timeout_s)
+            return False
+        failed: list[BaseException] = []
+
+        def run_step() -> None:
+            try:
+                step()
+            except BaseException as e:  # handed to the stopping thread
+                failed.append(e)
+
+        worker = threading.Thread(target=run_step, name="embedwatch-stop", daemon=True)
+        worker.start()
+        worker.join(left)
+        if worker.is_alive():
+            self._stop_abandoned.set()
+            log.warning("stop: %s abandoned after %.1fs: shutdown_timeout_s=%gs is spent; uncommitted events "
+                        "are processed again by the partitions' next owner", what, left,
+                        self.settings.shutdown_timeout_s)
+            return False
+        if failed:
+            raise failed[0]
+        return True
 
     def _handle_batch(self, messages: list[Message], source: Source, sink: DeadLetterSink) -> None:
         t0 = time.perf_counter()
@@ -927,7 +1049,9 @@ class Service:
                 self.exporter.counters.inc("embedwatch_dead_letter_errors_total")
                 raise
 
-        if not self._retry(deliver, "dead-letter write"):
+        dlq = ", ".join(sorted({d.topic for d in letters}))
+        if not self._retry(deliver, f"dead-letter write to {dlq} (the topic must exist when the brokers do not "
+                                    "create topics: docs/deploy.md)"):
             # Nothing committed: the batch is replayed from the last durable point.
             self._abandon(batch)
             return
@@ -1013,6 +1137,51 @@ class Service:
         log.warning("a batch was abandoned after it was processed: partitions %s are not checkpointed "
                     "until they are revoked", sorted(self._ahead))
 
+    def _expire_idle_streams(self) -> list[StreamKey]:
+        """Forget the streams idle for ``limits.stream_idle_s`` (checked every IDLE_CHECK_S): no
+        event newer than that, and none received for as long (a backlog of old events being caught
+        up keeps its streams). Their max_streams slot, series and checkpoint entry are freed (the
+        home partition's next checkpoint leaves them out); their stored baselines stay, and a
+        stream that comes back starts from its active one, as a new stream does."""
+        idle_s = self.settings.limits.stream_idle_s
+        mono = time.monotonic()
+        if idle_s <= 0 or mono - self._last_idle_check < IDLE_CHECK_S:
+            return []
+        self._last_idle_check = mono
+        now = time.time()
+        with self.exporter.lock:
+            # A stream whose partition still has unread events is not idle: they may be its own
+            # (a restart after a long downtime, a consumer catching up).
+            gone = [k for k in self.router.idle(now, idle_s, self._seen) if self.stream_home.get(k) not in self._behind]
+            for key in gone:
+                mon = self.router.monitors[key]
+                log.info("stream %s forgotten: idle for more than limits.stream_idle_s=%gs (last active %s)",
+                         key, idle_s, _when(last_activity(mon.newest_ts, self._seen.get(key))))
+                self._forget_stream(key)
+                self.exporter.counters.inc("embedwatch_streams_forgotten_total")
+        return gone
+
+    def _expire_windows(self, now: float | None = None) -> list[Alarm]:
+        """Evict, against the wall clock, the windows of streams that received nothing since the
+        previous check (every IDLE_CHECK_S): a silent stream's window measures go NaN once too few
+        events are left, and an alarm whose window has emptied ends, instead of the last
+        evaluation's gauges (and their alert) staying frozen for as long as the silence lasts."""
+        mono = time.monotonic()
+        if now is None and mono - self._last_window_check < IDLE_CHECK_S:
+            return []
+        self._last_window_check = mono
+        now = time.time() if now is None else now
+        ended: list[Alarm] = []
+        with self.exporter.lock:
+            for mon in list(self.router.monitors.values()):
+                for a in mon.expire(now):
+                    ended.append(a)
+                    self.alarms.append(a)
+                    log.warning("drift alarm %s: stream=%s index=%d detector=%s score=%.4g p=%s (window expired)",
+                                a.kind, a.stream, a.index, a.detector, a.score, a.p_value)
+            del self.alarms[:-1000]
+        return ended
+
     def _trim_heap(self, now_due: bool = False) -> None:
         """Collect garbage cycles and return freed heap memory to the OS now and then (see
         :mod:`embedwatch.heap`); with ``now_due``, right away (unless trimming is off)."""
@@ -1034,11 +1203,18 @@ class Service:
         try:
             ends = source.end_offsets(assigned) if assigned else {}
             self.connected = True if assigned else source.connected()
+        except UnknownTopicError as e:
+            # The broker answered: the topic (or partition) is not there, e.g. deleted; the group
+            # drops its partitions at its next rebalance (within a metadata refresh, 10 s).
+            log.warning("kafka: %s", e)
+            self.connected = True
+            ends = {}
         except Exception as e:
             log.warning("broker did not answer: %s", e)
             self.connected = False
             ends = {}
         with self.exporter.lock:
+            behind: set[PartitionId] = set()
             for p, end in ends.items():
                 pos = self._positions.get(p)
                 if pos is None:
@@ -1046,6 +1222,10 @@ class Service:
                 if pos is not None:
                     self.exporter.set_gauge("embedwatch_consumer_lag_messages", (p.topic, str(p.partition)),
                                             float(max(0, end - pos)))
+                if pos is None or end > pos:
+                    behind.add(p)
+            if ends or not assigned:
+                self._behind = behind
             self.ready = bool(assigned) and self.connected
             self.exporter.set_gauge("embedwatch_assigned_partitions", (), float(len(assigned)))
             self.exporter.set_gauge("embedwatch_kafka_connected", (), float(self.connected))
@@ -1053,7 +1233,7 @@ class Service:
 
     # -- views for the API ----------------------------------------------------------------------
 
-    def healthy(self, stall_s: float = 120.0) -> bool:
+    def healthy(self, stall_s: float = STALL_S) -> bool:
         """Alive: the loop went round recently (a poll returns at least every poll_timeout_ms)."""
         return time.monotonic() - self._heartbeat < stall_s
 

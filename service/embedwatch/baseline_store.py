@@ -37,6 +37,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import tempfile
 import threading
@@ -55,6 +56,12 @@ FORMAT = "embedwatch-baseline"
 FORMAT_VERSION = 1
 _META_ARRAY = "__embedwatch_metadata__"
 _MAX_PREVIOUS = 100
+#: Versions of a stream the in-memory stores (:class:`MemoryBaselineStore` and the durable store
+#: built on it) hold: the active one and the four a rollback reaches first. Each holds a
+#: reference sample (``baseline_sample * dim * 4`` bytes, 243 KiB at 384-d), so every promotion
+#: kept for the life of the process grew it without bound. Older versions become unknown (the
+#: API answers 404 for their id). The directory store keeps every version on disk.
+MAX_HELD_VERSIONS = 5
 
 StreamLike = StreamKey | str
 
@@ -360,6 +367,22 @@ class _Index:
             del self.previous[:-_MAX_PREVIOUS]
         self.active = baseline_id
 
+    def trim(self, limit: int) -> builtins.list[str]:
+        """Keep at most ``limit`` versions: the active one, the newest saved, then those a rollback
+        reaches first (the activation history, most recent first), then the newest saved. Returns
+        the versions dropped, in save order."""
+        keep: dict[str, None] = {}
+        for bid in (self.active, *self.versions[-1:], *reversed(self.previous), *reversed(self.versions)):
+            if len(keep) >= limit:
+                break
+            if bid is not None and bid in self.versions:
+                keep[bid] = None
+        dropped = [bid for bid in self.versions if bid not in keep]
+        if dropped:
+            self.versions = [bid for bid in self.versions if bid in keep]
+            self.previous = [bid for bid in self.previous if bid in keep]
+        return dropped
+
     def rollback(self) -> str:
         while self.previous:
             candidate = self.previous.pop()
@@ -377,6 +400,9 @@ class _Index:
 
 class _IndexedStore:
     """The version/active/rollback logic shared by the directory and the memory store."""
+
+    #: Versions kept per stream (None: all); see :data:`MAX_HELD_VERSIONS`.
+    max_versions: int | None = None
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
@@ -400,6 +426,9 @@ class _IndexedStore:
     def _version_metadata(self, key: StreamKey, baseline_id: str) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _forget_version(self, key: StreamKey, baseline_id: str) -> None:
+        """A version :meth:`save` dropped from the stream's index (beyond :attr:`max_versions`)."""
+
     # public API
     def hold(self, baseline: Baseline) -> None:
         """Nothing is held in memory by default (the directory store reads each version back)."""
@@ -419,7 +448,10 @@ class _IndexedStore:
                 index.versions.append(bid)
             if activate:
                 index.activate(bid)
+            dropped = index.trim(self.max_versions) if self.max_versions is not None else []
             self._store_index(index)
+            for old_bid in dropped:  # once the index without them is stored
+                self._forget_version(key, old_bid)
             return self._describe(index, bid)
 
     def list(self, stream: StreamLike | None = None) -> builtins.list[dict[str, Any]]:
@@ -548,13 +580,21 @@ class MemoryBaselineStore(_IndexedStore):
     """The same store in memory (nothing survives a restart). Versions are kept by reference:
     a :class:`Baseline` is immutable (read-only arrays, checked content hash), so the object a
     monitor uses and the stored version share their arrays instead of holding a second, encoded
-    copy of every baseline (about ``baseline_sample * dim * 4`` bytes per stream)."""
+    copy of every baseline (about ``baseline_sample * dim * 4`` bytes per stream).
+
+    At most :data:`MAX_HELD_VERSIONS` versions per stream are held: a save beyond it drops the
+    oldest of those a rollback would reach last, and their ids become unknown. An index stored
+    (e.g. read back by the durable store at a restart) drops the held versions of its stream that
+    it no longer lists, except any newer than every listed one (saved just before its index)."""
+
+    max_versions: int | None = MAX_HELD_VERSIONS
 
     def __init__(self) -> None:
         super().__init__()
         self._indexes: dict[StreamKey, _Index] = {}
         self._baselines: dict[tuple[StreamKey, str], Baseline] = {}
         self._meta: dict[tuple[StreamKey, str], dict[str, Any]] = {}
+        self._held: dict[StreamKey, dict[str, None]] = {}  # ids in _baselines per stream, save order
 
     def _load_index(self, key: StreamKey) -> _Index | None:
         idx = self._indexes.get(key)
@@ -563,7 +603,37 @@ class MemoryBaselineStore(_IndexedStore):
         return _Index(key, list(idx.versions), idx.active, list(idx.previous))
 
     def _store_index(self, index: _Index) -> None:
+        if self.max_versions is not None:
+            # An index written before versions were bounded (read back at a restart).
+            for bid in index.trim(self.max_versions):
+                self._forget_version(index.stream, bid)
         self._indexes[index.stream] = index
+        self._forget_unlisted(index)
+
+    def _forget_unlisted(self, index: _Index) -> None:
+        """Drop the held versions ``index`` no longer lists: a durable store reads every version
+        ever written back at a restart, the ones a save dropped included. One newer than every
+        listed version is kept: written just before its index, which comes in a later read."""
+        held = self._held.get(index.stream)
+        if not held or len(held) <= len(index.versions):
+            return
+        listed = set(index.versions)
+        newest = max((float(self._meta[(index.stream, b)].get("created_at", math.inf))
+                      for b in listed if (index.stream, b) in self._meta), default=None)
+        if newest is None:
+            return
+        for bid in [b for b in held if b not in listed]:
+            if float(self._meta[(index.stream, bid)].get("created_at", math.inf)) <= newest:
+                self._forget_version(index.stream, bid)
+
+    def _forget_version(self, key: StreamKey, baseline_id: str) -> None:
+        self._baselines.pop((key, baseline_id), None)
+        self._meta.pop((key, baseline_id), None)
+        held = self._held.get(key)
+        if held is not None:
+            held.pop(baseline_id, None)
+            if not held:
+                del self._held[key]
 
     def _streams(self) -> builtins.list[StreamKey]:
         return list(self._indexes)
@@ -572,6 +642,7 @@ class MemoryBaselineStore(_IndexedStore):
         bid = str(baseline.metadata["baseline_id"])
         self._baselines[(key, bid)] = baseline
         self._meta[(key, bid)] = _metadata(baseline)
+        self._held.setdefault(key, {})[bid] = None
 
     def _read_version(self, key: StreamKey, baseline_id: str) -> Baseline:
         try:

@@ -226,14 +226,18 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from threadpoolctl import threadpool_limits
+
     from embedwatch.replay import ReplayError, load_baselines, run_replay
 
     settings = _settings(args.config)
     _setup_logging("WARNING")
     try:
         baselines = load_baselines(args.baseline) if args.baseline else None
-        run_replay(Path(args.events), Path(args.report), settings, reference_size=args.reference_size,
-                   progress=not args.quiet, baselines=baselines)
+        # As `run` does: the file's blas_threads wins over the EMBEDWATCH_BLAS_THREADS default.
+        with threadpool_limits(limits=settings.blas_threads, user_api="blas"):
+            run_replay(Path(args.events), Path(args.report), settings, reference_size=args.reference_size,
+                       progress=not args.quiet, baselines=baselines)
     except ConfigError as e:  # --reference-size out of the configuration's range
         return _fail(str(e), 2)
     except ReplayError as e:
@@ -242,12 +246,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_baseline_build(args: argparse.Namespace) -> int:
+    from threadpoolctl import threadpool_limits
+
     from embedwatch.replay import ReplayError, build_baseline
 
     settings = _settings(args.config)
     try:
-        metas = build_baseline(Path(args.events), Path(args.output), settings, stream=args.stream,
-                               reference_size=args.reference_size)
+        with threadpool_limits(limits=settings.blas_threads, user_api="blas"):
+            metas = build_baseline(Path(args.events), Path(args.output), settings, stream=args.stream,
+                                   reference_size=args.reference_size)
     except ConfigError as e:
         return _fail(str(e), 2)
     except ReplayError as e:
@@ -302,8 +309,9 @@ def cmd_baseline_remote(args: argparse.Namespace) -> int:
         if args.action == "list":
             doc = _http("GET", f"{base}/api/baselines")
         else:
-            # The same variable the service reads its token from, so one Secret serves both.
-            token = os.environ.get("EMBEDWATCH_HTTP__ADMIN_TOKEN")
+            # The same variable the service reads its token from, so one Secret serves both;
+            # stripped as the service strips it (a Secret file ends with a newline).
+            token = os.environ.get("EMBEDWATCH_HTTP__ADMIN_TOKEN", "").strip() or None
             path = f"{base}/api/baselines/{args.stream}/{args.action}"
             events = getattr(args, "events", None)
             doc = _http("POST", path, token, {"events": events} if events is not None else None)
@@ -407,8 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--reference-size", type=int, default=None)
     bb.set_defaults(func=cmd_baseline_build)
     for action in ("list", "promote", "rollback"):
-        ba = bsub.add_parser(action, help=f"{action} baselines of a running service "
-                             "(token from EMBEDWATCH_HTTP__ADMIN_TOKEN)")
+        # Reads are open; only mutations send the token.
+        ba = bsub.add_parser(action, help=f"{action} baselines of a running service"
+                             + ("" if action == "list" else " (token from EMBEDWATCH_HTTP__ADMIN_TOKEN)"))
         ba.add_argument("--url", default="http://127.0.0.1:9108")
         if action != "list":
             ba.add_argument("stream", help="model/model_version/segment")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "EMBEDWATCH_"
@@ -37,15 +37,19 @@ class KafkaSettings(_Section):
     group_id: str = Field("embedwatch", min_length=1, description="Consumer group; replicas share it.")
     client_id: str = Field("embedwatch", min_length=1, description="Client id sent to the broker.")
     embeddings_topic: str = Field("embeddings", min_length=1, description="Topic of embedding events.")
-    queries_topic: str | None = Field("queries", description="Topic of query events; null to disable.")
+    queries_topic: str | None = Field(
+        "queries",
+        description='Topic of query events; "" to disable (Helm values and env vars cannot carry null). '
+        "Must differ from embeddings_topic.",
+    )
     dlq_suffix: str = Field(
         ".dlq", min_length=1, description="Dead-letter topic of a topic is `<topic><dlq_suffix>`."
     )
     backend: Literal["kafka-python", "confluent"] = Field(
         "kafka-python",
-        description="Client library: kafka-python (pure Python, always installed), or confluent-kafka "
-        "(librdkafka; about twice the throughput, see docs/benchmarks.md; needs the `confluent` extra, "
-        "which the container image includes and the Helm chart selects).",
+        description="Client library: `kafka-python` (pure Python, always installed), or `confluent` "
+        "(the confluent-kafka package, librdkafka; about twice the throughput, see docs/benchmarks.md; needs "
+        "the `confluent` extra, which the container image includes and the Helm chart selects).",
     )
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         "earliest", description="Where a group with no committed offset starts."
@@ -60,7 +64,9 @@ class KafkaSettings(_Section):
     poll_timeout_ms: int = Field(200, ge=1, le=60_000, description="How long one poll waits for data.")
     session_timeout_ms: int = Field(
         30_000, ge=1000, le=300_000,
-        description="Group session timeout: long enough to ride out CPU stalls on a busy node.",
+        description="Group session timeout: long enough to ride out CPU stalls on a busy node. Must lie within "
+        "the broker's group.min.session.timeout.ms (6000 by default) and group.max.session.timeout.ms "
+        "(1800000): a broker refuses a join outside them, and the consumer then never gets a partition.",
     )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="Kafka security protocol."
@@ -68,12 +74,46 @@ class KafkaSettings(_Section):
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
         None, description="SASL mechanism when security_protocol is SASL_*."
     )
-    sasl_username: str | None = Field(None, description="SASL user.")
-    sasl_password: SecretStr | None = Field(None, description="SASL password (never logged or exported).")
-    ssl_cafile: str | None = Field(None, description="CA bundle (PEM) to verify the broker.")
-    ssl_certfile: str | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
-    ssl_keyfile: str | None = Field(None, description="Client key (PEM) for mutual TLS.")
-    ssl_check_hostname: bool = Field(True, description="Verify the broker's hostname against its cert.")
+    sasl_username: str | None = Field(None, description="SASL user (security_protocol SASL_* only).")
+    sasl_password: SecretStr | None = Field(
+        None, description="SASL password (security_protocol SASL_* only; never logged or exported)."
+    )
+    ssl_cafile: str | None = Field(
+        None, description="CA bundle (PEM) to verify the broker (security_protocol SSL or SASL_SSL only)."
+    )
+    ssl_certfile: str | None = Field(
+        None, description="Client certificate (PEM) for mutual TLS (security_protocol SSL or SASL_SSL only)."
+    )
+    ssl_keyfile: str | None = Field(
+        None, description="Client key (PEM) for mutual TLS (security_protocol SSL or SASL_SSL only)."
+    )
+    ssl_check_hostname: bool = Field(
+        True, description="Verify the broker's hostname against its cert (security_protocol SSL or SASL_SSL only)."
+    )
+
+    @model_validator(mode="after")
+    def _distinct_topics(self) -> KafkaSettings:
+        # A shared topic would make every embedding event a query event: no baseline, no drift test.
+        if self.queries_topic == self.embeddings_topic:
+            raise ValueError(f"queries_topic must differ from embeddings_topic ({self.embeddings_topic!r}); "
+                             '"" disables queries')
+        return self
+
+    @model_validator(mode="after")
+    def _security_keys_match_protocol(self) -> KafkaSettings:
+        # The clients read ssl_* only over *SSL and sasl_* only over SASL_*: a key set for another
+        # protocol would be dropped without a word (e.g. a CA for a connection that stays plaintext).
+        ssl = [n for n in ("ssl_cafile", "ssl_certfile", "ssl_keyfile") if getattr(self, n) is not None]
+        if "ssl_check_hostname" in self.model_fields_set:
+            ssl.append("ssl_check_hostname")
+        if ssl and not self.security_protocol.endswith("SSL"):
+            raise ValueError(f"{', '.join(ssl)} set, but security_protocol {self.security_protocol} does not "
+                             "use TLS: set security_protocol SSL or SASL_SSL, or remove them")
+        sasl = [n for n in ("sasl_mechanism", "sasl_username", "sasl_password") if getattr(self, n) is not None]
+        if sasl and not self.security_protocol.startswith("SASL"):
+            raise ValueError(f"{', '.join(sasl)} set, but security_protocol {self.security_protocol} does not "
+                             "use SASL: set security_protocol SASL_PLAINTEXT or SASL_SSL, or remove them")
+        return self
 
     @model_validator(mode="after")
     def _sasl_needs_credentials(self) -> KafkaSettings:
@@ -117,6 +157,16 @@ class LimitSettings(_Section):
         "(glibc malloc_trim, a few ms); without the trims a 768-d stream at steady state held 1.1 MiB more, "
         "without the collections a soak's RSS rose 25-60 MB between the collector's own. 0: never.",
     )
+    stream_idle_s: float = Field(
+        7 * 86400.0, ge=0,
+        description="A stream with no event for this many seconds is forgotten: no event newer than that (event "
+        "time, against this service's clock) and none received in that time (a backlog of old events being "
+        "caught up keeps its stream, and so does unread data in its partition; at a restore, idleness is judged "
+        "when the checkpoint was written). Its max_streams slot, its series and its checkpoint entry are freed, so a "
+        "restart does not bring it back; its stored baselines stay, and if it comes back it starts from its "
+        "active one. Checked every minute. Model versions retired over months would otherwise hold slots for "
+        "ever. 0: keep every stream.",
+    )
 
 
 class DetectionSettings(_Section):
@@ -138,9 +188,11 @@ class DetectionSettings(_Section):
     evaluate_every: int = Field(100, ge=1, description="Evaluate detectors every N events of a stream.")
     false_alarm_rate: float = Field(
         1e-6, gt=0, lt=0.5,
-        description="Per-evaluation false-alarm budget of the calibrated tests, split evenly: half to the "
-        "MMD test (every evaluate_every events), half across the scan windows (every scan_every events); "
-        "without scan windows the MMD test has all of it.",
+        description="Level of each evaluation of the calibrated tests, split evenly: half to the MMD test at "
+        "each evaluation (every evaluate_every events), half across the scan windows at each scan point (every "
+        "scan_every events); without scan windows the MMD test has all of it. Per event, false alarms of a "
+        "stream in distribution are at most false_alarm_rate x (1/evaluate_every + 1/scan_every) / 2 (3e-8 at "
+        "the defaults).",
     )
     effect_size_floor: float = Field(
         0.002, ge=0,
@@ -195,7 +247,9 @@ class DetectionSettings(_Section):
     seed: int = Field(0, description="Seed of every random choice (reservoirs, features), for repeatability.")
     min_window_events: int = Field(
         100, ge=10, description="Window events needed before the multivariate drift test runs (at most "
-        "window_events)."
+        "window_events - window_events / buckets + 1: what a full window holds once its oldest bucket is "
+        "dropped for a new one; more and the test runs only when a bucket boundary falls on an evaluation, "
+        "and may never run)."
     )
     max_evaluations_per_update: int = Field(
         4, ge=1, le=100_000,
@@ -226,9 +280,17 @@ class DetectionSettings(_Section):
             # window_events / buckets + 1 and window_events events.
             raise ValueError(f"window_events ({self.window_events}) must be a multiple of buckets "
                              f"({self.buckets})")
-        if self.min_window_events > self.window_events:
+        # A full window drops its oldest bucket when it opens a new one: right after, it holds
+        # window_events - window_events / buckets + 1 events, and evaluations may always fall
+        # there (the phase of evaluate_every against the buckets shifts with reference_size,
+        # time-bounded buckets and restarts). Requiring more would stop the test for good.
+        fewest = self.window_events - self.window_events // self.buckets + 1
+        if self.min_window_events > fewest:
             raise ValueError(f"min_window_events ({self.min_window_events}) must be at most window_events "
-                             f"({self.window_events}): the multivariate test would never run")
+                             f"({self.window_events}) - window_events / buckets ({self.buckets}) + 1 = "
+                             f"{fewest}, the fewest events a full window holds: above it the multivariate "
+                             "test runs only when a bucket boundary happens to fall on an evaluation, and "
+                             "may never run")
         return self
 
     alarm_end_evaluations: int = Field(
@@ -257,10 +319,21 @@ class HttpSettings(_Section):
     """The one HTTP port: /metrics, /healthz, /readyz, /api/*."""
 
     host: str = Field("0.0.0.0", description="Listen address.")
-    port: int = Field(9108, ge=0, le=65535, description="Listen port (0: pick a free one).")
+    port: int = Field(9108, ge=1, le=65535, description="Listen port.")
     admin_token: SecretStr | None = Field(
-        None, description="Bearer token for mutations (POST /api/baselines/*); none: mutations refused."
+        None, description="Bearer token for mutations (POST /api/baselines/*); none or blank: mutations "
+        "refused. Surrounding whitespace (a Secret file's newline) is dropped."
     )
+
+    @field_validator("admin_token")
+    @classmethod
+    def _strip_token(cls, v: SecretStr | None) -> SecretStr | None:
+        # A header cannot carry surrounding whitespace; a blank token (a Secret holding only a
+        # newline) would otherwise authorise `Authorization: Bearer ` with nothing after it.
+        if v is None:
+            return None
+        token = v.get_secret_value().strip()
+        return SecretStr(token) if token else None
 
 
 class StateSettings(_Section):
@@ -291,7 +364,11 @@ class Settings(BaseSettings):
         1, ge=1, le=256, description="BLAS threads per process; 1 is fastest for embedwatch's small products."
     )
     shutdown_timeout_s: float = Field(
-        8.0, gt=0, le=300, description="Budget to finish the batch, commit and leave the group."
+        8.0, gt=0, le=300,
+        description="Budget, from SIGTERM, to finish the batch, checkpoint, commit and leave the group. At most "
+        "three quarters of it go to the final checkpoint and commit, the rest to leaving the group; a step that "
+        "does not fit is abandoned with a WARNING, and what was not committed is processed again by the "
+        "partitions' next owner (at-least-once). terminationGracePeriodSeconds must exceed it.",
     )
 
     @classmethod
@@ -338,22 +415,42 @@ def _format_error(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
+# Variables of embedwatch's own scripts, tests and benchmarks (scripts/kafka-local, scripts/demo,
+# tests/conftest.py, ...), not settings: an operator who exported one for a script must still be
+# able to start the service from the same shell.
+TOOLING_ENV = frozenset({
+    "EMBEDWATCH_CACHE_DIR", "EMBEDWATCH_PYTHON", "EMBEDWATCH_DEMO_PORT", "EMBEDWATCH_DEMO_RATE",
+    "EMBEDWATCH_DEMO_START_TIMEOUT", "EMBEDWATCH_KAFKA_HEAP_OPTS", "EMBEDWATCH_KAFKA_LOG_LEVEL",
+    "EMBEDWATCH_KAFKA_START_TIMEOUT", "EMBEDWATCH_KAFKA_IMAGE", "EMBEDWATCH_KAFKA_SASL_SSL_DIR",
+    "EMBEDWATCH_KAFKA_SSL_STORE_PASSWORD", "EMBEDWATCH_KAFKA_SSL_CLIENT_AUTH", "EMBEDWATCH_TEST_KAFKA",
+    "EMBEDWATCH_REAL_EMBEDDINGS",
+})
+
+
 def _check_env_keys() -> None:
     """Unknown ``EMBEDWATCH_*`` variables are errors too: a typo must not be silently ignored."""
     known = set(Settings.model_fields)
     for name in os.environ:
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name in TOOLING_ENV:
             continue
         parts = name[len(ENV_PREFIX):].lower().split("__")
         if parts[0] not in known:
             raise ConfigError(f"invalid configuration (environment): {name}: unknown key")
         field = Settings.model_fields[parts[0]]
         sub = field.annotation
-        if (len(parts) > 1 and isinstance(sub, type) and issubclass(sub, BaseModel)
-                and parts[1] not in sub.model_fields):
+        if len(parts) == 1:
+            continue
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            # pydantic-settings drops a nested key under a scalar without a word.
+            raise ConfigError(f"invalid configuration (environment): {name}: unknown key "
+                              f"{'.'.join(parts)} ({parts[0]} is not a section)")
+        if parts[1] not in sub.model_fields:
             raise ConfigError(
                     f"invalid configuration (environment): {name}: unknown key {parts[0]}.{parts[1]}"
                 )
+        if len(parts) > 2:  # a section's keys are all scalars or lists
+            raise ConfigError(f"invalid configuration (environment): {name}: unknown key "
+                              f"{'.'.join(parts)} ({parts[0]}.{parts[1]} is not a section)")
 
 
 def _env_parse_error(err: ValueError) -> str:
@@ -411,7 +508,9 @@ def settings_reference_markdown() -> str:
         "identical to the model. Set a key in the YAML file given to `embedwatch run --config FILE`,",
         "or as an environment variable: `EMBEDWATCH_<SECTION>__<KEY>` (e.g.",
         "`EMBEDWATCH_KAFKA__BOOTSTRAP_SERVERS`). Environment variables win over the file. An unknown",
-        "key or a bad value stops the service at startup with a message naming the key.",
+        "key or a bad value stops the service at startup with a message naming the key; the variables",
+        "of embedwatch's own scripts (" + ", ".join(f"`{n}`" for n in sorted(TOOLING_ENV)) + ")",
+        "are not settings and are left alone.",
         "",
     ]
     top_scalars = []

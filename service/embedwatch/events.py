@@ -4,7 +4,11 @@ The schema contract (docs/architecture.md, "Event schema"): one JSON event per m
 array of events. An embedding event carries ``model``, ``model_version``, optional ``segment``,
 ``ts``, ``id``, ``latency_ms`` and one of ``embedding`` (list of numbers) / ``embedding_b64``
 (base64 of little-endian float32). A query event may add ``query_id``, ``results`` (best first,
-``{"id", "score"}``) and ``relevant_ids``.
+``{"id", "score"}``) and ``relevant_ids``: the labels of the results in the same event (a
+``relevant_ids`` without ``results`` is refused; nothing is joined by ``query_id``). A query event
+with neither ``results``, an embedding nor ``latency_ms`` is refused too: it holds no measure.
+The service tells a query event by its topic; ``embedwatch replay``, whose lines have none, by
+its fields (``Decoder(kind_by_fields=True)``).
 
 Decoding is per message. A batch's common b64 events (one JSON object of a known stream, every
 field in its usual form) are taken first, in one loop, by msgspec, which parses and types them in
@@ -369,6 +373,10 @@ class _B64Event(msgspec.Struct, gc=False):
     ts: float | None = None
     id: str | int | None = None
     latency_ms: float | None = None
+    # Read only to tell a query event (Decoder's ``kind_by_fields``): any JSON value, null = absent.
+    query_id: Any = None
+    results: Any = None
+    relevant_ids: Any = None
 
 
 _B64_DECODE = msgspec.json.Decoder(_B64Event).decode
@@ -389,6 +397,11 @@ def _query_fields(ev: dict[str, Any], k: int) -> tuple[float, float, float, floa
     """(top-1 score, result count, precision@k, recall@k); NaN where the event cannot say."""
     results = ev.get("results")
     if results is None:
+        if ev.get("relevant_ids") is not None:
+            # Labels score the results they come with: a later feedback event (query_id and
+            # relevant_ids only) would otherwise count as a query that returned nothing to score.
+            raise _Bad(Reason.SCHEMA, "relevant_ids need the query's results in the same event; "
+                       "feedback is not joined by query_id")
         return math.nan, math.nan, math.nan, math.nan
     if not isinstance(results, list):
         raise _Bad(Reason.SCHEMA, "field 'results' must be a list")
@@ -402,21 +415,34 @@ def _query_fields(ev: dict[str, Any], k: int) -> tuple[float, float, float, floa
             raise _Bad(Reason.SCHEMA, "each result needs a finite numeric 'score'")
         if i == 0:
             top1 = float(s)
-        ids.append(r.get("id"))
+        x = r.get("id")
+        # An integer id is its decimal string, as for an event's 'id' and 'query_id': 42 is "42".
+        ids.append(str(x) if type(x) is int else x)
     rel = ev.get("relevant_ids")
     if rel is None:
         return top1, float(len(results)), math.nan, math.nan
     # Ids are strings or integers; a bool is neither (it would equal, and match, the id 1 or 0).
     if not isinstance(rel, list) or not all(type(x) is str or type(x) is int for x in rel):
         raise _Bad(Reason.SCHEMA, "field 'relevant_ids' must be a list of ids (strings or integers)")
-    relevant = set(rel)
+    relevant = {str(x) if type(x) is int else x for x in rel}
     # Distinct relevant ids in the top k: a result list repeating a relevant id counts it once, so
     # recall stays <= 1 and precision@k = distinct relevant hits / k. A result id of another type
     # (a bool, a float, a list, an object) matches nothing.
-    hits = len({x for x in ids[:k] if (type(x) is str or type(x) is int) and x in relevant})
+    hits = len({x for x in ids[:k] if type(x) is str and x in relevant})
     precision = hits / k
     recall = hits / len(relevant) if relevant else math.nan
     return top1, float(len(results)), precision, recall
+
+
+def _kind_of(ev: Any) -> Kind:
+    """An event's kind from its fields (Decoder's ``kind_by_fields``): a query event carries a
+    ``query_id``, ``results`` or ``relevant_ids`` (not null); anything else, including what is not
+    a JSON object, is judged as an embedding event."""
+    if type(ev) is dict:
+        get = ev.get
+        if get("query_id") is not None or get("results") is not None or get("relevant_ids") is not None:
+            return Kind.QUERY
+    return Kind.EMBEDDING
 
 
 #: Rows decoded together when a group's rows joined do not all decode (:meth:`Decoder._decode_texts`).
@@ -514,8 +540,12 @@ class Decoder:
     """
 
     def __init__(self, limits: DecodeLimits | None = None, query_topics: frozenset[str] = frozenset(),
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, kind_by_fields: bool = False) -> None:
         self.limits = limits or DecodeLimits()
+        # How an event's kind is told: by its message's topic (the service: a message of one of
+        # ``query_topics`` holds query events), or, when ``kind_by_fields``, by its own fields
+        # (:func:`_kind_of`; ``embedwatch replay``: a file's lines have no topic).
+        self.kind_by_fields = kind_by_fields
         # The time of decoding, read once a batch, against which an event time too far ahead is
         # refused (DecodeLimits.max_future_skew_s); replaceable for tests.
         self.clock = clock
@@ -613,6 +643,7 @@ class Decoder:
         lim = self.limits
         max_bytes, max_id, max_message = 4 * lim.max_dim, 4 * lim.max_label_length, lim.max_message_bytes
         query_topics = self.query_topics
+        by_fields = self.kind_by_fields
         for mi, msg in enumerate(messages):
             value = msg.value
             # b"[": a number list (or some other array), left to the simdjson path; memchr stops at
@@ -625,6 +656,9 @@ class Decoder:
                 ev = decode(value)
             except (msgspec.DecodeError, RecursionError):
                 rest.append(mi)
+                continue
+            if by_fields and (ev.query_id is not None or ev.results is not None or ev.relevant_ids is not None):
+                rest.append(mi)  # a query event: the general path takes those
                 continue
             stream = keys.get((ev.model, ev.model_version, ev.segment))
             text = ev.embedding_b64
@@ -749,6 +783,7 @@ class Decoder:
         groups: dict[tuple[StreamKey, Kind, int | str], _Group] = {}
         lim = self.limits
         self._now, self._ts_max = self._clock_at(now)
+        by_fields = self.kind_by_fields
         for mi in self._b64_pass(messages, now, groups, self._ts_max):
             msg = messages[mi]
             value = msg.value
@@ -761,11 +796,12 @@ class Decoder:
                 )
                 continue
             default_ts = _default_ts(msg, now)
-            kind = Kind.QUERY if msg.topic in self.query_topics else Kind.EMBEDDING
+            kind = Kind.QUERY if not by_fields and msg.topic in self.query_topics else Kind.EMBEDDING
             fast = self._fast_event(value) if kind is Kind.EMBEDDING else None
             if fast is not None:
                 try:
-                    self._one(fast[0], kind, default_ts, mi, value, groups, fast[1])
+                    self._one(fast[0], _kind_of(fast[0]) if by_fields else kind, default_ts, mi, value,
+                              groups, fast[1])
                 except _Bad as e:
                     out.rejections.append(Rejection(mi, e.reason, e.detail, value, _stream_or_none(fast[0], lim)))
                 continue
@@ -792,7 +828,7 @@ class Decoder:
                 # A bad element of an array is dead-lettered alone, re-serialised.
                 payload = value if single else _dumps_element(ev, value, lenient)
                 try:
-                    self._one(ev, kind, default_ts, mi, payload, groups)
+                    self._one(ev, _kind_of(ev) if by_fields else kind, default_ts, mi, payload, groups)
                 except _Bad as e:
                     out.rejections.append(Rejection(mi, e.reason, e.detail, payload, _stream_or_none(ev, lim)))
         # Groups in the order of their first message, as the general path alone creates them (the
@@ -850,6 +886,11 @@ class Decoder:
         else:
             ident = _optional_id(ev, id_field, lim)
         q = _query_fields(ev, lim.precision_k) if kind is Kind.QUERY else None
+        if q is not None and src is None and math.isnan(lat) and math.isnan(q[1]):
+            # The schema's query event has results (docs/architecture.md); one with neither them,
+            # an embedding nor a latency holds no measure and would only inflate the query count.
+            raise _Bad(Reason.SCHEMA, "a query event needs 'results', an embedding or 'latency_ms'; "
+                       "this one carries nothing to monitor")
         shape: int | str
         if src is None:
             shape = 0

@@ -37,7 +37,8 @@ S = STREAM_LABELS
 METRICS: tuple[Metric, ...] = (
     # --- service health -------------------------------------------------------------------
     Metric("embedwatch_build_info", "gauge", "Build information (value 1).", ("version", "python")),
-    Metric("embedwatch_up", "gauge", "1 while the service loop runs."),
+    Metric("embedwatch_up", "gauge", "1 while the service loop goes round; 0 once it has not for 120 s (stuck: "
+           "/healthz answers 503 too) or has stopped. Read at each scrape."),
     Metric("embedwatch_kafka_connected", "gauge", "1 when the broker answered the last poll, else 0."),
     Metric("embedwatch_ready", "gauge", "1 when partitions are assigned and the broker answers."),
     Metric("embedwatch_assigned_partitions", "gauge", "Partitions assigned to this replica."),
@@ -61,6 +62,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("embedwatch_processing_seconds", "histogram", "Time to decode and process one poll batch.",
            buckets=PROCESSING_BUCKETS),
     Metric("embedwatch_streams", "gauge", "Live streams (capped by limits.max_streams)."),
+    Metric("embedwatch_streams_forgotten_total", "counter",
+           "Streams forgotten after limits.stream_idle_s without an event (at the minute's check or at a "
+           "restore): their max_streams slot and series freed."),
     Metric("embedwatch_events_total", "counter", "Accepted events.", (*S, "kind")),
     Metric("embedwatch_events_rejected_total", "counter", "Dead-lettered events by reason.",
            ("topic", "reason")),
@@ -77,7 +81,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("embedwatch_baseline_info", "gauge", "The active baseline of a stream (value 1).",
            (*S, "baseline_id", "source")),
     Metric("embedwatch_baseline_ready", "gauge",
-           "1 when the stream has a baseline; 0 while it collects its reference events.", S,
+           "1 when the stream has a baseline; 0 while it collects its reference events. A stream with "
+           "only query events so far: 1 once its query embeddings have a baseline (without query "
+           "embeddings: once its top-1 score reference is complete).", S,
            measure="baseline_ready"),
     Metric("embedwatch_baseline_events", "gauge", "Events in the active baseline.", S,
            measure="baseline_events"),
@@ -155,6 +161,13 @@ METRICS: tuple[Metric, ...] = (
            S, measure="query_precision_at_k"),
     Metric("embedwatch_query_recall_at_k", "gauge", "Mean recall@k over labelled window queries.", S,
            measure="query_recall_at_k"),
+    Metric("embedwatch_query_drift_detected", "gauge",
+           "1 while the stream's query embeddings are drifting (their own window, baseline and tests, "
+           "alarms of detector mmd_query); absent for a stream without query embeddings.", S,
+           measure="query_drift_detected"),
+    Metric("embedwatch_query_drift_score", "gauge",
+           "MMD^2 drift score of the query embeddings' window against their baseline.", S,
+           measure="query_drift_score"),
     Metric("embedwatch_query_latency_seconds", "histogram", "End-to-end retrieval latency of queries.", S,
            buckets=LATENCY_BUCKETS),
     # --- model version comparison --------------------------------------------------------------

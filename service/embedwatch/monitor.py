@@ -11,6 +11,7 @@ Contract used by the service loop (app.py), the replay command and the exporter:
     monitor.state()      # JSON-able dict for /api/streams and the replay report
     monitor.promote(events=None)           # the next events become the baseline (None: collecting)
     monitor.activate(baseline)             # switch to a stored baseline (promote / rollback)
+    alarms = monitor.expire(now)           # periodically, wall-clock now: a silent stream's window empties
 
 Lifecycle. Without a baseline, the first ``reference_size`` embedding events are collected (no
 alarm is possible inside them), then a :class:`~embedwatch.baseline.Baseline` is built from them
@@ -27,7 +28,10 @@ exactly the window after event ``i``.
 Alarm policy. The stream enters *drifting* when the calibrated MMD^2 test rejects at
 ``false_alarm_rate`` (p-value <= false_alarm_rate) AND the effect size ``drift_score`` (debiased
 MMD^2) >= ``effect_size_floor``; it leaves it after ``alarm_end_evaluations`` consecutive
-evaluations with p > 100 * false_alarm_rate or score < floor (hysteresis). Both transitions are
+evaluations with p > 100 * false_alarm_rate or score < floor (hysteresis); while the window holds
+fewer than ``min_window_events`` (no MMD test), an evaluation without a loud scan since the previous
+one counts as such. An alarm also ends when :meth:`StreamMonitor.expire` empties the window of a
+silent stream. Both transitions are
 :class:`Alarm` s (kind "start" / "end"). Page-Hinkley change points on the standardised
 similarity-to-centroid score are recorded separately (``state()["changepoints"]``, counter
 ``changepoints``).
@@ -52,7 +56,7 @@ from embedwatch.detectors.mmd import RFFMMD
 from embedwatch.events import StreamKey
 from embedwatch.metrics_catalog import METRICS
 from embedwatch.stats import ks_2samp, moments_from_sums
-from embedwatch.window import PrefixSums, Projection, ScalarWindow, Summary, Window, WindowTotals, ts_max
+from embedwatch.window import PrefixSums, Projection, ScalarWindow, Summary, Window, WindowTotals, ts_max, ts_range
 
 #: Every per-stream measure key exported through metrics_catalog (``Metric.measure``).
 MEASURE_KEYS: tuple[str, ...] = tuple(m.measure for m in METRICS if m.measure is not None)
@@ -66,6 +70,13 @@ CHECKPOINT_SCHEMA = 1
 CheckpointArray = np.ndarray | tuple[np.ndarray, ...]
 CheckpointArrays = dict[str, CheckpointArray]
 _QUERY_COLUMNS = ("top1", "n_results", "precision", "recall", "index")
+#: Measures of the events in the time-bounded window: NaN once it holds too few events to test.
+_WINDOW_MEASURES = ("centroid_cosine_distance", "centroid_euclidean_distance", "similarity_ks_statistic",
+                    "similarity_ks_p_value", "similarity_wasserstein", "similarity_psi",
+                    "similarity_js_divergence", "norm_ks_statistic", "norm_mean_relative_change",
+                    "dimensions_drifted_ratio", "drift_score", "drift_threshold", "drift_p_value")
+_SCAN_MEASURES = ("mean_shift_score", "mean_shift_threshold_ratio")
+_QUERY_KS = ("query_top1_ks_statistic", "query_top1_ks_p_value")
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,14 @@ def _window_config(s: DetectionSettings) -> list[float]:
 MIN_PROMOTED_EVENTS = 50
 
 
+def _gap_cut(ts: np.ndarray, newest: float, seconds: float) -> int:
+    """Index of the first event that comes more than ``seconds`` after every earlier one (the
+    window's ``newest`` included), if that is not the first event of ``ts``; else 0."""
+    prev = np.maximum.accumulate(np.concatenate(([newest], ts[:-1])))
+    gaps = np.flatnonzero(ts - prev > seconds)
+    return int(gaps[0]) if gaps.size and gaps[0] > 0 else (int(gaps[1]) if gaps.size > 1 else 0)
+
+
 class StreamMonitor:
     """Window, baseline, detectors and alarm state of one stream. See the module docstring."""
 
@@ -171,11 +190,15 @@ class StreamMonitor:
         self._scan_thresholds = np.zeros((3, 0))
         self._alarm_detector = "mmd"  # the detector that started the current alarm (its end says the same)
         self._newest_ts = -math.inf
+        self._expire_mark = -1  # events at the last expire call (see expire)
+        self._qexpire_mark = -1  # query_events at the last expire call
         # queries
         self._qwin = ScalarWindow(_QUERY_COLUMNS, settings.window_events, settings.window_seconds)
         self._qref: list[np.ndarray] = []
         self._qref_n = 0
         self._qref_done: np.ndarray | None = None
+        self._qref_start = 0  # query index where the top-1 reference starts (moved by a promotion)
+        self._qpromotion = False  # a promotion of a query-only stream is pending (see promote)
         self._qvec: StreamMonitor | None = None
         self._qks_pending: np.ndarray | None = None  # window top-1 scores whose KS test is due
         if baseline is not None:
@@ -187,10 +210,17 @@ class StreamMonitor:
         return PageHinkley(min_instances=s.changepoint_min_instances, delta=s.changepoint_delta,
                            threshold=s.changepoint_threshold, alpha=s.changepoint_alpha, mode="both")
 
-    def activate(self, baseline: Baseline) -> Alarm | None:
+    def activate(self, baseline: Baseline, restart_query_reference: bool = True) -> Alarm | None:
         """Make ``baseline`` the active one and start a fresh window against it; returns the end of
-        the alarm this closes, if one was open."""
+        the alarm this closes, if one was open.
+
+        The top-1 score reference restarts as well (the KS test compares with the queries after
+        the switch), unless ``restart_query_reference`` is false: a stream's first baseline keeps
+        the reference collected meanwhile, and a promotion restarted it when it was requested.
+        """
         self.changes += 1
+        if restart_query_reference:
+            self._restart_query_reference()
         end = None
         if self.drifting and self._last_eval is not None:
             idx, ts = self._last_eval
@@ -212,23 +242,24 @@ class StreamMonitor:
             self._scan_segments = np.array(self.settings.scan_windows, dtype=np.int64) // self.settings.scan_every
             # rows: threshold, relaxed threshold, null mean; one column per window size
             self._scan_thresholds = np.array([self._scan_threshold(w) for w in self.settings.scan_windows]).T
-        self._pre = self._new_prefix_sums()
-        self._open_sum = np.zeros(baseline.dim)
-        self._open_n = 0
-        self._scan_loud = False
+        self._reset_scan()
         self.drifting = False
         self._end_streak = 0
         self._snapshot = self._derived_for = None
         self._mmd_last = None
         self._ref_chunks, self._ref_ts, self._ref_n = [], [], 0
         self._promotion = 0
-        for k in ("centroid_cosine_distance", "centroid_euclidean_distance", "similarity_ks_statistic",
-                  "similarity_ks_p_value", "similarity_wasserstein", "similarity_psi",
-                  "similarity_js_divergence", "norm_ks_statistic", "norm_mean_relative_change",
-                  "dimensions_drifted_ratio", "drift_score", "drift_threshold", "drift_p_value",
-                  "changepoint_score", "mean_shift_score", "mean_shift_threshold_ratio"):
+        for k in (*_WINDOW_MEASURES, *_SCAN_MEASURES, "changepoint_score"):
             self._measures[k] = math.nan
         return end
+
+    def _restart_query_reference(self) -> None:
+        """The next ``reference_size`` query events become the top-1 score reference."""
+        self._qref, self._qref_n, self._qref_done = [], 0, None
+        self._qref_start = self.query_events
+        self._qks_pending = None
+        for k in _QUERY_KS:
+            self._measures[k] = math.nan
 
     def promote(self, events: int | None = None) -> Baseline | None:
         """Accept what the stream emits now as its normal: a new baseline of its next events.
@@ -243,26 +274,60 @@ class StreamMonitor:
         A stream still collecting its first reference (a low-traffic one) is promoted at once from
         the events collected so far, if there are at least :data:`MIN_PROMOTED_EVENTS` (source
         ``partial_reference``): returns that baseline.
+
+        The top-1 score reference restarts at once: the next ``reference_size`` query events
+        become it. The query-embedding monitor, when it has a baseline, is promoted too (its next
+        ``events`` query embeddings). A stream that only ever had query events is promoted on its
+        query side alone: query embeddings (if any) and the top-1 reference; :attr:`promotion`
+        gives the progress (a query-embedding monitor still collecting its first reference just
+        completes it).
         """
         want = self.settings.reference_size if events is None else int(events)
         self.changes += 1
         if not MIN_PROMOTED_EVENTS <= want <= 1_000_000:
             raise ValueError(f"a promotion needs {MIN_PROMOTED_EVENTS}..1000000 events, got {want}")
+        if self.query_only:
+            self._restart_query_reference()
+            if self._qvec is not None and self._qvec.baseline is not None:
+                self._qvec.promote(want)
+            self._qpromotion = True
+            return None
         if self.baseline is None:
             if self._ref_n < MIN_PROMOTED_EVENTS:
                 raise ValueError(f"stream {self._name} has {self._ref_n} events so far; a baseline needs "
                                  f"at least {MIN_PROMOTED_EVENTS}")
+            self._restart_query_reference()
             self._activate_collected("partial_reference")
             assert self.baseline is not None
             return self.baseline
+        self._restart_query_reference()
+        if self._qvec is not None and self._qvec.baseline is not None:
+            self._qvec.promote(want)
         self._ref_chunks, self._ref_ts, self._ref_n = [], [], 0
         self._promotion = want
         return None
 
     @property
+    def query_only(self) -> bool:
+        """The stream has had query events and never an embedding event: its baseline (readiness,
+        promotion) is that of its query side."""
+        return self.baseline is None and self.events == 0 and self._ref_n == 0 and self.query_events > 0
+
+    @property
     def promotion(self) -> dict[str, int] | None:
-        """Progress of a pending promotion (``events`` collected of ``needed``), or ``None``."""
-        return {"events": self._ref_n, "needed": self._promotion} if self._promotion else None
+        """Progress of a pending promotion (``events`` collected of ``needed``), or ``None``.
+
+        For a query-only stream: the query embeddings' new (or first) baseline, or without query
+        embeddings the top-1 score reference."""
+        if self._promotion:
+            return {"events": self._ref_n, "needed": self._promotion}
+        return self._query_promotion() if self._qpromotion else None
+
+    def _query_promotion(self) -> dict[str, int] | None:
+        q, need = self._qvec, self.settings.reference_size
+        if q is not None:
+            return {"events": q._ref_n, "needed": need} if q.baseline is None else q.promotion
+        return None if self._qref_done is not None else {"events": self._qref_n, "needed": need}
 
     # ------------------------------------------------------------------ embeddings
     def update_embeddings(
@@ -286,9 +351,30 @@ class StreamMonitor:
             self.expected_dim = int(x.shape[1])
         elif x.shape[1] != self.expected_dim:
             raise ValueError(f"stream {self._name}: dimension {x.shape[1]} != expected {self.expected_dim}")
+        lo, hi = ts_range(ts)
+        # A gap longer than the window inside the batch implies a batch spanning more than it.
+        cut = _gap_cut(ts, self._window.newest_ts if self._window is not None else -math.inf,
+                       self.settings.window_seconds) if hi - lo > self.settings.window_seconds else 0
+        if cut:
+            # A silence longer than the window inside the batch: the part after it starts the
+            # scan afresh (below), as it would in a batch of its own, so the outcome does not
+            # depend on how the events were batched.
+            ids_at = list(ids) if ids is not None else None
+            split = self.update_embeddings(x[:cut], ts[:cut], None if latency_s is None else latency_s[:cut],
+                                           None if ids_at is None else ids_at[:cut])
+            split += self.update_embeddings(x[cut:], ts[cut:], None if latency_s is None else latency_s[cut:],
+                                            None if ids_at is None else ids_at[cut:])
+            self._batch_summary = None  # monitored in two parts: the service summarises the batch itself
+            return split
         if ids is not None:
             self._dups.update(ids)
-        self._newest_ts = max(self._newest_ts, ts_max(ts))
+        w = self._window
+        if w is not None and self._ms is not None and lo - w.newest_ts > self.settings.window_seconds:
+            # Back after a silence longer than the window: the scan's running sums hold only
+            # events the time bound dropped; mixed into the new ones' recent windows, they kept an
+            # alarm going for a thousand events.
+            self._reset_scan()
+        self._newest_ts = max(self._newest_ts, hi)
         first = self.events
         pos = 0
         if self.baseline is None:
@@ -338,7 +424,8 @@ class StreamMonitor:
     def _activate_collected(self, source: str) -> Alarm | None:
         """Build a baseline from the collected events and activate it (see :meth:`activate`)."""
         return self.activate(Baseline.from_vectors(self.key, np.concatenate(self._ref_chunks),
-                                                   np.concatenate(self._ref_ts), source, self.settings))
+                                                   np.concatenate(self._ref_ts), source, self.settings),
+                             restart_query_reference=False)
 
     def _monitor(self, x: np.ndarray, ts: np.ndarray, first: int, keep_summary: bool = False) -> list[Alarm]:
         assert self._window is not None and self.baseline is not None
@@ -459,6 +546,16 @@ class StreamMonitor:
             return PrefixSums(self.baseline.dim, keep, basis)
         return PrefixSums.restore(sums, counts, keep, basis)
 
+    def _reset_scan(self) -> None:
+        """Forget the scan's running sums: its recent windows hold only the events that follow."""
+        assert self.baseline is not None
+        self._pre = self._new_prefix_sums()
+        self._open_sum = np.zeros(self.baseline.dim)
+        self._open_n = 0
+        self._scan_loud = False
+        for k in _SCAN_MEASURES:
+            self._measures[k] = math.nan
+
     def _scan_threshold(self, m: int) -> tuple[float, float, float]:
         """(threshold, relaxed threshold, null mean) of a scan window of ``m`` events."""
         assert self._ms is not None
@@ -508,6 +605,19 @@ class StreamMonitor:
         s = self.settings
         tot = self._window.totals()
         if tot.count < s.min_window_events:
+            # Too few events in the time bound (a low-rate stream): no MMD test, and its measures
+            # describe events the window no longer holds.
+            self._clear_window_measures()
+            if not self.drifting:
+                return None
+            # An alarm the scan (count-based) started ends on the scan's evidence alone, after
+            # alarm_end_evaluations evaluations' worth of events without a loud scan. One the MMD
+            # test started stays open: too few events is no evidence that the drift ended (the
+            # scan may not see it at all), and expire() ends it once the window has emptied.
+            self._last_eval = (index, ts)
+            loud = self._take_scan_loud()
+            if self._alarm_detector == "mean_shift" and self._ms is not None and self._quiet_evaluation(loud):
+                return self._end_alarm(index, ts, math.nan, None)
             return None
         self._last_eval = (index, ts)
         self._snapshot = tot
@@ -537,23 +647,87 @@ class StreamMonitor:
         assert self._mmd is not None
         floor = s.effect_size_floor
         alpha = self._mmd_alpha
-        loud_scan, self._scan_loud = self._scan_loud, False
+        loud_scan = self._take_scan_loud()
         if not self.drifting:
             if score >= self._mmd.threshold(m, alpha) and score >= floor:
                 return self._start_alarm("mmd", index, ts, score, self._mmd.p_value(stat, m))
             return None
-        if (score < self._mmd.threshold(m, min(100.0 * alpha, 0.5)) or score < floor) and not loud_scan:
-            self._end_streak += 1
-            if self._end_streak >= s.alarm_end_evaluations:
-                self.drifting = False
-                self._end_streak = 0
-                alarm = Alarm(self._name, index, ts, self._alarm_detector, score, self._mmd.p_value(stat, m),
-                              "end")
-                self._alarms.append(alarm)
-                return alarm
-        else:
-            self._end_streak = 0
+        quiet = score < self._mmd.threshold(m, min(100.0 * alpha, 0.5)) or score < floor
+        if self._quiet_evaluation(loud_scan or not quiet):
+            return self._end_alarm(index, ts, score, self._mmd.p_value(stat, m))
         return None
+
+    def _take_scan_loud(self) -> bool:
+        """Whether a scan point was loud since the last evaluation (and forget it)."""
+        loud, self._scan_loud = self._scan_loud, False
+        return loud
+
+    def _quiet_evaluation(self, loud: bool) -> bool:
+        """Count an evaluation of a drifting stream; True when it is the alarm_end_evaluations-th
+        quiet one in a row (the alarm ends)."""
+        if loud:
+            self._end_streak = 0
+            return False
+        self._end_streak += 1
+        return self._end_streak >= self.settings.alarm_end_evaluations
+
+    def _end_alarm(self, index: int, ts: float, score: float, p_value: float | None) -> Alarm:
+        self.drifting = False
+        self._end_streak = 0
+        alarm = Alarm(self._name, index, ts, self._alarm_detector, score, p_value, "end")
+        self._alarms.append(alarm)
+        return alarm
+
+    def _clear_window_measures(self) -> None:
+        self._snapshot = self._derived_for = None
+        self._mmd_last = None
+        for k in _WINDOW_MEASURES:
+            self._measures[k] = math.nan
+
+    def expire(self, now: float) -> list[Alarm]:
+        """Apply the window's time bound at wall-clock ``now`` (a silent stream's window empties).
+
+        Events only move the window forward, so a stream that stops sending kept its window, its
+        measures and its alarm for as long as it stayed silent. Called periodically by the service:
+        buckets whose newest event is older than ``now - window_seconds`` are dropped; a window left
+        with fewer than ``min_window_events`` events has its window measures set to NaN; an alarm
+        still open when the window has emptied ends (returned, and recorded like any end). The
+        query-embedding monitor is expired the same way (its alarms have detector ``"mmd_query"``).
+
+        Only a stream without a new event since the previous call is expired: a consumer catching
+        up on a backlog older than ``window_seconds`` delivers events whose timestamps are all
+        past ``now``'s bound, and emptying their windows between batches would leave no
+        evaluation a full window (a stream slower than the calls may still be expired then).
+        """
+        alarms: list[Alarm] = []
+        w = self._window
+        # Marked by event counts per kind: a stream whose documents stopped while its queries go
+        # on is silent on the document side (and the reverse).
+        fresh, self._expire_mark = self.events != self._expire_mark, self.events
+        qfresh, self._qexpire_mark = self.query_events != self._qexpire_mark, self.query_events
+        if not qfresh and self._qwin.evict(now):
+            self.changes += 1
+            self._evaluate_queries()
+        if w is not None and w.buckets and not fresh:
+            before = w.count
+            w.evict(now)
+            after = w.count
+            if after != before:
+                self.changes += 1
+                if after < self.settings.min_window_events:
+                    self._clear_window_measures()
+                if after == 0:
+                    for k in _SCAN_MEASURES:
+                        self._measures[k] = math.nan
+                    if self.drifting:
+                        self._scan_loud = False
+                        alarms.append(self._end_alarm(max(self.events - 1, 0), float(now), math.nan, None))
+        if self._qvec is not None:
+            q_alarms = self._qvec.expire(now)
+            if q_alarms:
+                self.changes += 1
+                alarms += [replace(a, detector="mmd_query") for a in q_alarms]
+        return alarms
 
     def _derive(self) -> None:
         """Descriptive measures of the last evaluated window (cached until the next evaluation)."""
@@ -618,6 +792,8 @@ class StreamMonitor:
                 ref = np.concatenate(self._qref)
                 self._qref_done = np.sort(ref[np.isfinite(ref)])
                 self._qref = []
+        if self._qpromotion and self._qvec is None and self._qref_done is not None:
+            self._qpromotion = False
         self._qwin.add(ts, top1=top1, n_results=np.asarray(n_results, dtype=np.float64),
                        precision=np.asarray(precision_at_k, dtype=np.float64),
                        recall=np.asarray(recall_at_k, dtype=np.float64), index=index)
@@ -631,6 +807,8 @@ class StreamMonitor:
         lat = latency_s if latency_s is not None else np.full(n, np.nan)
         alarms = self._qvec.update_embeddings(vectors, ts, lat)
         self._qvec.take_summary()  # query vectors have no norm histogram: not held until the next batch
+        if self._qpromotion and self._query_promotion() is None:
+            self._qpromotion = False
         return [replace(a, detector="mmd_query") for a in alarms]
 
     def _evaluate_queries(self) -> None:
@@ -642,14 +820,19 @@ class StreamMonitor:
             no_match = (nres[known] == 0) | (np.nan_to_num(top1[known], nan=-np.inf) < self.settings.no_match_threshold)
             m["query_no_match_ratio"] = float(no_match.mean())
             m["query_result_count"] = float(nres[known].mean())
+        else:  # no window query carries results: nothing to measure (the old value would stay)
+            m["query_no_match_ratio"] = m["query_result_count"] = math.nan
         for col, key in (("precision", "query_precision_at_k"), ("recall", "query_recall_at_k")):
             vals = v[col][np.isfinite(v[col])]
             m[key] = float(vals.mean()) if vals.size else math.nan
-        if self._qref_done is not None and self._qref_done.size:
-            after = (v["index"] >= self.settings.reference_size) & np.isfinite(top1)
-            if after.any():
-                # The KS test (its p-value costs ~1 ms) is run when the measures are read.
-                self._qks_pending = top1[after]
+        after = (v["index"] >= self._qref_start + self.settings.reference_size) & np.isfinite(top1)
+        if self._qref_done is not None and self._qref_done.size and after.any():
+            # The KS test (its p-value costs ~1 ms) is run when the measures are read.
+            self._qks_pending = top1[after]
+        else:
+            self._qks_pending = None
+            for k in _QUERY_KS:
+                m[k] = math.nan
 
     def _derive_queries(self) -> None:
         pending, self._qks_pending = self._qks_pending, None
@@ -692,6 +875,8 @@ class StreamMonitor:
             "promotion": self._promotion,
             "qref_n": self._qref_n,
             "qref_done": self._qref_done is not None,
+            "qref_start": self._qref_start,
+            "qpromotion": self._qpromotion,
             "page_hinkley": [ph.n, ph.mean, ph.sum_increase, ph.sum_decrease, ph.min_increase,
                              ph.max_decrease, ph.statistic],
             "measures": self._measures,
@@ -790,6 +975,8 @@ class StreamMonitor:
             m._ref_n = sum(int(c.shape[0]) for c in m._ref_chunks)
         qref = np.asarray(arrays["query_reference"], dtype=np.float64)
         m._qref_n = int(meta["qref_n"])
+        m._qref_start = int(meta.get("qref_start", 0))  # absent: a checkpoint from before promotions moved it
+        m._qpromotion = bool(meta.get("qpromotion", False))
         if meta["qref_done"]:
             m._qref_done = qref
         elif qref.size:
@@ -857,7 +1044,15 @@ class StreamMonitor:
         m = dict(self._measures)
         b = self.baseline
         s = self.settings
-        m["baseline_ready"] = 1.0 if b is not None else 0.0
+        q = self._qvec
+        if self.query_only:
+            # Only query events so far: the query side's reference is the stream's baseline (the
+            # query embeddings' baseline, or without them the top-1 score reference).
+            b = q.baseline if q is not None else None
+            ready = b is not None if q is not None else self._qref_done is not None
+        else:
+            ready = b is not None
+        m["baseline_ready"] = 1.0 if ready else 0.0
         m["baseline_events"] = float(b.count) if b is not None else math.nan
         ref_now = now if now is not None else self._newest_ts
         m["baseline_age_seconds"] = (
@@ -867,6 +1062,8 @@ class StreamMonitor:
         m["window_events"] = float(self._window.count) if self._window is not None else 0.0
         m["drift_effect_floor"] = float(s.effect_size_floor)
         m["drift_detected"] = 1.0 if self.drifting else 0.0
+        m["query_drift_detected"] = math.nan if q is None else 1.0 if q.drifting else 0.0
+        m["query_drift_score"] = math.nan if q is None else q._measures["drift_score"]
         return m
 
     def counters(self) -> dict[str, int]:

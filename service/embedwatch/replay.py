@@ -3,9 +3,12 @@
 ``embedwatch replay EVENTS.jsonl --report REPORT.json [--config FILE] [--reference-size N]
 [--baseline FILE ...]`` is a contract (DESIGN.md, "Offline replay"). The file holds one JSON
 event per line, in stream order. Lines are decoded by :class:`~embedwatch.events.Decoder` in
-chunks, as messages of the embeddings topic without a Kafka timestamp, and routed by the same
+chunks, as messages without a Kafka timestamp, and routed by the same
 :class:`~embedwatch.router.StreamRouter` as the live service, so the detectors, the stream cap
 and the dimension checks are exactly those of ``embedwatch run`` with the same configuration.
+A line has no topic to tell a query event by: an event carrying ``query_id``, ``results`` or
+``relevant_ids`` is a query event (monitored as the service monitors its queries topic), any
+other an embedding event.
 Events without ``ts`` get timestamp 0 (there is no Kafka timestamp to default to), which keeps a
 report reproducible; give ``ts`` if the time bound of the window matters. A stream given a
 baseline file (``--baseline``, written by ``baseline build``) is monitored against it from its
@@ -43,7 +46,7 @@ from embedwatch.baseline_store import (
     save_file,
 )
 from embedwatch.config import ConfigError, DetectionSettings, Settings
-from embedwatch.events import DecodedBatch, DecodeLimits, Decoder, Message, Reason, StreamKey
+from embedwatch.events import DecodedBatch, DecodeLimits, Decoder, Kind, Message, Reason, StreamKey
 from embedwatch.monitor import MIN_PROMOTED_EVENTS, Alarm, StreamMonitor
 from embedwatch.router import RouteResult, StreamRouter
 
@@ -63,7 +66,8 @@ class ReplayError(Exception):
 
 
 def make_decoder(settings: Settings) -> Decoder:
-    """The decoder the service builds from ``settings`` (embedding events only: no query topic)."""
+    """The decoder the service builds from ``settings``, telling query events by their fields
+    (a file's lines have no topic; docs/replay.md)."""
     lim = settings.limits
     return Decoder(DecodeLimits(
         max_message_bytes=lim.max_message_bytes,
@@ -71,7 +75,8 @@ def make_decoder(settings: Settings) -> Decoder:
         max_events_per_message=lim.max_events_per_message,
         max_label_length=lim.max_label_length,
         precision_k=settings.detection.precision_k,
-    ))
+        max_future_skew_s=lim.max_future_skew_s,
+    ), kind_by_fields=True)
 
 
 def with_reference_size(settings: Settings, reference_size: int | None) -> Settings:
@@ -378,6 +383,7 @@ def build_report(
             summary = {**mon.measures(), **mon.counters()}
         entry: dict[str, Any] = {
             "events": int(mon.events) if mon is not None else 0,
+            "query_events": int(mon.query_events) if mon is not None else 0,
             "rejected": int(sum(rejected.get(key, Counter()).values())),
             "reference_size": 0 if key in given else int(reference_size),
             "alarms": log.alarms,
@@ -407,16 +413,23 @@ def _fmt(v: Any, spec: str = ".4g") -> str:
 
 
 def print_summary(report: dict[str, Any], lines: int, elapsed: float, out: TextIO) -> None:
-    """A readable per-stream table of a report."""
-    rows = [("stream", "events", "rejected", "alarms", "first alarm", "drift score", "p-value",
-             "centroid dist", "drifting")]
+    """A readable per-stream table of a report; with the query measures when a stream has queries."""
+    queries = any(s.get("query_events") for s in report["streams"].values())
+    rows: list[tuple[str, ...]] = [("stream", "events", "rejected", "alarms", "first alarm", "drift score",
+                                    "p-value", "centroid dist", "drifting")]
+    if queries:
+        rows[0] += ("queries", "no-match", "precision@k", "recall@k")
     for name, s in report["streams"].items():
         summ = s["summary"]
         first = s["alarms"][0]["index"] if s["alarms"] else None
-        rows.append((name, str(s["events"]), str(s["rejected"]), str(len(s["alarms"])), _fmt(first),
-                     _fmt(summ.get("drift_score")), _fmt(summ.get("drift_p_value")),
-                     _fmt(summ.get("centroid_cosine_distance")),
-                     "yes" if summ.get("drift_detected") else "no"))
+        row: tuple[str, ...] = (
+            name, str(s["events"]), str(s["rejected"]), str(len(s["alarms"])), _fmt(first),
+            _fmt(summ.get("drift_score")), _fmt(summ.get("drift_p_value")),
+            _fmt(summ.get("centroid_cosine_distance")), "yes" if summ.get("drift_detected") else "no")
+        if queries:
+            row += (str(s.get("query_events", 0)), _fmt(summ.get("query_no_match_ratio")),
+                    _fmt(summ.get("query_precision_at_k")), _fmt(summ.get("query_recall_at_k")))
+        rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for j, r in enumerate(rows):
         out.write("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths,
@@ -516,10 +529,10 @@ def build_baseline(
         return cast(StreamMonitor, c)
 
     def keep(batch: DecodedBatch) -> DecodedBatch:
-        if only is None:
-            return batch
-        batch.blocks = [b for b in batch.blocks if b.stream == only]
-        batch.rejections = [r for r in batch.rejections if r.stream == only]
+        # A baseline is of document embeddings: a query event's embedding is no part of it.
+        batch.blocks = [b for b in batch.blocks if b.kind is Kind.EMBEDDING and (only is None or b.stream == only)]
+        if only is not None:
+            batch.rejections = [r for r in batch.rejections if r.stream == only]
         return batch
 
     router = StreamRouter(settings, monitor_factory=factory)

@@ -29,8 +29,9 @@ baselines.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +77,20 @@ class RouteResult:
 
 def _default_factory(key: StreamKey, settings: DetectionSettings, baseline: Baseline | None) -> StreamMonitor:
     return StreamMonitor(key, settings, baseline)
+
+
+def last_activity(newest_ts: float, seen_at: float | None) -> float:
+    """When a stream was last active: the later of its newest event's time and the time the
+    service last received one of its events (``seen_at``, wall clock; None when not known). A
+    backlog of old events being caught up keeps its stream active; -inf for a stream with neither."""
+    times = [t for t in (newest_ts, seen_at) if t is not None and math.isfinite(t)]
+    return max(times, default=-math.inf)
+
+
+def is_idle(activity: float, now: float, idle_s: float) -> bool:
+    """Whether a stream last active at ``activity`` is idle at ``now`` under
+    ``limits.stream_idle_s`` = ``idle_s`` (0: no stream ever is)."""
+    return idle_s > 0 and activity < now - idle_s
 
 
 def _concat(blocks: list[Block]) -> Block:
@@ -173,6 +188,13 @@ class StreamRouter:
             return int(mon.expected_dim)
         return self._dims.get(key)
 
+    def idle(self, now: float, idle_s: float, seen: Mapping[StreamKey, float]) -> list[StreamKey]:
+        """The live streams idle at ``now`` (:func:`is_idle`), given when the service last received
+        an event of each (``seen``, wall clock; a stream missing from it is judged by its events'
+        times alone). ``now`` is the caller's clock: this module reads none."""
+        return [key for key, mon in self.monitors.items()
+                if is_idle(last_activity(mon.newest_ts, seen.get(key)), now, idle_s)]
+
     def version_results(self) -> list[dict[str, Any]]:
         """Version comparison results of every model (see ``VersionComparison.results``)."""
         out: list[dict[str, Any]] = []
@@ -233,6 +255,7 @@ class StreamRouter:
         self.stream_rejected.pop(key, None)
         self._dims.pop(key, None)
         self._saved.pop(key, None)
+        self._failures.discard(key)
         if not any(k.model == key.model for k in self.monitors):
             self.comparisons.pop(key.model, None)
 

@@ -463,6 +463,10 @@ class StreamCheckpoint:
     key: StreamKey
     meta: dict[str, Any]
     arrays: CheckpointArrays
+    #: When (wall clock) the service last received one of the stream's events, if known: with
+    #: ``meta["newest_ts"]`` it tells a stream gone idle (``limits.stream_idle_s``) from one whose
+    #: old events are being caught up. None in checkpoints written before it was recorded.
+    seen_at: float | None = None
 
 
 @dataclass
@@ -513,7 +517,10 @@ def build_checkpoint(c: Checkpoint) -> bytearray:
             table.append([f"{i}/{name}", dtype.str, list(shape), offset])
             parts.append(chunks)
             offset += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        streams.append({"key": list(s.key), "meta": s.meta})
+        entry: dict[str, Any] = {"key": list(s.key), "meta": s.meta}
+        if s.seen_at is not None:
+            entry["seen_at"] = s.seen_at
+        streams.append(entry)
     header = json.dumps({
         "schema_version": CHECKPOINT_SCHEMA_VERSION, "topic": c.topic, "partition": c.partition,
         "offset": c.offset, "ledger": c.ledger, "created_at": c.created_at or time.time(), "streams": streams,
@@ -595,7 +602,9 @@ def _checkpoint_of(header: dict[str, Any], flat: dict[str, np.ndarray]) -> Check
     for i, s in enumerate(header["streams"]):
         prefix = f"{i}/"
         arrays: CheckpointArrays = {name[len(prefix):]: a for name, a in flat.items() if name.startswith(prefix)}
-        streams.append(StreamCheckpoint(StreamKey(*s["key"]), s["meta"], arrays))
+        seen_at = s.get("seen_at")
+        streams.append(StreamCheckpoint(StreamKey(*s["key"]), s["meta"], arrays,
+                                        None if seen_at is None else float(seen_at)))
     return Checkpoint(header["topic"], int(header["partition"]), int(header["offset"]),
                       {k: int(v) for k, v in header["ledger"].items()}, streams, float(header["created_at"]))
 
@@ -769,7 +778,9 @@ class DurableBaselineStore(MemoryBaselineStore):
 
     def _take_fits(self, name: str, data: bytes) -> None:
         """Give a stored baseline the mean-shift tests fitted on it before the restart."""
-        baseline = self._baselines[self._names[name]]
+        baseline = self._baselines.get(self._names[name])
+        if baseline is None:  # a version dropped from memory (MAX_HELD_VERSIONS) meanwhile
+            return
         try:
             keys = attach_fits(data, baseline, origin=f"baseline-fit/{name}")
         except BaselineIntegrityError as e:

@@ -22,7 +22,8 @@ it keeps the sum, their count and stream indices. Only the open bucket and those
 last evaluation hold vectors: 0.4 instead of 2.0 MiB per 768-d stream at the default settings.
 
 Bounds. A bucket holds at most ``window_events / buckets`` events (the settings require a
-multiple) and spans at most ``window_seconds / buckets`` seconds (from its first event); a new one
+multiple) and spans at most ``window_seconds / buckets`` seconds (from its first event, or from the
+newest event the window had seen when it opened, if that is later: a late event); a new one
 is opened when it is full, and the oldest bucket is dropped when the ring already has ``buckets``
 of them (count bound: at most ``window_events`` events, at least ``window_events - window_events /
 buckets`` once warm).
@@ -566,7 +567,12 @@ class Window:
                 b = self._new_bucket()
             room = b.capacity - b.count
             seg_ts = ts[pos : pos + room]
-            limit = (b.start_ts if b.count else float(seg_ts[0])) + self.span
+            fresh = b.count == 0
+            # A new bucket's span starts no earlier than the newest event seen: a late event (a
+            # partition lagging by more than the span) otherwise anchored it in the past, and the
+            # next on-time event closed it after a few events (the window shrank by ~40%).
+            start = max(float(seg_ts[0]), self.newest_ts) if fresh else b.start_ts
+            limit = start + self.span
             if newest <= limit:  # the usual case: nothing here is past the bucket's time span
                 k = seg_ts.shape[0]
             else:
@@ -576,6 +582,8 @@ class Window:
                 b.closed = True
                 continue
             b.add(x[pos : pos + k], s.slice(pos, pos + k), seg_ts[:k], first_index + pos)
+            if fresh:
+                b.start_ts = start
             pos += k
             if k < seg_ts.shape[0]:
                 b.closed = True
@@ -829,6 +837,23 @@ class ScalarWindow:
         self._head = int((self._head + n - start) % self.capacity)
         self._size = min(self.capacity, self._size + n - start)
         self.newest_ts = max(self.newest_ts, float(np.max(ts)))
+
+    def evict(self, now: float) -> bool:
+        """Drop the rows older than ``now - seconds`` (a stream whose queries stopped: the time
+        bound otherwise only moves with new rows); True when some were dropped."""
+        if self._cols is None or self._size == 0:
+            return False
+        idx = (self._head - self._size + np.arange(self._size)) % self.capacity
+        keep = idx[self._cols["ts"][idx] >= now - self.seconds]
+        if keep.size == self._size:
+            return False
+        kept = {name: col[keep] for name, col in self._cols.items()}
+        for name, col in self._cols.items():
+            col[:] = np.nan
+            col[:keep.size] = kept[name]
+        self._head = int(keep.size % self.capacity)
+        self._size = int(keep.size)
+        return True
 
     def view(self) -> dict[str, np.ndarray]:
         """Rows inside both bounds, oldest first."""

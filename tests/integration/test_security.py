@@ -133,7 +133,7 @@ def _config(kafka: SecureKafka, backend: str, prefix: str, cafile: Path | None =
                   "session_timeout_ms": 6000, "security_protocol": "SASL_SSL",
                   "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": USER,
                   "ssl_cafile": str(cafile or kafka.cafile), "ssl_check_hostname": True},
-        "detection": {"reference_size": 100, "window_events": 100, "evaluate_every": 50},
+        "detection": {"reference_size": 100, "window_events": 100, "min_window_events": 91, "evaluate_every": 50},
         "state": {"backend": "none"},
         "log_level": "DEBUG",
     }

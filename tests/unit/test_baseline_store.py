@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from embedwatch.baseline import Baseline
 from embedwatch.baseline_store import (
+    MAX_HELD_VERSIONS,
     BaselineHistoryError,
     BaselineIntegrityError,
     BaselineNotFoundError,
@@ -265,3 +266,92 @@ def test_round_trip_is_exact(tmp_path: Path, n: int, d: int, seed: int, scale: f
     m.save(b)
     assert_same(m.get(key), b)
     assert_same(decode_baseline(encode_baseline(b)), b)
+
+
+def _held(store: MemoryBaselineStore) -> set[str]:
+    """Ids of the versions the store holds in memory (every map it keeps them in)."""
+    ids = {bid for _, bid in store._baselines}
+    assert ids == {bid for _, bid in store._meta} and len(store._baselines) == len(ids)
+    return ids
+
+
+def test_memory_store_holds_a_bounded_number_of_versions() -> None:
+    """Every promotion's version stayed in memory for the life of the process (243 KiB each at
+    384-d); now the active one and the four a rollback reaches first."""
+    assert MAX_HELD_VERSIONS == 5
+    store = MemoryBaselineStore()
+    saved = [make(i) for i in range(12)]
+    for b in saved:
+        store.save(b)  # a promotion
+    last = [b.baseline_id for b in saved[-5:]]
+    assert [m["baseline_id"] for m in store.list(KEY)] == last
+    assert _held(store) == set(last)
+    old = saved[0].baseline_id
+    for call in (lambda: store.get(KEY, old), lambda: store.promote(KEY, old)):
+        with pytest.raises(BaselineNotFoundError, match=old):  # the API's 404
+            call()
+    # Rollback goes back through every version held, newest first, then has nothing left.
+    assert [store.rollback(KEY)["baseline_id"] for _ in range(4)] == last[-2::-1]
+    with pytest.raises(BaselineHistoryError):
+        store.rollback(KEY)
+    assert store.get(KEY).baseline_id == last[0]
+    # Re-activating a held version by id works as before.
+    assert store.promote(KEY, last[-1])["active"] is True and store.get(KEY).baseline_id == last[-1]
+
+
+def test_the_bound_keeps_what_a_rollback_reaches_first(tmp_path: Path) -> None:
+    """A re-activated old version stays over newer ones a rollback would not reach before it;
+    rollbacks within the bound go where the directory store (which keeps every version) goes."""
+    b = [make(i) for i in range(7)]
+    stores: list[BaselineStore | MemoryBaselineStore] = [BaselineStore(tmp_path), MemoryBaselineStore()]
+    for store in stores:
+        for x in b[:4]:
+            store.save(x)
+        store.promote(KEY, b[0].baseline_id)
+        for x in b[4:]:
+            store.save(x)
+    disk, mem = stores
+    assert len(disk.list(KEY)) == 7
+    # b6 active, earlier ones b0 b1 b2 b3 b0 b4 b5: a rollback goes to b5, b4, b0, b3 (not b2,
+    # which the five newest saves would keep instead of b0)
+    kept = [b[i].baseline_id for i in (0, 3, 4, 5, 6)]
+    assert [m["baseline_id"] for m in mem.list(KEY)] == kept
+    assert isinstance(mem, MemoryBaselineStore) and _held(mem) == set(kept)
+    back = [disk.rollback(KEY)["baseline_id"] for _ in range(4)]
+    assert back == [b[i].baseline_id for i in (5, 4, 0, 3)]
+    assert [mem.rollback(KEY)["baseline_id"] for _ in range(4)] == back
+
+
+def test_an_index_read_back_drops_the_versions_it_no_longer_lists() -> None:
+    """A durable store reads back every version ever written at a restart, then the stream's
+    index: the versions a save dropped go again, and an index from before the bound is cut to it.
+    A version newer than every listed one (saved just before its index) stays."""
+    store = MemoryBaselineStore()
+    b = [make(i) for i in range(9)]
+    for x in b:
+        store._write_version(KEY, x)
+    ids = [x.baseline_id for x in b]
+    store._store_index(_Index(KEY, ids[2:6], ids[5], ids[2:5]))
+    assert _held(store) == set(ids[2:6]) | set(ids[6:])  # b0, b1 dropped; b6..b8 are newer
+    store._store_index(_Index(KEY, ids[:8], ids[7], ids[:7]))  # 8 versions listed: cut to 5
+    assert [m["baseline_id"] for m in store.list(KEY)] == ids[3:8]
+    assert _held(store) == set(ids[3:9])
+    other = make(1, key=StreamKey("m", "v"))
+    store.save(other)
+    assert store.get(StreamKey("m", "v")).baseline_id == other.baseline_id
+
+
+def test_durable_store_restart_holds_the_bounded_versions(tmp_path: Path) -> None:
+    from embedwatch.state import DurableBaselineStore, FileStateBackend
+
+    store = DurableBaselineStore(FileStateBackend(tmp_path))
+    saved = [make(i) for i in range(9)]
+    for x in saved:
+        store.save(x)
+    store.rollback(KEY)
+    again = DurableBaselineStore(FileStateBackend(tmp_path), FileStateBackend(tmp_path).read_all())
+    want = [x.baseline_id for x in saved[-5:]]
+    assert [m["baseline_id"] for m in again.list(KEY)] == want
+    assert _held(store) == _held(again) == set(want)
+    assert again.get(KEY).baseline_id == want[-2]
+    assert [again.rollback(KEY)["baseline_id"] for _ in range(3)] == want[-3::-1]

@@ -774,7 +774,8 @@ def test_a_stream_fed_an_extreme_vector_keeps_running() -> None:
     from embedwatch.app import Service
     from embedwatch.config import Settings
 
-    svc = Service(Settings(detection={"reference_size": 100, "window_events": 100, "baseline_sample": 100}))
+    svc = Service(Settings(detection={"reference_size": 100, "window_events": 100, "min_window_events": 91,
+                           "baseline_sample": 100}))
     rng = np.random.default_rng(0)
     for k in range(4):
         rows = rng.normal(size=(60, 8)).astype(np.float32)
@@ -785,3 +786,141 @@ def test_a_stream_fed_an_extreme_vector_keeps_running() -> None:
         svc.process([msg(doc) for doc in docs], now=1.7e9 + 300)
     mon = svc.router.monitors[StreamKey("m", "1")]
     assert mon.baseline is not None and mon.events == 238
+
+
+# -- query events: labels inline, integer ids, kind told by fields -----------------------------------
+
+QDOC: dict[str, object] = {"model": "m", "model_version": "1", "query_id": "q-1"}
+
+
+def _decode_queries(docs: list[object], k: int = 3) -> object:
+    return Decoder(DecodeLimits(precision_k=k), query_topics=frozenset({"queries"})).decode(
+        [msg(d, topic="queries") for d in docs])
+
+
+def test_relevant_ids_without_results_are_refused_not_scored_as_a_query() -> None:
+    """Feedback sent on its own (query_id + relevant_ids, later) is not joined to its query: it
+    is dead-lettered, never counted as a query with nothing to score."""
+    out = _decode_queries([{**QDOC, "relevant_ids": ["d1"]}, {**QDOC, "relevant_ids": ["d1"], "results": None},
+                           {**QDOC, "relevant_ids": ["d1"], "embedding": [1.0, 2.0], "latency_ms": 3.0}])
+    assert out.blocks == []  # type: ignore[attr-defined]
+    want = "relevant_ids need the query's results in the same event; feedback is not joined by query_id"
+    assert [(r.message_index, r.reason, r.detail, r.stream) for r in out.rejections] == [  # type: ignore[attr-defined]
+        (i, Reason.SCHEMA, want, StreamKey("m", "1")) for i in range(3)]
+    # With its results in the same event, the labels score them; an empty list is a query that
+    # found nothing, so nothing relevant was retrieved.
+    out = _decode_queries([{**QDOC, "relevant_ids": ["d1"], "results": [{"id": "d1", "score": 0.8}]},
+                           {**QDOC, "relevant_ids": ["d1"], "results": []}])
+    (b,) = out.blocks  # type: ignore[attr-defined]
+    assert out.rejections == []  # type: ignore[attr-defined]
+    assert b.n_results.tolist() == [1.0, 0.0]
+    assert b.precision_at_k.tolist() == [1 / 3, 0.0] and b.recall_at_k.tolist() == [1.0, 0.0]
+
+
+def test_a_query_event_with_nothing_to_monitor_is_refused() -> None:
+    out = _decode_queries([QDOC, {**QDOC, "results": None, "latency_ms": None}, {**QDOC, "latency_ms": 12.0},
+                           {**QDOC, "embedding": [1.0, 2.0]}, {**QDOC, "results": []}])
+    assert [(r.message_index, r.reason) for r in out.rejections] == [  # type: ignore[attr-defined]
+        (0, Reason.SCHEMA), (1, Reason.SCHEMA)]
+    assert "carries nothing to monitor" in out.rejections[0].detail  # type: ignore[attr-defined]
+    assert sorted(int(i) for b in out.blocks for i in b.message_index) == [2, 3, 4]  # type: ignore[attr-defined]
+
+
+def test_integer_ids_match_their_decimal_strings_in_precision_and_recall() -> None:
+    """The decoder reads an integer 'id' or 'query_id' as its string: result and relevant ids too."""
+    docs = [{**QDOC, "relevant_ids": ["42", 7], "results": [{"id": 42, "score": 0.9}, {"id": "7", "score": 0.8},
+                                                           {"id": "x", "score": 0.1}]},
+            {**QDOC, "relevant_ids": [42, "42", "9"], "results": [{"id": "42", "score": 0.9}, {"id": 9, "score": 0.5}]},
+            {**QDOC, "relevant_ids": [-3], "results": [{"id": "x", "score": 0.9}, {"id": "-3", "score": 0.5}]},
+            # Not an integer: a float, a bool and a numeric string with a sign or padding stay apart.
+            {**QDOC, "relevant_ids": [1, 2], "results": [{"id": 1.0, "score": 0.9}, {"id": True, "score": 0.5},
+                                                         {"id": "+2", "score": 0.4}]}]
+    (b,) = _decode_queries(docs, k=2).blocks  # type: ignore[attr-defined]
+    # The batch computation: ids as strings, distinct relevant hits in the first k over k and
+    # over the distinct relevant ids.
+    hits = np.array([2, 2, 1, 0], dtype=np.float64)
+    n_relevant = np.array([2, 2, 1, 2], dtype=np.float64)
+    np.testing.assert_array_equal(b.precision_at_k, hits / 2)
+    np.testing.assert_array_equal(b.recall_at_k, hits / n_relevant)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["a", 1, "1", 2, "2", 10, True, 1.0, None]), max_size=8),
+       st.lists(st.sampled_from(["a", 1, "1", 2, "2", 10, "10"]), max_size=4), st.integers(1, 5))
+def test_precision_and_recall_at_k_compare_integer_ids_as_strings(
+        result_ids: list[object], relevant: list[object], k: int) -> None:
+    q = {"model": "m", "model_version": "1", "relevant_ids": relevant,
+         "results": [{"id": x, "score": 1.0} for x in result_ids]}
+    (b,) = _decode_queries([q], k).blocks  # type: ignore[attr-defined]
+
+    def norm(x: object) -> object:
+        return str(x) if type(x) is int else x
+
+    rel = {norm(x) for x in relevant}
+    hits = {norm(x) for x in result_ids[:k] if type(x) in (str, int)} & rel
+    assert b.precision_at_k.tolist() == [len(hits) / k]
+    if rel:
+        assert b.recall_at_k.tolist() == [len(hits) / len(rel)]
+    else:
+        assert math.isnan(b.recall_at_k[0])
+
+
+def _query_outcome(out: object) -> tuple[object, ...]:
+    """:func:`_outcome` with each block's kind and query columns."""
+    blocks = sorted(out.blocks, key=lambda b: int(b.message_index[0]))  # type: ignore[attr-defined]
+    cols = [(b.kind, *(None if c is None else c.tobytes()
+                       for c in (b.top1, b.n_results, b.precision_at_k, b.recall_at_k))) for b in blocks]
+    return (*_outcome(out), cols)
+
+
+def _is_query(raw: bytes) -> bool:
+    """The documented rule of ``kind_by_fields``, written out: a JSON object with a non-null
+    query_id, results or relevant_ids."""
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and any(doc.get(f) is not None for f in ("query_id", "results", "relevant_ids"))
+
+
+def _by_fields(d: Decoder) -> Decoder:
+    d.kind_by_fields = True
+    return d
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.fixed_dictionaries(
+    {"model": st.sampled_from(["m", "n"]), "model_version": st.just("1")},
+    optional={"embedding": st.lists(st.floats(-4, 4) | st.integers(-4, 4), min_size=1, max_size=3),
+              "embedding_b64": st.sampled_from([_b64([1.0, 2.0]), _b64([0.5]), "!"]),
+              "query_id": st.none() | st.text(max_size=3) | st.integers() | st.booleans(),
+              "results": st.none() | st.just([]) | st.just([{"id": 42, "score": 0.5}]) | st.integers(),
+              "relevant_ids": st.none() | st.just(["42"]) | st.just([True]) | st.text(max_size=2),
+              "latency_ms": st.none() | st.floats(0, 100), "id": st.none() | st.text(max_size=3)},
+).map(lambda e: json.dumps(e).encode()), max_size=10))
+def test_kind_by_fields_decodes_each_event_as_the_service_does_on_its_topic(raws: list[bytes]) -> None:
+    """A file line has no topic: with kind_by_fields, a line is decoded exactly as the service
+    decodes it from the queries topic when it carries query fields, else from the embeddings topic."""
+    limits = DecodeLimits(precision_k=2)
+    service = Decoder(limits, query_topics=frozenset({"queries"}), clock=_clock)
+    want = _query_outcome(service.decode(
+        [msg(None, raw=r, topic="queries" if _is_query(r) else "embeddings") for r in raws]))
+    paths = {"default": Decoder(limits, clock=_clock), "orjson": _orjson_only(), "general": _general_only()}
+    for name, d in paths.items():
+        d.limits = limits
+        d.decode(_PRIME)  # known streams: their b64 events reach the msgspec pass
+        assert _query_outcome(_by_fields(d).decode([msg(None, raw=r) for r in raws])) == want, name
+
+
+def test_kind_by_fields_splits_an_event_array_and_ignores_the_topic() -> None:
+    d = Decoder(query_topics=frozenset({"queries"}), kind_by_fields=True)
+    d.decode(_PRIME)
+    docs = [ev(id="d1"), {**QDOC, "results": [{"id": "d1", "score": 0.5}]},
+            {**QDOC, "embedding_b64": _b64([0.5, 1.0, 2.0])}, ev(embedding=None, embedding_b64=_b64([1.0, 2.0, 3.0])),
+            ev(results=None, relevant_ids=None, query_id=None)]
+    for topic in ("embeddings", "queries"):
+        out = d.decode([msg(docs, topic=topic), *(msg(x, topic=topic) for x in docs)])
+        assert out.rejections == []
+        kinds = sorted((int(i), b.kind.value) for b in out.blocks for i in b.message_index)
+        assert kinds.count((0, "query")) == 2 and kinds.count((0, "embedding")) == 3
+        assert kinds[5:] == [(1, "embedding"), (2, "query"), (3, "query"), (4, "embedding"), (5, "embedding")]

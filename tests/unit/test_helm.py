@@ -334,6 +334,73 @@ def test_low_memory_profile_applies_through_the_chart(
     assert got.kafka.bootstrap_servers == "kafka:9092" and got.state.backend == "kafka"
 
 
+def _load_rendered_config(docs: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The rendered config.yaml and the container's literal env vars, loaded as `embedwatch run` does."""
+    from embedwatch.config import load_settings
+
+    for name in list(os.environ):
+        if name.startswith("EMBEDWATCH_"):
+            monkeypatch.delenv(name)
+    for e in container(docs).get("env", []):
+        if e["name"].startswith("EMBEDWATCH_"):
+            monkeypatch.setenv(e["name"], e.get("value", "from-secret"))
+    path = tmp_path / "config.yaml"
+    path.write_text(one(docs, "ConfigMap", f"{RELEASE}-embedwatch")["data"]["config.yaml"], encoding="utf-8")
+    return load_settings(path)
+
+
+def test_empty_queries_topic_disables_queries_through_the_chart(
+        tools: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`config.kafka.queries_topic: ""` reaches the service and no topic is read as queries (a null
+    would be dropped by Helm's merge of values: the service would consume `queries`)."""
+    from embedwatch.app import Service
+
+    values = tmp_path / "values.yaml"
+    values.write_text('config:\n  kafka:\n    queries_topic: ""\n', encoding="utf-8")
+    settings = _load_rendered_config(docs_of(render(tools, "-f", str(values))), tmp_path, monkeypatch)
+    assert settings.kafka.queries_topic == "" and settings.kafka.embeddings_topic == "embeddings"
+    assert Service(settings).decoder.query_topics == frozenset()
+    # The chart documents the way that works.
+    row = next(ln for ln in (CHART / "README.md").read_text(encoding="utf-8").splitlines()
+               if ln.startswith("| `config.kafka.queries_topic`"))
+    assert '`""` to disable' in row and "`null` to disable" not in row, row
+    assert '"" disables them' in (CHART / "values.yaml").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("protocol", ["PLAINTEXT", "SASL_PLAINTEXT"])
+def test_kafka_tls_with_a_protocol_without_tls_is_refused(tools: dict[str, Path], protocol: str) -> None:
+    proc = helm(tools, "template", RELEASE, str(CHART), "--set", "kafkaTls.enabled=true",
+                "--set", "kafkaTls.secretName=ca", "--set", f"config.kafka.security_protocol={protocol}",
+                check=False)
+    assert proc.returncode != 0, proc.stdout[:300]
+    assert f"kafkaTls.enabled needs config.kafka.security_protocol SSL or SASL_SSL (got {protocol})" in proc.stderr
+
+
+@pytest.mark.parametrize(("key", "value", "protocol"), [
+    ("ssl_cafile", "/ca.crt", "PLAINTEXT"), ("ssl_check_hostname", "false", "SASL_PLAINTEXT"),
+    ("sasl_username", "u", "SSL"), ("sasl_mechanism", "PLAIN", "PLAINTEXT"),
+])
+def test_security_keys_the_protocol_would_ignore_are_refused(
+        tools: dict[str, Path], key: str, value: str, protocol: str) -> None:
+    proc = helm(tools, "template", RELEASE, str(CHART), "--set", f"config.kafka.{key}={value}",
+                "--set", f"config.kafka.security_protocol={protocol}", check=False)
+    assert proc.returncode != 0 and f"config.kafka.{key} needs config.kafka.security_protocol" in proc.stderr
+
+
+def test_kafka_tls_over_ssl_renders_a_config_the_service_loads(
+        tools: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = docs_of(render(tools, "--set", "kafkaTls.enabled=true", "--set", "kafkaTls.secretName=ca",
+                          "--set", "config.kafka.security_protocol=SSL"))
+    settings = _load_rendered_config(docs, tmp_path, monkeypatch)
+    assert settings.kafka.security_protocol == "SSL" and settings.kafka.ssl_cafile == "/etc/embedwatch/tls/ca.crt"
+
+
+def test_http_port_zero_is_refused(tools: dict[str, Path]) -> None:
+    """Port 0 would bind a random port while the container port and the probes say 9108."""
+    proc = helm(tools, "template", RELEASE, str(CHART), "--set", "config.http.port=0", check=False)
+    assert proc.returncode != 0 and "/config/http/port" in proc.stderr, proc.stdout[:300]
+
+
 def test_tls_paths_and_mount(all_docs: list[dict[str, Any]]) -> None:
     cfg = yaml.safe_load(one(all_docs, "ConfigMap", f"{RELEASE}-embedwatch")["data"]["config.yaml"])
     assert cfg["kafka"]["ssl_cafile"] == "/etc/embedwatch/tls/ca.crt"
@@ -364,7 +431,8 @@ def test_existing_secret_env_refs(all_docs: list[dict[str, Any]]) -> None:
 
 def test_chart_created_secret(tools: dict[str, Path]) -> None:
     docs = docs_of(render(tools, "--set", "secrets.kafkaSaslPassword=s3cret",
-                          "--set", "secrets.adminToken=t0ken"))
+                          "--set", "secrets.adminToken=t0ken", "--set", "config.kafka.security_protocol=SASL_PLAINTEXT",
+                          "--set", "config.kafka.sasl_mechanism=PLAIN", "--set", "config.kafka.sasl_username=u"))
     secret = one(docs, "Secret")
     assert {k: base64.b64decode(v).decode() for k, v in secret["data"].items()} == {
         "kafka-sasl-password": "s3cret", "admin-token": "t0ken",
@@ -377,6 +445,18 @@ def test_chart_created_secret(tools: dict[str, Path]) -> None:
     for doc in docs:
         if doc["kind"] != "Secret":
             assert "s3cret" not in json.dumps(doc) and "t0ken" not in json.dumps(doc), doc["kind"]
+
+
+def test_sasl_password_reaches_the_pod_only_over_sasl(tmp_path: Path, tools: dict[str, Path]) -> None:
+    """The service refuses a SASL password its protocol would not use: an existing Secret's
+    password is not injected under PLAINTEXT / SSL, and a chart-held one is refused."""
+    for protocol in ("PLAINTEXT", "SSL"):
+        docs = docs_of(render(tools, "--set", "secrets.existingSecret=creds",
+                              "--set", f"config.kafka.security_protocol={protocol}"))
+        assert set(_secret_env(docs)) == {"EMBEDWATCH_HTTP__ADMIN_TOKEN"}, protocol
+    proc = helm(tools, "template", RELEASE, str(CHART), "--set", "secrets.kafkaSaslPassword=s3cret", check=False)
+    assert proc.returncode != 0 and "secrets.kafkaSaslPassword needs config.kafka.security_protocol" in proc.stderr
+    assert "s3cret" not in proc.stderr
 
 
 def test_no_secret_no_env(default_docs: list[dict[str, Any]]) -> None:

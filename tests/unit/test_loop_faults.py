@@ -139,7 +139,7 @@ class Sink:
 
 def settings(**kw: Any) -> Settings:
     base: dict[str, Any] = {"kafka": {"poll_timeout_ms": 1, "max_poll_records": 50, "queries_topic": None},
-                            "detection": {"reference_size": 50, "window_events": 100}}
+                            "detection": {"reference_size": 50, "window_events": 100, "min_window_events": 91}}
     for k, v in kw.items():
         base.setdefault(k, {}).update(v)
     return Settings(**base)

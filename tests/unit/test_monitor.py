@@ -480,3 +480,324 @@ def test_one_absurd_vector_in_the_window_is_a_rejection_not_an_exception() -> No
     assert [a.kind for a in alarms][:1] == ["start"]
     me = m.measures()
     assert me["window_events"] > 300 and math.isfinite(me["drift_score"])
+
+
+# --- low-rate streams, silence, time bounds ----------------------------------------------------
+
+
+def feed_at(m: StreamMonitor, x: np.ndarray, t0: float, dt: float, batch: int) -> tuple[list[Alarm], float]:
+    """Feed ``x`` with one event every ``dt`` seconds from ``t0``; returns the alarms and the next ts."""
+    out: list[Alarm] = []
+    for a in range(0, x.shape[0], batch):
+        e = min(a + batch, x.shape[0])
+        out += m.update_embeddings(x[a:e], t0 + dt * np.arange(a, e, dtype=np.float64))
+    return out, t0 + dt * x.shape[0]
+
+
+def test_a_scan_alarm_of_a_low_rate_stream_ends_and_window_measures_go_nan() -> None:
+    """Fewer than min_window_events per window_seconds: the MMD test never runs, the scan starts an
+    alarm, and the alarm ends on the scan's evidence once the stream is back to normal."""
+    rng = np.random.default_rng(21)
+    s = det(window_seconds=1000.0)  # one event a minute: ~17 events in the window, min is 50
+    m = StreamMonitor(KEY, s)
+    _, t = feed_at(m, draw(rng, 400), 0.0, 1.0, 100)  # reference
+    _, t = feed_at(m, draw(rng, 400), t, 1.0, 50)  # normal, at a rate the MMD test sees
+    assert math.isfinite(m.measures()["drift_score"])
+    _, t = feed_at(m, draw(rng, 100), t, 60.0, 10)  # the rate drops: the window holds ~17 events
+    me = m.measures()
+    assert me["window_events"] < s.min_window_events
+    for k in ("drift_score", "drift_threshold", "drift_p_value", "centroid_cosine_distance",
+              "similarity_ks_statistic", "dimensions_drifted_ratio"):
+        assert math.isnan(me[k]), k
+    start, t = feed_at(m, draw(rng, 200, shift=1.5), t, 60.0, 10)
+    assert [(a.kind, a.detector) for a in start] == [("start", "mean_shift")] and m.drifting
+    after, t = feed_at(m, draw(rng, 3000), t, 60.0, 10)
+    ends = [a for a in after if a.kind == "end"]
+    assert len(ends) == 1 and ends[0].detector == "mean_shift" and not m.drifting
+    assert math.isnan(ends[0].score) and ends[0].p_value is None
+    assert m.alarms()[-1] == ends[0] and m.measures()["drift_detected"] == 0.0
+    # The scan's longest window (1000 events) holds no shifted event ~1000 events after the change
+    # ends, plus alarm_end_evaluations evaluations.
+    assert ends[0].index <= 400 + 400 + 100 + 200 + 1000 + s.alarm_end_evaluations * s.evaluate_every
+
+
+def test_expire_empties_a_silent_streams_window_and_ends_its_alarm() -> None:
+    rng = np.random.default_rng(22)
+    s = det(window_seconds=3600.0)
+    m = StreamMonitor(KEY, s)
+    _, t = feed_at(m, draw(rng, 800), 0.0, 1.0, 100)
+    start, t = feed_at(m, draw(rng, 300, shift=1.5), t, 1.0, 100)
+    assert start and m.drifting and math.isfinite(m.measures()["drift_score"])
+    last = t - 1.0
+    changes = m.changes
+    # New events since the previous call (the first one here): a backlog being caught up, not a
+    # silent stream; nothing is expired, however old they are.
+    assert m.expire(last + 72 * 3600.0) == [] and m.drifting
+    assert m.expire(last + 600.0) == [] and m.drifting  # within the time bound: nothing changes
+    assert m.changes == changes and m.measures()["window_events"] == 400.0
+    ends = m.expire(last + 72 * 3600.0)
+    assert len(ends) == 1 and ends[0].kind == "end" and ends[0].detector == start[0].detector
+    assert ends[0].index == 1099 and ends[0].ts == last + 72 * 3600.0
+    assert m.alarms()[-1] == ends[0] and not m.drifting and m.changes > changes
+    me = m.measures()
+    assert me["drift_detected"] == 0.0 and me["window_events"] == 0.0
+    for k in ("drift_score", "drift_threshold", "centroid_cosine_distance", "similarity_ks_statistic",
+              "mean_shift_score", "mean_shift_threshold_ratio"):
+        assert math.isnan(me[k]), k
+    assert m.expire(last + 73 * 3600.0) == []  # once only
+    # A checkpoint of the expired monitor restores as expired.
+    r = _round_trip(m, s)
+    assert not r.drifting and math.isnan(r.measures()["drift_score"])
+
+
+def test_expire_ends_the_query_embedding_alarm_as_mmd_query() -> None:
+    rng = np.random.default_rng(23)
+    m = StreamMonitor(KEY, det(window_seconds=3600.0))
+    nan = np.full(800, np.nan)
+    qv = np.concatenate([draw(rng, 400), draw(rng, 400, shift=2.0)])
+    assert m.update_queries(nan, nan, nan, nan, nan, np.arange(800.0), qv)[0].kind == "start"
+    assert m.expire(800.0 + 3600.0) == []  # the first call after new events only notes them
+    ends = m.expire(800.0 + 2 * 3600.0)
+    assert [(a.kind, a.detector) for a in ends] == [("end", "mmd_query")]
+    assert m.measures()["query_drift_detected"] == 0.0
+
+
+def test_a_stream_back_after_a_long_silence_is_scanned_on_its_new_events_only() -> None:
+    """The scan's running sums are count-based: after a silence longer than the window they held
+    only old (drifted) events, which kept the alarm going for ~1,100 normal events."""
+    rng = np.random.default_rng(24)
+    s = det(window_seconds=3600.0)
+    m = StreamMonitor(KEY, s)
+    _, t = feed_at(m, draw(rng, 800), 0.0, 1.0, 100)
+    start, t = feed_at(m, draw(rng, 1000, shift=1.5), t, 1.0, 100)
+    assert start and m.drifting
+    after, _ = feed_at(m, draw(rng, 1200), t + 3 * 86400.0, 1.0, 50)
+    ends = [a for a in after if a.kind == "end"]
+    assert ends and not m.drifting
+    # Ends within the first evaluations of the new events (it took ~1,100 events before).
+    assert ends[0].index - 1800 < s.min_window_events + s.alarm_end_evaluations * s.evaluate_every
+
+
+# --- query side: export, query-only streams, promotion -----------------------------------------
+
+
+def _queries(m: StreamMonitor, top1: np.ndarray, t0: float, vectors: np.ndarray | None = None,
+             batch: int = 100) -> list[Alarm]:
+    out: list[Alarm] = []
+    n = top1.shape[0]
+    for a in range(0, n, batch):
+        e = min(a + batch, n)
+        k = e - a
+        nres = np.where(np.isfinite(top1[a:e]), 5.0, np.nan)
+        out += m.update_queries(top1[a:e], nres, np.full(k, np.nan), np.full(k, np.nan), np.full(k, np.nan),
+                                t0 + np.arange(a, e, dtype=np.float64),
+                                None if vectors is None else vectors[a:e])
+    return out
+
+
+def test_query_embedding_drift_is_in_the_measures() -> None:
+    rng = np.random.default_rng(25)
+    m = StreamMonitor(KEY, det())
+    feed(m, draw(rng, 600), 0, 600)
+    me = m.measures()
+    assert math.isnan(me["query_drift_detected"]) and math.isnan(me["query_drift_score"])
+    qv = np.concatenate([draw(rng, 600), draw(rng, 400, shift=2.0)])
+    alarms = _queries(m, rng.uniform(0.5, 0.9, 1000), 0.0, qv)
+    assert alarms[0].detector == "mmd_query" and not m.drifting
+    me = m.measures()
+    assert me["query_drift_detected"] == 1.0 and me["drift_detected"] == 0.0
+    assert me["query_drift_score"] == m._qvec.measures()["drift_score"] > 0  # type: ignore[union-attr]
+
+
+def test_a_query_only_stream_has_the_baseline_of_its_query_side_and_can_be_promoted() -> None:
+    rng = np.random.default_rng(26)
+    s = det()
+    m = StreamMonitor(KEY, s)
+    _queries(m, rng.uniform(0.5, 0.9, 300), 0.0, draw(rng, 300))
+    assert m.query_only and m.measures()["baseline_ready"] == 0.0  # query embeddings collecting
+    _queries(m, rng.uniform(0.5, 0.9, 200), 300.0, draw(rng, 200))
+    me = m.measures()
+    assert me["baseline_ready"] == 1.0 and me["baseline_events"] == 400.0
+    start = _queries(m, rng.uniform(0.5, 0.9, 400), 500.0, draw(rng, 400, shift=2.0))
+    assert start[0].detector == "mmd_query" and m.measures()["query_drift_detected"] == 1.0
+    # Promoted: the next 200 query embeddings become the query baseline; the alarm ends then.
+    assert m.promote(events=200) is None and m.promotion == {"events": 0, "needed": 200}
+    new_normal = draw(rng, 200, shift=2.0)
+    assert _queries(m, rng.uniform(0.5, 0.9, 120), 900.0, new_normal[:120]) == []
+    assert m.promotion == {"events": 120, "needed": 200} == m.state()["promotion"]
+    end = _queries(m, rng.uniform(0.5, 0.9, 80), 1020.0, new_normal[120:])
+    assert [(a.kind, a.detector) for a in end] == [("end", "mmd_query")] and m.promotion is None
+    qb = m._qvec.baseline  # type: ignore[union-attr]
+    assert qb is not None and qb.source == "promoted" and qb.count == 200
+    np.testing.assert_allclose(qb.mean, new_normal.astype(np.float64).mean(0), rtol=1e-9)
+    assert m.measures()["query_drift_detected"] == 0.0 and m.baseline is None
+
+
+def test_a_query_only_stream_without_embeddings_is_ready_with_its_top1_reference() -> None:
+    rng = np.random.default_rng(27)
+    s = det()
+    m = StreamMonitor(KEY, s)
+    _queries(m, rng.uniform(0.5, 0.9, 399), 0.0)
+    assert m.measures()["baseline_ready"] == 0.0
+    _queries(m, rng.uniform(0.5, 0.9, 1), 399.0)
+    assert m.measures()["baseline_ready"] == 1.0
+    assert m.promote() is None and m.promotion == {"events": 0, "needed": 400}
+    assert m.measures()["baseline_ready"] == 0.0
+    _queries(m, rng.uniform(0.5, 0.9, 400), 400.0)
+    assert m.promotion is None and m.measures()["baseline_ready"] == 1.0
+    # A stream that never had any event still cannot be promoted.
+    with pytest.raises(ValueError, match="0 events so far"):
+        StreamMonitor(KEY, s).promote()
+
+
+def test_promotion_restarts_the_top1_reference() -> None:
+    """The KS test compares with the first reference_size queries after the promotion."""
+    rng = np.random.default_rng(28)
+    s = det()
+    m = StreamMonitor(KEY, s)
+    feed(m, draw(rng, 500), 0, 500)
+    old = rng.uniform(0.6, 0.9, 400)
+    shifted = rng.uniform(0.2, 0.5, 1000)
+    _queries(m, np.concatenate([old, shifted[:300]]), 0.0)
+    assert m.measures()["query_top1_ks_statistic"] == pytest.approx(ss.ks_2samp(shifted[:300], old).statistic)
+    m.promote(events=100)
+    me = m.measures()
+    assert math.isnan(me["query_top1_ks_statistic"]) and math.isnan(me["query_top1_ks_p_value"])
+    _queries(m, shifted[300:700], 700.0)  # the new reference: 400 queries
+    assert math.isnan(m.measures()["query_top1_ks_statistic"])
+    _queries(m, shifted[700:850], 1100.0)
+    r = _round_trip(m, s)  # the moved reference survives a checkpoint
+    for mon in (m, r):
+        _queries(mon, shifted[850:], 1250.0)
+        ks = ss.ks_2samp(shifted[700:], shifted[300:700], method="asymp")
+        me = mon.measures()
+        assert me["query_top1_ks_statistic"] == pytest.approx(ks.statistic, rel=1e-9)
+        assert me["query_top1_ks_p_value"] == pytest.approx(ks.pvalue, rel=1e-6)
+
+
+def test_a_rollback_restarts_the_top1_reference() -> None:
+    rng = np.random.default_rng(29)
+    m = StreamMonitor(KEY, det())
+    feed(m, draw(rng, 500), 0, 500)
+    _queries(m, rng.uniform(0.6, 0.9, 600), 0.0)
+    assert math.isfinite(m.measures()["query_top1_ks_statistic"])
+    assert m.baseline is not None
+    m.activate(m.baseline)
+    assert math.isnan(m.measures()["query_top1_ks_statistic"])
+
+
+def test_query_measures_go_nan_when_no_window_query_has_results() -> None:
+    rng = np.random.default_rng(30)
+    s = det(window_seconds=600.0)
+    m = StreamMonitor(KEY, s)
+    _queries(m, np.where(np.arange(500) < 450, rng.uniform(0.6, 0.9, 500), 0.05), 0.0)
+    me = m.measures()
+    assert me["query_no_match_ratio"] > 0 and me["query_result_count"] == 5.0
+    assert math.isfinite(me["query_top1_ks_statistic"])
+    _queries(m, np.full(100, np.nan), 7200.0)  # later queries carry no results at all
+    me = m.measures()
+    for k in ("query_no_match_ratio", "query_result_count", "query_top1_ks_statistic",
+              "query_top1_ks_p_value", "query_precision_at_k"):
+        assert math.isnan(me[k]), k
+
+
+def test_a_query_only_streams_query_drift_and_baseline_reach_the_metrics() -> None:
+    """Through the service's exposition: the query embeddings' alarm is visible (it was in no
+    metric) and the stream is not reported as missing its baseline."""
+    from embedwatch.app import Service
+    from embedwatch.config import Settings
+    from embedwatch.events import Message
+
+    rng = np.random.default_rng(31)
+    svc = Service(Settings(detection={"reference_size": 200, "window_events": 200,  # type: ignore[arg-type]
+                                      "min_window_events": 100}))
+    msgs = []
+    for i in range(1000):
+        v = draw(rng, 1, shift=0.0 if i < 500 else 2.0)[0]
+        ev = {"model": "search", "model_version": "1", "ts": 1_700_000_000.0 + i, "query_id": f"q{i}",
+              "embedding": v.tolist(), "results": [{"id": "a", "score": 0.8}]}
+        msgs.append(Message(json.dumps(ev).encode(), topic=svc.settings.kafka.queries_topic, offset=i,
+                            timestamp_ms=1_700_000_000_000))
+    for a in range(0, 1000, 100):
+        svc.process(msgs[a:a + 100], now=1_700_001_000.0)
+    lines = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in svc.exporter.text().splitlines()
+             if ln.startswith("embedwatch_") and 'model="search"' in ln}
+    lab = '{model="search",model_version="1",segment="default"}'
+    assert lines["embedwatch_query_drift_detected" + lab] == 1.0
+    assert lines["embedwatch_query_drift_score" + lab] > 0
+    assert lines["embedwatch_baseline_ready" + lab] == 1.0
+    assert lines["embedwatch_drift_detected" + lab] == 0.0  # the documents' state, unchanged
+
+
+@pytest.mark.parametrize("scan_windows", [[], None])
+def test_an_mmd_alarm_stays_open_while_the_drifting_stream_runs_below_the_minimum(scan_windows: Any) -> None:
+    """Too few events in the time bound is no evidence that a drift ended: an alarm the MMD test
+    started is kept (expire() ends it once the window is empty), not ended and started again."""
+    rng = np.random.default_rng(5)
+    kw: dict[str, Any] = {"window_seconds": 1000.0}
+    if scan_windows is not None:
+        kw["scan_windows"] = scan_windows
+    m = StreamMonitor(KEY, det(**kw))
+    out: list[Alarm] = []
+    t = 0.0
+    for n, dt, shift in ((400, 1.0, 0.0), (400, 1.0, 1.5), (150, 30.0, 1.5), (400, 1.0, 1.5)):
+        got, t = feed_at(m, draw(rng, n, shift=shift), t, dt, 10)
+        out += got
+    assert [(a.kind, a.detector) for a in out] == [("start", "mmd")] and m.drifting
+
+
+def test_expire_ends_the_document_alarm_of_a_stream_whose_queries_go_on() -> None:
+    """Documents stop while queries keep coming (the usual retrieval pattern): the document side
+    is silent and expires; the query side is not."""
+    rng = np.random.default_rng(22)
+    m = StreamMonitor(KEY, det(window_seconds=3600.0))
+    _, t = feed_at(m, draw(rng, 800), 0.0, 1.0, 100)
+    start, t = feed_at(m, draw(rng, 300, shift=1.5), t, 1.0, 100)
+    assert start and m.drifting
+    ended: list[Alarm] = []
+    for minute in range(1, 3 * 60):
+        now = t + 60.0 * minute
+        top1 = rng.uniform(0.5, 0.9, 3)
+        nan = np.full(3, np.nan)
+        m.update_queries(top1, np.full(3, 5.0), nan, nan, nan, now - 1.0 + np.arange(3) * 0.1)
+        ended += m.expire(now)
+    assert [(a.kind, a.detector) for a in ended] == [("end", start[0].detector)] and not m.drifting
+    me = m.measures()
+    assert me["window_events"] == 0.0 and math.isnan(me["drift_score"])
+    assert me["query_result_count"] == 5.0  # the live query side keeps its measures
+
+
+def test_expire_clears_the_query_measures_of_a_stream_whose_queries_stopped() -> None:
+    m = StreamMonitor(KEY, det(window_seconds=3600.0))
+    n = 600
+    top1 = np.random.default_rng(1).uniform(0.0, 0.4, n)
+    m.update_queries(top1, np.full(n, 5.0), np.full(n, 0.5), np.full(n, 0.4), np.full(n, 0.1),
+                     np.arange(n, dtype=np.float64))
+    keys = ("query_no_match_ratio", "query_result_count", "query_precision_at_k", "query_recall_at_k")
+    assert all(math.isfinite(m.measures()[k]) for k in keys)
+    assert m.expire(n + 600.0) == []  # the first look after new queries only notes them
+    assert all(math.isfinite(m.measures()[k]) for k in keys)  # within the time bound
+    m.expire(n + 2 * 3600.0)
+    assert all(math.isnan(m.measures()[k]) for k in keys), {k: m.measures()[k] for k in keys}
+
+
+@pytest.mark.parametrize("batch", [50, 100])
+def test_a_silence_inside_a_batch_restarts_the_scan_as_one_between_batches(batch: int) -> None:
+    """The scan's reset after a silence longer than the window must not depend on where the poll
+    batches (or replay's chunks) fall."""
+    def ends(spans_gap: bool) -> list[int]:
+        rng = np.random.default_rng(24)
+        m = StreamMonitor(KEY, det(window_seconds=3600.0))
+        x = np.concatenate([draw(rng, 800), draw(rng, 1000, shift=1.5), draw(rng, 1200)])
+        ts = np.arange(x.shape[0], dtype=np.float64)
+        ts[1800:] += 3 * 86400.0
+        cut = 1800 - batch // 2 if spans_gap else 1800
+        bounds = sorted({*range(0, cut, batch), *range(cut, 3000, batch), 3000})
+        alarms: list[Alarm] = []
+        for a, e in itertools.pairwise(bounds):
+            alarms += m.update_embeddings(x[a:e], ts[a:e])
+        return [a.index for a in alarms if a.kind == "end"]
+
+    between = ends(False)
+    assert len(between) == 1 and between[0] < 2000
+    assert ends(True) == between

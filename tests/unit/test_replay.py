@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ N = 3000
 DRIFTED = "enc/1/web"
 CONTROL = "enc/1/default"
 
-STREAM_KEYS = {"events", "rejected", "reference_size", "alarms", "summary"}
+STREAM_KEYS = {"events", "query_events", "rejected", "reference_size", "alarms", "summary"}
 OPTIONAL_STREAM_KEYS = {"changepoints"}
 ALARM_KEYS = {"index", "ts", "detector", "score", "p_value"}
 
@@ -420,3 +421,104 @@ def test_load_baselines_errors(tmp_path: Path) -> None:
     js.write_text(js.read_text().replace(md["baseline_id"], "0" * 16))
     with pytest.raises(ReplayError, match=r"baseline .*baseline\.npz"):
         load_baselines([base])
+
+
+# -- query events, and the decoder's limits from the configuration ----------------------------------
+
+
+def _query_file(tmp_path: Path, ts0: float = 1.7e9) -> tuple[Path, np.ndarray, np.ndarray]:
+    """300 document embeddings, then 100 labelled query lines without an embedding, then 100
+    query lines whose embeddings are far from the documents (a query stream of another
+    distribution: no document drift). Returns the file, the top-1 scores and the labels' hits."""
+    rng = np.random.default_rng(21)
+    lines = _gaussian_lines(("m", "1", None), rng.normal(size=(300, 8)), ts0)
+    top1 = np.round(rng.uniform(0.2, 0.9, size=200), 4)
+    hit = rng.random(100) < 0.3
+    for i in range(100):
+        results = [{"id": f"d{j}", "score": float(top1[i]) - 0.01 * j} for j in range(5)]
+        lines.append(orjson.dumps({"model": "m", "model_version": "1", "ts": ts0 + 300 + i, "query_id": f"q{i}",
+                                   "results": results, "relevant_ids": ["d2" if hit[i] else "zz", "yy"]}))
+    for i in range(100):
+        lines.append(orjson.dumps({"model": "m", "model_version": "1", "ts": ts0 + 400 + i, "query_id": i,
+                                   "embedding": np.round(rng.normal(size=8) + 5.0, 6).tolist(),
+                                   "results": [{"id": "a", "score": float(top1[100 + i])}]}))
+    return _write(tmp_path / "mixed.jsonl", lines), top1, hit
+
+
+def test_replay_monitors_query_lines_as_the_service_monitors_its_queries_topic(tmp_path: Path) -> None:
+    from embedwatch.events import Message
+    from embedwatch.metrics_catalog import METRICS
+
+    path, top1, hit = _query_file(tmp_path)
+    settings = Settings(detection={"reference_size": 100})  # type: ignore[arg-type]
+    buf = io.StringIO()
+    rep = run_replay(path, None, settings, progress=False, out=buf)
+    s = rep["streams"]["m/1/default"]
+    assert rep["rejected"] == {} and s["rejected"] == 0
+    # The query lines are neither rejected nor counted (and tested) as document embeddings.
+    assert s["events"] == 300 and s["query_events"] == 200 and s["alarms"] == []
+    q = s["summary"]
+    # Batch values: precision@10 = hits / 10 and recall@10 = hits / 2 over the labelled queries;
+    # no-match = top-1 below detection.no_match_threshold over all of them.
+    k, threshold = settings.detection.precision_k, settings.detection.no_match_threshold
+    assert q["query_precision_at_k"] == pytest.approx(hit.mean() / k)
+    assert q["query_recall_at_k"] == pytest.approx(hit.mean() / 2)
+    assert q["query_no_match_ratio"] == pytest.approx(float((top1 < threshold).mean()))
+    assert q["query_result_count"] == pytest.approx(3.0)  # 5 results, then 1
+    assert q["query_top1_ks_statistic"] is not None
+    # The same lines from the service's two topics, through its decoder and router: the same
+    # values, each the gauge of the metric catalog's query metrics.
+    from embedwatch.events import DecodeLimits, Decoder, StreamKey
+    from embedwatch.router import StreamRouter
+
+    emb_topic, q_topic = settings.kafka.embeddings_topic, settings.kafka.queries_topic
+    assert q_topic is not None
+    decoder = Decoder(DecodeLimits(precision_k=k), query_topics=frozenset([q_topic]))
+    router = StreamRouter(settings)
+    lines = path.read_bytes().splitlines()
+    router.route(decoder.decode([Message(value=line, topic=q_topic if b"query_id" in line else emb_topic)
+                                 for line in lines], now=0.0))
+    service = router.monitors[StreamKey("m", "1")].measures()
+    measures = {m.measure for m in METRICS if m.measure and m.measure.startswith("query_")}
+    assert {"query_top1_ks_statistic", "query_top1_ks_p_value", "query_no_match_ratio", "query_result_count",
+            "query_precision_at_k", "query_recall_at_k"} <= measures
+    for measure in measures:
+        want = service[measure]
+        assert q[measure] == (None if math.isnan(want) else pytest.approx(want)), measure
+    table = buf.getvalue().splitlines()
+    assert table[0].split()[-4:] == ["queries", "no-match", "precision@k", "recall@k"]
+    assert table[2].split()[-4:-2] == ["200", f"{q['query_no_match_ratio']:.4g}"]
+
+
+def test_summary_table_has_query_columns_only_with_queries(report: dict[str, Any]) -> None:
+    from embedwatch.replay import print_summary
+
+    buf = io.StringIO()
+    print_summary(report, 1, 1.0, buf)
+    assert buf.getvalue().splitlines()[0].split()[-1] == "drifting"
+    assert all(s["query_events"] == 0 for s in report["streams"].values())
+
+
+def test_baseline_build_leaves_query_embeddings_out(tmp_path: Path) -> None:
+    path, _, _ = _query_file(tmp_path)
+    [md] = build_baseline(path, tmp_path / "b.npz", Settings())
+    assert md["count"] == 300  # the documents alone: the 100 query embeddings are no part of it
+    b = load_file(md["path"])
+    rng = np.random.default_rng(21)
+    docs = np.round(rng.normal(size=(300, 8)), 6).astype(np.float32)
+    np.testing.assert_allclose(b.mean, docs.mean(axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_replay_applies_the_configured_future_skew(tmp_path: Path) -> None:
+    """Events 20 minutes ahead: refused under the default 300 s, accepted with 3600 s as the
+    service's decoder accepts them."""
+    import time
+
+    rng = np.random.default_rng(22)
+    path = _write(tmp_path / "ahead.jsonl", _gaussian_lines(("m", "1", None), rng.normal(size=(60, 4)),
+                                                             time.time() + 1200))
+    default = run_replay(path, None, Settings(), progress=False, out=io.StringIO())
+    assert default["rejected"] == {"schema": 60}
+    lenient = Settings(limits={"max_future_skew_s": 3600})  # type: ignore[arg-type]
+    rep = run_replay(path, None, lenient, progress=False, out=io.StringIO())
+    assert rep["rejected"] == {} and rep["streams"]["m/1/default"]["events"] == 60

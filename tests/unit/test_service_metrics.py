@@ -48,7 +48,8 @@ def test_norm_and_similarity_histograms_equal_a_batch_computation(sizes: list[in
     """Batches of a few events (observed value by value) and long ones: the norm histogram holds
     every event's norm, the similarity histogram every event's cosine to the stream's baseline
     centroid once the stream has one, each in the bucket numpy puts it in."""
-    svc = Service(Settings(detection={"reference_size": 50, "window_events": 100}))  # type: ignore[arg-type]
+    svc = Service(Settings(detection={"reference_size": 50, "window_events": 100,  # type: ignore[arg-type]
+                                           "min_window_events": 91}))
     gen = EventGenerator(GeneratorConfig(streams=1, dim=24, seed=5, encoding="b64"))
     norms: list[np.ndarray] = []
     sims: list[np.ndarray] = []
@@ -75,7 +76,8 @@ def test_histograms_of_a_stream_sending_number_lists_and_base64_in_one_batch() -
     """The decoder makes two blocks of such a batch, the router feeds its monitor one: the norms
     and similarities the monitor hands over cover both, so each block's are computed for it, and
     the histograms still hold every event once."""
-    svc = Service(Settings(detection={"reference_size": 50, "window_events": 100}))  # type: ignore[arg-type]
+    svc = Service(Settings(detection={"reference_size": 50, "window_events": 100,  # type: ignore[arg-type]
+                                           "min_window_events": 91}))
     gen = EventGenerator(GeneratorConfig(streams=1, dim=24, seed=7, encoding="b64"))
     norms: list[np.ndarray] = []
     sims: list[np.ndarray] = []
@@ -108,7 +110,8 @@ def test_a_block_whose_update_raised_is_neither_counted_nor_observed() -> None:
         def update_embeddings(self, *a: object, **k: object) -> list:  # type: ignore[type-arg]
             raise RuntimeError("boom")
 
-    svc = Service(Settings(detection={"reference_size": 50, "window_events": 100}))  # type: ignore[arg-type]
+    svc = Service(Settings(detection={"reference_size": 50, "window_events": 100,  # type: ignore[arg-type]
+                                           "min_window_events": 91}))
     svc.router._factory = lambda key, det, bl: (Boom if key.model == "bad" else StreamMonitor)(key, det, bl)
     rng = np.random.default_rng(3)
     msgs = [Message(orjson.dumps({"model": "bad" if i % 3 == 0 else "m", "model_version": "v1",
@@ -128,7 +131,7 @@ def test_an_alarm_ended_by_a_baseline_change_through_the_api_is_recorded() -> No
 
     key = StreamKey("m", "1")
     svc = Service(Settings(detection={"reference_size": 100, "window_events": 100,  # type: ignore[arg-type]
-                                      "baseline_sample": 100}))
+                                      "min_window_events": 91, "baseline_sample": 100}))
     rng = np.random.default_rng(1)
 
     def feed(n: int, shift: float, t0: float) -> None:

@@ -1032,7 +1032,7 @@ def _promoted_three_times(tmp_path: Path) -> tuple[Any, _FailsOnce, list[str]]:
 
     backend = _FailsOnce(tmp_path)
     settings = Settings(detection={"reference_size": 100, "window_events": 100,  # type: ignore[arg-type]
-                                   "baseline_sample": 100})
+                                   "min_window_events": 91, "baseline_sample": 100})
     svc = Service(settings, baselines=DurableBaselineStore(backend, {}, settings.detection), state_backend=backend)
     rng = np.random.default_rng(0)
     svc.process(msgs(rng, 100, 0.0, 1.7e9), now=1.7e9 + 200)

@@ -296,3 +296,89 @@ def test_single_version_keeps_only_solo_probe_size_until_a_second_version() -> N
     [r] = vc.results()
     assert r["shared_ids"] == 300 and r["paired_cosine"] == pytest.approx(1.0, abs=1e-6)
     assert len(vc._versions["v1"].index) == 350
+
+
+def _second_migration(vc: VersionComparison, rng: np.random.Generator, announce: bool) -> dict[str, np.ndarray]:
+    """v1 -> v2 dual write, v2 alone for long, then a v2 -> v3 dual write; returns the v3 vectors
+    by id (v2 emits the same ones)."""
+    for start in range(0, 300, 50):  # first migration: fills v1's and v2's probes with pins
+        x = rng.normal(size=(50, 8))
+        vc.expect(["v1", "v2"])
+        vc.update("v1", ids(50, start), x)
+        vc.update("v2", ids(50, start), x + rng.normal(scale=0.1, size=x.shape))
+    for start in range(300, 2300, 500):  # v1 retired: v2 alone
+        vc.update("v2", ids(500, start), rng.normal(size=(500, 8)))
+    third: dict[str, np.ndarray] = {}
+    for start in range(5000, 5300, 50):  # second migration: both blocks in one poll batch
+        old = rng.normal(size=(50, 8))
+        new = old + rng.normal(scale=0.5, size=old.shape)
+        if announce:
+            vc.expect(["v2", "v3"])
+        vc.update("v2", ids(50, start), old)
+        vc.update("v3", ids(50, start), new)
+        third.update(zip([f"doc-{i}" for i in range(start, start + 50)], new.astype(np.float32), strict=True))
+    return third
+
+
+@pytest.mark.parametrize("announce", [True, False])
+def test_a_second_migration_is_paired_after_the_first_one_filled_the_probes(announce: bool) -> None:
+    """The pins of v1 -> v2 used to last for good: v2's probe, full of them, took none of the
+    ids it emitted with v3, and v3 vs v2 had no shared id at all."""
+    rng = np.random.default_rng(13)
+    vc = VersionComparison("m", probe_size=100, k=5)
+    third = _second_migration(vc, rng, announce)
+    res = {(r["model_version"], r["reference_version"]): r for r in vc.results()}
+    r = res[("v3", "v2")]
+    # Announced, v2's block of the batch v3 first appears in is taken whole; otherwise v2's
+    # probe restarts when v3 arrives and pairs from the next batch on. Either way the probe
+    # fills with the dual write's first probe_size pairs.
+    first = 5000 if announce else 5050
+    want = [f"doc-{i}" for i in range(first, first + 100)]
+    assert r["shared_ids"] == 100 and vc.shared_ids("v3", "v2") == want
+    v2 = vc._versions["v2"]
+    a = np.stack([v2.vectors[v2.index[i]] for i in want]).astype(np.float64)
+    b = np.stack([third[i] for i in want]).astype(np.float64)
+    assert r["paired_cosine"] == pytest.approx(brute_paired_cosine(a, b), rel=1e-9)
+    assert r["knn_overlap"] == pytest.approx(brute_overlap(a, b, 5), rel=1e-12)
+    assert 0.5 < r["paired_cosine"] < 0.99
+    # v1 retired before v3 came: no pair with it; v2's pins with v1 left its ring.
+    assert res[("v3", "v1")]["shared_ids"] == 0 and res[("v2", "v1")]["shared_ids"] == 0
+    for v in vc.versions:  # memory stays bounded by probe_size per version
+        p = vc._versions[v]
+        assert len(p.index) <= 100 and p.vectors.shape[0] <= 100
+        assert p.pinned <= set(p.index) and not (p.pinned & set(p.unpinned))
+        assert len(p.pinned) + len(p.unpinned) == len(p.index)
+
+
+def test_a_dual_write_still_going_on_keeps_pairing_when_a_third_version_appears() -> None:
+    rng = np.random.default_rng(14)
+    vc = VersionComparison("m", probe_size=60, k=3)
+    for start in range(0, 400, 40):
+        x = rng.normal(size=(40, 6))
+        vc.expect(["a", "b"] + (["c"] if start >= 200 else []))
+        vc.update("a", ids(40, start), x)
+        vc.update("b", ids(40, start), x)
+        if start >= 200:
+            vc.update("c", ids(40, start), x)
+    res = {(r["model_version"], r["reference_version"]): r["shared_ids"] for r in vc.results()}
+    # a and b pin again what they keep emitting together after c restarted the pins; c pairs with both.
+    assert res == {("b", "a"): 60, ("c", "a"): 60, ("c", "b"): 60}
+    shared = set(vc.shared_ids("c", "a"))
+    assert shared == set(vc.shared_ids("c", "b")) == set(vc.shared_ids("b", "a"))
+    assert shared <= {f"doc-{i}" for i in range(200, 400)}  # the pairs from before c left the rings
+
+
+def test_an_announced_version_restarts_the_pins_once() -> None:
+    """The pins two versions make in the batch a third one is announced in stay pinned: the third
+    version's own first update does not restart them again."""
+    rng = np.random.default_rng(15)
+    vc = VersionComparison("m", probe_size=40, k=3)
+    for start in (0, 100, 200):  # a and b dual write; c, new in the second batch, emits other ids
+        x = rng.normal(size=(40, 5))
+        vc.expect(["a", "b", "c"] if start else ["a", "b"])
+        vc.update("a", ids(40, start), x)
+        vc.update("b", ids(40, start), x)
+        if start:
+            vc.update("c", ids(40, start + 1000), x)
+    # The pins of the second batch (made after c's announcement) fill a's and b's probes.
+    assert vc.shared_ids("b", "a") == [f"doc-{i}" for i in range(100, 140)]

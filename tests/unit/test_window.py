@@ -158,7 +158,7 @@ def test_reservoir_sampling_is_uniform() -> None:
 
 
 def settings_(**kw: float) -> DetectionSettings:
-    base: dict[str, float] = {"window_events": 100, "buckets": 5, "reservoir_per_bucket": 8,
+    base: dict[str, float] = {"window_events": 100, "buckets": 5, "reservoir_per_bucket": 8, "min_window_events": 81,
                               "window_seconds": 1e9}
     base.update(kw)
     return DetectionSettings(**base)  # type: ignore[arg-type]
@@ -389,7 +389,7 @@ def test_features_of_one_row_match_the_same_row_in_a_batch() -> None:
 
 def test_recycled_bucket_arrays_start_clean() -> None:
     """A new bucket reusing a dropped one's arrays has the same statistics as a fresh one."""
-    s = settings_(window_events=50, buckets=2, reservoir_per_bucket=8, min_window_events=50)  # buckets of 25 events
+    s = settings_(window_events=50, buckets=2, reservoir_per_bucket=8, min_window_events=26)  # buckets of 25 events
     x, _ = data(6, 200)
     ts = np.arange(200, dtype=np.float64)
     w = Window(DIM, s, PROJ, 0)
@@ -445,3 +445,25 @@ def test_prefix_sums_windows_match_a_brute_force_sum(appends: list[int], keep: i
 def test_prefix_sums_restore_rejects_rows_that_do_not_fit() -> None:
     with pytest.raises(ValueError, match="do not fit"):
         PrefixSums.restore(np.zeros((3, 2)), np.zeros(2, dtype=np.int64), keep=2)
+
+
+@pytest.mark.parametrize("lag", [0.0, 200.0, 600.0, 1800.0])
+def test_batches_of_a_lagging_partition_do_not_shrink_the_window(lag: float) -> None:
+    """Poll batches alternate between a partition on time and one ``lag`` seconds behind (more
+    than a bucket's 360 s span): a bucket opened by a late batch spanned from its late first event,
+    the next on-time batch closed it at 20 events, and the window held ~570 instead of ~960."""
+    s = settings_(window_seconds=3600.0, window_events=1000, buckets=10)
+    w = Window(DIM, s, PROJ, 0)
+    x, _ = data(3, 6000)
+    sizes = []
+    for k in range(300):  # 10 events/s, batches of 20
+        ts = 100.0 + 2.0 * k + 0.1 * np.arange(20)
+        if k % 2:
+            ts -= lag
+        w.add(x[20 * k : 20 * k + 20], ts, 20 * k)
+        sizes.append(w.count)
+    cap = 1000 // 10
+    assert min(sizes[100:]) >= 1000 - cap  # the count bound, not the lag, sets the size
+    assert all(b.count == cap for b in list(w.buckets)[:-1])
+    tot = w.totals(with_features=False)
+    np.testing.assert_allclose(tot.sum, x[6000 - tot.count :].astype(np.float64).sum(0), rtol=1e-9)

@@ -82,6 +82,25 @@ files when kafkaTls.enabled and the user did not set them. Never holds a secret.
 {{- if or (hasKey $kafka "sasl_password") (hasKey (get $cfg "http" | default dict) "admin_token") }}
 {{- fail "config.kafka.sasl_password and config.http.admin_token are secrets: set secrets.kafkaSaslPassword / secrets.adminToken or secrets.existingSecret instead" }}
 {{- end }}
+{{- /* The clients read ssl_* only over SSL / SASL_SSL and sasl_* only over SASL_*: anything else
+would be dropped without a word (a CA mounted for a connection that stays plaintext). */}}
+{{- $protocol := $kafka.security_protocol | default "PLAINTEXT" }}
+{{- if and .Values.kafkaTls.enabled (not (hasSuffix "SSL" $protocol)) }}
+{{- fail (printf "kafkaTls.enabled needs config.kafka.security_protocol SSL or SASL_SSL (got %s): the mounted TLS files would be ignored" $protocol) }}
+{{- end }}
+{{- range $key := list "ssl_cafile" "ssl_certfile" "ssl_keyfile" "ssl_check_hostname" }}
+{{- if and (hasKey $kafka $key) (not (hasSuffix "SSL" $protocol)) }}
+{{- fail (printf "config.kafka.%s needs config.kafka.security_protocol SSL or SASL_SSL (got %s)" $key $protocol) }}
+{{- end }}
+{{- end }}
+{{- range $key := list "sasl_mechanism" "sasl_username" }}
+{{- if and (hasKey $kafka $key) (not (hasPrefix "SASL" $protocol)) }}
+{{- fail (printf "config.kafka.%s needs config.kafka.security_protocol SASL_PLAINTEXT or SASL_SSL (got %s)" $key $protocol) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.secrets.kafkaSaslPassword (not (hasPrefix "SASL" $protocol)) }}
+{{- fail (printf "secrets.kafkaSaslPassword needs config.kafka.security_protocol SASL_PLAINTEXT or SASL_SSL (got %s)" $protocol) }}
+{{- end }}
 {{- if .Values.kafkaTls.enabled }}
 {{- $dir := .Values.kafkaTls.mountPath }}
 {{- if and .Values.kafkaTls.caKey (not (hasKey $kafka "ssl_cafile")) }}

@@ -23,11 +23,20 @@ Bounded memory. Per version at most ``probe_size`` ids are held (``probe_size * 
 bytes; ``solo_probe_size`` while the model has a single version, see
 :class:`VersionComparison`), and at most ``max_versions`` versions per model (the first one
 seen, the reference, is never evicted; beyond the cap the least recently updated other version is dropped). An id
-held by two or more versions is *pinned*: it stays until the end. Other ids form a ring of the
-most recent ones, evicted first-in first-out to make room. So when a version emits an id that
-another version emitted within its last ``probe_size`` unpinned ids, the pair is caught and kept;
-once ``probe_size`` ids are pinned the probe set is fixed. That is exactly the dual-write case,
-where both versions emit an item at about the same time.
+held by two or more versions is *pinned*: it stays until a new version appears. Other ids form a
+ring of the most recent ones, evicted first-in first-out to make room. So when a version emits an
+id that another version emitted within its last ``probe_size`` unpinned ids, the pair is caught
+and kept; once ``probe_size`` ids are pinned the probe set is fixed. That is exactly the dual-write
+case, where both versions emit an item at about the same time.
+
+A new version (the next migration: v2 -> v3 after v1 -> v2) restarts the pin set: every pinned id
+goes back to the oldest end of its version's ring. A finished migration's pins would otherwise
+fill the probes for good (a probe full of pins takes no new id), and the new version could pair
+with nothing. A dual write still going on pins its next shared ids again; the pairs of a finished
+one leave the rings as their versions emit new ids (the reference, if retired, keeps its last
+``probe_size`` ids but pairs with no new version). The restart happens when the new version is
+announced (:meth:`VersionComparison.expect`, before a poll batch's blocks are added) or first
+updated, so the old version's block of the same batch is taken in full.
 
 Updates are O(batch) dictionary operations plus one numpy scatter; :meth:`results` is
 vectorised (one Gram matrix per version of a pair, ``argpartition`` for the k nearest) and
@@ -94,6 +103,13 @@ class _Probe:
             self.pinned.add(ident)
             self.unpinned.pop(ident, None)
 
+    def unpin_all(self) -> None:
+        """Every pinned id back to the ring, at its oldest end (in row order: deterministic)."""
+        if self.pinned:
+            released = sorted(self.pinned, key=self.index.__getitem__)
+            self.unpinned = OrderedDict.fromkeys([*released, *self.unpinned])
+            self.pinned = set()
+
 
 class VersionComparison:
     """Paired cosine and k-NN overlap between the versions of one model; see the module docstring.
@@ -127,6 +143,9 @@ class VersionComparison:
         # (set once by expect(); the reference is never evicted, so it stays true)
         self._seq = 0
         self._cache: list[dict[str, Any]] | None = None
+        # New versions whose pin restart expect() did already: their first update does not redo it
+        # (it would release the pins the batch's other blocks made meanwhile).
+        self._restarted: set[str] = set()
 
     @property
     def versions(self) -> list[str]:
@@ -141,11 +160,25 @@ class VersionComparison:
     def expect(self, versions: Iterable[str]) -> None:
         """Versions about to be updated (e.g. the blocks of one poll batch). With two or more
         versions between them and those held, every probe may grow to ``probe_size`` from now
-        on, so the first version's update is not cut to the solo ring before the second arrives."""
-        if not self._several and len(set(self._versions) | set(versions)) > 1:
+        on, so the first version's update is not cut to the solo ring before the second arrives.
+        A version not held restarts the pin set now (see the module docstring), so that the held
+        versions' blocks of the same batch are taken whole, ready to pair with it."""
+        versions = set(versions)
+        self._widen(versions)
+        new = versions - set(self._versions)
+        if new:
+            self._restart_pins()
+        self._restarted = new
+
+    def _widen(self, versions: set[str]) -> None:
+        if not self._several and len(set(self._versions) | versions) > 1:
             self._several = True
             for p in self._versions.values():
                 p.capacity = self.probe_size
+
+    def _restart_pins(self) -> None:
+        for p in self._versions.values():
+            p.unpin_all()
 
     def update(self, model_version: str, ids: Sequence[str | None], vectors: np.ndarray) -> None:
         """Add a batch of one version; rows whose id is None are ignored."""
@@ -156,7 +189,11 @@ class VersionComparison:
         probe = self._versions.get(model_version)
         if probe is None:
             self._evict_version()
-            self.expect([model_version])  # a second version: every probe may grow to full size
+            self._widen({model_version})  # a second version: every probe may grow to full size
+            if model_version in self._restarted:
+                self._restarted.discard(model_version)  # announced: its restart is done
+            else:
+                self._restart_pins()
             cap = self.probe_size if self._several else self.solo_probe_size
             probe = self._versions[model_version] = _Probe(vectors.shape[1], cap, self._seq)
         probe.seq = self._seq
