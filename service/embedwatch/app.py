@@ -168,6 +168,17 @@ def _lost_assignment(e: BaseException) -> bool:
     return any(name in text for name in _REBALANCE_ERRORS)
 
 
+class StreamNotHere(LookupError):
+    """The API named a stream this replica does not monitor (API 404)."""
+
+    def __init__(self, key: StreamKey) -> None:
+        super().__init__(f"stream {key} is not monitored by this replica (with several replicas, send it "
+                         "to the one whose /api/streams lists the stream)")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def starting_metrics(exporter: Exporter) -> None:
     """The series a process exports from its start, before it consumes anything: it runs
     (``embedwatch_up`` 1), is neither connected nor ready, and its counters exist at 0, so rate()
@@ -175,7 +186,8 @@ def starting_metrics(exporter: Exporter) -> None:
     exporter.set_gauge("embedwatch_up", (), 1.0)
     for name in ("embedwatch_dead_letter_errors_total", "embedwatch_rebalances_total",
                  "embedwatch_batches_total", "embedwatch_checkpoints_total",
-                 "embedwatch_checkpoint_bytes_total", "embedwatch_streams_forgotten_total"):
+                 "embedwatch_checkpoint_bytes_total", "embedwatch_streams_forgotten_total",
+                 "embedwatch_stream_partition_conflicts_total"):
         exporter.counters.inc(name, (), 0)
     exporter.set_gauge("embedwatch_kafka_connected", (), 0.0)
     exporter.set_gauge("embedwatch_ready", (), 0.0)
@@ -232,6 +244,7 @@ class Service:
         self._last_idle_check = time.monotonic()
         self._last_window_check = time.monotonic()
         self._behind: set[PartitionId] = set()  # partitions with unread events at the last probe
+        self._split_streams: set[StreamKey] = set()  # streams reported in more than one partition
         self._heartbeat = time.monotonic()
         # When (wall clock) the loop last received an event of each live stream (see _expire_idle_streams).
         self._seen: dict[StreamKey, float] = {}
@@ -463,6 +476,7 @@ class Service:
         with self.exporter.lock:
             self._assigned |= set(partitions)
             self.exporter.set_gauge("embedwatch_assigned_partitions", (), float(len(self._assigned)))
+            self._check_copartitioned()
         if self.persistent:
             # What the restore read and decoded is freed now: a replica restarted at 200 x 768-d held
             # 684 MiB until its first checkpoint's trim, 463 MiB trimmed here (342 once that
@@ -516,6 +530,11 @@ class Service:
         ckpt, monitors = restored
         seen_at = {sc.key: sc.seen_at for sc in ckpt.streams}
         for mon in monitors:
+            home = self.stream_home.get(mon.key)
+            if mon.key in self.router.monitors and home is not None and home != p:
+                # In two partitions' checkpoints: its events were not co-partitioned, and the part
+                # monitored from the other partition is replaced by this one.
+                self._split(mon.key, home, p)
             self.router.adopt(mon)
             self.stream_home[mon.key] = p
             when = seen_at.get(mon.key)
@@ -575,6 +594,34 @@ class Service:
             self._orphans |= {k for k, home in self.stream_home.items() if home in revoked} - self._stale
             self._awaiting_assignment = bool(revoked)
         log.info("revoked %s", sorted(partitions))
+
+    def _split(self, key: StreamKey, home: PartitionId, other: Message | PartitionId) -> None:
+        """Report a stream whose events come from more than one partition number, once per
+        stream: with several replicas each may monitor part of it (its own window, baseline and
+        alarms), and a rebalance keeps only one part (docs/deploy.md, partitioning)."""
+        if len(self._split_streams) >= 10_000:  # bounded: only the log line and the counter depend on it
+            self._split_streams.clear()
+        self._split_streams.add(key)
+        self.exporter.counters.inc("embedwatch_stream_partition_conflicts_total")
+        where = f"{other.topic}:{other.partition}"
+        log.warning("stream %s has events in %s and in %s:%d: key every event of a stream by the stream, "
+                    "in topics of equal partition counts, or replicas each monitor part of it "
+                    "(docs/deploy.md)", key, where, home.topic, home.partition)
+
+    def _check_copartitioned(self) -> None:
+        """The embeddings and queries partitions this replica owns must have the same numbers, or a
+        stream's query events are monitored by another replica than its embeddings."""
+        k = self.settings.kafka
+        if not k.queries_topic:
+            return
+        emb = {p.partition for p in self._assigned if p.topic == k.embeddings_topic}
+        qry = {p.partition for p in self._assigned if p.topic == k.queries_topic}
+        if emb != qry and (emb or qry):
+            self.exporter.counters.inc("embedwatch_stream_partition_conflicts_total")
+            log.warning("assigned partitions %s of %s but %s of %s: a stream's query events may be monitored "
+                        "by another replica than its embeddings; give both topics the same number of "
+                        "partitions and key both by stream with the same partitioner (docs/deploy.md)",
+                        sorted(emb), k.embeddings_topic, sorted(qry), k.queries_topic)
 
     def _forget_stream(self, key: StreamKey) -> None:
         self.router.remove(key)
@@ -1081,9 +1128,19 @@ class Service:
                         del self.replay_until[p]
                 self._publish_ledger(p)
             for b in batch.blocks:
-                if b.stream not in self.stream_home and b.stream in self.router.monitors:
-                    m0 = messages[int(b.message_index[0])]
-                    self.stream_home[b.stream] = PartitionId(m0.topic, m0.partition)
+                if b.stream not in self.router.monitors:
+                    continue
+                m0 = messages[int(b.message_index[0])]
+                home = self.stream_home.get(b.stream)
+                if home is None:
+                    self.stream_home[b.stream] = home = PartitionId(m0.topic, m0.partition)
+                # A stream's events must all come from one partition number (its key, in topics of
+                # equal partition counts): else two replicas may each monitor part of it. The first
+                # and last event of each block are looked at (a per-event check costs the hot path).
+                m1 = messages[int(b.message_index[-1])]
+                if ((m0.partition != home.partition or m1.partition != home.partition)
+                        and b.stream not in self._split_streams):
+                    self._split(b.stream, home, m0 if m0.partition != home.partition else m1)
         if not self.persistent:
             # No durable state: the batch's effects live in memory only, so the batch is the unit.
             # Its commit goes out asynchronously and is confirmed before the next batch has any
@@ -1253,7 +1310,7 @@ class Service:
         with self.exporter.lock:
             mon = self.router.monitors.get(key)
             if mon is None:
-                raise KeyError(str(key))
+                raise StreamNotHere(key)
             if baseline_id is None:
                 built = mon.promote(events)
                 progress = mon.promotion
@@ -1284,7 +1341,7 @@ class Service:
         with self.exporter.lock:
             mon = self.router.monitors.get(key)
             if mon is None:
-                raise KeyError(str(key))
+                raise StreamNotHere(key)
             _stored(lambda: self.baselines.rollback(key))
             baseline = self.baselines.get(key)
             self._record_end(mon.activate(baseline))

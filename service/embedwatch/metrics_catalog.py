@@ -62,6 +62,10 @@ METRICS: tuple[Metric, ...] = (
     Metric("embedwatch_processing_seconds", "histogram", "Time to decode and process one poll batch.",
            buckets=PROCESSING_BUCKETS),
     Metric("embedwatch_streams", "gauge", "Live streams (capped by limits.max_streams)."),
+    Metric("embedwatch_stream_partition_conflicts_total", "counter",
+           "Streams found in more than one partition number (their events not keyed by stream, or the "
+           "embeddings and queries topics of unequal partition counts), and assignments whose embeddings and "
+           "queries partitions differ: replicas may each monitor part of a stream (docs/deploy.md)."),
     Metric("embedwatch_streams_forgotten_total", "counter",
            "Streams forgotten after limits.stream_idle_s without an event (at the minute's check or at a "
            "restore): their max_streams slot and series freed."),

@@ -556,3 +556,65 @@ def test_a_missing_topic_is_not_reported_as_a_broker_that_does_not_answer(
     assert "embedwatch_kafka_connected 1.0" in svc.exporter.text().splitlines()
     assert any("does not exist" in r.getMessage() for r in caplog.records)
     assert not any("did not answer" in r.getMessage() for r in caplog.records)
+
+
+# -- partitioning ----------------------------------------------------------------------------------
+
+
+def _conflicts(svc: Service) -> float:
+    line = next(ln for ln in svc.exporter.text().splitlines()
+                if ln.startswith("embedwatch_stream_partition_conflicts_total "))
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_a_stream_whose_events_come_from_two_partitions_is_reported_once(
+        clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    """Unkeyed events of a stream spread over partitions (or a queries topic with another
+    partition count): with several replicas each monitors part of the stream."""
+    other = PartitionId("embeddings", 1)
+
+    class Two(Source):
+        def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
+            if self.polls == 0:
+                self.svc.on_assigned([other])
+            return super().poll(max_records, timeout_ms)
+
+        def assignment(self) -> set[PartitionId]:
+            return {P, other}
+
+    svc = Service(settings())
+    seen: list[float] = []
+    script: list[list[Message] | Callable[[], None]] = [
+        events(A, 5, T0), events(B, 5, T0), lambda: seen.append(_conflicts(svc)),
+        events(A, 5, T0 + 1, p=other), events(A, 5, T0 + 2, p=other),  # reported once per stream
+        events(B, 5, T0 + 3), lambda: seen.append(_conflicts(svc))]  # B stays on its partition
+    with caplog.at_level(logging.WARNING, logger="embedwatch"):
+        svc.run(Two(svc, script), Sink())
+    assert seen == [0.0, 1.0]
+    lines = [r.getMessage() for r in caplog.records if "has events in" in r.getMessage()]
+    assert len(lines) == 1 and "m/a/default" in lines[0] and "embeddings:1" in lines[0], lines
+
+
+def test_an_assignment_whose_embeddings_and_queries_partitions_differ_is_reported(
+        caplog: pytest.LogCaptureFixture) -> None:
+    s = settings(kafka={"queries_topic": "queries"})
+    svc = Service(s)
+    svc._assigned = {PartitionId("embeddings", 0), PartitionId("embeddings", 1), PartitionId("queries", 0),
+                     PartitionId("queries", 1)}
+    svc._check_copartitioned()
+    assert _conflicts(svc) == 0.0
+    svc._assigned = {PartitionId("embeddings", 0), PartitionId("embeddings", 1), PartitionId("queries", 0)}
+    with caplog.at_level(logging.WARNING, logger="embedwatch"):
+        svc._check_copartitioned()
+    assert _conflicts(svc) == 1.0
+    assert any("assigned partitions [0, 1] of embeddings but [0] of queries" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_the_api_says_a_stream_is_not_monitored_by_this_replica() -> None:
+    from embedwatch.app import StreamNotHere
+
+    svc = Service(settings())
+    with pytest.raises(StreamNotHere, match=r"stream m/a/default is not monitored by this replica .*/api/streams"):
+        svc.rollback_baseline(A)
+    assert isinstance(StreamNotHere(A), LookupError)  # the API's 404
