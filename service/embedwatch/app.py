@@ -136,20 +136,6 @@ def _stored(change: Callable[[], Any]) -> None:
                             "nothing changed, retry") from e
 
 
-def accepted_per_message(batch: DecodedBatch, result: RouteResult, n_messages: int) -> np.ndarray:
-    """How many events of each message the monitors took: the message's decoded events, less the
-    ones the router refused (stream limit, dimension, a stream's failed update, any reason it
-    adds), which follow the decoder's rejections in ``result.rejections``. So the ledger counts
-    what the router accepted (``result.accepted`` sums to the same), each event once."""
-    counts = np.zeros(n_messages, dtype=np.int64)
-    for b in batch.blocks:
-        counts += np.bincount(b.message_index, minlength=n_messages)
-    refused = result.rejections[len(batch.rejections):]
-    if refused:
-        counts -= np.bincount([r.message_index for r in refused], minlength=n_messages)
-    return counts
-
-
 _REBALANCE_ERRORS = ("CommitFailed", "IllegalGeneration", "UnknownMemberId", "RebalanceInProgress",
                      "ILLEGAL_GENERATION", "UNKNOWN_MEMBER_ID", "REBALANCE_IN_PROGRESS", "FencedInstanceId")
 
@@ -241,8 +227,7 @@ class Service:
         self._positions: dict[PartitionId, int] = {}
         self._last_lag_probe = 0.0
         self._last_heap_trim = time.monotonic()
-        self._last_idle_check = time.monotonic()
-        self._last_window_check = time.monotonic()
+        self._last_tick = time.monotonic()  # of _minute_tick
         self._behind: set[PartitionId] = set()  # partitions with unread events at the last probe
         self._split_streams: set[StreamKey] = set()  # streams reported in more than one partition
         self._heartbeat = time.monotonic()
@@ -311,12 +296,16 @@ class Service:
         result = self.router.route(batch, guard=self.exporter.lock)
         with self.exporter.lock:
             self._observe(batch, result, messages, now)
-            for a in result.alarms:
-                self.alarms.append(a)
-                log.warning("drift alarm %s: stream=%s index=%d detector=%s score=%.4g p=%s",
-                            a.kind, a.stream, a.index, a.detector, a.score, a.p_value)
-            del self.alarms[:-1000]
+            self._record_alarms(result.alarms)
         return batch, result
+
+    def _record_alarms(self, alarms: Iterable[Alarm], why: str = "") -> None:
+        """Keep the latest 1000 alarms (the API's view) and log each one (under the lock)."""
+        for a in alarms:
+            self.alarms.append(a)
+            log.warning("drift alarm %s: stream=%s index=%d detector=%s score=%.4g p=%s%s",
+                        a.kind, a.stream, a.index, a.detector, a.score, a.p_value, why)
+        del self.alarms[:-1000]
 
     def _observe(self, batch: DecodedBatch, result: RouteResult, messages: Sequence[Message], now: float) -> None:
         ex = self.exporter
@@ -948,8 +937,7 @@ class Service:
                         self._trim_heap(now_due=True)
                 self._probe(source)
                 self._trim_heap()
-                self._expire_idle_streams()
-                self._expire_windows()
+                self._minute_tick()
             deadline = self._begin_stop()
             # Some of the budget is kept for leaving the group (CLOSE_SHARE).
             keep = CLOSE_SHARE * self.settings.shutdown_timeout_s
@@ -1104,8 +1092,16 @@ class Service:
             return
         # Per-partition outcome counts, vectorised over the batch's events.
         pidx = {p: i for i, p in enumerate(parts)}  # the order of msg_part's indices
-        acc = np.bincount(msg_part, weights=accepted_per_message(batch, result, len(messages)),
-                          minlength=len(parts)).astype(np.int64)
+        # Per partition, the events the monitors took: every decoded event, less the ones the
+        # router refused (stream limit, dimension, a stream's failed update), which follow the
+        # decoder's rejections in result.rejections. So the ledger counts each event once.
+        acc = np.zeros(len(parts), dtype=np.int64)
+        if batch.blocks:
+            acc += np.bincount(msg_part[np.concatenate([b.message_index for b in batch.blocks])],
+                               minlength=len(parts))
+        refused = rejections[len(batch.rejections):]
+        if refused:
+            acc -= np.bincount(msg_part[[r.message_index for r in refused]], minlength=len(parts))
         rej = np.zeros(len(parts), dtype=np.int64)
         if rejections:
             rej += np.bincount(msg_part[[r.message_index for r in rejections]], minlength=len(parts))
@@ -1194,18 +1190,25 @@ class Service:
         log.warning("a batch was abandoned after it was processed: partitions %s are not checkpointed "
                     "until they are revoked", sorted(self._ahead))
 
-    def _expire_idle_streams(self) -> list[StreamKey]:
-        """Forget the streams idle for ``limits.stream_idle_s`` (checked every IDLE_CHECK_S): no
+    def _minute_tick(self) -> tuple[list[StreamKey], list[Alarm]]:
+        """Every IDLE_CHECK_S: forget the idle streams, then expire the silent streams' windows
+        (what each did, for tests)."""
+        mono = time.monotonic()
+        if mono - self._last_tick < IDLE_CHECK_S:
+            return [], []
+        self._last_tick = mono
+        now = time.time()
+        return self._expire_idle_streams(now), self._expire_windows(now)
+
+    def _expire_idle_streams(self, now: float) -> list[StreamKey]:
+        """Forget the streams idle for ``limits.stream_idle_s`` at wall-clock ``now``: no
         event newer than that, and none received for as long (a backlog of old events being caught
         up keeps its streams). Their max_streams slot, series and checkpoint entry are freed (the
         home partition's next checkpoint leaves them out); their stored baselines stay, and a
         stream that comes back starts from its active one, as a new stream does."""
         idle_s = self.settings.limits.stream_idle_s
-        mono = time.monotonic()
-        if idle_s <= 0 or mono - self._last_idle_check < IDLE_CHECK_S:
+        if idle_s <= 0:
             return []
-        self._last_idle_check = mono
-        now = time.time()
         with self.exporter.lock:
             # A stream whose partition still has unread events is not idle: they may be its own
             # (a restart after a long downtime, a consumer catching up).
@@ -1218,25 +1221,14 @@ class Service:
                 self.exporter.counters.inc("embedwatch_streams_forgotten_total")
         return gone
 
-    def _expire_windows(self, now: float | None = None) -> list[Alarm]:
-        """Evict, against the wall clock, the windows of streams that received nothing since the
-        previous check (every IDLE_CHECK_S): a silent stream's window measures go NaN once too few
-        events are left, and an alarm whose window has emptied ends, instead of the last
-        evaluation's gauges (and their alert) staying frozen for as long as the silence lasts."""
-        mono = time.monotonic()
-        if now is None and mono - self._last_window_check < IDLE_CHECK_S:
-            return []
-        self._last_window_check = mono
-        now = time.time() if now is None else now
-        ended: list[Alarm] = []
+    def _expire_windows(self, now: float) -> list[Alarm]:
+        """Evict, against wall-clock ``now``, the windows of streams that received nothing since
+        the previous check: a silent stream's window measures go NaN once too few events are
+        left, and an alarm whose window has emptied ends, instead of the last evaluation's gauges
+        (and their alert) staying frozen for as long as the silence lasts."""
         with self.exporter.lock:
-            for mon in list(self.router.monitors.values()):
-                for a in mon.expire(now):
-                    ended.append(a)
-                    self.alarms.append(a)
-                    log.warning("drift alarm %s: stream=%s index=%d detector=%s score=%.4g p=%s (window expired)",
-                                a.kind, a.stream, a.index, a.detector, a.score, a.p_value)
-            del self.alarms[:-1000]
+            ended = [a for mon in list(self.router.monitors.values()) for a in mon.expire(now)]
+            self._record_alarms(ended, " (window expired)")
         return ended
 
     def _trim_heap(self, now_due: bool = False) -> None:
@@ -1332,10 +1324,7 @@ class Service:
     def _record_end(self, end: Alarm | None) -> None:
         """The end of an alarm an activation closed: recorded and logged as the loop's are."""
         if end is not None:
-            self.alarms.append(end)
-            log.warning("drift alarm %s: stream=%s index=%d detector=%s score=%.4g p=%s (baseline changed)",
-                        end.kind, end.stream, end.index, end.detector, end.score, end.p_value)
-            del self.alarms[:-1000]
+            self._record_alarms([end], " (baseline changed)")
 
     def rollback_baseline(self, key: StreamKey) -> dict[str, Any]:
         with self.exporter.lock:

@@ -24,11 +24,17 @@ log = logging.getLogger("embedwatch")
 
 
 def _settings(path: str | None) -> Settings:
+    """The command's settings; their ``blas_threads`` applies from here on (the file's value wins
+    over the EMBEDWATCH_BLAS_THREADS default :func:`main` set; main's limit restores on exit)."""
+    from threadpoolctl import threadpool_limits
+
     try:
-        return load_settings(path)
+        s = load_settings(path)
     except ConfigError as e:
         print(f"embedwatch: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    threadpool_limits(limits=s.blas_threads, user_api="blas")
+    return s
 
 
 def _fail(message: str, status: int) -> int:
@@ -159,9 +165,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args.config)
     _setup_logging(settings.log_level)
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=settings.blas_threads, user_api="blas")
     exporter = Exporter()
     starting_metrics(exporter)
     views = _Views()
@@ -226,18 +229,14 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from threadpoolctl import threadpool_limits
-
     from embedwatch.replay import ReplayError, load_baselines, run_replay
 
     settings = _settings(args.config)
     _setup_logging("WARNING")
     try:
         baselines = load_baselines(args.baseline) if args.baseline else None
-        # As `run` does: the file's blas_threads wins over the EMBEDWATCH_BLAS_THREADS default.
-        with threadpool_limits(limits=settings.blas_threads, user_api="blas"):
-            run_replay(Path(args.events), Path(args.report), settings, reference_size=args.reference_size,
-                       progress=not args.quiet, baselines=baselines)
+        run_replay(Path(args.events), Path(args.report), settings, reference_size=args.reference_size,
+                   progress=not args.quiet, baselines=baselines)
     except ConfigError as e:  # --reference-size out of the configuration's range
         return _fail(str(e), 2)
     except ReplayError as e:
@@ -246,15 +245,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_baseline_build(args: argparse.Namespace) -> int:
-    from threadpoolctl import threadpool_limits
-
     from embedwatch.replay import ReplayError, build_baseline
 
     settings = _settings(args.config)
     try:
-        with threadpool_limits(limits=settings.blas_threads, user_api="blas"):
-            metas = build_baseline(Path(args.events), Path(args.output), settings, stream=args.stream,
-                                   reference_size=args.reference_size)
+        metas = build_baseline(Path(args.events), Path(args.output), settings, stream=args.stream,
+                               reference_size=args.reference_size)
     except ConfigError as e:
         return _fail(str(e), 2)
     except ReplayError as e:

@@ -717,10 +717,8 @@ class StreamMonitor:
                 if after < self.settings.min_window_events:
                     self._clear_window_measures()
                 if after == 0:
-                    for k in _SCAN_MEASURES:
-                        self._measures[k] = math.nan
+                    self._reset_scan()  # what it summed is gone from the window too
                     if self.drifting:
-                        self._scan_loud = False
                         alarms.append(self._end_alarm(max(self.events - 1, 0), float(now), math.nan, None))
         if self._qvec is not None:
             q_alarms = self._qvec.expire(now)

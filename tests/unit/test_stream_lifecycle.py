@@ -198,12 +198,12 @@ def test_the_tick_forgets_an_idle_stream_and_frees_its_slot_and_series(
     assert stream_lines(svc, A)
 
     clock.advance(HOUR / 2 - 20)
-    assert svc._expire_idle_streams() == []  # nothing idle yet
+    assert svc._minute_tick()[0] == []  # nothing idle yet
     clock.advance(IDLE_CHECK_S / 2)
-    assert svc._expire_idle_streams() == []  # A is, but the last look was half a minute ago
+    assert svc._minute_tick()[0] == []  # A is, but the last look was half a minute ago
     clock.advance(IDLE_CHECK_S / 2)  # A: an hour and 40 s without events, B: half an hour
     with caplog.at_level(logging.INFO, logger="embedwatch"):
-        assert svc._expire_idle_streams() == [A]
+        assert svc._minute_tick()[0] == [A]
 
     assert set(svc.router.monitors) == {B}
     assert stream_lines(svc, A) == []
@@ -224,7 +224,7 @@ def test_a_forgotten_stream_that_comes_back_starts_afresh_from_its_stored_baseli
     built = first.baseline.baseline_id
 
     clock.advance(HOUR + IDLE_CHECK_S + 1)
-    assert svc._expire_idle_streams() == [A]
+    assert svc._minute_tick()[0] == [A]
     svc.process(events(A, 3, clock.now))
     back = svc.router.monitors[A]
     assert back is not first and back.events == 3
@@ -235,17 +235,17 @@ def test_a_backlog_of_old_events_keeps_its_stream_until_it_stops(clock: FakeCloc
     svc = Service(settings())
     svc.process(events(A, 60, clock.now - 30 * DAY))  # a consumer catching up on a month-old topic
     clock.advance(IDLE_CHECK_S + 1)
-    assert svc._expire_idle_streams() == []
+    assert svc._minute_tick()[0] == []
     assert A in svc.router.monitors
     clock.advance(HOUR)
-    assert svc._expire_idle_streams() == [A]
+    assert svc._minute_tick()[0] == [A]
 
 
 def test_stream_idle_s_zero_keeps_every_stream(clock: FakeClock) -> None:
     svc = Service(settings(limits={"stream_idle_s": 0}))  # (and the restore: see is_idle)
     svc.process(events(A, 10, clock.now - 365 * DAY))
     clock.advance(365 * DAY)
-    assert svc._expire_idle_streams() == []
+    assert svc._minute_tick()[0] == []
     assert A in svc.router.monitors
 
 
@@ -330,7 +330,7 @@ def test_a_restart_after_a_long_downtime_keeps_streams_whose_events_wait_in_the_
         again._last_lag_probe = -math.inf
         again._probe(src)
         clock.advance(IDLE_CHECK_S + 1)
-        assert again._expire_idle_streams() == []  # its partition has unread events
+        assert again._minute_tick()[0] == []  # its partition has unread events
         checked.append(True)
 
     src = Behind(again, [[], check, events(A, 100, clock.now + 2 * IDLE_CHECK_S)])
@@ -508,11 +508,11 @@ def test_the_tick_ends_the_alarm_of_a_stream_silent_past_its_window(clock: FakeC
         return [ln for ln in stream_lines(svc, A) if ln.startswith("embedwatch_drift_detected{")]
 
     assert [ln.rsplit(" ", 1)[1] for ln in drift_gauge()] == ["1.0"]
-    assert svc._expire_windows() == []  # paced: the last look is not a minute old
+    assert svc._minute_tick()[1] == []  # paced: the last look is not a minute old
     clock.advance(2 * HOUR)
-    assert svc._expire_windows() == []  # the first look after new events only notes them
+    assert svc._minute_tick()[1] == []  # the first look after new events only notes them
     clock.advance(IDLE_CHECK_S)
-    ended = svc._expire_windows()
+    ended = svc._minute_tick()[1]
     assert [(a.stream, a.kind) for a in ended] == [(str(A), "end")] and svc.alarms[-1] == ended[0]
     assert not mon.drifting
     assert [ln.rsplit(" ", 1)[1] for ln in drift_gauge()] == ["0.0"]
