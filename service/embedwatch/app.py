@@ -173,7 +173,7 @@ def starting_metrics(exporter: Exporter) -> None:
     for name in ("embedwatch_dead_letter_errors_total", "embedwatch_rebalances_total",
                  "embedwatch_batches_total", "embedwatch_checkpoints_total",
                  "embedwatch_checkpoint_bytes_total", "embedwatch_streams_forgotten_total",
-                 "embedwatch_stream_partition_conflicts_total"):
+                 "embedwatch_stream_partition_conflicts_total", "embedwatch_state_storage_lost_total"):
         exporter.counters.inc(name, (), 0)
     exporter.set_gauge("embedwatch_kafka_connected", (), 0.0)
     exporter.set_gauge("embedwatch_ready", (), 0.0)
@@ -254,6 +254,9 @@ class Service:
         self.stream_home: dict[StreamKey, PartitionId] = {}
         self.state_backend: StateBackend = state_backend if state_backend is not None else NullStateBackend()
         self.persistent = not isinstance(self.state_backend, NullStateBackend)
+        # The backend's epoch at the last checkpoint pass: once it moves (a state topic deleted and
+        # created again), no partition's checkpoint is held by the backend any more.
+        self._state_epoch = self.state_backend.epoch
         # Only this group's checkpoints, until their partitions are restored and checkpointed
         # again: the rest (baselines, other groups) was read once, and keeping it held every
         # stored baseline (2.6 MB a 768-d stream) for the life of the process.
@@ -643,6 +646,13 @@ class Service:
             log.warning("a batch was abandoned after it was processed: no checkpoint, the next owner "
                         "resumes from the last durable point")
             return False
+        epoch = self.state_backend.epoch
+        if epoch != self._state_epoch:
+            with self.exporter.lock:
+                self.exporter.counters.inc("embedwatch_state_storage_lost_total", (),
+                                           float(epoch - self._state_epoch))
+            self._state_epoch = epoch
+            self._checkpointed.clear()  # written to storage that is gone: written again
         positions: dict[PartitionId, Committed] = {}
         ledgers: dict[PartitionId, Ledger] = {}
         signatures: dict[PartitionId, tuple[Any, ...]] = {}

@@ -94,11 +94,18 @@ class StateBackend(Protocol):
         """Durably write these records; returns only once they are acknowledged."""
         ...
 
+    #: How many times the backend found its storage gone and started it again empty (a state topic
+    #: deleted while the service runs): what was written before is lost, so a writer that skips
+    #: records it wrote already (an unchanged checkpoint) writes them again when this moves.
+    epoch: int
+
     def close(self) -> None: ...
 
 
 class NullStateBackend:
     """``state.backend: none``: nothing survives a restart."""
+
+    epoch = 0
 
     def read_all(self, take: Take | None = None) -> dict[str, bytes]:
         return {}
@@ -131,6 +138,8 @@ class FileStateBackend:
     for the file system (stream labels may be 128 characters each, and a non-ASCII character,
     percent-encoded in the key and again in the name, takes up to 20 bytes), after the key's
     sha256, with the key stored at the start of the file."""
+
+    epoch = 0
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
@@ -213,8 +222,40 @@ def _parse_chunk_key(ckey: str) -> tuple[str, int, int] | None:
     return parts[3], int(parts[1]), int(parts[2])
 
 
+def retention_problem(config: Mapping[str, str | None]) -> str | None:
+    """Why a topic with these settings (``cleanup.policy``, ``retention.ms``, ``retention.bytes``,
+    as the broker describes them) would lose state, or None when it keeps each key's newest value
+    for ever. The state topic holds baselines written once, at a promotion: a topic that deletes
+    old records (the broker's default policy, with a week's retention) loses them silently, and a
+    restart after that starts every stream afresh."""
+    policy = config.get("cleanup.policy") or "delete"
+    policies = {p.strip() for p in policy.split(",")}
+    ms, size = config.get("retention.ms") or "-1", config.get("retention.bytes") or "-1"
+    if "compact" not in policies:
+        return (f"has cleanup.policy={policy} (retention.ms={ms}, retention.bytes={size}): the broker deletes "
+                "its old records, the baselines among them")
+    if "delete" in policies and (ms != "-1" or size != "-1"):
+        return (f"has cleanup.policy={policy} with retention.ms={ms}, retention.bytes={size}: the broker "
+                "deletes records older than that, compacted or not, the baselines among them")
+    return None
+
+
+def _topic_id_of(raw: Any) -> str | None:
+    """A topic id as text (a ``uuid.UUID`` from client metadata, text from the admin client);
+    None for none, or the zero id of a broker without topic ids."""
+    tid = "" if raw is None else str(raw)
+    return None if tid in ("", "00000000-0000-0000-0000-000000000000", "AAAAAAAAAAAAAAAAAAAAAA") else tid
+
+
 class KafkaStateBackend:
     """A compacted topic, created if missing; written with acks=all, read with a group-less consumer.
+
+    An existing topic must keep its records (see :func:`retention_problem`): one that does not is
+    refused with a :class:`StateError` that says how to fix it. Neither client of the backend
+    creates the topic by itself (kafka-python's metadata requests would, on a broker with
+    ``auto.create.topics.enable``, as a plain topic that deletes its records after the broker's
+    retention); a read or write that finds it gone (deleted while the service runs) creates it
+    again, compacted, and moves :attr:`epoch`.
 
     A value longer than ``chunk_bytes`` is split. Its chunks (each tagged with the value's
     generation) go to keys ``chunk/<slot>/<i>/<key>`` and are acknowledged before a manifest
@@ -229,16 +270,22 @@ class KafkaStateBackend:
     """
 
     def __init__(self, settings: Settings, max_record_bytes: int = 64 << 20,
-                 chunk_bytes: int = CHUNK_BYTES) -> None:
-        from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+                 chunk_bytes: int = CHUNK_BYTES, metadata_max_age_ms: int = 60_000) -> None:
+        from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
-        from embedwatch.sources.kafka_python import security_kwargs
+        from embedwatch.sources.kafka_python import bootstrap_kwargs, no_auto_create, security_kwargs
 
         k = settings.kafka
         self.topic = settings.state.topic
+        self.epoch = 0
         self._tp = TopicPartition
         sec = security_kwargs(k)
-        self._ensure_topic(k.bootstrap_servers, sec, max_record_bytes)
+        # A bounded bootstrap: after a failed write during a broker outage, the check for a deleted
+        # topic waited 30 s (kafka-python's default) on top of the write's own timeout.
+        self._admin_kwargs: dict[str, Any] = {"bootstrap_servers": k.bootstrap_servers.split(","), **sec,
+                                              **bootstrap_kwargs(KafkaAdminClient)}
+        self._max_record_bytes = max_record_bytes
+        self._tid = self._ensure_topic()  # the topic's id: one created again has another
         self.chunk_bytes = int(chunk_bytes)
         # Per key: the slot and generation of its newest chunked value (written or read) and how
         # many chunks each slot holds; chunks read whose manifest has not been seen yet.
@@ -252,35 +299,107 @@ class KafkaStateBackend:
             max_request_size=request, compression_type=None, retries=2**31 - 1,
             # Fail fast while the broker is away: the caller retries with backoff and reports
             # itself unready instead of blocking a minute inside send().
-            max_block_ms=5000, **sec)
+            max_block_ms=5000, allow_auto_create_topics=False,
+            # Its metadata tells a state topic created again by another replica (another topic id,
+            # the same name: writes succeed) within this age; kafka-python's default is 5 minutes.
+            metadata_max_age_ms=metadata_max_age_ms, **sec)
         self._consumer = KafkaConsumer(
             bootstrap_servers=k.bootstrap_servers.split(","), client_id=f"{k.client_id}-state-reader",
             group_id=None, enable_auto_commit=False, max_partition_fetch_bytes=request,
-            fetch_max_bytes=max(request, 8 << 20), **sec)
+            fetch_max_bytes=max(request, 8 << 20), allow_auto_create_topics=False, **sec)
+        no_auto_create(self._producer)
+        no_auto_create(self._consumer)
         parts = self._consumer.partitions_for_topic(self.topic) or {0}
         self._parts = [TopicPartition(self.topic, p) for p in sorted(parts)]
         self._consumer.assign(self._parts)
         self._consumer.seek_to_beginning(*self._parts)
 
-    def _ensure_topic(self, bootstrap: str, sec: dict[str, Any], max_record_bytes: int) -> None:
+    def _ensure_topic(self) -> str | None:
+        """Create the topic (compacted) if it does not exist, or check that the existing one keeps
+        its records; the topic's id (None from a broker without topic ids)."""
         from kafka.admin import KafkaAdminClient, NewTopic
         from kafka.errors import TopicAlreadyExistsError
 
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="embedwatch-state-admin", **sec)
+        admin = KafkaAdminClient(client_id="embedwatch-state-admin", **self._admin_kwargs)
         try:
             if self.topic in set(admin.list_topics()):
-                return
-            with contextlib.suppress(TopicAlreadyExistsError):  # another replica was faster
-                admin.create_topics([NewTopic(self.topic, 1, -1, topic_configs={
-                    "cleanup.policy": "compact", "max.message.bytes": str(max_record_bytes),
-                    "min.compaction.lag.ms": "60000"})])
+                self._check_retention(admin)
+            else:
+                with contextlib.suppress(TopicAlreadyExistsError):  # another replica was faster
+                    admin.create_topics([NewTopic(self.topic, 1, -1, topic_configs={
+                        "cleanup.policy": "compact", "max.message.bytes": str(self._max_record_bytes),
+                        "min.compaction.lag.ms": "60000"})])
+            return self._topic_id(admin)
         finally:
             admin.close()
 
+    def _topic_id(self, admin: Any) -> str | None:
+        # A topic created a moment ago may not be in every broker's metadata yet.
+        deadline = time.monotonic() + 10
+        while True:
+            (desc,) = admin.describe_topics([self.topic])
+            if desc.get("error_code") == 0 or time.monotonic() > deadline:
+                return _topic_id_of(desc.get("topic_id"))
+            time.sleep(0.2)
+
+    def _check_retention(self, admin: Any) -> None:
+        from kafka.admin import ConfigResource, ConfigResourceType
+        from kafka.errors import KafkaError
+
+        keys = ["cleanup.policy", "retention.ms", "retention.bytes"]
+        try:
+            described = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, self.topic, configs=keys)],
+                                               config_filter="all")
+            config = {name: entry.get("value") for name, entry in described["topic"][self.topic].items()}
+        except (KafkaError, KeyError, TypeError, AttributeError) as e:
+            # E.g. no DescribeConfigs permission on the topic: it may well be compacted.
+            log.warning("state topic %s: cannot read its cleanup.policy (%s); it must be compacted "
+                        "(cleanup.policy=compact), or stored baselines are deleted after its retention",
+                        self.topic, e)
+            return
+        problem = retention_problem(config)
+        if problem is not None:
+            raise StateError(
+                f"state topic {self.topic} {problem}; make it compacted (kafka-configs.sh --bootstrap-server "
+                f"<broker> --alter --entity-type topics --entity-name {self.topic} --add-config "
+                "cleanup.policy=compact, and retention.ms=-1 if cleanup.policy keeps delete) or set state.topic "
+                "to a topic that does not exist yet (embedwatch creates it compacted)")
+
+    def _start_again_if_gone(self) -> None:
+        """After a failed read or write: if the topic is gone (deleted while the service runs),
+        create it again, compacted. Any error here (the broker is down, say) is left to the
+        caller, which has the failure's own error to report and retries."""
+        try:
+            tid = self._ensure_topic()
+        except Exception as e:  # the failure's own error is the one raised; this one is only logged
+            log.debug("state topic %s: cannot check whether it exists: %s", self.topic, e)
+            return
+        self._note_topic(tid)
+
+    def _note_topic(self, tid: str | None) -> None:
+        """Take ``tid`` as the topic's id. Another id than the one known is another topic under the
+        same name: the topic was deleted and created again (by this replica or another), and what
+        this replica wrote before is gone, so :attr:`epoch` moves and the reader starts over."""
+        if tid is None or tid == self._tid:
+            return
+        self._tid = tid
+        self.epoch += 1
+        log.error("state topic %s was deleted while embedwatch ran and is created again, compacted (by this "
+                  "replica or another). Checkpoints are written again in full; the baselines stored in it are "
+                  "lost: streams keep the baselines they use until a restart, then build new ones. Promote "
+                  "the streams again before a restart (runbook EmbedwatchStateLost)", self.topic)
+        self._consumer.seek_to_beginning(*self._parts)
+
     def _drain(self, take: Take | None) -> dict[str, bytes]:
+        from kafka.errors import KafkaError
+
         out: dict[str, bytes] = {}
         deferred: set[str] = set()  # manifests read before all their chunks: offered to take at the end
-        ends = self._consumer.end_offsets(self._parts)
+        try:
+            ends = self._consumer.end_offsets(self._parts)
+        except KafkaError:
+            self._start_again_if_gone()  # the caller reads again, from the new topic's start
+            raise
         deadline = time.monotonic() + 60
         while any(self._consumer.position(tp) < end for tp, end in ends.items()):
             if time.monotonic() > deadline:
@@ -432,12 +551,22 @@ class KafkaStateBackend:
         self._nchunks.update(counts)
 
     def _send(self, records: Iterable[tuple[str, bytes | bytearray | None]]) -> None:
-        futures = [self._producer.send(self.topic, key=k.encode(), value=v) for k, v in records]
-        if not futures:
-            return
-        self._producer.flush(timeout=15)
-        for f in futures:
-            f.get(timeout=0)
+        from kafka.errors import KafkaError
+
+        try:
+            futures = [self._producer.send(self.topic, key=k.encode(), value=v) for k, v in records]
+            if not futures:
+                return
+            self._producer.flush(timeout=15)
+            for f in futures:
+                f.get(timeout=0)
+        except KafkaError:
+            # The caller retries the whole write: on a topic created again, if that was the cause.
+            self._start_again_if_gone()
+            raise
+        # A write also succeeds on a topic another replica created again under the same name; the
+        # producer's metadata (refreshed every metadata_max_age_ms) has its new id.
+        self._note_topic(_topic_id_of(self._producer._metadata.topic_id(self.topic)))
 
     def close(self) -> None:
         self._producer.close(timeout=5)

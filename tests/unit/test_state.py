@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -310,30 +311,38 @@ class _Recording(FileStateBackend):
         super().write(records)
 
 
-def test_a_checkpoint_rewrites_only_the_partitions_whose_state_changed(tmp_path: Path) -> None:
-    """An idle partition is not written again at every checkpoint (200 idle 768-d streams were 75
-    MB every 30 s), while any change reaches the next one: events of the partition, a promotion
-    through the API, and a query event from another partition updating a stream homed here."""
+def _checkpointing_service(tmp_path: Path, *topics: str) -> tuple[Any, _Recording, Any, Callable[[], list[str]]]:
+    """A service on a recording file backend, assigned partition 0 of each of ``topics``, and a
+    checkpoint pass over them that returns the keys it wrote."""
     from embedwatch.app import Service
     from embedwatch.config import Settings
 
-    emb, qry = PartitionId("embeddings", 0), PartitionId("queries", 0)
+    parts = [PartitionId(t, 0) for t in topics]
     settings = Settings(state={"backend": "file", "directory": str(tmp_path)},  # type: ignore[arg-type]
                         detection=SETTINGS.model_dump())  # type: ignore[arg-type]
     backend = _Recording(tmp_path)
     svc = Service(settings, state_backend=backend)
     source = _Source(svc, [])
-    source.assignment = lambda: {emb, qry}  # type: ignore[method-assign]
-    svc.on_assigned([emb, qry])
+    source.assignment = lambda: set(parts)  # type: ignore[method-assign]
+    svc.on_assigned(parts)
     svc._load_assignment(source)
-    ckpt = checkpoint_key(settings.kafka.group_id, "embeddings", 0)
-    qckpt = checkpoint_key(settings.kafka.group_id, "queries", 0)
-    counters = svc.exporter.counters
 
     def checkpoint() -> list[str]:
         before = len(backend.writes)
         svc._checkpoint(sorted(svc._assigned), commit=source)
         return sorted(k for w in backend.writes[before:] for k in w)
+
+    return svc, backend, source, checkpoint
+
+
+def test_a_checkpoint_rewrites_only_the_partitions_whose_state_changed(tmp_path: Path) -> None:
+    """An idle partition is not written again at every checkpoint (200 idle 768-d streams were 75
+    MB every 30 s), while any change reaches the next one: events of the partition, a promotion
+    through the API, and a query event from another partition updating a stream homed here."""
+    svc, backend, source, checkpoint = _checkpointing_service(tmp_path, "embeddings", "queries")
+    ckpt = checkpoint_key(svc.settings.kafka.group_id, "embeddings", 0)
+    qckpt = checkpoint_key(svc.settings.kafka.group_id, "queries", 0)
+    counters = svc.exporter.counters
 
     rng = np.random.default_rng(3)
     batch = [Message(orjson.dumps({"model": KEY.model, "model_version": KEY.model_version,
@@ -359,6 +368,50 @@ def test_a_checkpoint_rewrites_only_the_partitions_whose_state_changed(tmp_path:
     assert checkpoint() == [ckpt, qckpt]  # the stream's home holds what the query changed
     assert decode_checkpoint(backend.read_all()[ckpt]).streams[0].meta["query_events"] == 1
     assert checkpoint() == []
+
+
+def test_every_partition_is_written_again_once_the_backend_starts_over(tmp_path: Path) -> None:
+    """A state topic deleted while the service runs is created again empty (the backend's epoch
+    moves): a partition whose state did not change since its last checkpoint is not held by the
+    backend any more, so the next checkpoint writes it again, and only that one."""
+    svc, backend, source, checkpoint = _checkpointing_service(tmp_path, "embeddings")
+    ckpt = checkpoint_key(svc.settings.kafka.group_id, "embeddings", 0)
+
+    rng = np.random.default_rng(4)
+    batch = [Message(orjson.dumps({"model": KEY.model, "model_version": KEY.model_version,
+                                   "embedding": v.tolist()}), "embeddings", 0, i)
+             for i, v in enumerate(rng.standard_normal((300, 16)).astype(np.float32))]
+    svc._handle_batch(batch, source, _NoSink())
+    assert checkpoint() == [ckpt]
+    assert checkpoint() == []
+    for p in tmp_path.iterdir():  # the storage is gone, and started again empty
+        p.unlink()
+    lost = "embedwatch_state_storage_lost_total"
+    assert svc.exporter.counters.get(lost) == 0
+    backend.epoch += 1
+    assert checkpoint() == [ckpt]
+    assert decode_checkpoint(backend.read_all()[ckpt]).streams[0].meta["events"] == 300
+    assert checkpoint() == []
+    assert svc.exporter.counters.get(lost) == 1
+
+
+@pytest.mark.parametrize(("config", "kept"), [
+    ({"cleanup.policy": "compact", "retention.ms": "604800000", "retention.bytes": "-1"}, True),
+    ({"cleanup.policy": "compact,delete", "retention.ms": "-1", "retention.bytes": "-1"}, True),
+    ({"cleanup.policy": "delete, compact", "retention.ms": "-1", "retention.bytes": "-1"}, True),
+    ({"cleanup.policy": "delete", "retention.ms": "604800000", "retention.bytes": "-1"}, False),
+    ({"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}, False),  # never compacted
+    ({"cleanup.policy": "compact,delete", "retention.ms": "86400000", "retention.bytes": "-1"}, False),
+    ({"cleanup.policy": "compact,delete", "retention.ms": "-1", "retention.bytes": "1073741824"}, False),
+    ({}, False),  # the broker's default policy is delete
+])
+def test_a_state_topic_must_keep_each_keys_newest_value(config: dict[str, str], kept: bool) -> None:
+    from embedwatch.state import retention_problem
+
+    problem = retention_problem(config)
+    assert (problem is None) == kept
+    if problem is not None:
+        assert f"cleanup.policy={config.get('cleanup.policy', 'delete')}" in problem
 
 
 def test_a_restored_baseline_is_held_without_its_sample_when_its_scan_came_with_it(tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ logging.getLogger("kafka.cluster").addFilter(_MissingTopicLogs())
 _BOOTSTRAP_TIMEOUT_MS = 5_000
 
 
-def _bootstrap_kwargs(cls: Any) -> dict[str, Any]:
+def bootstrap_kwargs(cls: Any) -> dict[str, Any]:
     return {"bootstrap_timeout_ms": _BOOTSTRAP_TIMEOUT_MS} if "bootstrap_timeout_ms" in cls.DEFAULT_CONFIG else {}
 
 
@@ -80,15 +80,15 @@ def security_kwargs(k: KafkaSettings) -> dict[str, Any]:
     return kw
 
 
-def _no_auto_create(consumer: Any) -> None:
-    """Make the consumer's metadata requests ask the broker not to create missing topics.
-    kafka-python 3.0 accepts ``allow_auto_create_topics`` but does not hand it to the cluster
-    metadata that builds the requests (which then ask for creation: a misspelled topic was
-    created, and a deleted one created again by the consumer)."""
-    cluster = getattr(consumer, "_cluster", None)
-    config = getattr(cluster, "config", None)
-    if isinstance(config, dict) and "allow_auto_create_topics" in config:
-        config["allow_auto_create_topics"] = False
+def no_auto_create(client: Any) -> None:
+    """Make a consumer's or producer's metadata requests ask the broker not to create missing
+    topics. kafka-python 3.0 accepts ``allow_auto_create_topics`` but does not hand it to the
+    cluster metadata that builds the requests (which then ask for creation: a misspelled topic was
+    created, and a deleted one created again by the client itself)."""
+    for attr in ("_cluster", "_metadata"):  # the consumer's, the producer's
+        config = getattr(getattr(client, attr, None), "config", None)
+        if isinstance(config, dict) and "allow_auto_create_topics" in config:
+            config["allow_auto_create_topics"] = False
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -149,7 +149,7 @@ class KafkaPythonSource:
                 # with auto.create.topics.enable): a misspelled topic appeared, empty and healthy,
                 # and a deleted one was created again by the consumer itself.
                 allow_auto_create_topics=False,
-                **_bootstrap_kwargs(KafkaConsumer),
+                **bootstrap_kwargs(KafkaConsumer),
                 **security_kwargs(k),
             )
         except KafkaError as e:
@@ -161,7 +161,7 @@ class KafkaPythonSource:
         if self._failures:
             log.info("kafka: connected to %s after %d failed attempts", _describe(k), self._failures)
             self._failures = 0
-        _no_auto_create(consumer)  # before subscribe(): its metadata requests name the topics
+        no_auto_create(consumer)  # before subscribe(): its metadata requests name the topics
         consumer.subscribe(self._topics, listener=_Listener(self._listener, self._acked))
         for topic in self._topics:
             # Fetch the topics' metadata after subscribing and before joining (the join happens in
