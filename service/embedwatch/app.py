@@ -646,6 +646,7 @@ class Service:
             log.warning("a batch was abandoned after it was processed: no checkpoint, the next owner "
                         "resumes from the last durable point")
             return False
+        self.state_backend.refresh()  # a state topic created again by another replica, on an idle one
         epoch = self.state_backend.epoch
         if epoch != self._state_epoch:
             with self.exporter.lock:

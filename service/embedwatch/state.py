@@ -34,6 +34,7 @@ import io
 import json
 import logging
 import os
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
@@ -99,6 +100,11 @@ class StateBackend(Protocol):
     #: records it wrote already (an unchanged checkpoint) writes them again when this moves.
     epoch: int
 
+    def refresh(self) -> None:
+        """Notice storage started again elsewhere (a state topic another replica created again)
+        without reading or writing: :attr:`epoch` moves. Cheap; called at every checkpoint pass."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -106,6 +112,9 @@ class NullStateBackend:
     """``state.backend: none``: nothing survives a restart."""
 
     epoch = 0
+
+    def refresh(self) -> None:
+        return None
 
     def read_all(self, take: Take | None = None) -> dict[str, bytes]:
         return {}
@@ -151,6 +160,9 @@ class FileStateBackend:
         if len(name) > _MAX_PLAIN_NAME:
             name = _HASHED_NAME + hashlib.sha256(key.encode()).hexdigest()
         return self.directory / name
+
+    def refresh(self) -> None:
+        return None
 
     def read_all(self, take: Take | None = None) -> dict[str, bytes]:
         self._seen.clear()
@@ -231,6 +243,9 @@ def retention_problem(config: Mapping[str, str | None]) -> str | None:
     policy = config.get("cleanup.policy") or "delete"
     policies = {p.strip() for p in policy.split(",")}
     ms, size = config.get("retention.ms") or "-1", config.get("retention.bytes") or "-1"
+    if "compact" not in policies and ms == "-1" and size == "-1":
+        return (f"has cleanup.policy={policy} with no retention limit: it is never compacted, so it keeps every "
+                "checkpoint ever written (megabytes at every checkpoint interval) and a start reads them all")
     if "compact" not in policies:
         return (f"has cleanup.policy={policy} (retention.ms={ms}, retention.bytes={size}): the broker deletes "
                 "its old records, the baselines among them")
@@ -278,6 +293,10 @@ class KafkaStateBackend:
         k = settings.kafka
         self.topic = settings.state.topic
         self.epoch = 0
+        # Writes come from the loop and from the API's threads (promotions); only the loop reads.
+        self._lock = threading.Lock()
+        self._reread = False  # the topic was started again: the next read starts at its beginning
+        self._probe_after = 0.0  # no check for a deleted topic before this (monotonic; see _start_again_if_gone)
         self._tp = TopicPartition
         sec = security_kwargs(k)
         # A bounded bootstrap: after a failed write during a broker outage, the check for a deleted
@@ -285,7 +304,7 @@ class KafkaStateBackend:
         self._admin_kwargs: dict[str, Any] = {"bootstrap_servers": k.bootstrap_servers.split(","), **sec,
                                               **bootstrap_kwargs(KafkaAdminClient)}
         self._max_record_bytes = max_record_bytes
-        self._tid = self._ensure_topic()  # the topic's id: one created again has another
+        self._tid = self._ensure_topic(check=True)  # the topic's id: one created again has another
         self.chunk_bytes = int(chunk_bytes)
         # Per key: the slot and generation of its newest chunked value (written or read) and how
         # many chunks each slot holds; chunks read whose manifest has not been seen yet.
@@ -309,21 +328,25 @@ class KafkaStateBackend:
             fetch_max_bytes=max(request, 8 << 20), allow_auto_create_topics=False, **sec)
         no_auto_create(self._producer)
         no_auto_create(self._consumer)
+        # The producer's metadata then follows the topic from the start (its id included), also on
+        # a replica that has not written yet.
+        self._producer.partitions_for(self.topic)
         parts = self._consumer.partitions_for_topic(self.topic) or {0}
         self._parts = [TopicPartition(self.topic, p) for p in sorted(parts)]
         self._consumer.assign(self._parts)
         self._consumer.seek_to_beginning(*self._parts)
 
-    def _ensure_topic(self) -> str | None:
-        """Create the topic (compacted) if it does not exist, or check that the existing one keeps
-        its records; the topic's id (None from a broker without topic ids)."""
+    def _ensure_topic(self, check: bool) -> str | None:
+        """Create the topic (compacted) if it does not exist, or (``check``) make sure the existing
+        one keeps its records; the topic's id (None from a broker without topic ids)."""
         from kafka.admin import KafkaAdminClient, NewTopic
         from kafka.errors import TopicAlreadyExistsError
 
         admin = KafkaAdminClient(client_id="embedwatch-state-admin", **self._admin_kwargs)
         try:
             if self.topic in set(admin.list_topics()):
-                self._check_retention(admin)
+                if check:
+                    self._check_retention(admin)
             else:
                 with contextlib.suppress(TopicAlreadyExistsError):  # another replica was faster
                     admin.create_topics([NewTopic(self.topic, 1, -1, topic_configs={
@@ -351,8 +374,12 @@ class KafkaStateBackend:
             described = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, self.topic, configs=keys)],
                                                config_filter="all")
             config = {name: entry.get("value") for name, entry in described["topic"][self.topic].items()}
+            if "cleanup.policy" not in config:
+                # kafka-python drops a resource's error (no DescribeConfigs permission, say) and
+                # answers nothing for it: unknown, not the broker's default policy.
+                raise KeyError("the broker described no cleanup.policy (no DescribeConfigs permission?)")
         except (KafkaError, KeyError, TypeError, AttributeError) as e:
-            # E.g. no DescribeConfigs permission on the topic: it may well be compacted.
+            # The topic may well be compacted: said, not refused.
             log.warning("state topic %s: cannot read its cleanup.policy (%s); it must be compacted "
                         "(cleanup.policy=compact), or stored baselines are deleted after its retention",
                         self.topic, e)
@@ -365,36 +392,81 @@ class KafkaStateBackend:
                 "cleanup.policy=compact, and retention.ms=-1 if cleanup.policy keeps delete) or set state.topic "
                 "to a topic that does not exist yet (embedwatch creates it compacted)")
 
+    #: After a check that found no deleted topic (a broker outage, most often), the next one waits
+    #: this long: each builds an admin client, up to 5 s with the broker down, on top of the
+    #: failed request's own wait.
+    PROBE_INTERVAL_S = 60.0
+
     def _start_again_if_gone(self) -> None:
         """After a failed read or write: if the topic is gone (deleted while the service runs),
         create it again, compacted. Any error here (the broker is down, say) is left to the
         caller, which has the failure's own error to report and retries."""
+        if time.monotonic() < self._probe_after:
+            return
         try:
-            tid = self._ensure_topic()
+            tid = self._ensure_topic(check=False)  # a new topic is checked by _note_topic
         except Exception as e:  # the failure's own error is the one raised; this one is only logged
             log.debug("state topic %s: cannot check whether it exists: %s", self.topic, e)
-            return
-        self._note_topic(tid)
+            tid = None
+        if not self._note_topic(tid):
+            self._probe_after = time.monotonic() + self.PROBE_INTERVAL_S
 
-    def _note_topic(self, tid: str | None) -> None:
-        """Take ``tid`` as the topic's id. Another id than the one known is another topic under the
-        same name: the topic was deleted and created again (by this replica or another), and what
-        this replica wrote before is gone, so :attr:`epoch` moves and the reader starts over."""
-        if tid is None or tid == self._tid:
+    def refresh(self) -> None:
+        """Compare the topic's id in the producer's metadata (refreshed every
+        ``metadata_max_age_ms`` by its own thread) with the one known: see :meth:`_note_topic`."""
+        topic_id = getattr(self._producer._metadata, "topic_id", None)  # kafka-python >= 3
+        if topic_id is not None:
+            self._note_topic(_topic_id_of(topic_id(self.topic)))
+
+    def _note_topic(self, tid: str | None) -> bool:
+        """Take ``tid`` as the topic's id; True if it is another than the one known. That is another
+        topic under the same name: the topic was deleted and created again (by this replica or
+        another client), and what this replica wrote before is gone, so :attr:`epoch` moves and
+        the next read starts at the new topic's beginning."""
+        with self._lock:
+            if tid is None or tid == self._tid:
+                return False
+            if self._tid is None:  # not known at the start (a broker slow to describe it): this is it
+                self._tid = tid
+                return False
+            self._tid = tid
+            self.epoch += 1
+            self._reread = True
+        log.error("state topic %s was deleted while embedwatch ran and exists again: another topic under its "
+                  "name, created by this replica (compacted) or by another client. Checkpoints are written "
+                  "again in full; the baselines stored in it are lost: streams keep the baselines they use "
+                  "until a restart, then build new ones. Promote the streams again before a restart "
+                  "(runbook EmbedwatchStateLost)", self.topic)
+        self._check_new_topic()
+        return True
+
+    def _check_new_topic(self) -> None:
+        """A topic created again by another client (an older embedwatch, a console consumer on a
+        broker that creates topics) may delete its records: said now, while it can be fixed, not
+        only by the refusal at the next start."""
+        from kafka.admin import KafkaAdminClient
+
+        try:
+            admin = KafkaAdminClient(client_id="embedwatch-state-admin", **self._admin_kwargs)
+        except Exception as e:  # a check, not the write: the broker may be away again
+            log.warning("state topic %s: cannot check the settings of the new topic: %s", self.topic, e)
             return
-        self._tid = tid
-        self.epoch += 1
-        log.error("state topic %s was deleted while embedwatch ran and is created again, compacted (by this "
-                  "replica or another). Checkpoints are written again in full; the baselines stored in it are "
-                  "lost: streams keep the baselines they use until a restart, then build new ones. Promote "
-                  "the streams again before a restart (runbook EmbedwatchStateLost)", self.topic)
-        self._consumer.seek_to_beginning(*self._parts)
+        try:
+            self._check_retention(admin)
+        except StateError as e:
+            log.error("%s. A restart refuses it until it is fixed", e)
+        finally:
+            admin.close()
 
     def _drain(self, take: Take | None) -> dict[str, bytes]:
         from kafka.errors import KafkaError
 
         out: dict[str, bytes] = {}
         deferred: set[str] = set()  # manifests read before all their chunks: offered to take at the end
+        self.refresh()
+        if self._reread:  # only the loop reads: the consumer is moved on its thread
+            self._reread = False
+            self._consumer.seek_to_beginning(*self._parts)
         try:
             ends = self._consumer.end_offsets(self._parts)
         except KafkaError:
@@ -403,6 +475,7 @@ class KafkaStateBackend:
         deadline = time.monotonic() + 60
         while any(self._consumer.position(tp) < end for tp, end in ends.items()):
             if time.monotonic() > deadline:
+                self._start_again_if_gone()  # deleted after end_offsets answered
                 raise StateError(f"timed out reading state topic {self.topic}")
             for recs in self._consumer.poll(timeout_ms=500).values():
                 for r in recs:
@@ -566,7 +639,7 @@ class KafkaStateBackend:
             raise
         # A write also succeeds on a topic another replica created again under the same name; the
         # producer's metadata (refreshed every metadata_max_age_ms) has its new id.
-        self._note_topic(_topic_id_of(self._producer._metadata.topic_id(self.topic)))
+        self.refresh()
 
     def close(self) -> None:
         self._producer.close(timeout=5)

@@ -108,11 +108,13 @@ def test_a_state_topic_deleted_while_running_is_created_again_compacted(
     topic = f"{fresh_topic_prefix}-state"
     backend = _backend(kafka_bootstrap, topic)
     other = _backend(kafka_bootstrap, topic)  # another replica
+    idle = _backend(kafka_bootstrap, topic)  # a replica that neither writes nor fails meanwhile
     try:
         assert _policy(kafka_admin, topic) == "compact"
         backend.write({"k": b"v1", "other": b"x"})
         assert backend.read_new() == {"k": b"v1", "other": b"x"}
         other.write({"o": b"1"})
+        assert idle.read_new() == {"k": b"v1", "other": b"x", "o": b"1"}
         for deleted_at in (1, 2):
             kafka_admin.delete_topics([topic])
             _wait("the deletion", lambda: topic not in kafka_admin.list_topics())
@@ -132,14 +134,52 @@ def test_a_state_topic_deleted_while_running_is_created_again_compacted(
                     other.write({"o": b"1"})
                 time.sleep(0.5)
             assert other.epoch == deleted_at
+            # The idle one learns it at its next checkpoint pass (refresh) or read, and reads the
+            # new topic from its start.
+            deadline = time.monotonic() + 30
+            while idle.epoch < deleted_at and time.monotonic() < deadline:
+                idle.refresh()
+                time.sleep(0.5)
+            assert idle.epoch == deleted_at
+            assert idle.read_new().get("k") == b"v2"
     finally:
         backend.close()
         other.close()
+        idle.close()
     fresh = KafkaStateBackend(_settings(kafka_bootstrap, topic))
     try:
         assert fresh.read_all() == {"k": b"v2", "o": b"1"}  # what was written before the deletion is gone
     finally:
         fresh.close()
+        kafka_admin.delete_topics([topic])
+
+
+def test_a_state_topic_created_again_by_another_client_as_a_plain_topic_is_reported(
+        kafka_bootstrap: str, kafka_admin: Any, fresh_topic_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Deleted, then created again by some other client with the broker's default policy: writes
+    by name succeed, so only the topic's id tells the loss; the new topic's policy is reported
+    at once (a restart would refuse it), never called compacted."""
+    topic = f"{fresh_topic_prefix}-state"
+    backend = _backend(kafka_bootstrap, topic)
+    try:
+        backend.write({"k": b"v1"})
+        kafka_admin.delete_topics([topic])
+        _wait("the deletion", lambda: topic not in kafka_admin.list_topics())
+        kafka_admin.create_topics([NewTopic(topic, 1, 1, topic_configs={"cleanup.policy": "delete"})])
+        _wait("the plain topic", lambda: topic in kafka_admin.list_topics())
+        deadline = time.monotonic() + 30
+        with caplog.at_level("ERROR", logger="embedwatch.state"):
+            while backend.epoch == 0 and time.monotonic() < deadline:
+                with contextlib.suppress(KafkaError):  # until its metadata has the new topic
+                    backend.write({"k": b"v2"})
+                time.sleep(0.5)
+        assert backend.epoch == 1
+        assert "exists again" in caplog.text
+        assert "has cleanup.policy=delete" in caplog.text and "A restart refuses it" in caplog.text
+        with pytest.raises(StateError, match=r"cleanup\.policy=delete"):
+            KafkaStateBackend(_settings(kafka_bootstrap, topic))
+    finally:
+        backend.close()
         kafka_admin.delete_topics([topic])
 
 
@@ -184,7 +224,7 @@ def test_the_service_writes_its_state_again_into_a_state_topic_deleted_under_it(
         _wait("both checkpoints in the new topic", lambda: keys <= set(_raw_keys(kafka_bootstrap, state_topic)),
               timeout_s=60)
         assert _policy(kafka_admin, state_topic) == "compact"
-        assert "is created again, compacted" in svc.tail(400)
+        assert "was deleted while embedwatch ran and exists again" in svc.tail(400)
     finally:
         svc.close()
         kafka_admin.delete_topics([state_topic])

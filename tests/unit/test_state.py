@@ -403,7 +403,7 @@ def test_every_partition_is_written_again_once_the_backend_starts_over(tmp_path:
     ({"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}, False),  # never compacted
     ({"cleanup.policy": "compact,delete", "retention.ms": "86400000", "retention.bytes": "-1"}, False),
     ({"cleanup.policy": "compact,delete", "retention.ms": "-1", "retention.bytes": "1073741824"}, False),
-    ({}, False),  # the broker's default policy is delete
+    ({"cleanup.policy": "delete"}, False),  # its retention not described: never compacted either way
 ])
 def test_a_state_topic_must_keep_each_keys_newest_value(config: dict[str, str], kept: bool) -> None:
     from embedwatch.state import retention_problem
@@ -412,6 +412,73 @@ def test_a_state_topic_must_keep_each_keys_newest_value(config: dict[str, str], 
     assert (problem is None) == kept
     if problem is not None:
         assert f"cleanup.policy={config.get('cleanup.policy', 'delete')}" in problem
+
+
+def test_the_check_for_a_deleted_state_topic_waits_after_finding_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each failed read or write looks for a deleted topic, which costs an admin client (up to 5 s
+    with the broker down): after a look that found none (an outage, most often) the next waits
+    PROBE_INTERVAL_S; after one that found the topic created again, none waits."""
+    import threading
+
+    from embedwatch import state as state_mod
+    from embedwatch.state import KafkaStateBackend
+
+    backend = object.__new__(KafkaStateBackend)
+    backend.topic, backend._tid, backend.epoch, backend._probe_after = "t", "id-1", 0, 0.0
+    backend._lock, backend._reread = threading.Lock(), False
+    backend._check_new_topic = lambda: None  # type: ignore[method-assign]
+    answers: list[Any] = [OSError("broker down"), "id-1", "id-2", "id-3"]
+    calls: list[bool] = []
+
+    def ensure(check: bool) -> str:
+        calls.append(check)
+        a = answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return str(a)
+
+    backend._ensure_topic = ensure  # type: ignore[method-assign]
+    now = [1000.0]
+    monkeypatch.setattr(state_mod.time, "monotonic", lambda: now[0])
+    backend._start_again_if_gone()  # the broker is down: found nothing
+    backend._start_again_if_gone()
+    assert calls == [False] and backend.epoch == 0
+    now[0] += KafkaStateBackend.PROBE_INTERVAL_S
+    backend._start_again_if_gone()  # the topic is there, the same one
+    assert len(calls) == 2 and backend.epoch == 0
+    now[0] += KafkaStateBackend.PROBE_INTERVAL_S
+    backend._start_again_if_gone()  # created again
+    backend._start_again_if_gone()  # and again at once
+    assert len(calls) == 4 and backend.epoch == 2 and backend._reread
+
+
+class _DescribingAdmin:
+    """An admin client's describe_configs as kafka-python 3.0 answers it: a resource the broker
+    refused (no DescribeConfigs permission) comes back with no entries, not as an error."""
+
+    def __init__(self, topic: str, config: dict[str, str]) -> None:
+        self.answer = {"topic": {topic: {k: {"value": v} for k, v in config.items()}}}
+
+    def describe_configs(self, resources: Any, config_filter: str) -> dict[str, Any]:
+        return self.answer
+
+
+def test_a_state_topic_whose_policy_cannot_be_read_is_taken_with_a_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Refused only when the broker says it deletes: a principal without DescribeConfigs, whose
+    topic may well be compacted, was refused at every start (an unknown policy read as the
+    broker's default, delete)."""
+    from embedwatch.state import KafkaStateBackend, StateError
+
+    backend = object.__new__(KafkaStateBackend)
+    backend.topic = "embedwatch-state"
+    with caplog.at_level("WARNING", logger="embedwatch.state"):
+        backend._check_retention(_DescribingAdmin(backend.topic, {}))
+    assert "cannot read its cleanup.policy" in caplog.text
+    backend._check_retention(_DescribingAdmin(backend.topic, {"cleanup.policy": "compact"}))
+    with pytest.raises(StateError, match=r"cleanup\.policy=delete"):
+        backend._check_retention(_DescribingAdmin(backend.topic, {"cleanup.policy": "delete",
+                                                                  "retention.ms": "604800000"}))
 
 
 def test_a_restored_baseline_is_held_without_its_sample_when_its_scan_came_with_it(tmp_path: Path) -> None:
@@ -992,6 +1059,8 @@ def test_a_chunked_value_whose_manifest_comes_first_is_still_offered_to_the_read
     for order in (chunks + heads, heads + chunks):
         reader = object.__new__(KafkaStateBackend)
         reader._parts, reader._slot, reader._gen, reader._nchunks, reader._chunks = [0], {}, {}, {}, {}
+        reader._reread = False
+        reader.refresh = lambda: None  # type: ignore[method-assign]
         reader._consumer = _Replay(order)
         taken: dict[str, bytes] = {}
 
