@@ -287,6 +287,7 @@ class KafkaStateBackend:
     def __init__(self, settings: Settings, max_record_bytes: int = 64 << 20,
                  chunk_bytes: int = CHUNK_BYTES, metadata_max_age_ms: int = 60_000) -> None:
         from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+        from kafka.errors import KafkaError
 
         from embedwatch.sources.kafka_python import bootstrap_kwargs, no_auto_create, security_kwargs
 
@@ -304,7 +305,10 @@ class KafkaStateBackend:
         self._admin_kwargs: dict[str, Any] = {"bootstrap_servers": k.bootstrap_servers.split(","), **sec,
                                               **bootstrap_kwargs(KafkaAdminClient)}
         self._max_record_bytes = max_record_bytes
-        self._tid = self._ensure_topic(check=True)  # the topic's id: one created again has another
+        self._tid = self._ensure_topic(check=True)[0]  # the topic's id: one created again has another
+        if self._tid is None:
+            log.warning("state topic %s: the broker gave no topic id; a state topic deleted and created "
+                        "again by another replica is not noticed by this one", self.topic)
         self.chunk_bytes = int(chunk_bytes)
         # Per key: the slot and generation of its newest chunked value (written or read) and how
         # many chunks each slot holds; chunks read whose manifest has not been seen yet.
@@ -326,23 +330,30 @@ class KafkaStateBackend:
             bootstrap_servers=k.bootstrap_servers.split(","), client_id=f"{k.client_id}-state-reader",
             group_id=None, enable_auto_commit=False, max_partition_fetch_bytes=request,
             fetch_max_bytes=max(request, 8 << 20), allow_auto_create_topics=False, **sec)
-        no_auto_create(self._producer)
-        no_auto_create(self._consumer)
-        # The producer's metadata then follows the topic from the start (its id included), also on
-        # a replica that has not written yet.
-        self._producer.partitions_for(self.topic)
-        parts = self._consumer.partitions_for_topic(self.topic) or {0}
-        self._parts = [TopicPartition(self.topic, p) for p in sorted(parts)]
-        self._consumer.assign(self._parts)
-        self._consumer.seek_to_beginning(*self._parts)
+        try:
+            no_auto_create(self._producer)
+            no_auto_create(self._consumer)
+            # The producer's metadata then follows the topic from the start (its id included), also
+            # on a replica that has not written yet. Only that: a broker slow to answer is no error.
+            with contextlib.suppress(KafkaError):
+                self._producer.partitions_for(self.topic)
+            parts = self._consumer.partitions_for_topic(self.topic) or {0}
+            self._parts = [TopicPartition(self.topic, p) for p in sorted(parts)]
+            self._consumer.assign(self._parts)
+            self._consumer.seek_to_beginning(*self._parts)
+        except BaseException:
+            self.close()  # the start loop tries again: each try's clients and threads are freed
+            raise
 
-    def _ensure_topic(self, check: bool) -> str | None:
+    def _ensure_topic(self, check: bool) -> tuple[str | None, bool]:
         """Create the topic (compacted) if it does not exist, or (``check``) make sure the existing
-        one keeps its records; the topic's id (None from a broker without topic ids)."""
+        one keeps its records; the topic's id (None when the broker gives none) and whether this
+        call created it."""
         from kafka.admin import KafkaAdminClient, NewTopic
         from kafka.errors import TopicAlreadyExistsError
 
         admin = KafkaAdminClient(client_id="embedwatch-state-admin", **self._admin_kwargs)
+        created = False
         try:
             if self.topic in set(admin.list_topics()):
                 if check:
@@ -352,7 +363,8 @@ class KafkaStateBackend:
                     admin.create_topics([NewTopic(self.topic, 1, -1, topic_configs={
                         "cleanup.policy": "compact", "max.message.bytes": str(self._max_record_bytes),
                         "min.compaction.lag.ms": "60000"})])
-            return self._topic_id(admin)
+                    created = True
+            return self._topic_id(admin), created
         finally:
             admin.close()
 
@@ -404,11 +416,11 @@ class KafkaStateBackend:
         if time.monotonic() < self._probe_after:
             return
         try:
-            tid = self._ensure_topic(check=False)  # a new topic is checked by _note_topic
+            tid, created = self._ensure_topic(check=False)  # a new topic is checked by _note_topic
         except Exception as e:  # the failure's own error is the one raised; this one is only logged
             log.debug("state topic %s: cannot check whether it exists: %s", self.topic, e)
-            tid = None
-        if not self._note_topic(tid):
+            tid, created = None, False
+        if not self._note_topic(tid, created):
             self._probe_after = time.monotonic() + self.PROBE_INTERVAL_S
 
     def refresh(self) -> None:
@@ -418,17 +430,19 @@ class KafkaStateBackend:
         if topic_id is not None:
             self._note_topic(_topic_id_of(topic_id(self.topic)))
 
-    def _note_topic(self, tid: str | None) -> bool:
-        """Take ``tid`` as the topic's id; True if it is another than the one known. That is another
-        topic under the same name: the topic was deleted and created again (by this replica or
-        another client), and what this replica wrote before is gone, so :attr:`epoch` moves and
-        the next read starts at the new topic's beginning."""
+    def _note_topic(self, tid: str | None, created: bool = False) -> bool:
+        """Take ``tid`` as the topic's id; True if it is another than the one known, or the topic
+        was just ``created`` by this replica (the id may be unknown). That is another topic under
+        the same name: the topic was deleted and created again (by this replica or another
+        client), and what this replica wrote before is gone, so :attr:`epoch` moves and the next
+        read starts at the new topic's beginning."""
         with self._lock:
-            if tid is None or tid == self._tid:
-                return False
-            if self._tid is None:  # not known at the start (a broker slow to describe it): this is it
-                self._tid = tid
-                return False
+            if not created:
+                if tid is None or tid == self._tid:
+                    return False
+                if self._tid is None:  # not known at the start (a broker slow to describe it): this is it
+                    self._tid = tid
+                    return False
             self._tid = tid
             self.epoch += 1
             self._reread = True
@@ -472,6 +486,13 @@ class KafkaStateBackend:
         except KafkaError:
             self._start_again_if_gone()  # the caller reads again, from the new topic's start
             raise
+        if any(self._consumer.position(tp) > end for tp, end in ends.items()):
+            # Read further than the topic reaches: another topic under its name, created again
+            # before this replica's metadata says so (up to metadata_max_age_ms): read from its start.
+            with contextlib.suppress(Exception):  # the id only counts the loss; the read goes on
+                self._note_topic(self._ensure_topic(check=False)[0])
+            self._reread = False
+            self._consumer.seek_to_beginning(*self._parts)
         deadline = time.monotonic() + 60
         while any(self._consumer.position(tp) < end for tp, end in ends.items()):
             if time.monotonic() > deadline:

@@ -109,12 +109,14 @@ def test_a_state_topic_deleted_while_running_is_created_again_compacted(
     backend = _backend(kafka_bootstrap, topic)
     other = _backend(kafka_bootstrap, topic)  # another replica
     idle = _backend(kafka_bootstrap, topic)  # a replica that neither writes nor fails meanwhile
+    # One whose metadata is 5 minutes old when it reads (kafka-python's default age, the worst case).
+    reader = KafkaStateBackend(_settings(kafka_bootstrap, topic), metadata_max_age_ms=300_000)
     try:
         assert _policy(kafka_admin, topic) == "compact"
         backend.write({"k": b"v1", "other": b"x"})
         assert backend.read_new() == {"k": b"v1", "other": b"x"}
         other.write({"o": b"1"})
-        assert idle.read_new() == {"k": b"v1", "other": b"x", "o": b"1"}
+        assert idle.read_new() == reader.read_new() == {"k": b"v1", "other": b"x", "o": b"1"}
         for deleted_at in (1, 2):
             kafka_admin.delete_topics([topic])
             _wait("the deletion", lambda: topic not in kafka_admin.list_topics())
@@ -126,6 +128,12 @@ def test_a_state_topic_deleted_while_running_is_created_again_compacted(
             backend.write({"k": b"v2"})  # the caller's retry
             assert backend.read_new() == {"k": b"v2"}  # read from the new topic's start
             assert backend.epoch == deleted_at
+            if deleted_at == 1:
+                # Its metadata still names the deleted topic, but its position lies beyond the new
+                # topic's end: it reads the new topic from its start (an assignment right after
+                # another replica created it again), and counts the loss.
+                assert reader.read_new() == {"k": b"v2"}
+                assert reader.epoch == 1
             # The other replica's writes go on by name, into the new topic; its metadata's topic
             # id tells it that what it wrote before is gone.
             deadline = time.monotonic() + 30
@@ -146,6 +154,7 @@ def test_a_state_topic_deleted_while_running_is_created_again_compacted(
         backend.close()
         other.close()
         idle.close()
+        reader.close()
     fresh = KafkaStateBackend(_settings(kafka_bootstrap, topic))
     try:
         assert fresh.read_all() == {"k": b"v2", "o": b"1"}  # what was written before the deletion is gone

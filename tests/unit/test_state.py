@@ -388,7 +388,14 @@ def test_every_partition_is_written_again_once_the_backend_starts_over(tmp_path:
         p.unlink()
     lost = "embedwatch_state_storage_lost_total"
     assert svc.exporter.counters.get(lost) == 0
-    backend.epoch += 1
+    started_again = [True]
+
+    def refresh() -> None:  # what an idle replica learns from its metadata at a checkpoint pass
+        if started_again:
+            started_again.pop()
+            backend.epoch += 1
+
+    backend.refresh = refresh  # type: ignore[method-assign]
     assert checkpoint() == [ckpt]
     assert decode_checkpoint(backend.read_all()[ckpt]).streams[0].meta["events"] == 300
     assert checkpoint() == []
@@ -427,15 +434,15 @@ def test_the_check_for_a_deleted_state_topic_waits_after_finding_none(monkeypatc
     backend.topic, backend._tid, backend.epoch, backend._probe_after = "t", "id-1", 0, 0.0
     backend._lock, backend._reread = threading.Lock(), False
     backend._check_new_topic = lambda: None  # type: ignore[method-assign]
-    answers: list[Any] = [OSError("broker down"), "id-1", "id-2", "id-3"]
+    answers: list[Any] = [OSError("broker down"), ("id-1", False), ("id-2", True), ("id-3", False), (None, True)]
     calls: list[bool] = []
 
-    def ensure(check: bool) -> str:
+    def ensure(check: bool) -> tuple[str | None, bool]:
         calls.append(check)
         a = answers.pop(0)
         if isinstance(a, Exception):
             raise a
-        return str(a)
+        return a  # type: ignore[no-any-return]
 
     backend._ensure_topic = ensure  # type: ignore[method-assign]
     now = [1000.0]
@@ -447,9 +454,11 @@ def test_the_check_for_a_deleted_state_topic_waits_after_finding_none(monkeypatc
     backend._start_again_if_gone()  # the topic is there, the same one
     assert len(calls) == 2 and backend.epoch == 0
     now[0] += KafkaStateBackend.PROBE_INTERVAL_S
-    backend._start_again_if_gone()  # created again
-    backend._start_again_if_gone()  # and again at once
+    backend._start_again_if_gone()  # created again, by this replica
+    backend._start_again_if_gone()  # and again at once, by another one
     assert len(calls) == 4 and backend.epoch == 2 and backend._reread
+    backend._start_again_if_gone()  # created by this replica, on a broker that gives no id
+    assert len(calls) == 5 and backend.epoch == 3
 
 
 class _DescribingAdmin:
