@@ -60,8 +60,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("embedwatch_last_checkpoint_timestamp_seconds", "gauge", "When the last checkpoint was made."),
     Metric("embedwatch_state_storage_lost_total", "counter",
            "Times the state backend found its storage gone and started again empty (the state topic deleted while "
-           "the service ran, and created again, compacted, by this replica or another): checkpoints are written "
-           "again, stored baselines are lost (alert EmbedwatchStateLost)."),
+           "the service ran, and created again, compacted, by this replica or another; the state directory "
+           "emptied or deleted): checkpoints are written again, stored baselines are lost (alert "
+           "EmbedwatchStateLost)."),
     Metric("embedwatch_commits_total", "counter", "Offset commits by result.", ("result",)),
     Metric("embedwatch_processing_seconds", "histogram", "Time to decode and process one poll batch.",
            buckets=PROCESSING_BUCKETS),

@@ -36,6 +36,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -138,6 +139,8 @@ _MAX_PLAIN_NAME = 255 - ATOMIC_WRITE_EXTRA_NAME_BYTES
 _HASHED_NAME = "=sha256="
 #: A hashed name's file starts with this, the key's UTF-8 length (4 bytes) and the key; the value follows.
 _KEYED = b"EWFK1\n"
+#: The file backend's directory id (see :class:`FileStateBackend`).
+_STORAGE_ID = ".storage-id"
 
 
 class FileStateBackend:
@@ -146,7 +149,11 @@ class FileStateBackend:
     A file is named after its key (percent-encoded), or, for a key whose name would be too long
     for the file system (stream labels may be 128 characters each, and a non-ASCII character,
     percent-encoded in the key and again in the name, takes up to 20 bytes), after the key's
-    sha256, with the key stored at the start of the file."""
+    sha256, with the key stored at the start of the file.
+
+    The directory holds a random id (``.storage-id``, skipped by reads as every dot file is): a
+    directory deleted while the service runs, and created again (by a write, or by another replica
+    sharing the volume), has none or another, and :attr:`epoch` moves."""
 
     epoch = 0
 
@@ -154,15 +161,42 @@ class FileStateBackend:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._seen: dict[str, float] = {}  # file name -> modification time when read
+        self._lock = threading.Lock()  # writes come from the loop and from the API's threads
+        self._id = self._storage_id()  # a directory from before the id was kept gets one now
+
+    def _storage_id(self) -> str:
+        """The directory's id, created with the directory (and the id) if either is missing."""
+        path = self.directory / _STORAGE_ID
+        with contextlib.suppress(FileNotFoundError):
+            return path.read_text(encoding="ascii").strip()
+        try:
+            atomic_write(path, uuid.uuid4().hex.encode())  # creates the directory too
+            return path.read_text(encoding="ascii").strip()  # another replica's, if it was faster
+        except OSError as e:  # a read-only directory (a command that only reads the state): unknown
+            log.debug("state directory %s: cannot keep its storage id: %s", self.directory, e)
+            return ""
+
+    def refresh(self) -> None:
+        with self._lock:
+            sid = self._storage_id()
+            if not sid or sid == self._id:
+                return
+            if not self._id:  # not known before (unwritable then): this is it
+                self._id = sid
+                return
+            self._id = sid
+            self.epoch += 1
+            self._seen.clear()
+        log.error("state directory %s was emptied or deleted while embedwatch ran (its storage id changed): "
+                  "checkpoints are written again in full; the baselines stored in it are lost: streams keep "
+                  "the baselines they use until a restart, then build new ones. Promote the streams again "
+                  "before a restart (runbook EmbedwatchStateLost)", self.directory)
 
     def _path(self, key: str) -> Path:
         name = quote(key, safe="")
         if len(name) > _MAX_PLAIN_NAME:
             name = _HASHED_NAME + hashlib.sha256(key.encode()).hexdigest()
         return self.directory / name
-
-    def refresh(self) -> None:
-        return None
 
     def read_all(self, take: Take | None = None) -> dict[str, bytes]:
         self._seen.clear()
@@ -201,6 +235,9 @@ class FileStateBackend:
             return key, f.read()
 
     def write(self, records: Mapping[str, bytes | bytearray]) -> None:
+        # A write into a directory deleted meanwhile would create it again silently (atomic_write
+        # makes its parent): the storage id tells it first.
+        self.refresh()
         # Not marked as seen: read_new returns this replica's writes too, as the kafka backend's
         # does (the service re-reads its own checkpoints when a partition comes back).
         for key, value in records.items():

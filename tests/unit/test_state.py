@@ -461,6 +461,34 @@ def test_the_check_for_a_deleted_state_topic_waits_after_finding_none(monkeypatc
     assert len(calls) == 5 and backend.epoch == 3
 
 
+def test_a_state_directory_emptied_or_deleted_while_running_moves_the_epoch(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The file backend's twin of a deleted state topic: a write into a deleted directory created
+    it again silently (the previous checkpoints and baselines gone, nothing rewritten). Its storage
+    id tells it, to the replica that writes and to another one sharing the volume."""
+    import shutil
+
+    d = tmp_path / "state"
+    a, b = FileStateBackend(d), FileStateBackend(d)
+    a.write({"k": b"1"})
+    b.refresh()
+    assert a.epoch == b.epoch == 0
+    shutil.rmtree(d)
+    with caplog.at_level("ERROR", logger="embedwatch.state"):
+        a.write({"k": b"2"})
+    assert a.epoch == 1 and "was emptied or deleted" in caplog.text
+    assert a.read_all() == {"k": b"2"}
+    b.refresh()
+    assert b.epoch == 1
+    b.refresh()
+    assert b.epoch == 1
+    for p in d.iterdir():  # emptied, the directory kept
+        p.unlink()
+    a.refresh()
+    assert a.epoch == 2
+    assert FileStateBackend(d).read_all() == {}
+
+
 class _DescribingAdmin:
     """An admin client's describe_configs as kafka-python 3.0 answers it: a resource the broker
     refused (no DescribeConfigs permission) comes back with no entries, not as an error."""
