@@ -646,7 +646,9 @@ class Service:
             log.warning("a batch was abandoned after it was processed: no checkpoint, the next owner "
                         "resumes from the last durable point")
             return False
-        self.state_backend.refresh()  # a state topic created again by another replica, on an idle one
+        # Storage started again (a state topic created again, a state directory emptied) that this
+        # replica's own requests did not run into: its writes by name succeed.
+        self.state_backend.refresh()
         epoch = self.state_backend.epoch
         if epoch != self._state_epoch:
             with self.exporter.lock:

@@ -141,6 +141,10 @@ _HASHED_NAME = "=sha256="
 _KEYED = b"EWFK1\n"
 #: The file backend's directory id (see :class:`FileStateBackend`).
 _STORAGE_ID = ".storage-id"
+#: What the loss of the state's storage means, for both backends' ERROR line.
+_STORAGE_LOST = ("Checkpoints are written again in full; the baselines stored in it are lost: streams keep the "
+                 "baselines they use until a restart, then build new ones. Promote the streams again before a "
+                 "restart (runbook EmbedwatchStateLost)")
 
 
 class FileStateBackend:
@@ -152,8 +156,9 @@ class FileStateBackend:
     sha256, with the key stored at the start of the file.
 
     The directory holds a random id (``.storage-id``, skipped by reads as every dot file is): a
-    directory deleted while the service runs, and created again (by a write, or by another replica
-    sharing the volume), has none or another, and :attr:`epoch` moves."""
+    directory emptied or deleted while the service runs, and created again (by a write, which makes
+    its parent, or by another replica sharing the volume), has none or another at the next
+    :meth:`refresh`, and :attr:`epoch` moves."""
 
     epoch = 0
 
@@ -187,10 +192,8 @@ class FileStateBackend:
             self._id = sid
             self.epoch += 1
             self._seen.clear()
-        log.error("state directory %s was emptied or deleted while embedwatch ran (its storage id changed): "
-                  "checkpoints are written again in full; the baselines stored in it are lost: streams keep "
-                  "the baselines they use until a restart, then build new ones. Promote the streams again "
-                  "before a restart (runbook EmbedwatchStateLost)", self.directory)
+        log.error("state directory %s was emptied or deleted while embedwatch ran (its storage id changed). %s",
+                  self.directory, _STORAGE_LOST)
 
     def _path(self, key: str) -> Path:
         name = quote(key, safe="")
@@ -235,9 +238,6 @@ class FileStateBackend:
             return key, f.read()
 
     def write(self, records: Mapping[str, bytes | bytearray]) -> None:
-        # A write into a directory deleted meanwhile would create it again silently (atomic_write
-        # makes its parent): the storage id tells it first.
-        self.refresh()
         # Not marked as seen: read_new returns this replica's writes too, as the kafka backend's
         # does (the service re-reads its own checkpoints when a partition comes back).
         for key, value in records.items():
@@ -296,7 +296,7 @@ def _topic_id_of(raw: Any) -> str | None:
     """A topic id as text (a ``uuid.UUID`` from client metadata, text from the admin client);
     None for none, or the zero id of a broker without topic ids."""
     tid = "" if raw is None else str(raw)
-    return None if tid in ("", "00000000-0000-0000-0000-000000000000", "AAAAAAAAAAAAAAAAAAAAAA") else tid
+    return None if tid in ("", "00000000-0000-0000-0000-000000000000") else tid
 
 
 class KafkaStateBackend:
@@ -386,12 +386,11 @@ class KafkaStateBackend:
         """Create the topic (compacted) if it does not exist, or (``check``) make sure the existing
         one keeps its records; the topic's id (None when the broker gives none) and whether this
         call created it."""
-        from kafka.admin import KafkaAdminClient, NewTopic
+        from kafka.admin import NewTopic
         from kafka.errors import TopicAlreadyExistsError
 
-        admin = KafkaAdminClient(client_id="embedwatch-state-admin", **self._admin_kwargs)
         created = False
-        try:
+        with self._admin() as admin:
             if self.topic in set(admin.list_topics()):
                 if check:
                     self._check_retention(admin)
@@ -402,6 +401,14 @@ class KafkaStateBackend:
                         "min.compaction.lag.ms": "60000"})])
                     created = True
             return self._topic_id(admin), created
+
+    @contextlib.contextmanager
+    def _admin(self) -> Iterator[Any]:
+        from kafka.admin import KafkaAdminClient
+
+        admin = KafkaAdminClient(client_id="embedwatch-state-admin", **self._admin_kwargs)
+        try:
+            yield admin
         finally:
             admin.close()
 
@@ -484,10 +491,7 @@ class KafkaStateBackend:
             self.epoch += 1
             self._reread = True
         log.error("state topic %s was deleted while embedwatch ran and exists again: another topic under its "
-                  "name, created by this replica (compacted) or by another client. Checkpoints are written "
-                  "again in full; the baselines stored in it are lost: streams keep the baselines they use "
-                  "until a restart, then build new ones. Promote the streams again before a restart "
-                  "(runbook EmbedwatchStateLost)", self.topic)
+                  "name, created by this replica (compacted) or by another client. %s", self.topic, _STORAGE_LOST)
         self._check_new_topic()
         return True
 
@@ -495,19 +499,13 @@ class KafkaStateBackend:
         """A topic created again by another client (an older embedwatch, a console consumer on a
         broker that creates topics) may delete its records: said now, while it can be fixed, not
         only by the refusal at the next start."""
-        from kafka.admin import KafkaAdminClient
-
         try:
-            admin = KafkaAdminClient(client_id="embedwatch-state-admin", **self._admin_kwargs)
-        except Exception as e:  # a check, not the write: the broker may be away again
-            log.warning("state topic %s: cannot check the settings of the new topic: %s", self.topic, e)
-            return
-        try:
-            self._check_retention(admin)
+            with self._admin() as admin:
+                self._check_retention(admin)
         except StateError as e:
             log.error("%s. A restart refuses it until it is fixed", e)
-        finally:
-            admin.close()
+        except Exception as e:  # a check, not the write: the broker may be away again
+            log.warning("state topic %s: cannot check the settings of the new topic: %s", self.topic, e)
 
     def _drain(self, take: Take | None) -> dict[str, bytes]:
         from kafka.errors import KafkaError
@@ -695,9 +693,6 @@ class KafkaStateBackend:
             # The caller retries the whole write: on a topic created again, if that was the cause.
             self._start_again_if_gone()
             raise
-        # A write also succeeds on a topic another replica created again under the same name; the
-        # producer's metadata (refreshed every metadata_max_age_ms) has its new id.
-        self.refresh()
 
     def close(self) -> None:
         self._producer.close(timeout=5)

@@ -135,11 +135,12 @@ def test_a_state_topic_deleted_while_running_is_created_again_compacted(
                 assert reader.read_new() == {"k": b"v2"}
                 assert reader.epoch == 1
             # The other replica's writes go on by name, into the new topic; its metadata's topic
-            # id tells it that what it wrote before is gone.
+            # id tells it, at its checkpoint pass (refresh), that what it wrote before is gone.
             deadline = time.monotonic() + 30
             while other.epoch < deleted_at and time.monotonic() < deadline:
                 with contextlib.suppress(KafkaError):  # it may find the topic gone itself first
                     other.write({"o": b"1"})
+                other.refresh()
                 time.sleep(0.5)
             assert other.epoch == deleted_at
             # The idle one learns it at its next checkpoint pass (refresh) or read, and reads the
@@ -181,6 +182,7 @@ def test_a_state_topic_created_again_by_another_client_as_a_plain_topic_is_repor
             while backend.epoch == 0 and time.monotonic() < deadline:
                 with contextlib.suppress(KafkaError):  # until its metadata has the new topic
                     backend.write({"k": b"v2"})
+                backend.refresh()
                 time.sleep(0.5)
         assert backend.epoch == 1
         assert "exists again" in caplog.text
