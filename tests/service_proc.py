@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +136,20 @@ class ServiceProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+
+def until(get: Callable[[], Any], ok: Callable[[Any], bool], what: str, svc: ServiceProcess,
+          timeout: float = 120.0) -> Any:
+    """``get()`` once ``ok`` holds for it (polled every 0.3 s; a failed request or a stream not
+    listed yet is tried again); TimeoutError naming ``what``, the last value and the log's tail."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = get()
+            if ok(last):
+                return last
+        except (OSError, KeyError):
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{what} not reached in {timeout}s; last: {last}\n{svc.tail()}")

@@ -119,7 +119,7 @@ def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
                 elif path.startswith("/api/baselines/"):
                     key = StreamKey.parse(unquote(path.removeprefix("/api/baselines/")))
                     versions = backend.baselines(str(key))
-                    if not versions and str(key) not in backend.streams():
+                    if not versions and str(key.document_side()) not in backend.streams():
                         raise ApiError(404, f"unknown stream {key}")
                     self._json(200, {"baselines": versions})
                 else:

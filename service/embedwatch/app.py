@@ -30,6 +30,7 @@ import numpy as np
 import orjson
 
 from embedwatch import heap
+from embedwatch.baseline import Baseline
 from embedwatch.baseline_store import BaselineRepository, MemoryBaselineStore
 from embedwatch.config import Settings
 from embedwatch.events import DecodedBatch, DecodeLimits, Decoder, Kind, Message, Rejection, StreamKey
@@ -502,18 +503,32 @@ class Service:
                          "(last active %s)", sc.key, idle_s, _when(last_activity(newest, sc.seen_at)))
                 self.exporter.counters.inc("embedwatch_streams_forgotten_total")
                 continue
-            baseline = None
-            bid = sc.meta.get("baseline_id")
-            if bid:
-                try:
-                    baseline = self.baselines.get(sc.key, str(bid))  # the store has its own lock
-                except LookupError:
-                    log.error("baseline %s of %s is missing from the store", bid, sc.key)
+            meta = sc.meta
+            baseline = self._checkpointed_baseline(sc.key, meta.get("baseline_id"))
+            qmeta = meta.get("qvec")
+            query_baseline = None
+            if isinstance(qmeta, dict) and qmeta.get("baseline_id"):
+                query_baseline = self._checkpointed_baseline(sc.key.query_side(), qmeta["baseline_id"])
+                if query_baseline is None:
+                    # Only the query embeddings' part starts afresh: the rest of the stream is whole.
+                    log.error("stream %s: its query embeddings start afresh", sc.key)
+                    meta = {k: v for k, v in meta.items() if k != "qvec"}
             try:
-                monitors.append(StreamMonitor.restore(sc.key, det, sc.meta, sc.arrays, baseline))
+                monitors.append(StreamMonitor.restore(sc.key, det, meta, sc.arrays, baseline, query_baseline))
             except (ValueError, KeyError) as e:
                 log.error("state of %s is unusable (%s): it starts afresh", sc.key, e)
         return ckpt, monitors
+
+    def _checkpointed_baseline(self, key: StreamKey, bid: Any) -> Baseline | None:
+        """Version ``bid`` of ``key``'s baselines, named by a checkpoint (None without one, or when
+        the store has lost it: logged)."""
+        if not bid:
+            return None
+        try:
+            return self.baselines.get(key, str(bid))  # the store has its own lock
+        except LookupError:
+            log.error("baseline %s of %s is missing from the store", bid, key)
+            return None
 
     def _install(self, p: PartitionId, restored: tuple[Checkpoint, list[StreamMonitor]] | None) -> Checkpoint | None:
         """Make the monitors restored from the checkpoint of ``p`` live (under the lock)."""
@@ -1311,14 +1326,16 @@ class Service:
         """Activate version ``baseline_id`` of the stream, or (None) promote the stream: its next
         ``events`` events become its baseline (see :meth:`StreamMonitor.promote`). The answer is
         the active baseline's metadata with ``"status": "active"``, or ``"status": "collecting"``
-        with the promotion's progress."""
+        with the promotion's progress. A query-side key (:meth:`StreamKey.query_side`) does the
+        same for the stream's query embeddings alone."""
         with self.exporter.lock:
-            mon = self.router.monitors.get(key)
+            mon = self.router.monitors.get(key.document_side())
             if mon is None:
                 raise StreamNotHere(key)
             if baseline_id is None:
-                built = mon.promote(events)
-                progress = mon.promotion
+                target = self._query_monitor(mon, key) if key.is_query_side else mon
+                built = target.promote(events)
+                progress = target.promotion
                 if built is None and progress is not None:
                     log.info("stream %s promoted: collecting %d events for its new baseline", key,
                              progress["needed"])
@@ -1329,10 +1346,22 @@ class Service:
             else:
                 _stored(lambda: self.baselines.promote(key, baseline_id))
                 baseline = self.baselines.get(key)
-                self._record_end(mon.activate(baseline))
+                self._activate(mon, key, baseline)
             self.router.mark_saved(key, str(baseline.metadata["baseline_id"]))
             log.info("baseline of %s is now %s", key, baseline.metadata["baseline_id"])
             return {"status": "active", **baseline.metadata}
+
+    @staticmethod
+    def _query_monitor(mon: StreamMonitor, key: StreamKey) -> StreamMonitor:
+        q = mon.query_monitor
+        if q is None:
+            raise LookupError(f"stream {mon.key} has had no query embeddings on this replica yet")
+        mon.changes += 1  # the stream's checkpoint holds its query monitor's state
+        return q
+
+    def _activate(self, mon: StreamMonitor, key: StreamKey, baseline: Baseline) -> None:
+        """Make the stored ``baseline`` of ``key`` (the stream's, or its query embeddings') active."""
+        self._record_end(mon.activate_query(baseline) if key.is_query_side else mon.activate(baseline))
 
     def _record_end(self, end: Alarm | None) -> None:
         """The end of an alarm an activation closed: recorded and logged as the loop's are."""
@@ -1341,12 +1370,12 @@ class Service:
 
     def rollback_baseline(self, key: StreamKey) -> dict[str, Any]:
         with self.exporter.lock:
-            mon = self.router.monitors.get(key)
+            mon = self.router.monitors.get(key.document_side())
             if mon is None:
                 raise StreamNotHere(key)
             _stored(lambda: self.baselines.rollback(key))
             baseline = self.baselines.get(key)
-            self._record_end(mon.activate(baseline))
+            self._activate(mon, key, baseline)
             self.router.mark_saved(key, str(baseline.metadata["baseline_id"]))
             log.info("baseline of %s rolled back to %s", key, baseline.metadata["baseline_id"])
             return dict(baseline.metadata)

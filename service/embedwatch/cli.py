@@ -416,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
                              + ("" if action == "list" else " (token from EMBEDWATCH_HTTP__ADMIN_TOKEN)"))
         ba.add_argument("--url", default="http://127.0.0.1:9108")
         if action != "list":
-            ba.add_argument("stream", help="model/model_version/segment")
+            ba.add_argument("stream", help="model/model_version/segment, or model/model_version/segment/query "
+                            "for the stream's query embeddings alone")
         if action == "promote":
             ba.add_argument("--events", type=int, default=None,
                             help="events of the new baseline (default: detection.reference_size)")

@@ -78,6 +78,10 @@ class Reason(StrEnum):
     PROCESSING_ERROR = "processing_error"  # the stream's update raised: see the service's log
 
 
+#: Last part of the key of a stream's query embeddings (:meth:`StreamKey.query_side`).
+QUERY_SIDE = "query"
+
+
 class Kind(StrEnum):
     EMBEDDING = "embedding"
     QUERY = "query"
@@ -91,11 +95,32 @@ class StreamKey(NamedTuple):
     def __str__(self) -> str:
         return f"{self.model}/{self.model_version}/{self.segment}"
 
+    def query_side(self) -> StreamKey:
+        """The key of the stream's query embeddings, ``model/model_version/segment/query``: their
+        baselines are stored and addressed (API, baseline store) under it. A label never holds a
+        ``/``, so it names no stream of events."""
+        return StreamKey(self.model, self.model_version, f"{self.segment}/{QUERY_SIDE}")
+
+    @property
+    def is_query_side(self) -> bool:
+        return self.segment.endswith(f"/{QUERY_SIDE}")
+
+    def document_side(self) -> StreamKey:
+        """The stream a query-side key belongs to (itself for a stream's own key)."""
+        if not self.is_query_side:
+            return self
+        return StreamKey(self.model, self.model_version, self.segment.removesuffix(f"/{QUERY_SIDE}"))
+
     @classmethod
     def parse(cls, text: str) -> StreamKey:
+        """``model/model_version/segment``, or ``model/model_version/segment/query`` for the
+        stream's query embeddings (:meth:`query_side`)."""
         parts = text.split("/")
+        if len(parts) == 4 and parts[3] == QUERY_SIDE and all(parts):
+            return cls(*parts[:3]).query_side()
         if len(parts) != 3 or not all(parts):
-            raise ValueError(f"stream key must be model/model_version/segment, got {text!r}")
+            raise ValueError(f"stream key must be model/model_version/segment (or "
+                             f"model/model_version/segment/{QUERY_SIDE}), got {text!r}")
         return cls(*parts)
 
 

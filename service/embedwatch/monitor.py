@@ -11,6 +11,7 @@ Contract used by the service loop (app.py), the replay command and the exporter:
     monitor.state()      # JSON-able dict for /api/streams and the replay report
     monitor.promote(events=None)           # the next events become the baseline (None: collecting)
     monitor.activate(baseline)             # switch to a stored baseline (promote / rollback)
+    monitor.activate_query(baseline)       # the same for the query embeddings (key.query_side())
     alarms = monitor.expire(now)           # periodically, wall-clock now: a silent stream's window empties
 
 Lifecycle. Without a baseline, the first ``reference_size`` embedding events are collected (no
@@ -62,6 +63,8 @@ from embedwatch.window import PrefixSums, Projection, ScalarWindow, Summary, Win
 MEASURE_KEYS: tuple[str, ...] = tuple(m.measure for m in METRICS if m.measure is not None)
 
 _RECENT = 100
+#: Prefix of the query embeddings' monitor's arrays in a checkpoint (see StreamMonitor.checkpoint).
+_QVEC = "q/"
 #: Version of the :meth:`StreamMonitor.checkpoint` layout.
 CHECKPOINT_SCHEMA = 1
 #: A checkpoint array, or the chunks its rows were collected in (one after the other): a
@@ -724,7 +727,7 @@ class StreamMonitor:
             q_alarms = self._qvec.expire(now)
             if q_alarms:
                 self.changes += 1
-                alarms += [replace(a, detector="mmd_query") for a in q_alarms]
+                alarms += self._as_query(q_alarms)
         return alarms
 
     def _derive(self) -> None:
@@ -801,13 +804,36 @@ class StreamMonitor:
         if vectors is None or vectors.ndim != 2 or vectors.shape[1] == 0:
             return []
         if self._qvec is None:
-            self._qvec = StreamMonitor(self.key, self.settings)
+            self._qvec = StreamMonitor(self.key.query_side(), self.settings)
         lat = latency_s if latency_s is not None else np.full(n, np.nan)
         alarms = self._qvec.update_embeddings(vectors, ts, lat)
         self._qvec.take_summary()  # query vectors have no norm histogram: not held until the next batch
         if self._qpromotion and self._query_promotion() is None:
             self._qpromotion = False
-        return [replace(a, detector="mmd_query") for a in alarms]
+        return self._as_query(alarms)
+
+    def _as_query(self, alarms: Sequence[Alarm]) -> list[Alarm]:
+        """The query-embedding monitor's alarms as the stream's: its name, detector ``mmd_query``."""
+        return [replace(a, stream=self._name, detector="mmd_query") for a in alarms]
+
+    @property
+    def query_monitor(self) -> StreamMonitor | None:
+        """The monitor of the stream's query embeddings (key :meth:`StreamKey.query_side`), from
+        the first query event that carries one, or from :meth:`activate_query`."""
+        return self._qvec
+
+    def activate_query(self, baseline: Baseline) -> Alarm | None:
+        """Make ``baseline`` (of :meth:`StreamKey.query_side`) the query embeddings' active
+        baseline: a stored one, for a stream that starts again or through the API's promote and
+        rollback. Returns the end of the ``mmd_query`` alarm this closes, if one was open."""
+        if baseline.key != self.key.query_side():
+            raise ValueError(f"baseline of {baseline.key} given as the query embeddings' of {self._name}")
+        self.changes += 1
+        if self._qvec is None:
+            self._qvec = StreamMonitor(baseline.key, self.settings, baseline)
+            return None
+        ends = self._as_query([end] if (end := self._qvec.activate(baseline)) is not None else [])
+        return ends[0] if ends else None
 
     def _evaluate_queries(self) -> None:
         v = self._qwin.view()
@@ -843,10 +869,12 @@ class StreamMonitor:
         """The stream's state as JSON-able ``meta`` (NaN allowed) + numeric ``arrays`` (no pickle).
 
         Holds the counters, alarm state, Page-Hinkley state, the reference being collected, the
-        window buckets (statistics, per-event scalars, reservoirs, RNG state) and the query window.
-        Not included (restart empty): the duplicate-id memory (ids are hashed with the process's
-        salted ``hash``) and the query-vector sub-monitor. The baseline itself is referenced by
-        ``baseline_id`` and must come from the baseline store.
+        window buckets (statistics, per-event scalars, reservoirs, RNG state), the query window
+        and the query embeddings' monitor (``meta["qvec"]``, its arrays prefixed ``q/``). Not
+        included (restart empty): the duplicate-id memory (ids are hashed with the process's
+        salted ``hash``). Baselines are referenced by ``baseline_id`` and must come from the
+        baseline store: the stream's under its key, the query embeddings' under
+        :meth:`StreamKey.query_side` (``meta["qvec"]["baseline_id"]``).
         """
         s = self.settings
         ph = self._ph
@@ -920,6 +948,11 @@ class StreamMonitor:
                 sums = [b._feat_sum for b in bs if not b.held and b._feat_sum is not None]
                 if sums:
                     arrays["b_feat_sum"] = np.stack(sums)
+        if self._qvec is not None:
+            # Restarted empty before: after a restart the query embeddings' first reference_size
+            # events became their baseline again, drifted or not, and an open mmd_query alarm ended.
+            meta["qvec"], qarrays = self._qvec.checkpoint()
+            arrays.update({_QVEC + k: v for k, v in qarrays.items()})
         return meta, arrays
 
     @classmethod
@@ -930,10 +963,14 @@ class StreamMonitor:
         meta: dict[str, Any],
         stored: Mapping[str, CheckpointArray],
         baseline: Baseline | None,
+        query_baseline: Baseline | None = None,
     ) -> StreamMonitor:
         """Rebuild a monitor from :meth:`checkpoint` output; ``ValueError`` if it cannot be used.
 
-        ``baseline`` must be the one named by ``meta["baseline_id"]`` (from the baseline store).
+        ``baseline`` must be the one named by ``meta["baseline_id"]`` (from the baseline store),
+        ``query_baseline`` the one named by ``meta["qvec"]["baseline_id"]`` (the query embeddings',
+        stored under :meth:`StreamKey.query_side`); a checkpoint without ``"qvec"`` (the stream had
+        no query embeddings, or it was written before they were checkpointed) restores none.
         If the window settings changed since the checkpoint, the window starts afresh (everything
         else is kept). ``stored`` may give the reference's rows as chunks (:meth:`checkpoint`'s
         own output); a decoded checkpoint gives one array each.
@@ -980,6 +1017,9 @@ class StreamMonitor:
         elif qref.size:
             m._qref = [qref]
         m._qwin.restore({k[5:]: v for k, v in arrays.items() if k.startswith("qwin_")}, meta["qwin"])
+        if meta.get("qvec") is not None:
+            qstored = {k[len(_QVEC):]: v for k, v in stored.items() if k.startswith(_QVEC)}
+            m._qvec = StreamMonitor.restore(key.query_side(), settings, meta["qvec"], qstored, query_baseline)
         w = m._window
         wm = meta.get("window")
         if w is not None and wm is not None and meta.get("window_config") == _window_config(settings):
@@ -1102,6 +1142,9 @@ class StreamMonitor:
             "changepoints": [a.to_dict() for a in self._changepoints],
         }
         if self._qvec is not None:
-            st["query_vectors"] = {"events": self._qvec.events, "drifting": self._qvec.drifting,
-                                   "alarms": [a.to_dict() for a in self._qvec._alarms]}
+            q = self._qvec
+            st["query_vectors"] = {"stream": str(q.key), "events": q.events, "drifting": q.drifting,
+                                   "baseline_id": None if q.baseline is None else q.baseline.baseline_id,
+                                   "promotion": q.promotion,
+                                   "alarms": [a.to_dict() for a in self._as_query(q._alarms)]}
         return st

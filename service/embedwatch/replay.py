@@ -458,6 +458,7 @@ class _Collector:
         self.key = key
         self.limit = limit
         self.baseline: Baseline | None = None
+        self.query_monitor: StreamMonitor | None = None  # query embeddings are not collected
         self.expected_dim: int | None = None
         self.events = 0
         self.vectors: list[np.ndarray] = []

@@ -16,7 +16,9 @@ For each :class:`~embedwatch.events.DecodedBatch` :meth:`StreamRouter.route`
   accepted embeddings that carry an ``id`` to the model's
   :class:`~embedwatch.detectors.version_compare.VersionComparison`;
 * when a :class:`~embedwatch.baseline_store.BaselineRepository` is given, loads the active
-  baseline of a new stream from it, and saves every baseline a monitor builds or is given.
+  baseline of a new stream from it, and saves every baseline a monitor builds or is given; the
+  same for the stream's query embeddings, whose baselines are stored under
+  :meth:`~embedwatch.events.StreamKey.query_side` (``model/model_version/segment/query``).
 
 It returns every rejection (the decoder's and its own) and every alarm, and keeps counters of
 rejections per reason and per live stream.
@@ -184,8 +186,12 @@ class StreamRouter:
 
     def expected_dim(self, key: StreamKey) -> int | None:
         mon = self.monitors.get(key)
-        if mon is not None and mon.expected_dim is not None:
-            return int(mon.expected_dim)
+        if mon is not None:
+            # A query-only stream knows its dimension from its query embeddings' baseline (a
+            # stored one, at a restart): vectors of another dimension are dimension_mismatch.
+            for m in (mon, mon.query_monitor):
+                if m is not None and m.expected_dim is not None:
+                    return int(m.expected_dim)
         return self._dims.get(key)
 
     def idle(self, now: float, idle_s: float, seen: Mapping[StreamKey, float]) -> list[StreamKey]:
@@ -211,22 +217,31 @@ class StreamRouter:
             return mon
         if len(self.monitors) >= self.max_streams:
             return None
-        baseline: Baseline | None = None
-        if self.baselines is not None:
-            try:
-                baseline = self.baselines.get(key)
-            except BaselineNotFoundError:
-                baseline = None
-            except (BaselineIntegrityError, OSError) as e:
-                # A damaged stored baseline must not stop the service: the stream builds a new one.
-                log.error("stream %s: cannot load its stored baseline (%s); building a new one", key, e)
-                baseline = None
+        baseline = self._stored(key)
         mon = self._factory(key, self.detection, baseline)
         self.monitors[key] = mon
         self.stream_rejected.setdefault(key, Counter())  # kept across a reset after a failure
         if baseline is not None:
-            self._saved[key] = str(baseline.metadata["baseline_id"])
+            self._saved[key] = baseline.baseline_id
+        qkey = key.query_side()
+        query_baseline = self._stored(qkey)
+        if query_baseline is not None:
+            mon.activate_query(query_baseline)
+            self._saved[qkey] = query_baseline.baseline_id
         return mon
+
+    def _stored(self, key: StreamKey) -> Baseline | None:
+        """The active stored baseline of ``key`` (a stream's, or its query embeddings'), if any."""
+        if self.baselines is None:
+            return None
+        try:
+            return self.baselines.get(key)
+        except BaselineNotFoundError:
+            return None
+        except (BaselineIntegrityError, OSError) as e:
+            # A damaged stored baseline must not stop the service: the stream builds a new one.
+            log.error("stream %s: cannot load its stored baseline (%s); building a new one", key, e)
+            return None
 
     def mark_saved(self, key: StreamKey, baseline_id: str) -> None:
         """Record that ``baseline_id`` is already in the repository (promote / rollback through the
@@ -240,11 +255,12 @@ class StreamRouter:
         self.stream_rejected.setdefault(key, Counter())
         if monitor.expected_dim is not None:
             self._dims[key] = int(monitor.expected_dim)
-        if monitor.baseline is not None:
-            self._saved[key] = str(monitor.baseline.metadata["baseline_id"])
-            # Released now, not at the stream's next batch: a replica restarted on a backlog it had
-            # already consumed held every restored baseline's sample (1.5 MiB a 768-d stream).
-            self._release_sample(monitor)
+        for mon in (monitor, monitor.query_monitor):
+            if mon is not None and mon.baseline is not None:
+                self._saved[mon.key] = mon.baseline.baseline_id
+                # Released now, not at the stream's next batch: a replica restarted on a backlog it
+                # had already consumed held every restored baseline's sample (1.5 MiB a 768-d stream).
+                self._release_sample(mon)
 
     def remove(self, key: StreamKey) -> None:
         """Forget a stream (e.g. idle eviction); frees its slot under ``max_streams``. Its model's
@@ -255,6 +271,7 @@ class StreamRouter:
         self.stream_rejected.pop(key, None)
         self._dims.pop(key, None)
         self._saved.pop(key, None)
+        self._saved.pop(key.query_side(), None)
         self._failures.discard(key)
         if not any(k.model == key.model for k in self.monitors):
             self.comparisons.pop(key.model, None)
@@ -360,6 +377,7 @@ class StreamRouter:
         self.monitors.pop(key, None)
         self._dims.pop(key, None)
         self._saved.pop(key, None)
+        self._saved.pop(key.query_side(), None)
         try:
             self.monitor_for(key)
         except Exception:  # created at its next block, or failing then
@@ -387,6 +405,16 @@ class StreamRouter:
                 self._comparison(model).expect(vs)
 
     def _persist(self, key: StreamKey, mon: StreamMonitor) -> None:
+        """Save the baseline ``mon`` built (and its query embeddings' monitor's, under
+        :meth:`StreamKey.query_side`) unless it is saved already."""
+        if self.baselines is None:
+            return
+        self._persist_one(key, mon)
+        q = mon.query_monitor
+        if q is not None:
+            self._persist_one(q.key, q)
+
+    def _persist_one(self, key: StreamKey, mon: StreamMonitor) -> None:
         if self.baselines is None or mon.baseline is None:
             return
         bid = mon.baseline.baseline_id

@@ -1,53 +1,46 @@
-"""Promotion against the real broker and service: a drifting stream is promoted, its next events
-become its baseline, and the alarm ends when that baseline takes over."""
+"""Baselines against the real broker and service: a drifting stream is promoted, its next events
+become its baseline, and the alarm ends when that baseline takes over; the query embeddings keep
+their baseline and an open alarm across a restart."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import orjson
 import pytest
 from kafka import KafkaProducer
 
 from embedwatch.produce import EventGenerator, Fault, GeneratorConfig
-from service_proc import ServiceProcess
+from service_proc import ServiceProcess, until
 
 pytestmark = pytest.mark.integration
 
 DIM = 32
 TOKEN = "promotion-test-admin-token-4f1c9e"
 STREAM = "model-0/v1/default"
+QDIM = 24
+QSTREAM = "m/v1/default"
+QSTREAM_QUERY_SIDE = f"{QSTREAM}/query"
 
 
-def _until(get: Callable[[], Any], ok: Callable[[Any], bool], what: str, svc: ServiceProcess,
-           timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = get()
-            if ok(last):
-                return last
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{what} not reached in {timeout}s; last: {last}\n{svc.tail()}")
+def _config(bootstrap: str, prefix: str, emb: str, qry: str, state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "kafka": {"bootstrap_servers": bootstrap, "group_id": f"{prefix}-group", "embeddings_topic": emb,
+                  "queries_topic": qry, "max_poll_records": 500, "session_timeout_ms": 6000},
+        "http": {"admin_token": TOKEN},
+        "detection": {"reference_size": 200, "window_events": 200},
+        "state": state,
+    }
 
 
 def test_promotion_collects_the_next_events_and_ends_the_alarm(
         kafka_bootstrap: str, unique_topics: Any, fresh_topic_prefix: str, tmp_path: Path) -> None:
     emb, qry = unique_topics("embeddings", "queries")
-    cfg: dict[str, Any] = {
-        "kafka": {"bootstrap_servers": kafka_bootstrap, "group_id": f"{fresh_topic_prefix}-group",
-                  "embeddings_topic": emb, "queries_topic": qry, "max_poll_records": 500,
-                  "session_timeout_ms": 6000},
-        "http": {"admin_token": TOKEN},
-        "detection": {"reference_size": 200, "window_events": 200},
-        "state": {"backend": "none"},
-    }
+    cfg = _config(kafka_bootstrap, fresh_topic_prefix, emb, qry, {"backend": "none"})
     # One stream whose mean moves for good after its 600th event: the new normal to accept.
     gen = EventGenerator(GeneratorConfig(streams=1, dim=DIM, seed=5,
                                          faults=[Fault("shift", at=600, stream=0, magnitude=1.0)]))
@@ -69,7 +62,7 @@ def test_promotion_collects_the_next_events_and_ends_the_alarm(
     send(1000)
     svc = ServiceProcess(tmp_path, cfg).start()
     try:
-        _until(stream, lambda st: st["drifting"] and st["events"] == 1000, "the shift's alarm", svc)
+        until(stream, lambda st: st["drifting"] and st["events"] == 1000, "the shift's alarm", svc)
         status, body = svc.request("POST", f"/api/baselines/{STREAM}/promote", b'{"events": 200}',
                                    {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
         assert status == 202, body
@@ -77,9 +70,9 @@ def test_promotion_collects_the_next_events_and_ends_the_alarm(
         assert stream()["promotion"] == {"events": 0, "needed": 200}
         assert versions() == [("first_events", 200, True)]  # nothing changes before the events arrive
         send(300)  # still shifted: the stream's new normal
-        _until(versions, lambda v: v == [("first_events", 200, False), ("promoted", 200, True)],
-               "the promoted baseline", svc)
-        st = _until(stream, lambda s: s["events"] == 1300, "the last events", svc)
+        until(versions, lambda v: v == [("first_events", 200, False), ("promoted", 200, True)],
+              "the promoted baseline", svc)
+        st = until(stream, lambda s: s["events"] == 1300, "the last events", svc)
         assert st["promotion"] is None and not st["drifting"]
         assert st["baseline"]["source"] == "promoted" and st["alarms"][-1]["kind"] == "end"
         # The new baseline is the new normal: the 100 events after it raise no alarm.
@@ -87,3 +80,67 @@ def test_promotion_collects_the_next_events_and_ends_the_alarm(
     finally:
         producer.close()
         svc.close()
+
+
+def test_a_restart_keeps_the_query_embeddings_baseline_and_their_alarm(
+        kafka_bootstrap: str, unique_topics: Any, fresh_topic_prefix: str, tmp_path: Path) -> None:
+    """The query embeddings' state across a SIGTERM and a restart: their baseline is stored in the
+    state topic under the query-side key and their monitor is in the stream's checkpoint, so the
+    restarted service keeps both the baseline and the open mmd_query alarm (it built a new
+    baseline from its next, drifted, query embeddings before)."""
+    emb, qry = unique_topics("embeddings", "queries")
+    cfg = _config(kafka_bootstrap, fresh_topic_prefix, emb, qry,
+                  {"backend": "kafka", "topic": f"{fresh_topic_prefix}-state", "checkpoint_interval_s": 1.0})
+    rng = np.random.default_rng(3)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=10)
+    sent = {"q": 0}
+
+    def send_queries(n: int, shift: float) -> None:
+        for v in rng.standard_normal((n, QDIM)) + shift:
+            ev = {"model": "m", "model_version": "v1", "ts": time.time(), "embedding": v.tolist(),
+                  "results": [{"id": "d1", "score": 0.8}]}
+            producer.send(qry, key=QSTREAM.encode(), value=orjson.dumps(ev))
+        producer.flush(timeout=60)
+        sent["q"] += n
+
+    def send_docs(n: int) -> None:
+        for v in rng.standard_normal((n, QDIM)):
+            ev = {"model": "m", "model_version": "v1", "ts": time.time(), "embedding": v.tolist()}
+            producer.send(emb, key=QSTREAM.encode(), value=orjson.dumps(ev))
+        producer.flush(timeout=60)
+
+    def stream(svc: ServiceProcess) -> dict[str, Any]:
+        st: dict[str, Any] = json.loads(svc.get("/api/streams")[1])["streams"][QSTREAM]
+        return st
+
+    def versions(svc: ServiceProcess, key: str) -> list[str]:
+        return [b["baseline_id"] for b in json.loads(svc.get(f"/api/baselines/{key}")[1])["baselines"]]
+
+    send_docs(300)
+    send_queries(400, 0.0)
+    send_queries(300, 3.0)  # the query embeddings move away from their baseline
+    first = ServiceProcess(tmp_path, cfg, name="first").start()
+    try:
+        st = until(lambda: stream(first), lambda s: s["query_events"] == sent["q"] and s["events"] == 300,
+                   "every event", first)
+        qv = st["query_vectors"]
+        assert qv["stream"] == QSTREAM_QUERY_SIDE and qv["drifting"] and qv["baseline_id"], qv
+        assert versions(first, QSTREAM_QUERY_SIDE) == [qv["baseline_id"]]
+        assert len(versions(first, QSTREAM)) == 1
+        code, _ = first.terminate()
+        assert code == 0, first.tail()
+    finally:
+        first.close()
+    send_queries(100, 3.0)  # still drifted after the restart
+    again = ServiceProcess(tmp_path, cfg, name="again").start()
+    try:
+        st = until(lambda: stream(again), lambda s: s["query_events"] == sent["q"], "the new queries", again)
+        q2 = st["query_vectors"]
+        assert q2["baseline_id"] == qv["baseline_id"] and q2["drifting"], q2
+        assert q2["events"] == sent["q"] and st["measures"]["query_drift_detected"] == 1.0
+        # One alarm start in all: the restart neither ended it nor raised it again.
+        assert [a["kind"] for a in q2["alarms"]] == ["start"], q2["alarms"]
+        assert versions(again, QSTREAM_QUERY_SIDE) == [qv["baseline_id"]]
+    finally:
+        again.close()
+        producer.close()

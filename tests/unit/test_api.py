@@ -197,3 +197,31 @@ def test_idle_connections_are_closed_and_bounded(monkeypatch: pytest.MonkeyPatch
         for s in idle:
             s.close()
         srv.stop()
+
+
+def test_the_query_embeddings_baselines_are_addressed_under_the_query_side_key() -> None:
+    """``<model>/<version>/<segment>/query`` names a stream's query embeddings: their versions are
+    listed, promoted and rolled back there; a stream known to the replica answers an empty list
+    for it, an unknown one 404."""
+    calls: list[Any] = []
+    backend = Backend(
+        registry=make_registry(Exporter(), process_metrics=False), healthy=lambda: True, ready=lambda: True,
+        streams=lambda: {"m/1/default": {"events": 3}},
+        baselines=lambda s: [],
+        promote=lambda k, b, n: calls.append(("promote", k, b, n)) or {"baseline_id": b},
+        rollback=lambda k: calls.append(("rollback", k)) or {"baseline_id": "old"},
+        admin_token=TOKEN,
+    )
+    srv = HttpServer(backend, "127.0.0.1", 0)
+    srv.start()
+    try:
+        assert req(srv, "GET", "/api/baselines/m/1/default/query") == (200, {"baselines": []})
+        assert req(srv, "GET", "/api/baselines/m/2/default/query")[0] == 404
+        assert req(srv, "GET", "/api/baselines/m/1/default/other")[0] == 400
+        assert req(srv, "POST", "/api/baselines/m/1/default/query/promote", token=TOKEN,
+                   body=b'{"baseline_id": "q1"}') == (200, {"baseline_id": "q1"})
+        assert req(srv, "POST", "/api/baselines/m/1/default/query/rollback", token=TOKEN)[0] == 200
+    finally:
+        srv.stop()
+    q = StreamKey("m", "1", "default").query_side()
+    assert calls == [("promote", q, "q1", None), ("rollback", q)]

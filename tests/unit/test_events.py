@@ -924,3 +924,17 @@ def test_kind_by_fields_splits_an_event_array_and_ignores_the_topic() -> None:
         kinds = sorted((int(i), b.kind.value) for b in out.blocks for i in b.message_index)
         assert kinds.count((0, "query")) == 2 and kinds.count((0, "embedding")) == 3
         assert kinds[5:] == [(1, "embedding"), (2, "query"), (3, "query"), (4, "embedding"), (5, "embedding")]
+
+
+def test_the_query_side_key_parses_back_and_names_no_stream_of_events() -> None:
+    key = StreamKey("m", "v1", "web")
+    q = key.query_side()
+    assert str(q) == "m/v1/web/query" and StreamKey.parse(str(q)) == q and q.is_query_side
+    assert q.document_side() == key == key.document_side() and not key.is_query_side
+    for bad in ("m/v1/web/other", "m/v1//query", "m/v1/web/query/query", "m/v1"):
+        with pytest.raises(ValueError, match="model/model_version/segment"):
+            StreamKey.parse(bad)
+    # A label may not hold "/": no event's stream key can be a query-side key.
+    ev = {"model": "m", "model_version": "v1", "segment": "web/query", "embedding": [1.0, 2.0]}
+    batch = Decoder().decode([Message(orjson.dumps(ev))])
+    assert [r.reason for r in batch.rejections] == [Reason.SCHEMA]

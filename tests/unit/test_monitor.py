@@ -361,6 +361,62 @@ def test_checkpoint_restore_continues_identically(split: int) -> None:
     assert b.query_events == split
 
 
+@pytest.mark.parametrize("split", [250, 700, 1100])
+def test_query_embeddings_continue_identically_after_a_checkpoint(split: int) -> None:
+    """The query embeddings' monitor is in the stream's checkpoint, its baseline named under the
+    query-side key: restarted empty before, their next events became their baseline again (the
+    drifted ones, after a restart during a drift) and an open mmd_query alarm was lost. Splits:
+    while their reference is collected, in the window before the shift, during the alarm."""
+    rng = np.random.default_rng(31)
+    s = det()
+    docs = draw(rng, 500)
+    qv = np.concatenate([draw(rng, 800), draw(rng, 600, shift=2.0)])
+    top1 = rng.uniform(0.5, 0.9, qv.shape[0])
+    ref = StreamMonitor(KEY, s)
+    feed(ref, docs, 0, 100)
+    want = _queries(ref, top1, 0.0, qv)
+    assert [(a.kind, a.detector, a.stream) for a in want][:1] == [("start", "mmd_query", str(KEY))]
+    a = StreamMonitor(KEY, s)
+    feed(a, docs, 0, 100)
+    got = _queries(a, top1[:split], 0.0, qv[:split])
+    q = a.query_monitor
+    assert q is not None and q.key == KEY.query_side() == StreamKey("m", "v1", "default/query")
+    meta, arrays = a.checkpoint()
+    assert meta["qvec"]["baseline_id"] == (None if q.baseline is None else q.baseline.baseline_id)
+    record = encode_checkpoint(Checkpoint("t", 0, 0, {}, [StreamCheckpoint(KEY, meta, arrays)]))
+    (sc,) = decode_checkpoint(bytes(record)).streams
+    b = StreamMonitor.restore(KEY, s, sc.meta, sc.arrays, a.baseline, q.baseline)
+    bq = b.query_monitor
+    assert bq is not None and bq.events == q.events == split and bq.drifting == q.drifting
+    got += _queries(b, top1[split:], float(split), qv[split:])
+    assert [(x.kind, x.index, x.detector, x.stream) for x in got] == \
+        [(x.kind, x.index, x.detector, x.stream) for x in want]
+    assert b.measures()["query_drift_score"] == pytest.approx(ref.measures()["query_drift_score"], rel=1e-9)
+    assert b.state()["query_vectors"]["baseline_id"] == ref.state()["query_vectors"]["baseline_id"]
+    if q.baseline is not None:  # named by the checkpoint: restoring without it is refused
+        with pytest.raises(ValueError, match="checkpoint needs baseline"):
+            StreamMonitor.restore(KEY, s, sc.meta, sc.arrays, a.baseline, None)
+
+
+def test_a_stored_query_baseline_is_activated_apart_from_the_streams() -> None:
+    rng = np.random.default_rng(32)
+    s = det()
+    old = StreamMonitor(KEY, s)
+    _queries(old, rng.uniform(0.5, 0.9, 500), 0.0, draw(rng, 500))
+    qb = old.query_monitor.baseline  # type: ignore[union-attr]
+    assert qb is not None and qb.key == KEY.query_side()
+    m = StreamMonitor(KEY, s)
+    with pytest.raises(ValueError, match="query embeddings"):
+        m.activate_query(m.baseline or Baseline.from_vectors(KEY, draw(rng, 50), 0.0, "test", s))
+    assert m.activate_query(qb) is None and m.baseline is None
+    assert m.query_monitor is not None and m.query_monitor.baseline is qb
+    # A drifted stream's alarm ends when another query baseline is activated, named as the stream's.
+    start = _queries(m, rng.uniform(0.5, 0.9, 400), 0.0, draw(rng, 400, shift=2.0))
+    assert [(a.kind, a.detector) for a in start] == [("start", "mmd_query")]
+    end = m.activate_query(qb)
+    assert end is not None and (end.kind, end.detector, end.stream) == ("end", "mmd_query", str(KEY))
+
+
 def test_a_restored_monitor_reports_the_measures_of_its_last_evaluation() -> None:
     """The measures derived lazily from the last evaluated window survive a checkpoint: a restored
     monitor has no window snapshot to derive them from until its next evaluation, and an idle

@@ -62,6 +62,7 @@ def test_list_and_b64_blocks_are_merged_in_message_order() -> None:
         def __init__(self, *_: Any) -> None:
             self.expected_dim: int | None = None
             self.baseline = None
+            self.query_monitor = None
             self.events = 0
 
         def update_embeddings(self, vectors: np.ndarray, *_: Any) -> list[Any]:
@@ -150,6 +151,40 @@ def test_baselines_are_loaded_and_saved() -> None:
     # ... and a vector of another dimension is refused against the stored baseline's dim.
     res = r2.route(Decoder().decode([msg("a", [1.0] * 4)]))
     assert [x.reason for x in res.rejections] == [Reason.DIMENSION_MISMATCH]
+
+
+def qmsg(model: str, vec: Any) -> Message:
+    ev = {"model": model, "model_version": "1", "ts": 1.0, "embedding": list(map(float, vec)),
+          "results": [{"id": "d", "score": 0.8}]}
+    return Message(orjson.dumps(ev), topic="queries")
+
+
+def test_query_embedding_baselines_are_saved_and_loaded_under_the_query_side_key() -> None:
+    """The query embeddings' baseline is stored apart from the stream's (its key ends in /query):
+    a stream that starts again (a restart without its checkpoint, a stream back after it was
+    forgotten as idle) monitors its query embeddings against it instead of building one from its
+    next queries, and a query-only stream knows its dimension from it."""
+    store = MemoryBaselineStore()
+    decoder = Decoder(query_topics=frozenset({"queries"}))
+    r = StreamRouter(settings(), store)
+    rng = np.random.default_rng(2)
+    r.route(decoder.decode([qmsg("a", v) for v in rng.normal(size=(60, 8)) + 2]))
+    [md] = store.list()
+    assert md["stream"] == "a/1/default/query" and md["active"] and md["count"] == 50
+    assert store.list("a/1/default/query") == [md] and store.list("a/1/default") == []
+    mon = r.monitors[StreamKey("a", "1")]
+    q = mon.query_monitor
+    assert mon.baseline is None and q is not None and q.baseline is not None
+    assert q.baseline.released_sample_rows == 50 and store.get(StreamKey("a", "1").query_side()) is q.baseline
+    r2 = StreamRouter(settings(), store)
+    res = r2.route(decoder.decode([qmsg("a", [1.0] * 8), qmsg("a", [1.0] * 4)]))
+    q2 = r2.monitors[StreamKey("a", "1")].query_monitor
+    assert q2 is not None and q2.baseline is not None and q2.baseline.baseline_id == md["baseline_id"]
+    assert q2.events == 1 and len(store.list()) == 1
+    assert [x.reason for x in res.rejections] == [Reason.DIMENSION_MISMATCH]
+    # Documents of the stream build the stream's own baseline beside it.
+    r2.route(Decoder().decode([msg("a", v) for v in rng.normal(size=(50, 8))]))
+    assert [m["stream"] for m in store.list()] == ["a/1/default", "a/1/default/query"]
 
 
 def test_a_reader_of_the_guard_gets_in_between_two_streams_updates() -> None:

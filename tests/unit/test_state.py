@@ -1220,3 +1220,101 @@ def test_a_baseline_change_the_state_backend_refuses_changes_nothing(tmp_path: P
     assert svc.rollback_baseline(key)["baseline_id"] == b
     stored = FileStateBackend(tmp_path)
     assert DurableBaselineStore(stored, stored.read_all()).active_id(key) == b
+
+
+class _TwoTopics(_Source):
+    """The embeddings and the queries partition, the given batches, then a stop."""
+
+    PARTS = (PartitionId("embeddings", 0), PartitionId("queries", 0))
+
+    def poll(self, max_records: int, timeout_ms: int) -> list[Message]:
+        if self.first:
+            self.first = False
+            self.svc.on_assigned(list(self.PARTS))
+        if not self.batches:
+            self.svc.stop_requested.set()
+            return []
+        return self.batches.pop(0)
+
+    def assignment(self) -> set[PartitionId]:
+        return set(self.PARTS)
+
+
+def _queries(rng: np.random.Generator, n: int, shift: float, first: int) -> list[Message]:
+    x = rng.standard_normal((n, 16)) + shift
+    return [Message(orjson.dumps({"model": KEY.model, "model_version": KEY.model_version, "ts": 1.7e9 + first + i,
+                                  "embedding": v.tolist(), "results": [{"id": "d", "score": 0.8}]}),
+                    "queries", 0, first + i) for i, v in enumerate(x)]
+
+
+def _query_drift_service(tmp_path: Path) -> tuple[Any, Any]:
+    """A service on file state whose stream has documents and query embeddings, the queries
+    drifting (an open mmd_query alarm) when it stops."""
+    from embedwatch.app import Service
+    from embedwatch.config import Settings
+
+    settings = Settings(kafka={"poll_timeout_ms": 1},  # type: ignore[arg-type]
+                        state={"backend": "file", "directory": str(tmp_path)},  # type: ignore[arg-type]
+                        detection=SETTINGS.model_dump())  # type: ignore[arg-type]
+    rng = np.random.default_rng(11)
+    docs = [Message(orjson.dumps({"model": KEY.model, "model_version": KEY.model_version, "ts": 1.7e9 + i,
+                                  "embedding": v.tolist()}), "embeddings", 0, i)
+            for i, v in enumerate(rng.standard_normal((300, 16)))]
+    first = Service(settings, baselines=DurableBaselineStore(FileStateBackend(tmp_path)),
+                    state_backend=FileStateBackend(tmp_path))
+    first.run(_TwoTopics(first, [docs, _queries(rng, 400, 0.0, 0), _queries(rng, 300, 3.0, 400)]), _NoSink())
+    q = first.router.monitors[KEY].query_monitor
+    assert q is not None and q.drifting and q.baseline is not None
+    return settings, first
+
+
+def test_a_restart_keeps_the_query_embeddings_baseline_and_their_open_alarm(tmp_path: Path) -> None:
+    """Restarted empty before: after a restart the query embeddings' next 200 events (drifted
+    ones here) became their baseline, and the open mmd_query alarm ended without its cause
+    going away. Their monitor is now in the stream's checkpoint and their baseline in the store,
+    under the query-side key, where the API lists, promotes and rolls it back."""
+    from embedwatch.app import Service
+
+    settings, first = _query_drift_service(tmp_path)
+    qb = first.router.monitors[KEY].query_monitor.baseline.baseline_id
+    backend = FileStateBackend(tmp_path)
+    records = backend.read_all()
+    again = Service(settings, baselines=DurableBaselineStore(backend, records), state_backend=backend,
+                    state_records=records)
+    rng = np.random.default_rng(12)
+    again.run(_TwoTopics(again, [_queries(rng, 100, 3.0, 700)]), _NoSink())
+    mon = again.router.monitors[KEY]
+    q = mon.query_monitor
+    assert q is not None and q.baseline is not None and q.baseline.baseline_id == qb
+    assert q.drifting and q.events == 800 and mon.events == 300
+    assert mon.measures()["query_drift_detected"] == 1.0
+    # The API: the query side's versions, a promotion of its next events, a rollback.
+    qside = str(KEY.query_side())
+    assert [v["baseline_id"] for v in again.list_baselines(qside)] == [qb]
+    assert again.promote_baseline(KEY.query_side(), None, 100)["status"] == "collecting"
+    again.process(_queries(rng, 100, 3.0, 800))
+    versions = again.list_baselines(qside)
+    assert len(versions) == 2 and [v["active"] for v in versions].count(True) == 1
+    assert not q.drifting and q.baseline.baseline_id != qb and q.baseline.source == "promoted"
+    assert again.rollback_baseline(KEY.query_side())["baseline_id"] == qb
+    assert q.baseline.baseline_id == qb and mon.baseline is not None  # the stream's own untouched
+    assert len(again.list_baselines(str(KEY))) == 1
+
+
+def test_a_lost_query_baseline_restarts_the_query_side_alone(tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    from embedwatch.app import Service
+    from embedwatch.baseline_store import safe_name
+
+    settings, _first = _query_drift_service(tmp_path)
+    backend = FileStateBackend(tmp_path)
+    records = {k: v for k, v in backend.read_all().items()
+               if safe_name(KEY.query_side()) not in k}  # the query side's baseline records lost
+    again = Service(settings, baselines=DurableBaselineStore(backend, records), state_backend=backend,
+                    state_records=records)
+    with caplog.at_level("ERROR"):
+        again.run(_TwoTopics(again, []), _NoSink())
+    mon = again.router.monitors[KEY]
+    assert mon.events == 300 and mon.baseline is not None and mon.query_events == 700
+    assert mon.query_monitor is None
+    assert "its query embeddings start afresh" in caplog.text
