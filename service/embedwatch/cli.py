@@ -407,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("events")
     bb.add_argument("-o", "--output", required=True)
     bb.add_argument("--config")
-    bb.add_argument("--stream", default=None, help="model/model_version/segment (default: every stream)")
+    bb.add_argument("--stream", default=None, help="model/model_version/segment (default: every stream); "
+                    "model/model_version/segment/query: the baseline of that stream's query embeddings")
     bb.add_argument("--reference-size", type=int, default=None)
     bb.set_defaults(func=cmd_baseline_build)
     for action in ("list", "promote", "rollback"):

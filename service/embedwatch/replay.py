@@ -310,7 +310,8 @@ def run_replay(
     def log_alarm(a: Alarm) -> None:
         key = StreamKey.parse(a.stream)
         log = logs.setdefault(key, _StreamLog([], []))
-        if a.index < (0 if key in given else ref):
+        # Against a given baseline (the query embeddings' for mmd_query) from the first event.
+        if a.index < (0 if (key.query_side() if a.detector == "mmd_query" else key) in given else ref):
             return  # contract: the reference events never alarm
         if a.detector == "changepoint":
             if len(log.changepoints) < MAX_REPORT_CHANGEPOINTS:
@@ -344,10 +345,12 @@ def run_replay(
             raise ReplayError(f"cannot write {report_path}: {e.strerror or e}", status=1) from None
     print_summary(report, lines, elapsed, out if out is not None else sys.stdout)
     for key, b in sorted(given.items(), key=lambda kv: str(kv[0])):
-        wrong = rejected_by_stream.get(key, Counter())["dimension_mismatch"]
-        if key not in router.monitors:
+        wrong = rejected_by_stream.get(key.document_side(), Counter())["dimension_mismatch"]
+        mon = router.monitors.get(key.document_side())
+        if mon is None or (key.is_query_side and (mon.query_monitor is None or not mon.query_monitor.events)):
+            what = "query embeddings" if key.is_query_side else "events"
             print(f"embedwatch: warning: baseline {b.baseline_id} is of stream {key}, which has no "
-                  f"events in {events_path}", file=sys.stderr)
+                  f"{what} in {events_path}", file=sys.stderr)
         elif wrong:
             print(f"embedwatch: warning: stream {key}: {wrong} events rejected as dimension_mismatch: "
                   f"its baseline {b.baseline_id} has {b.dim} dimensions", file=sys.stderr)
@@ -391,6 +394,8 @@ def build_report(
         }
         if key in given:
             entry["baseline_id"] = given[key].baseline_id
+        if key.query_side() in given:
+            entry["query_baseline_id"] = given[key.query_side()].baseline_id
         if log.changepoints:
             entry["changepoints"] = log.changepoints
         if log.changepoints_omitted:
@@ -454,11 +459,12 @@ def print_summary(report: dict[str, Any], lines: int, elapsed: float, out: TextI
 class _Collector:
     """Stands in for a StreamMonitor during ``baseline build``: keeps the first ``limit`` vectors."""
 
-    def __init__(self, key: StreamKey, limit: int) -> None:
+    def __init__(self, key: StreamKey, limit: int, queries: bool = False) -> None:
         self.key = key
         self.limit = limit
+        self.queries = queries  # collect the query embeddings instead of the documents
         self.baseline: Baseline | None = None
-        self.query_monitor: StreamMonitor | None = None  # query embeddings are not collected
+        self.query_monitor: StreamMonitor | None = None
         self.expected_dim: int | None = None
         self.events = 0
         self.vectors: list[np.ndarray] = []
@@ -478,7 +484,11 @@ class _Collector:
     def take_summary(self) -> None:
         return None  # nothing is monitored
 
-    def update_queries(self, *args: Any, **kwargs: Any) -> list[Alarm]:
+    def update_queries(self, top1: np.ndarray, n_results: np.ndarray, precision_at_k: np.ndarray,
+                       recall_at_k: np.ndarray, latency_s: np.ndarray | None, ts: np.ndarray,
+                       vectors: np.ndarray | None = None) -> list[Alarm]:
+        if self.queries and vectors is not None:
+            return self.update_embeddings(vectors, ts, np.full(ts.shape[0], np.nan), [])
         return []
 
 
@@ -507,6 +517,8 @@ def build_baseline(
     from its first ``detection.reference_size`` accepted events (all if fewer), with the service's
     validation. One stream: ``out_path`` (``X.npz`` + ``X.json``); several: one pair per stream,
     ``X.<model+model_version+segment>.npz``. Returns the metadata of each, plus ``"path"``.
+    ``stream`` may be a query-side key ("model/version/segment/query"): the baseline of that
+    stream's query embeddings, from its first query events that carry one.
 
     A stream with fewer than ``MIN_PROMOTED_EVENTS`` (50) accepted events, the fewest the
     service builds a baseline from, is skipped and named to ``warn``. Every stream is checked
@@ -523,22 +535,28 @@ def build_baseline(
     check_readable(events_path)
     # Before reading the file: an output directory that cannot be written is found at once.
     check_writable(baseline_file_path(out_path, only or StreamKey("x", "x"), False))
+    # The stream's documents, or (a query-side key) the query embeddings of its query events.
+    queries = only is not None and only.is_query_side
+    routed = only.document_side() if only is not None else None
+    kind = Kind.QUERY if queries else Kind.EMBEDDING
     collectors: dict[StreamKey, _Collector] = {}
 
     def factory(key: StreamKey, _d: DetectionSettings, _b: Baseline | None) -> StreamMonitor:
-        c = collectors[key] = _Collector(key, limit)
+        c = collectors[key] = _Collector(key, limit, queries)
         return cast(StreamMonitor, c)
 
     def keep(batch: DecodedBatch) -> DecodedBatch:
-        # A baseline is of document embeddings: a query event's embedding is no part of it.
-        batch.blocks = [b for b in batch.blocks if b.kind is Kind.EMBEDDING and (only is None or b.stream == only)]
-        if only is not None:
-            batch.rejections = [r for r in batch.rejections if r.stream == only]
+        # A document baseline holds no query embedding, and a query one no document.
+        batch.blocks = [b for b in batch.blocks if b.kind is kind and (not queries or b.dim)
+                        and (routed is None or b.stream == routed)]
+        if routed is not None:
+            batch.rejections = [r for r in batch.rejections if r.stream == routed]
         return batch
 
     router = StreamRouter(settings, monitor_factory=factory)
     _drive(events_path, settings, router, progress=False, on_batch=keep)
-    if only is not None and only not in collectors:
+    collectors = {k: c for k, c in collectors.items() if c.events}
+    if routed is not None and routed not in collectors:
         raise ReplayError(f"no accepted events of stream {only} in {events_path}")
     if not collectors:
         raise ReplayError(f"no accepted events in {events_path}")
@@ -559,10 +577,10 @@ def build_baseline(
             continue
         c = collectors[key]
         baseline = Baseline.from_vectors(
-            key, np.concatenate(c.vectors), ts=np.concatenate(c.ts), settings=settings.detection,
-            source=f"file:{events_path.name}",
+            key.query_side() if queries else key, np.concatenate(c.vectors), ts=np.concatenate(c.ts),
+            settings=settings.detection, source=f"file:{events_path.name}",
         )
-        built.append((baseline, baseline_file_path(out_path, key, several)))
+        built.append((baseline, baseline_file_path(out_path, baseline.key, several)))
     out: list[dict[str, Any]] = []
     for baseline, path in built:
         try:

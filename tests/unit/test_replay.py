@@ -526,3 +526,43 @@ def test_replay_applies_the_configured_future_skew(tmp_path: Path) -> None:
     lenient = Settings(limits={"max_future_skew_s": 3600})  # type: ignore[arg-type]
     rep = run_replay(path, None, lenient, progress=False, out=io.StringIO())
     assert rep["rejected"] == {} and rep["streams"]["m/1/default"]["events"] == 60
+
+
+def _query_lines(x: np.ndarray, t0: float) -> list[bytes]:
+    return [orjson.dumps({"model": "m", "model_version": "1", "ts": t0 + i, "embedding": np.round(v, 6).tolist(),
+                          "results": [{"id": "a", "score": 0.7}]}) for i, v in enumerate(x)]
+
+
+def test_a_query_embeddings_baseline_is_built_and_replayed_against(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """``baseline build --stream <stream>/query`` builds the baseline of a stream's query
+    embeddings (the one the service stores under that key); replay compares the query
+    embeddings with it from their first event, as the service does once it has one."""
+    from embedwatch.replay import ReplayError, load_baselines
+
+    rng = np.random.default_rng(23)
+    docs = _gaussian_lines(("m", "1", None), rng.normal(size=(300, 8)))
+    normal = _write(tmp_path / "normal.jsonl", docs + _query_lines(rng.normal(size=(400, 8)) + 1.0, 1.7e9 + 1e4))
+    [md] = build_baseline(normal, tmp_path / "q.npz", Settings(), stream="m/1/default/query")
+    assert (md["segment"], md["count"]) == ("default/query", 400)
+    b = load_file(md["path"])
+    assert b.key == StreamKey("m", "1").query_side()
+    with pytest.raises(ReplayError, match="no accepted events of stream m/1/default/query"):
+        build_baseline(_write(tmp_path / "docs.jsonl", docs), tmp_path / "none.npz", Settings(),
+                       stream="m/1/default/query")
+    shifted = _write(tmp_path / "shifted.jsonl", _query_lines(rng.normal(size=(600, 8)) + 2.5, 1.7e9 + 2e4))
+    given = load_baselines([md["path"]])
+    rep = run_replay(shifted, None, Settings(), progress=False, out=io.StringIO(), baselines=given)
+    s = rep["streams"]["m/1/default"]
+    assert s["query_baseline_id"] == md["baseline_id"] and "baseline_id" not in s
+    # Against the given baseline from their first event: an alarm within the first
+    # reference_size (1000) query embeddings, which would otherwise have become their baseline.
+    assert [(a["detector"], a["index"] < 600) for a in s["alarms"]][:1] == [("mmd_query", True)]
+    assert s["summary"]["query_drift_detected"] == 1.0
+    assert run_replay(shifted, None, Settings(), progress=False, out=io.StringIO())["streams"][
+        "m/1/default"]["alarms"] == []
+    assert "warning" not in capsys.readouterr().err
+    # A file without the stream's query embeddings is named.
+    run_replay(_write(tmp_path / "d.jsonl", docs), None, Settings(), progress=False, out=io.StringIO(),
+               baselines=given)
+    assert "which has no query embeddings" in capsys.readouterr().err
