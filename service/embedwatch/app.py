@@ -1333,9 +1333,11 @@ class Service:
             if mon is None:
                 raise StreamNotHere(key)
             if baseline_id is None:
-                target = self._query_monitor(mon, key) if key.is_query_side else mon
-                built = target.promote(events)
-                progress = target.promotion
+                if key.is_query_side:
+                    built = mon.promote_query(events)
+                    progress = mon.query_monitor.promotion if mon.query_monitor is not None else None
+                else:
+                    built, progress = mon.promote(events), mon.promotion
                 if built is None and progress is not None:
                     log.info("stream %s promoted: collecting %d events for its new baseline", key,
                              progress["needed"])
@@ -1350,14 +1352,6 @@ class Service:
             self.router.mark_saved(key, str(baseline.metadata["baseline_id"]))
             log.info("baseline of %s is now %s", key, baseline.metadata["baseline_id"])
             return {"status": "active", **baseline.metadata}
-
-    @staticmethod
-    def _query_monitor(mon: StreamMonitor, key: StreamKey) -> StreamMonitor:
-        q = mon.query_monitor
-        if q is None:
-            raise LookupError(f"stream {mon.key} has had no query embeddings on this replica yet")
-        mon.changes += 1  # the stream's checkpoint holds its query monitor's state
-        return q
 
     def _activate(self, mon: StreamMonitor, key: StreamKey, baseline: Baseline) -> None:
         """Make the stored ``baseline`` of ``key`` (the stream's, or its query embeddings') active."""

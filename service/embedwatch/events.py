@@ -80,6 +80,7 @@ class Reason(StrEnum):
 
 #: Last part of the key of a stream's query embeddings (:meth:`StreamKey.query_side`).
 QUERY_SIDE = "query"
+_QUERY_SUFFIX = f"/{QUERY_SIDE}"
 
 
 class Kind(StrEnum):
@@ -99,17 +100,15 @@ class StreamKey(NamedTuple):
         """The key of the stream's query embeddings, ``model/model_version/segment/query``: their
         baselines are stored and addressed (API, baseline store) under it. A label never holds a
         ``/``, so it names no stream of events."""
-        return StreamKey(self.model, self.model_version, f"{self.segment}/{QUERY_SIDE}")
+        return StreamKey(self.model, self.model_version, self.segment + _QUERY_SUFFIX)
 
     @property
     def is_query_side(self) -> bool:
-        return self.segment.endswith(f"/{QUERY_SIDE}")
+        return self.segment.endswith(_QUERY_SUFFIX)
 
     def document_side(self) -> StreamKey:
         """The stream a query-side key belongs to (itself for a stream's own key)."""
-        if not self.is_query_side:
-            return self
-        return StreamKey(self.model, self.model_version, self.segment.removesuffix(f"/{QUERY_SIDE}"))
+        return StreamKey(self.model, self.model_version, self.segment.removesuffix(_QUERY_SUFFIX))
 
     @classmethod
     def parse(cls, text: str) -> StreamKey:

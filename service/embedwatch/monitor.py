@@ -12,6 +12,7 @@ Contract used by the service loop (app.py), the replay command and the exporter:
     monitor.promote(events=None)           # the next events become the baseline (None: collecting)
     monitor.activate(baseline)             # switch to a stored baseline (promote / rollback)
     monitor.activate_query(baseline)       # the same for the query embeddings (key.query_side())
+    monitor.promote_query(events=None)     # the same for the query embeddings
     alarms = monitor.expire(now)           # periodically, wall-clock now: a silent stream's window empties
 
 Lifecycle. Without a baseline, the first ``reference_size`` embedding events are collected (no
@@ -832,8 +833,16 @@ class StreamMonitor:
         if self._qvec is None:
             self._qvec = StreamMonitor(baseline.key, self.settings, baseline)
             return None
-        ends = self._as_query([end] if (end := self._qvec.activate(baseline)) is not None else [])
-        return ends[0] if ends else None
+        end = self._qvec.activate(baseline)
+        return None if end is None else self._as_query([end])[0]
+
+    def promote_query(self, events: int | None = None) -> Baseline | None:
+        """:meth:`promote` for the query embeddings alone (the stream's documents keep their
+        baseline); ``LookupError`` while the stream has had none."""
+        if self._qvec is None:
+            raise LookupError(f"stream {self._name} has had no query embeddings on this replica yet")
+        self.changes += 1
+        return self._qvec.promote(events)
 
     def _evaluate_queries(self) -> None:
         v = self._qwin.view()

@@ -310,8 +310,9 @@ def run_replay(
     def log_alarm(a: Alarm) -> None:
         key = StreamKey.parse(a.stream)
         log = logs.setdefault(key, _StreamLog([], []))
-        # Against a given baseline (the query embeddings' for mmd_query) from the first event.
-        if a.index < (0 if (key.query_side() if a.detector == "mmd_query" else key) in given else ref):
+        # Against a given baseline (for mmd_query, the query embeddings') from the first event.
+        compared_with = key.query_side() if a.detector == "mmd_query" else key
+        if a.index < (0 if compared_with in given else ref):
             return  # contract: the reference events never alarm
         if a.detector == "changepoint":
             if len(log.changepoints) < MAX_REPORT_CHANGEPOINTS:
@@ -470,8 +471,7 @@ class _Collector:
         self.vectors: list[np.ndarray] = []
         self.ts: list[np.ndarray] = []
 
-    def update_embeddings(self, vectors: np.ndarray, ts: np.ndarray, latency_s: np.ndarray,
-                          ids: Sequence[str | None]) -> list[Alarm]:
+    def _keep(self, vectors: np.ndarray, ts: np.ndarray) -> list[Alarm]:
         if self.expected_dim is None:
             self.expected_dim = int(vectors.shape[1])
         room = self.limit - self.events
@@ -481,15 +481,16 @@ class _Collector:
         self.events += int(vectors.shape[0])
         return []
 
+    def update_embeddings(self, vectors: np.ndarray, ts: np.ndarray, *_: Any) -> list[Alarm]:
+        return self._keep(vectors, ts)
+
     def take_summary(self) -> None:
         return None  # nothing is monitored
 
     def update_queries(self, top1: np.ndarray, n_results: np.ndarray, precision_at_k: np.ndarray,
                        recall_at_k: np.ndarray, latency_s: np.ndarray | None, ts: np.ndarray,
                        vectors: np.ndarray | None = None) -> list[Alarm]:
-        if self.queries and vectors is not None:
-            return self.update_embeddings(vectors, ts, np.full(ts.shape[0], np.nan), [])
-        return []
+        return self._keep(vectors, ts) if self.queries and vectors is not None else []
 
 
 def baseline_file_path(out_path: Path, stream: StreamKey, several: bool) -> Path:
@@ -555,7 +556,6 @@ def build_baseline(
 
     router = StreamRouter(settings, monitor_factory=factory)
     _drive(events_path, settings, router, progress=False, on_batch=keep)
-    collectors = {k: c for k, c in collectors.items() if c.events}
     if routed is not None and routed not in collectors:
         raise ReplayError(f"no accepted events of stream {only} in {events_path}")
     if not collectors:

@@ -415,6 +415,12 @@ def test_a_stored_query_baseline_is_activated_apart_from_the_streams() -> None:
     assert [(a.kind, a.detector) for a in start] == [("start", "mmd_query")]
     end = m.activate_query(qb)
     assert end is not None and (end.kind, end.detector, end.stream) == ("end", "mmd_query", str(KEY))
+    # Promoted alone: the stream counts it as a change (its checkpoint holds the query monitor).
+    with pytest.raises(LookupError, match="no query embeddings"):
+        StreamMonitor(KEY, s).promote_query()
+    before = m.changes
+    assert m.promote_query(100) is None and m.changes == before + 1
+    assert m.query_monitor.promotion == {"events": 0, "needed": 100} and m.promotion is None
 
 
 def test_a_restored_monitor_reports_the_measures_of_its_last_evaluation() -> None:
