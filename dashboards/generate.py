@@ -719,6 +719,13 @@ def service_health() -> dict[str, Any]:
         "Resident memory", "process_resident_memory_bytes of each embedwatch replica.",
         targets((f"process_resident_memory_bytes and on (job, instance) embedwatch_up{{{inst}}}", "{{instance}}")),
         "bytes", min_=0)
+    stored = timeseries(
+        "Stored baselines in memory",
+        "Bytes of the stored baseline versions each replica holds (embedwatch_stored_baseline_bytes): with durable "
+        "state every stored version of the group, of streams it monitors or not. It grows with every stream ever "
+        "seen, retired model versions included: forget retired streams (docs/api.md, Retiring a stream).",
+        targets((f"embedwatch_stored_baseline_bytes{{{inst}}}", "{{instance}}")),
+        "bytes", min_=0)
     cpu = timeseries(
         "CPU", "CPU seconds per second of each replica (1 = one full core).",
         targets((f"rate(process_cpu_seconds_total[{RATE}]) and on (job, instance) embedwatch_up{{{inst}}}",
@@ -730,7 +737,7 @@ def service_health() -> dict[str, Any]:
         [(processing, 12, 8), (lag, 12, 8)],
         [(event_lag, 12, 8), (rebalances, 12, 8)],
         [(dlq, 12, 8), (dlq_reason, 12, 8)],
-        [(memory, 12, 8), (cpu, 12, 8)],
+        [(memory, 8, 8), (stored, 8, 8), (cpu, 8, 8)],
     ])
     return dashboard("embedwatch-service-health", "embedwatch / Service health",
                      "The embedwatch service itself: throughput, processing time, lag, rebalances, "

@@ -266,3 +266,21 @@ def produce_messages(bootstrap: str, topic: str, messages: Iterable[tuple[bytes 
         p.send(topic, key=k, value=v)
     p.flush(timeout=120)
     p.close()
+
+
+def live_keys(bootstrap: str, topic: str) -> set[str]:
+    """Keys of partition 0 of ``topic`` whose newest record is not a tombstone (e.g. the state topic)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    tp = TopicPartition(topic, 0)
+    c.assign([tp])
+    c.seek_to_beginning(tp)
+    end = c.end_offsets([tp])[tp]
+    live: dict[str, bool] = {}
+    while c.position(tp) < end:
+        for recs in c.poll(timeout_ms=1000).values():
+            for r in recs:
+                live[r.key.decode()] = r.value is not None
+    c.close()
+    return {k for k, v in live.items() if v}

@@ -49,6 +49,7 @@ class Backend:
         promote: Callable[[StreamKey, str | None, int | None], dict[str, Any]],
         rollback: Callable[[StreamKey], dict[str, Any]],
         admin_token: str | None,
+        forget: Callable[[StreamKey], dict[str, Any]] | None = None,
     ) -> None:
         self.registry = registry
         self.healthy = healthy
@@ -58,6 +59,7 @@ class Backend:
         self.promote = promote
         self.rollback = rollback
         self.admin_token = admin_token
+        self.forget = forget
 
 
 def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
@@ -151,7 +153,7 @@ def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
                 doc = orjson.loads(body) if body else {}
                 if not isinstance(doc, dict):
                     raise ApiError(400, "body must be a JSON object")
-                # /api/baselines/<model>/<version>/<segment>/(promote|rollback)
+                # /api/baselines/<model>/<version>/<segment>[/query]/(promote|rollback|forget)
                 rest = path.removeprefix("/api/baselines/")
                 if rest == path or "/" not in rest:
                     raise ApiError(404, "not found")
@@ -169,6 +171,8 @@ def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
                     self._json(202 if out.get("status") == "collecting" else 200, out)
                 elif action == "rollback":
                     self._json(200, backend.rollback(key))
+                elif action == "forget" and backend.forget is not None:
+                    self._json(200, backend.forget(key))
                 else:
                     raise ApiError(404, "not found")
             except ApiError as e:

@@ -24,14 +24,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
 
 from embedwatch import heap
 from embedwatch.baseline import Baseline
-from embedwatch.baseline_store import BaselineRepository, MemoryBaselineStore
+from embedwatch.baseline_store import BaselineNotFoundError, BaselineRepository, MemoryBaselineStore
 from embedwatch.config import Settings
 from embedwatch.events import DecodedBatch, DecodeLimits, Decoder, Kind, Message, Rejection, StreamKey
 from embedwatch.exporter import Exporter, LabelValues
@@ -64,6 +64,7 @@ from embedwatch.state import (
 from embedwatch.window import ts_max
 
 log = logging.getLogger("embedwatch")
+_T = TypeVar("_T")
 
 LEDGER_VERSION = 1
 #: Seconds without a loop round after which the service is not alive (/healthz 503, embedwatch_up 0).
@@ -122,14 +123,14 @@ def dlq_headers(msg: Message, r: Rejection) -> list[tuple[str, bytes]]:
     ]
 
 
-def _stored(change: Callable[[], Any]) -> None:
+def _stored(change: Callable[[], _T]) -> _T:
     """A change of the baseline store asked for through the API: a mistake of the request (an
     unknown version, no history: LookupError, ValueError) as it is, a store that did not take it
     (the state topic or volume unavailable) a 503 saying that nothing changed and to retry."""
     from embedwatch.api import ApiError
 
     try:
-        change()
+        return change()
     except (LookupError, ValueError):
         raise
     except Exception as e:
@@ -216,6 +217,7 @@ class Service:
         self.router = StreamRouter(settings, self.baselines)
         self.exporter = exporter or Exporter()
         self.exporter.gauge_sources.append(self._stream_gauges)
+        self.exporter.gauge_sources.append(self._store_gauges)
         self.ledgers: dict[PartitionId, Ledger] = {}
         self.replay_until: dict[PartitionId, int] = {}
         self.alarms: list[Alarm] = []
@@ -368,6 +370,14 @@ class Service:
         """``embedwatch_up`` at scrape time: 1 while the loop goes round (as /healthz), 0 once it
         is stuck for STALL_S or has stopped."""
         yield "embedwatch_up", (), float(not self._loop_done and self.healthy())
+
+    def _store_gauges(self) -> Iterable[tuple[str, LabelValues, float]]:
+        """What the baseline store holds in memory, at scrape time: it grows with every stream the
+        group ever stored a baseline for, until retired streams are forgotten."""
+        if isinstance(self.baselines, MemoryBaselineStore):
+            versions, nbytes = self.baselines.held()
+            yield "embedwatch_stored_baselines", (), float(versions)
+            yield "embedwatch_stored_baseline_bytes", (), float(nbytes)
 
     def _stream_gauges(self) -> Iterable[tuple[str, LabelValues, float]]:
         for key, mon in self.router.monitors.items():
@@ -1361,6 +1371,30 @@ class Service:
         """The end of an alarm an activation closed: recorded and logged as the loop's are."""
         if end is not None:
             self._record_alarms([end], " (baseline changed)")
+
+    def forget_baselines(self, key: StreamKey) -> dict[str, Any]:
+        """Remove the stored baselines of a retired stream (a query-side key: of its query
+        embeddings alone; a stream's key: its own and its query embeddings'). Refused (409) while
+        this replica monitors the stream: a stream still receiving events would lose the baseline
+        its checkpoint names and start again from its next events."""
+        from embedwatch.api import ApiError
+
+        with self.exporter.lock:
+            if key.document_side() in self.router.monitors:
+                raise ApiError(409, f"stream {key.document_side()} is monitored by this replica: forget only "
+                                    "retired streams (a stream without events is let go after limits.stream_idle_s)")
+            forgotten: list[dict[str, str]] = []
+            for k in (key,) if key.is_query_side else (key, key.query_side()):
+                try:
+                    ids = _stored(functools.partial(self.baselines.forget, k))
+                except BaselineNotFoundError:  # a stream with query-side baselines alone
+                    continue
+                forgotten += [{"stream": str(k), "baseline_id": bid} for bid in ids]
+            if not forgotten:
+                raise BaselineNotFoundError(f"no baselines for stream {key}")
+            log.warning("baselines of %s forgotten through the API: %s", key,
+                        ", ".join(f"{f['stream']} {f['baseline_id']}" for f in forgotten))
+            return {"status": "forgotten", "stream": str(key), "forgotten": forgotten}
 
     def rollback_baseline(self, key: StreamKey) -> dict[str, Any]:
         with self.exporter.lock:

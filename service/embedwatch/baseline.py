@@ -372,6 +372,13 @@ class Baseline:
         :meth:`mean_shift` does not fit it again."""
         self.__dict__.setdefault("_mean_shift", {})[key] = test
 
+    def held_arrays(self) -> list[np.ndarray]:
+        """The arrays this object holds: its own and its fitted mean-shift tests'. Some are
+        shared with other baselines (the random-feature frequencies, one matrix per process)."""
+        fits = [a for t in self.__dict__.get("_mean_shift", {}).values()
+                for a in (t.basis, t.gains, t.eigvals, t.mean_projection)]
+        return [*self.arrays.values(), *fits]
+
     def projection(self, mmd: RFFMMD | None = None) -> Projection:
         """Centroid, bin edges and feature map for a :class:`embedwatch.window.Window`."""
         m = mmd if mmd is not None else self.mmd()

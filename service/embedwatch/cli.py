@@ -155,6 +155,9 @@ class _Views:
     def rollback(self, key: StreamKey) -> dict[str, Any]:
         return self._started().rollback_baseline(key)
 
+    def forget(self, key: StreamKey) -> dict[str, Any]:
+        return self._started().forget_baselines(key)
+
 
 def cmd_run(args: argparse.Namespace) -> int:
     from embedwatch import heap
@@ -171,7 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     token = settings.http.admin_token.get_secret_value() if settings.http.admin_token else None
     http = HttpServer(Backend(registry=make_registry(exporter), healthy=views.healthy, ready=views.ready,
                               streams=views.streams, baselines=views.baselines, promote=views.promote,
-                              rollback=views.rollback, admin_token=token),
+                              rollback=views.rollback, admin_token=token, forget=views.forget),
                       settings.http.host, settings.http.port)
     http.start()
     log.info("embedwatch %s listening on %s:%d", __version__, settings.http.host, http.port)
@@ -401,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--quiet", action="store_true")
     rp.set_defaults(func=cmd_replay)
 
-    b = sub.add_parser("baseline", help="build baselines from a file; list/promote/rollback on a service")
+    b = sub.add_parser("baseline", help="build baselines from a file; list/promote/rollback/forget on a service")
     bsub = b.add_subparsers(dest="action", required=True)
     bb = bsub.add_parser("build", help="build a baseline from the first events of each stream of a file")
     bb.add_argument("events")
@@ -411,10 +414,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "model/model_version/segment/query: the baseline of that stream's query embeddings")
     bb.add_argument("--reference-size", type=int, default=None)
     bb.set_defaults(func=cmd_baseline_build)
-    for action in ("list", "promote", "rollback"):
+    helps = {"list": "list the baselines of a running service",
+             "promote": "promote a stream's baseline on a running service",
+             "rollback": "roll a stream's baseline back on a running service",
+             "forget": "remove the stored baselines of a retired stream (and of its query embeddings) from a "
+                       "running service's baseline store"}
+    for action, text in helps.items():
         # Reads are open; only mutations send the token.
-        ba = bsub.add_parser(action, help=f"{action} baselines of a running service"
-                             + ("" if action == "list" else " (token from EMBEDWATCH_HTTP__ADMIN_TOKEN)"))
+        token_note = "" if action == "list" else " (token from EMBEDWATCH_HTTP__ADMIN_TOKEN)"
+        ba = bsub.add_parser(action, help=text + token_note)
         ba.add_argument("--url", default="http://127.0.0.1:9108")
         if action != "list":
             ba.add_argument("stream", help="model/model_version/segment, or model/model_version/segment/query "

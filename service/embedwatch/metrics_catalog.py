@@ -63,6 +63,15 @@ METRICS: tuple[Metric, ...] = (
            "the service ran, and created again, compacted, by this replica or another; the state directory "
            "emptied or deleted): checkpoints are written again, stored baselines are lost (alert "
            "EmbedwatchStateLost)."),
+    Metric("embedwatch_stored_baselines", "gauge",
+           "Baseline versions this replica's baseline store holds in memory: with durable state, every stored "
+           "version of every stream of the group (up to 5 a stream, its query embeddings' apart), monitored here or "
+           "not."),
+    Metric("embedwatch_stored_baseline_bytes", "gauge",
+           "Bytes of the arrays of those versions (a stored version is held without its reference sample; its "
+           "mean-shift scan fit is most of it, about 0.4 MiB at 768-d). It grows with every stream ever seen: "
+           "forget retired streams (POST /api/baselines/<stream>/forget). Counted again at a scrape after a change of "
+           "the held versions, else at most a minute old."),
     Metric("embedwatch_commits_total", "counter", "Offset commits by result.", ("result",)),
     Metric("embedwatch_processing_seconds", "histogram", "Time to decode and process one poll batch.",
            buckets=PROCESSING_BUCKETS),

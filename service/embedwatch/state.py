@@ -12,7 +12,9 @@ Keys::
     ckpt/<group>/<topic>/<partition>      checkpoint of the streams whose home is that partition
     baseline/<stream>/<baseline_id>       one baseline version (self-checking bytes)
     baseline-fit/<stream>/<baseline_id>   what was fitted on that version (the mean-shift scans)
-    baseline-index/<stream>               the version history and the active id (JSON)
+    baseline-index/<stream>               the version history and the active id (JSON); for a
+                                          stream forgotten through the API, no versions and
+                                          ``forgotten_at`` (its other records are deleted)
 
 A value larger than ``chunk_bytes`` (the kafka backend) is written as chunks, then a small
 manifest under its own key (see :class:`KafkaStateBackend`): a partition's checkpoint grows with
@@ -96,6 +98,11 @@ class StateBackend(Protocol):
         """Durably write these records; returns only once they are acknowledged."""
         ...
 
+    def delete(self, keys: Iterable[str]) -> None:
+        """Remove these keys (absent ones are no error); returns once the removal is durable.
+        Another reader is not told: what must reach other replicas is written as a record."""
+        ...
+
     #: How many times the backend found its storage gone and started it again empty (a state topic
     #: deleted while the service runs): what was written before is lost, so a writer that skips
     #: records it wrote already (an unchanged checkpoint) writes them again when this moves.
@@ -124,6 +131,9 @@ class NullStateBackend:
         return {}
 
     def write(self, records: Mapping[str, bytes | bytearray]) -> None:
+        return None
+
+    def delete(self, keys: Iterable[str]) -> None:
         return None
 
     def close(self) -> None:
@@ -247,6 +257,12 @@ class FileStateBackend:
                 atomic_write(path, value, head=_KEYED + len(raw).to_bytes(4, "little") + raw)
             else:
                 atomic_write(path, value)
+
+    def delete(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            path = self._path(key)
+            path.unlink(missing_ok=True)
+            self._seen.pop(path.name, None)
 
     def close(self) -> None:
         return None
@@ -679,6 +695,17 @@ class KafkaStateBackend:
             self._send((k, None) for k in stale)
         self._nchunks.update(counts)
 
+    def delete(self, keys: Iterable[str]) -> None:
+        # A tombstone per key and per chunk either slot may hold: compaction then removes them all.
+        # The generation is kept, so a later value of the key is not taken for an older one's.
+        tombs: list[str] = []
+        for key in keys:
+            tombs.append(key)
+            for s in (0, 1):
+                tombs += [_chunk_key(key, s, i) for i in range(self._nchunks.pop((key, s), 0))]
+            self._slot.pop(key, None)
+        self._send((k, None) for k in tombs)
+
     def _send(self, records: Iterable[tuple[str, bytes | bytearray | None]]) -> None:
         from kafka.errors import KafkaError
 
@@ -974,6 +1001,10 @@ class DurableBaselineStore(MemoryBaselineStore):
                 doc = json.loads(data)
                 index = _Index(StreamKey(*doc["stream"]), list(doc["versions"]), doc.get("active"),
                                list(doc.get("previous", [])))
+                if "forgotten_at" in doc:  # forgotten through another replica's API (or before a restart)
+                    self._partial_indexes.pop(index.stream, None)
+                    self._drop_stream(index)
+                    continue
                 if self._drop_missing_versions(index):
                     # Kept as read: a version written just before its index may come in the next
                     # read (a directory listed while another replica wrote), then it is applied again.
@@ -982,6 +1013,32 @@ class DurableBaselineStore(MemoryBaselineStore):
                     self._partial_indexes.pop(index.stream, None)
                 super()._store_index(index)
             self._indexes_read.clear()
+
+    def _forget_stream(self, index: _Index) -> builtins.list[str]:
+        """Write the stream's forgotten index, then delete its versions' records; the other
+        replicas drop the versions they hold when they read the index (at their next partition
+        assignment or restart). A failed delete leaves unlisted records in the backend, dropped
+        by every reader all the same."""
+        stream = index.stream
+        doc = {"stream": list(stream), "versions": [], "active": None, "previous": [], "forgotten_at": time.time()}
+        self.backend.write({f"baseline-index/{safe_name(stream)}": json.dumps(doc).encode()})
+        self._partial_indexes.pop(stream, None)
+        ids = list(dict.fromkeys([*index.versions, *(b for k, b in self._names.values() if k == stream)]))
+        try:
+            self.backend.delete(f"{kind}/{_record_name(stream, bid)}" for bid in ids
+                                for kind in ("baseline", "baseline-fit"))
+        except Exception as e:
+            log.warning("stream %s forgotten, but its stored versions' records were not deleted (%s): they "
+                        "stay in the state backend, unused", stream, e)
+        return self._drop_stream(index)
+
+    def _drop_stream(self, index: _Index) -> builtins.list[str]:
+        """Drop the stream of ``index`` from memory, with every version of it held."""
+        for name in [n for n, (k, _bid) in self._names.items() if k == index.stream]:
+            del self._names[name]
+            self._fitted.pop(name, None)
+            self._early_fits.pop(name, None)
+        return super()._forget_stream(index)
 
     def _drop_missing_versions(self, index: _Index) -> bool:
         """Remove from ``index`` the versions this store does not hold (a damaged record, skipped):

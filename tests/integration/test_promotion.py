@@ -15,6 +15,7 @@ import pytest
 from kafka import KafkaProducer
 
 from embedwatch.produce import EventGenerator, Fault, GeneratorConfig
+from kafka_broker import live_keys
 from service_proc import ServiceProcess, until
 
 pytestmark = pytest.mark.integration
@@ -144,3 +145,85 @@ def test_a_restart_keeps_the_query_embeddings_baseline_and_their_alarm(
     finally:
         again.close()
         producer.close()
+
+
+def _baseline_records(keys: set[str]) -> set[str]:
+    """The records of stored versions: ``baseline/``, ``baseline-fit/`` and their chunks."""
+    def of(k: str) -> str:  # chunk/<slot>/<i>/<key>
+        return k.split("/", 3)[3] if k.startswith("chunk/") else k
+
+    return {k for k in keys if of(k).startswith(("baseline/", "baseline-fit/"))}
+
+
+def test_a_retired_stream_is_forgotten_by_the_cli_through_a_replica_that_does_not_monitor_it(
+        kafka_bootstrap: str, unique_topics: Any, fresh_topic_prefix: str, tmp_path: Path) -> None:
+    """Every replica reads every stored baseline of the state topic and held them for ever, a
+    retired stream's too. `embedwatch baseline forget` removes a stream's and its query embeddings'
+    versions: refused by the replica that monitors it, done by one that holds them without
+    monitoring it, which drops them from memory and deletes their records (chunks included)."""
+    import os
+    import subprocess
+
+    from service_proc import BIN
+
+    emb, qry = unique_topics("embeddings", "queries")
+    state_topic = f"{fresh_topic_prefix}-state"
+    state = {"backend": "kafka", "topic": state_topic, "checkpoint_interval_s": 1.0}
+    # 700 reference events of 768-d: a baseline of about 1.5 MB, written in chunks.
+    detection = {"detection": {"reference_size": 700, "window_events": 200}}
+    cfg = {**_config(kafka_bootstrap, fresh_topic_prefix, emb, qry, state), **detection}
+    rng = np.random.default_rng(4)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=10)
+    for topic, extra in ((emb, {}), (qry, {"results": [{"id": "d1", "score": 0.8}]})):
+        for v in rng.standard_normal((800, 768)):
+            ev = {"model": "m", "model_version": "v1", "ts": time.time(), "embedding": v.tolist(), **extra}
+            producer.send(topic, key=QSTREAM.encode(), value=orjson.dumps(ev))
+    producer.flush(timeout=60)
+    producer.close()
+
+    def forget(svc: ServiceProcess, stream: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "EMBEDWATCH_HTTP__ADMIN_TOKEN": TOKEN}
+        return subprocess.run([BIN, "baseline", "forget", stream, "--url", f"http://127.0.0.1:{svc.port}"],
+                              capture_output=True, text=True, env=env, timeout=60)
+
+    def versions(svc: ServiceProcess, key: str) -> list[str]:
+        return [b["baseline_id"] for b in json.loads(svc.get(f"/api/baselines/{key}")[1])["baselines"]]
+
+    owner = ServiceProcess(tmp_path, cfg, name="owner").start()
+    try:
+        until(lambda: (versions(owner, QSTREAM), versions(owner, QSTREAM_QUERY_SIDE)),
+              lambda v: len(v[0]) == len(v[1]) == 1, "both baselines stored", owner)
+        doc_id, query_id = versions(owner, QSTREAM)[0], versions(owner, QSTREAM_QUERY_SIDE)[0]
+        refused = forget(owner, QSTREAM)
+        assert refused.returncode == 1 and "HTTP 409" in refused.stderr, refused.stderr
+        code, _ = owner.terminate()
+        assert code == 0, owner.tail()
+    finally:
+        owner.close()
+    stored = _baseline_records(live_keys(kafka_bootstrap, state_topic))
+    assert any(k.startswith("chunk/") for k in stored)
+
+    # Another deployment on the same state topic: its own group and topics, every stored baseline held.
+    other_emb, other_qry = unique_topics("other-embeddings", "other-queries")
+    other_cfg = {**_config(kafka_bootstrap, f"{fresh_topic_prefix}-other", other_emb, other_qry, state), **detection}
+    other = ServiceProcess(tmp_path, other_cfg, name="other").start()
+    try:
+        assert other.metrics()["embedwatch_stored_baselines"][()] == 2
+        assert other.metrics()["embedwatch_stored_baseline_bytes"][()] > 0
+        done = forget(other, QSTREAM)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["forgotten"] == [
+            {"stream": QSTREAM, "baseline_id": doc_id}, {"stream": QSTREAM_QUERY_SIDE, "baseline_id": query_id}]
+        for key in (QSTREAM, QSTREAM_QUERY_SIDE):  # no versions, and a stream this replica does not monitor
+            assert other.get(f"/api/baselines/{key}")[0] == 404
+        assert other.metrics()["embedwatch_stored_baselines"][()] == 0
+        assert other.metrics()["embedwatch_stored_baseline_bytes"][()] == 0
+        again = forget(other, QSTREAM)
+        assert again.returncode == 1 and "HTTP 404" in again.stderr, again.stderr
+    finally:
+        other.close()
+    live = live_keys(kafka_bootstrap, state_topic)
+    assert _baseline_records(live) == set(), live
+    # What stays: each side's index, saying it was forgotten (for replicas that read it later).
+    assert {k for k in live if k.startswith("baseline-index/")} == {
+        "baseline-index/m+v1+default", "baseline-index/m+v1+default%2Fquery"}

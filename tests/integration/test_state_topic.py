@@ -15,6 +15,7 @@ from kafka.errors import KafkaError
 
 from embedwatch.config import Settings
 from embedwatch.state import KafkaStateBackend, StateError
+from kafka_broker import live_keys
 
 pytestmark = pytest.mark.integration
 
@@ -43,24 +44,6 @@ def _produce(bootstrap: str, topic: str, messages: list[tuple[Any, bytes]], part
         p.send(topic, key=k, value=v, partition=partition_of[k])
     p.flush(timeout=120)
     p.close()
-
-
-def _raw_keys(bootstrap: str, topic: str) -> list[str]:
-    """Keys of the topic's live records (tombstones left out)."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    tp = TopicPartition(topic, 0)
-    c.assign([tp])
-    c.seek_to_beginning(tp)
-    end = c.end_offsets([tp])[tp]
-    live: dict[str, bool] = {}
-    while c.position(tp) < end:
-        for recs in c.poll(timeout_ms=1000).values():
-            for r in recs:
-                live[r.key.decode()] = r.value is not None
-    c.close()
-    return [k for k, v in live.items() if v]
 
 
 def _wait(what: str, cond: Any, timeout_s: float = 30.0) -> None:
@@ -221,7 +204,7 @@ def test_the_service_writes_its_state_again_into_a_state_topic_deleted_under_it(
                      and metric_sum(m, "embedwatch_checkpoints_total") >= 2, timeout=120, what="checkpointed")
         assert metric_sum(svc.metrics(), lost) == 0
         keys = {f"ckpt/{group}/{topic}/{p}" for p in (0, 1)}
-        assert keys <= set(_raw_keys(kafka_bootstrap, state_topic))
+        assert keys <= live_keys(kafka_bootstrap, state_topic)
         kafka_admin.delete_topics([state_topic])
         _wait("the deletion", lambda: state_topic not in kafka_admin.list_topics())
         # Only partition 0 gets events from now on: partition 1's state is unchanged, and only
@@ -232,7 +215,7 @@ def test_the_service_writes_its_state_again_into_a_state_topic_deleted_under_it(
                            and metric_sum(m, "embedwatch_consumed_events_total") >= 2000 + len(more),
                            timeout=120, what="the state topic created again")
         assert metric_sum(got, lost) == 1
-        _wait("both checkpoints in the new topic", lambda: keys <= set(_raw_keys(kafka_bootstrap, state_topic)),
+        _wait("both checkpoints in the new topic", lambda: keys <= live_keys(kafka_bootstrap, state_topic),
               timeout_s=60)
         assert _policy(kafka_admin, state_topic) == "compact"
         assert "was deleted while embedwatch ran and exists again" in svc.tail(400)

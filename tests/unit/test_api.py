@@ -31,6 +31,7 @@ def server() -> Iterator[tuple[HttpServer, list[Any]]]:
             {"baseline_id": b} if b else {"status": "collecting", "needed": n}),
         rollback=lambda k: calls.append(("rollback", k)) or {"baseline_id": "old"},
         admin_token=TOKEN,
+        forget=lambda k: calls.append(("forget", k)) or {"status": "forgotten", "stream": str(k)},
     )
     srv = HttpServer(backend, "127.0.0.1", 0)
     srv.start()
@@ -86,6 +87,30 @@ def test_mutations_need_the_token(server: tuple[HttpServer, list[Any]]) -> None:
     assert len(calls) == 3
     assert req(srv, "POST", "/api/baselines/m/1/default/explode", token=TOKEN)[0] == 404
     assert req(srv, "POST", path, token=TOKEN, body=b"[1]")[0] == 400
+
+
+def test_forget_needs_the_token_and_takes_either_side_of_a_stream(server: tuple[HttpServer, list[Any]]) -> None:
+    srv, calls = server
+    path = "/api/baselines/m/1/default/forget"
+    assert req(srv, "POST", path)[0] == 401
+    assert req(srv, "POST", path, token="wrong")[0] == 403
+    assert calls == []
+    assert req(srv, "POST", path, token=TOKEN) == (200, {"status": "forgotten", "stream": "m/1/default"})
+    assert req(srv, "POST", "/api/baselines/m/1/default/query/forget", token=TOKEN)[0] == 200
+    key = StreamKey("m", "1", "default")
+    assert calls == [("forget", key), ("forget", key.query_side())]
+
+
+def test_forget_is_not_found_without_a_backend_for_it() -> None:
+    backend = Backend(registry=make_registry(Exporter(), process_metrics=False), healthy=lambda: True,
+                      ready=lambda: True, streams=dict, baselines=lambda s: [], promote=lambda k, b, n: {},
+                      rollback=lambda k: {}, admin_token=TOKEN)
+    srv = HttpServer(backend, "127.0.0.1", 0)
+    srv.start()
+    try:
+        assert req(srv, "POST", "/api/baselines/m/1/default/forget", token=TOKEN)[0] == 404
+    finally:
+        srv.stop()
 
 
 def test_no_token_configured_refuses_mutations() -> None:

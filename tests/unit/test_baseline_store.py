@@ -355,3 +355,62 @@ def test_durable_store_restart_holds_the_bounded_versions(tmp_path: Path) -> Non
     assert _held(store) == _held(again) == set(want)
     assert again.get(KEY).baseline_id == want[-2]
     assert [again.rollback(KEY)["baseline_id"] for _ in range(3)] == want[-3::-1]
+
+
+def test_forget_removes_a_retired_stream_and_every_version_of_it(store: BaselineRepository, tmp_path: Path) -> None:
+    other_key = StreamKey("m", "v")
+    saved = [make(i) for i in range(3)]
+    for b in saved:
+        store.save(b)
+    store.rollback(KEY)
+    other = make(7, key=other_key)
+    store.save(other)
+    assert store.forget(KEY) == [b.baseline_id for b in saved]
+    assert store.list(KEY) == []
+    assert [m["stream"] for m in store.list()] == [str(other_key)]
+    for call in (lambda: store.get(KEY), lambda: store.get(KEY, saved[0].baseline_id),
+                 lambda: store.rollback(KEY), lambda: store.forget(KEY)):
+        with pytest.raises(BaselineNotFoundError):
+            call()
+    assert store.get(other_key).baseline_id == other.baseline_id
+    if isinstance(store, BaselineStore):
+        assert not store.stream_dir(KEY).exists()  # every file of the stream, its directory too
+        assert store.stream_dir(other_key).is_dir()
+    else:
+        assert isinstance(store, MemoryBaselineStore)
+        assert _held(store) == {other.baseline_id}
+    # A stream that comes back starts a new history.
+    store.save(saved[1])
+    assert [m["baseline_id"] for m in store.list(KEY)] == [saved[1].baseline_id]
+
+
+def test_the_memory_store_tells_what_it_holds() -> None:
+    """Versions held and the bytes of their arrays, an array several share counted once (the
+    random-feature frequencies: one matrix per process and dimension)."""
+    store = MemoryBaselineStore()
+    assert store.held() == (0, 0)
+    a, b = make(1), make(2, key=StreamKey("m", "v"))
+    store.save(a)
+    store.save(b)
+
+    def size(bl: Baseline, skip: str = "") -> int:
+        return sum(x.nbytes for k, x in bl.arrays.items() if k not in ("sample", skip))
+
+    assert np.shares_memory(a.arrays["rff_normal"], b.arrays["rff_normal"])
+    sample = a.arrays["sample"].nbytes + b.arrays["sample"].nbytes
+    assert store.held() == (2, size(a) + size(b, "rff_normal") + sample)
+    scan = DetectionSettings(baseline_sample=50, rff_features=16, histogram_bins=8, scan_components=4)
+    slim = a.without_sample(scan)  # held as the router holds a saved baseline: its scan fit, no sample
+    store.hold(slim)
+    t = slim.mean_shift(scan)
+    assert t.basis.shape == (8, 4)
+    fit = t.basis.nbytes + t.gains.nbytes + t.eigvals.nbytes + t.mean_projection.nbytes
+    assert store.held() == (2, size(a) + fit + size(b, "rff_normal") + b.arrays["sample"].nbytes)
+    store.forget(KEY)
+    assert store.held() == (1, size(b) + b.arrays["sample"].nbytes)
+    # Counted again after a change of the held versions, or once the count is max_age_s old: a
+    # scan fitted on a held version changes no version.
+    t = b.mean_shift(scan)
+    assert store.held() == (1, size(b) + b.arrays["sample"].nbytes)
+    fit = t.basis.nbytes + t.gains.nbytes + t.eigvals.nbytes + t.mean_projection.nbytes
+    assert store.held(max_age_s=0.0) == (1, size(b) + b.arrays["sample"].nbytes + fit)

@@ -1318,3 +1318,86 @@ def test_a_lost_query_baseline_restarts_the_query_side_alone(tmp_path: Path,
     assert mon.events == 300 and mon.baseline is not None and mon.query_events == 700
     assert mon.query_monitor is None
     assert "its query embeddings start afresh" in caplog.text
+
+
+def _versions_of(store: DurableBaselineStore, key: StreamKey) -> set[str]:
+    """Ids of the versions of ``key`` the store holds in memory."""
+    return {bid for k, bid in store._baselines if k == key}
+
+
+def test_a_forgotten_stream_leaves_the_backend_and_every_store_that_reads_it(tmp_path: Path) -> None:
+    """A retired stream's baselines were held by every replica, and kept in the state backend, for
+    ever. Forgetting it writes its index as forgotten and deletes its versions and fits; a store
+    that reads the index drops what it holds, also from a read that still has the old records
+    before it (a state topic not compacted yet)."""
+    from embedwatch.baseline import Baseline
+    from embedwatch.baseline_store import safe_name
+
+    backend = FileStateBackend(tmp_path)
+    keys = _stored_baselines(backend, 3)
+    gone, kept = keys[0], keys[1:]
+    store = DurableBaselineStore(backend, backend.read_all(), SETTINGS)
+    second = Baseline.from_vectors(gone, np.random.default_rng(9).standard_normal((300, 16)), ts=9.0,
+                                   source="test", settings=SETTINGS)
+    store.save(second)
+    ids = [m["baseline_id"] for m in store.list(gone)]
+    assert len(ids) == 2
+    before = backend.read_all()  # what a reader finds on a topic not compacted yet, but for the index
+    other_backend = FileStateBackend(tmp_path)
+    other = DurableBaselineStore(other_backend, other_backend.read_all(), SETTINGS)  # another replica
+    assert _versions_of(other, gone) == set(ids)
+
+    assert store.forget(gone) == ids
+    left = FileStateBackend(tmp_path).read_all()
+    name = safe_name(gone)
+    assert not [k for k in left if k.startswith((f"baseline/{name}/", f"baseline-fit/{name}/"))]
+    assert sum(1 for k in left if k.startswith("baseline/")) == len(kept)
+    index_key = f"baseline-index/{name}"
+    index = orjson.loads(left[index_key])
+    assert index["versions"] == [] and index["active"] is None and index["forgotten_at"] > 0
+    assert _versions_of(store, gone) == set()
+
+    other.read(other_backend.read_new)  # the other replica's next read
+    assert other.list(gone) == [] and _versions_of(other, gone) == set()
+    assert [m["stream"] for m in other.list()] == [str(k) for k in kept]
+    restarted = DurableBaselineStore(backend, {**before, index_key: left[index_key]}, SETTINGS)
+    assert restarted.list(gone) == [] and _versions_of(restarted, gone) == set()
+    assert [m["stream"] for m in restarted.list()] == [str(k) for k in kept]
+    fresh = DurableBaselineStore(backend, FileStateBackend(tmp_path).read_all(), SETTINGS)
+    assert fresh.list(gone) == [] and fresh.held()[0] == len(kept)
+
+
+def test_the_api_forgets_a_retired_stream_with_its_query_embeddings_and_only_once_it_is_let_go(
+        tmp_path: Path) -> None:
+    """Retired model versions kept their stored baselines in every replica and in the state for
+    ever (a 768-d version about 0.4 MiB in memory, up to 5 a stream, its query embeddings' apart).
+    Refused while this replica monitors the stream: its checkpoint names the baseline."""
+    from embedwatch.api import ApiError
+    from embedwatch.app import Service
+    from embedwatch.baseline_store import BaselineNotFoundError
+
+    settings, first = _query_drift_service(tmp_path)
+    mon = first.router.monitors[KEY]
+    assert mon.baseline is not None and mon.query_monitor is not None and mon.query_monitor.baseline is not None
+    doc_id, query_id = mon.baseline.baseline_id, mon.query_monitor.baseline.baseline_id
+    gauges = dict(((name, value) for name, _labels, value in first._store_gauges()))
+    assert gauges["embedwatch_stored_baselines"] == 2 and gauges["embedwatch_stored_baseline_bytes"] > 0
+    with pytest.raises(ApiError) as e:
+        first.forget_baselines(KEY)
+    assert e.value.status == 409 and "monitored by this replica" in e.value.message
+    assert first.list_baselines(str(KEY)) != []
+
+    first._forget_stream(KEY)  # let go (idle for limits.stream_idle_s)
+    done = first.forget_baselines(KEY)
+    assert done["forgotten"] == [{"stream": str(KEY), "baseline_id": doc_id},
+                                 {"stream": str(KEY.query_side()), "baseline_id": query_id}]
+    assert first.list_baselines(str(KEY)) == first.list_baselines(str(KEY.query_side())) == []
+    assert dict(((n, v) for n, _l, v in first._store_gauges())) == {
+        "embedwatch_stored_baselines": 0, "embedwatch_stored_baseline_bytes": 0}
+    with pytest.raises(BaselineNotFoundError):
+        first.forget_baselines(KEY)
+
+    # A restart on that state: nothing stored for the stream; it builds a new baseline if it comes back.
+    backend = FileStateBackend(tmp_path)
+    again = Service(settings, baselines=DurableBaselineStore(backend, backend.read_all()), state_backend=backend)
+    assert again.baselines.list() == []
