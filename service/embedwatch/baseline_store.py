@@ -61,7 +61,8 @@ _MAX_PREVIOUS = 100
 #: built on it) hold: the active one and the four a rollback reaches first. Each holds a
 #: reference sample (``baseline_sample * dim * 4`` bytes, 243 KiB at 384-d), so every promotion
 #: kept for the life of the process grew it without bound. Older versions become unknown (the
-#: API answers 404 for their id). The directory store keeps every version on disk.
+#: API answers 404 for their id). The directory store keeps every version on disk; the durable
+#: store (state backends) deletes their records.
 MAX_HELD_VERSIONS = 5
 
 StreamLike = StreamKey | str

@@ -1032,6 +1032,22 @@ class DurableBaselineStore(MemoryBaselineStore):
                         "stay in the state backend, unused", stream, e)
         return self._drop_stream(index)
 
+    def _delete_records(self, key: StreamKey, ids: Iterable[str]) -> None:
+        """Delete the records (version and fits) of versions of ``key`` this store knows are
+        stored; a failure leaves them for the next attempt (logged)."""
+        names = [n for n in (_record_name(key, bid) for bid in ids) if n in self._names]
+        if not names:
+            return
+        try:
+            self.backend.delete(f"{kind}/{n}" for n in names for kind in ("baseline", "baseline-fit"))
+        except Exception as e:
+            log.warning("stream %s: cannot delete the records of %d dropped baseline versions (%s); "
+                        "tried again at its next save", key, len(names), e)
+            return
+        for n in names:
+            del self._names[n]
+            self._fitted.pop(n, None)
+
     def _drop_stream(self, index: _Index) -> builtins.list[str]:
         """Drop the stream of ``index`` from memory, with every version of it held."""
         for name in [n for n, (k, _bid) in self._names.items() if k == index.stream]:
@@ -1178,6 +1194,14 @@ class DurableBaselineStore(MemoryBaselineStore):
             self.backend.write({f"baseline-index/{safe_name(index.stream)}": json.dumps(doc).encode()})
             self._partial_indexes.pop(index.stream, None)  # superseded by this one
         super()._store_index(index)
+        if not self._restoring:
+            # The versions the index no longer lists (beyond MAX_HELD_VERSIONS) and no longer
+            # held: this store writes the stream's index, so they are gone for good. Kept, every
+            # promotion left a version (2.6 MB at 768-d) in the state topic for ever, read and
+            # decoded by every replica at every restart only to be dropped as unlisted; those an
+            # earlier version of embedwatch left go at the stream's next save.
+            self._delete_records(index.stream, [bid for k, bid in list(self._names.values()) if k == index.stream
+                                                and bid not in index.versions and (k, bid) not in self._baselines])
 
 
 def _record_name(key: StreamKey, baseline_id: str) -> str:

@@ -414,3 +414,40 @@ def test_the_memory_store_tells_what_it_holds() -> None:
     assert store.held() == (1, size(b) + b.arrays["sample"].nbytes)
     fit = t.basis.nbytes + t.gains.nbytes + t.eigvals.nbytes + t.mean_projection.nbytes
     assert store.held(max_age_s=0.0) == (1, size(b) + b.arrays["sample"].nbytes + fit)
+
+
+def test_the_durable_store_deletes_the_versions_a_save_drops(tmp_path: Path) -> None:
+    """Every promotion left a version in the state backend for good (2.6 MB at 768-d), read and
+    decoded by every replica at every restart only to be dropped as unlisted. A save deletes the
+    records of the versions it drops; versions an earlier save left there go at the stream's next
+    save by a store that read them back."""
+    from embedwatch.state import DurableBaselineStore, FileStateBackend
+
+    def stored(backend: FileStateBackend) -> dict[str, list[str]]:
+        recs = backend.read_all()
+        return {kind: sorted(k.rsplit("/", 1)[1] for k in recs if k.startswith(f"{kind}/{safe_name(KEY)}/"))
+                for kind in ("baseline", "baseline-fit")}
+
+    scan = DetectionSettings(baseline_sample=50, rff_features=16, histogram_bins=8, scan_components=4)
+    backend = FileStateBackend(tmp_path / "state")
+    store = DurableBaselineStore(backend, None, scan)
+    saved = [make(i) for i in range(8)]
+    for x in saved:
+        x.mean_shift(scan)  # a fits record beside each version
+        store.save(x)
+    want = sorted(x.baseline_id for x in saved[-5:])
+    assert stored(backend) == {"baseline": want, "baseline-fit": want}
+
+    # Records an earlier version of embedwatch left: dropped from memory at a restart, deleted
+    # from the backend once the stream saves a version through the restarted store.
+    from embedwatch.baseline_store import encode_baseline
+
+    backend.write({f"baseline/{safe_name(KEY)}/{x.baseline_id}": encode_baseline(x) for x in saved[:3]})
+    again = DurableBaselineStore(FileStateBackend(tmp_path / "state"), FileStateBackend(tmp_path / "state").read_all(),
+                                 scan)
+    assert _held(again) == set(want)
+    assert len(stored(backend)["baseline"]) == 8
+    newest = make(9)
+    again.save(newest)
+    want = sorted(x.baseline_id for x in [*saved[-4:], newest])
+    assert stored(backend)["baseline"] == want and _held(again) == set(want)
