@@ -512,6 +512,7 @@ class Service:
                 log.info("stream %s forgotten at restore: idle for more than limits.stream_idle_s=%gs "
                          "(last active %s)", sc.key, idle_s, _when(last_activity(newest, sc.seen_at)))
                 self.exporter.counters.inc("embedwatch_streams_forgotten_total")
+                self._forget_idle_baselines([sc.key])
                 continue
             meta = sc.meta
             baseline = self._checkpointed_baseline(sc.key, meta.get("baseline_id"))
@@ -1243,7 +1244,8 @@ class Service:
         event newer than that, and none received for as long (a backlog of old events being caught
         up keeps its streams). Their max_streams slot, series and checkpoint entry are freed (the
         home partition's next checkpoint leaves them out); their stored baselines stay, and a
-        stream that comes back starts from its active one, as a new stream does."""
+        stream that comes back starts from its active one, as a new stream does, unless
+        ``limits.forget_idle_baselines`` removes them too."""
         idle_s = self.settings.limits.stream_idle_s
         if idle_s <= 0:
             return []
@@ -1257,7 +1259,29 @@ class Service:
                          key, idle_s, _when(last_activity(mon.newest_ts, self._seen.get(key))))
                 self._forget_stream(key)
                 self.exporter.counters.inc("embedwatch_streams_forgotten_total")
+        self._forget_idle_baselines(gone)
         return gone
+
+    def _forget_idle_baselines(self, keys: Sequence[StreamKey]) -> None:
+        """With ``limits.forget_idle_baselines``: remove the stored baselines of streams forgotten
+        as idle (theirs and their query embeddings'). Outside the exporter lock: a state backend
+        that does not answer holds a write for seconds, and /metrics must keep answering."""
+        if not self.settings.limits.forget_idle_baselines:
+            return
+        for key in keys:
+            with self.exporter.lock:
+                if key in self.router.monitors:  # back meanwhile: it uses its stored baseline again
+                    continue
+            for k in (key, key.query_side()):
+                try:
+                    ids = self.baselines.forget(k)
+                except BaselineNotFoundError:
+                    continue
+                except Exception as e:  # the backend: the versions stay stored, as without the setting
+                    log.error("stream %s: cannot forget its stored baselines (%s); they stay stored", k, e)
+                    continue
+                log.info("stream %s: stored baselines %s forgotten with the idle stream (limits.forget_idle_baselines)",
+                         k, ", ".join(ids))
 
     def _expire_windows(self, now: float) -> list[Alarm]:
         """Evict, against wall-clock ``now``, the windows of streams that received nothing since

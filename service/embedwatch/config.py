@@ -167,6 +167,14 @@ class LimitSettings(_Section):
         "active one. Checked every minute. Model versions retired over months would otherwise hold slots for "
         "ever. 0: keep every stream.",
     )
+    forget_idle_baselines: bool = Field(
+        False,
+        description="Also remove the stored baselines of a stream forgotten as idle (limits.stream_idle_s), its query "
+        "embeddings' included, as POST /api/baselines/<stream>/forget does: with durable state every replica holds "
+        "every stored version of every stream ever seen (0.4 MiB a 768-d version), so deployments whose model "
+        "versions come and go grow by each retired one. A stream that comes back after that builds a new baseline "
+        "from its next events instead of starting from its stored one.",
+    )
 
 
 class DetectionSettings(_Section):

@@ -618,3 +618,43 @@ def test_the_api_says_a_stream_is_not_monitored_by_this_replica() -> None:
     with pytest.raises(StreamNotHere, match=r"stream m/a/default is not monitored by this replica .*/api/streams"):
         svc.rollback_baseline(A)
     assert isinstance(StreamNotHere(A), LookupError)  # the API's 404
+
+
+def test_forget_idle_baselines_removes_an_idle_stream_s_stored_baselines_too(clock: FakeClock) -> None:
+    """Opt-in: with durable state every replica held every stored version of every stream ever
+    seen; a deployment whose model versions come and go lets the idle ones' baselines go too."""
+    for setting, kept in ((False, True), (True, False)):
+        svc = Service(settings(limits={"forget_idle_baselines": setting}))
+        svc.process(events(A, 60, clock.now))
+        svc.process(events(B, 60, clock.now))
+        assert {m["stream"] for m in svc.baselines.list()} == {str(A), str(B)}
+        clock.advance(HOUR / 2)
+        svc.process(events(B, 5, clock.now))
+        clock.advance(HOUR / 2 + IDLE_CHECK_S)
+        assert svc._minute_tick()[0] == [A]
+        assert {m["stream"] for m in svc.baselines.list()} == ({str(A), str(B)} if kept else {str(B)})
+        svc.process(events(A, 3, clock.now))
+        assert (svc.router.monitors[A].baseline is not None) == kept  # back: from its stored one, or anew
+
+
+def test_forget_idle_baselines_at_a_restore(clock: FakeClock, tmp_path: Path) -> None:
+    s = settings(state={"backend": "file", "directory": str(tmp_path), "checkpoint_interval_s": 10 * DAY},
+                 limits={"forget_idle_baselines": True})
+
+    def later() -> None:
+        clock.advance(1.2 * HOUR)
+
+    # Written by a service that keeps every stream (stream_idle_s 0): its stop's checkpoint has A
+    # 1.2 h without events.
+    first = Service(s.model_copy(update={"limits": s.limits.model_copy(update={"stream_idle_s": 0.0})}),
+                    baselines=DurableBaselineStore(FileStateBackend(tmp_path)),
+                    state_backend=FileStateBackend(tmp_path))
+    first.run(Source(first, [events(A, 80, clock.now), later, events(B, 80, clock.now + 1.2 * HOUR)]), Sink())
+    assert {m["stream"] for m in first.baselines.list()} == {str(A), str(B)}
+    backend = FileStateBackend(tmp_path)
+    records = backend.read_all()
+    again = Service(s, baselines=DurableBaselineStore(backend, records), state_backend=backend, state_records=records)
+    again.run(Source(again, []), Sink())
+    assert set(again.router.monitors) == {B}
+    stored = FileStateBackend(tmp_path)
+    assert {m["stream"] for m in DurableBaselineStore(stored, stored.read_all()).list()} == {str(B)}
