@@ -50,6 +50,7 @@ class Backend:
         rollback: Callable[[StreamKey], dict[str, Any]],
         admin_token: str | None,
         forget: Callable[[StreamKey], dict[str, Any]] | None = None,
+        monitors: Callable[[StreamKey], bool] | None = None,
     ) -> None:
         self.registry = registry
         self.healthy = healthy
@@ -60,6 +61,9 @@ class Backend:
         self.rollback = rollback
         self.admin_token = admin_token
         self.forget = forget
+        # Whether this replica monitors a stream, without building every stream's state (which
+        # /api/streams does) for it; None: from streams().
+        self.monitors = monitors or (lambda key: str(key) in streams())
 
 
 def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
@@ -121,7 +125,7 @@ def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
                 elif path.startswith("/api/baselines/"):
                     key = StreamKey.parse(unquote(path.removeprefix("/api/baselines/")))
                     versions = backend.baselines(str(key))
-                    if not versions and str(key.document_side()) not in backend.streams():
+                    if not versions and not backend.monitors(key.document_side()):
                         raise ApiError(404, f"unknown stream {key}")
                     self._json(200, {"baselines": versions})
                 else:

@@ -1352,6 +1352,10 @@ class Service:
         with self.exporter.lock:
             return {str(k): m.state() for k, m in self.router.monitors.items()}
 
+    def monitors_stream(self, key: StreamKey) -> bool:
+        with self.exporter.lock:
+            return key in self.router.monitors
+
     def list_baselines(self, stream: str | None) -> list[dict[str, Any]]:
         with self.exporter.lock:
             return self.baselines.list(StreamKey.parse(stream) if stream else None)

@@ -158,6 +158,9 @@ class _Views:
     def forget(self, key: StreamKey) -> dict[str, Any]:
         return self._started().forget_baselines(key)
 
+    def monitors(self, key: StreamKey) -> bool:
+        return self.service is not None and self.service.monitors_stream(key)
+
 
 def cmd_run(args: argparse.Namespace) -> int:
     from embedwatch import heap
@@ -174,7 +177,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     token = settings.http.admin_token.get_secret_value() if settings.http.admin_token else None
     http = HttpServer(Backend(registry=make_registry(exporter), healthy=views.healthy, ready=views.ready,
                               streams=views.streams, baselines=views.baselines, promote=views.promote,
-                              rollback=views.rollback, admin_token=token, forget=views.forget),
+                              rollback=views.rollback, admin_token=token, forget=views.forget,
+                              monitors=views.monitors),
                       settings.http.host, settings.http.port)
     http.start()
     log.info("embedwatch %s listening on %s:%d", __version__, settings.http.host, http.port)

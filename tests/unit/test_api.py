@@ -250,3 +250,22 @@ def test_the_query_embeddings_baselines_are_addressed_under_the_query_side_key()
         srv.stop()
     q = StreamKey("m", "1", "default").query_side()
     assert calls == [("promote", q, "q1", None), ("rollback", q)]
+
+
+def test_a_stream_without_versions_is_told_from_an_unknown_one_without_every_stream_s_state() -> None:
+    """``GET /api/baselines/<stream>`` with no versions asked whether the replica monitors the
+    stream by building /api/streams' state of every stream (under the exporter's lock)."""
+    def streams() -> dict[str, Any]:
+        raise AssertionError("every stream's state built")
+
+    backend = Backend(registry=make_registry(Exporter(), process_metrics=False), healthy=lambda: True,
+                      ready=lambda: True, streams=streams, baselines=lambda s: [], promote=lambda k, b, n: {},
+                      rollback=lambda k: {}, admin_token=TOKEN, monitors=lambda k: k == StreamKey("m", "1", "default"))
+    srv = HttpServer(backend, "127.0.0.1", 0)
+    srv.start()
+    try:
+        assert req(srv, "GET", "/api/baselines/m/1/default") == (200, {"baselines": []})
+        assert req(srv, "GET", "/api/baselines/m/1/default/query") == (200, {"baselines": []})
+        assert req(srv, "GET", "/api/baselines/m/2/default")[0] == 404
+    finally:
+        srv.stop()
