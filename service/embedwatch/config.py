@@ -173,7 +173,7 @@ class LimitSettings(_Section):
         "embeddings' included, as POST /api/baselines/<stream>/forget does: with durable state every replica holds "
         "every stored version of every stream ever seen (0.4 MiB a 768-d version), so deployments whose model "
         "versions come and go grow by each retired one. A stream that comes back after that builds a new baseline "
-        "from its next events instead of starting from its stored one.",
+        "from its next events instead of starting from its stored one (in every deployment sharing state.topic).",
     )
 
 
@@ -350,7 +350,11 @@ class StateSettings(_Section):
     backend: Literal["none", "kafka", "file"] = Field(
         "kafka", description="kafka: compacted topic; file: a directory (e.g. a PVC); none: in memory."
     )
-    topic: str = Field("embedwatch-state", min_length=1, description="Compacted state topic.")
+    topic: str = Field(
+        "embedwatch-state", min_length=1,
+        description="Compacted state topic. Checkpoints are kept per consumer group, baselines per stream: "
+        "deployments that share the topic share their streams' baselines (a promotion, rollback or forget in one "
+        "is one in the others), so give each deployment its own.")
     directory: str = Field("/var/lib/embedwatch", description="Directory of the file backend.")
     checkpoint_interval_s: float = Field(30.0, gt=0, description="Seconds between checkpoints.")
 
