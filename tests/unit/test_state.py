@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -1401,3 +1402,36 @@ def test_the_api_forgets_a_retired_stream_with_its_query_embeddings_and_only_onc
     backend = FileStateBackend(tmp_path)
     again = Service(settings, baselines=DurableBaselineStore(backend, backend.read_all()), state_backend=backend)
     assert again.baselines.list() == []
+
+
+class _DeletesFail(_FailsOnce):
+    def delete(self, keys: Any) -> None:
+        raise OSError("state topic unavailable")
+
+
+def test_a_forget_the_backend_refuses_changes_nothing_and_one_whose_deletes_fail_still_holds(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The forgotten index is what every replica reads: refused, nothing changed (503, retry); once
+    written, versions whose records could not be deleted are dropped by every reader all the same."""
+    from embedwatch.api import ApiError
+    from embedwatch.app import Service
+    from embedwatch.baseline_store import safe_name
+
+    key = StreamKey("m", "1")
+    svc, backend, ids = _promoted_three_times(tmp_path)
+    svc._forget_stream(key)  # let go
+    backend.fail = True
+    with pytest.raises(ApiError) as e:
+        svc.forget_baselines(key)
+    assert e.value.status == 503 and "nothing changed, retry" in e.value.message
+    assert [v["baseline_id"] for v in svc.list_baselines(str(key))] == ids
+
+    failing = _DeletesFail(tmp_path)
+    svc.baselines.backend = failing  # type: ignore[attr-defined]
+    with caplog.at_level(logging.WARNING, logger="embedwatch.state"):
+        assert [f["baseline_id"] for f in svc.forget_baselines(key)["forgotten"]] == ids
+    assert any("were not deleted" in r.getMessage() for r in caplog.records)
+    left = FileStateBackend(tmp_path).read_all()
+    assert sum(1 for k in left if k.startswith(f"baseline/{safe_name(key)}/")) == len(ids)  # still there ...
+    again = Service(svc.settings, baselines=DurableBaselineStore(FileStateBackend(tmp_path), left))
+    assert again.baselines.list() == [] and again.baselines.held()[0] == 0  # ... and dropped by every reader
