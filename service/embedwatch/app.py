@@ -1357,8 +1357,13 @@ class Service:
             return key in self.router.monitors
 
     def list_baselines(self, stream: str | None) -> list[dict[str, Any]]:
+        """The store's versions, each with ``monitored_here``: whether this replica monitors its
+        stream (with one replica, a stream stored but not monitored is a candidate to forget)."""
         with self.exporter.lock:
-            return self.baselines.list(StreamKey.parse(stream) if stream else None)
+            versions = self.baselines.list(StreamKey.parse(stream) if stream else None)
+            for v in versions:
+                v["monitored_here"] = StreamKey.parse(v["stream"]).document_side() in self.router.monitors
+            return versions
 
     def promote_baseline(self, key: StreamKey, baseline_id: str | None, events: int | None = None) -> dict[str, Any]:
         """Activate version ``baseline_id`` of the stream, or (None) promote the stream: its next

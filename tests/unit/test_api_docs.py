@@ -69,3 +69,22 @@ def test_the_cli_lines_parse_as_documented() -> None:
         for action in actions:
             args = parser.parse_args([argv[0], action, *argv[2:]])
             assert args.action == action and args.url == "http://embedwatch:9108"
+
+
+@pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed")
+def test_the_jq_line_that_finds_streams_to_forget_lists_the_streams_not_monitored() -> None:
+    (expr,) = re.findall(r"/api/baselines \\\s*\|\s*jq -r '([^']+)'", DOC.read_text())
+    here = {"m/1/default": False, "m/1/default/query": False, "m/2/default": True, "m/3/web/query": False}
+    listed = [{"stream": k, "monitored_here": v} for k, v in here.items()]
+    backend = Backend(registry=make_registry(Exporter(), process_metrics=False), healthy=lambda: True,
+                      ready=lambda: True, streams=dict, baselines=lambda s: listed, promote=lambda k, b, n: {},
+                      rollback=lambda k: {}, admin_token="t")
+    srv = HttpServer(backend, "127.0.0.1", 0)
+    srv.start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/api/baselines", timeout=5) as resp:
+            body = resp.read()
+    finally:
+        srv.stop()
+    out = subprocess.run(["jq", "-r", expr], input=body, capture_output=True, check=True).stdout.decode()
+    assert out.split() == ["m/1/default", "m/3/web"]

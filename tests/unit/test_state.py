@@ -1386,9 +1386,11 @@ def test_the_api_forgets_a_retired_stream_with_its_query_embeddings_and_only_onc
     with pytest.raises(ApiError) as e:
         first.forget_baselines(KEY)
     assert e.value.status == 409 and "monitored by this replica" in e.value.message
-    assert first.list_baselines(str(KEY)) != []
+    listed = first.list_baselines(None)
+    assert [(v["stream"], v["monitored_here"]) for v in listed] == [(str(KEY), True), (str(KEY.query_side()), True)]
 
     first._forget_stream(KEY)  # let go (idle for limits.stream_idle_s)
+    assert [v["monitored_here"] for v in first.list_baselines(None)] == [False, False]  # a candidate to forget
     done = first.forget_baselines(KEY)
     assert done["forgotten"] == [{"stream": str(KEY), "baseline_id": doc_id},
                                  {"stream": str(KEY.query_side()), "baseline_id": query_id}]
