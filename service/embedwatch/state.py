@@ -1017,32 +1017,26 @@ class DurableBaselineStore(MemoryBaselineStore):
     def _forget_stream(self, index: _Index) -> builtins.list[str]:
         """Write the stream's forgotten index, then delete its versions' records; the other
         replicas drop the versions they hold when they read the index (at their next partition
-        assignment or restart). A failed delete leaves unlisted records in the backend, dropped
-        by every reader all the same."""
+        assignment or restart), also those whose records a failed delete left."""
         stream = index.stream
         doc = {"stream": list(stream), "versions": [], "active": None, "previous": [], "forgotten_at": time.time()}
         self.backend.write({f"baseline-index/{safe_name(stream)}": json.dumps(doc).encode()})
         self._partial_indexes.pop(stream, None)
-        ids = list(dict.fromkeys([*index.versions, *(b for k, b in self._names.values() if k == stream)]))
-        try:
-            self.backend.delete(f"{kind}/{_record_name(stream, bid)}" for bid in ids
-                                for kind in ("baseline", "baseline-fit"))
-        except Exception as e:
-            log.warning("stream %s forgotten, but its stored versions' records were not deleted (%s): they "
-                        "stay in the state backend, unused", stream, e)
+        self._delete_records(stream, [bid for k, bid in list(self._names.values()) if k == stream])
         return self._drop_stream(index)
 
     def _delete_records(self, key: StreamKey, ids: Iterable[str]) -> None:
-        """Delete the records (version and fits) of versions of ``key`` this store knows are
-        stored; a failure leaves them for the next attempt (logged)."""
+        """Delete the records (version and fits) of versions of ``key`` that no index lists any
+        more and this store knows are stored; a failure leaves them there (logged), where every
+        reader drops them as unlisted."""
         names = [n for n in (_record_name(key, bid) for bid in ids) if n in self._names]
         if not names:
             return
         try:
             self.backend.delete(f"{kind}/{n}" for n in names for kind in ("baseline", "baseline-fit"))
         except Exception as e:
-            log.warning("stream %s: cannot delete the records of %d dropped baseline versions (%s); "
-                        "tried again at its next save", key, len(names), e)
+            log.warning("stream %s: cannot delete the records of %d unlisted baseline versions (%s): they stay "
+                        "in the state backend, where every reader drops them", key, len(names), e)
             return
         for n in names:
             del self._names[n]
@@ -1199,7 +1193,7 @@ class DurableBaselineStore(MemoryBaselineStore):
             # held: this store writes the stream's index, so they are gone for good. Kept, every
             # promotion left a version (2.6 MB at 768-d) in the state topic for ever, read and
             # decoded by every replica at every restart only to be dropped as unlisted; those an
-            # earlier version of embedwatch left go at the stream's next save.
+            # earlier version of embedwatch left, or a failed delete, go at the stream's next save.
             self._delete_records(index.stream, [bid for k, bid in list(self._names.values()) if k == index.stream
                                                 and bid not in index.versions and (k, bid) not in self._baselines])
 
