@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 REQUEST_TIMEOUT_S = 10.0
 #: Connections served at once.
 MAX_CONNECTIONS = 64
+#: The largest JSON body of a mutation (promote, rollback, forget).
+MAX_JSON_BODY = 64 << 10
+#: The largest uploaded baseline: a state record's own limit (a 768-d baseline of the default
+#: 1,000-vector sample is about 1.6 MB; 8,192-d with a float32 sample about 33 MB).
+MAX_UPLOAD_BODY = 64 << 20
 
 
 class ApiError(Exception):
@@ -51,6 +56,7 @@ class Backend:
         admin_token: str | None,
         forget: Callable[[StreamKey], dict[str, Any]] | None = None,
         monitors: Callable[[StreamKey], bool] | None = None,
+        upload: Callable[[StreamKey, bytes, bool], dict[str, Any]] | None = None,
     ) -> None:
         self.registry = registry
         self.healthy = healthy
@@ -61,6 +67,7 @@ class Backend:
         self.rollback = rollback
         self.admin_token = admin_token
         self.forget = forget
+        self.upload = upload
         # Whether this replica monitors a stream, without building every stream's state (which
         # /api/streams does) for it; None: from streams().
         self.monitors = monitors or (lambda key: str(key) in streams())
@@ -141,7 +148,8 @@ def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
                 self._json(500, {"error": "internal error"})
 
         def do_POST(self) -> None:
-            path = urlsplit(self.path).path.rstrip("/")
+            url = urlsplit(self.path)
+            path = url.path.rstrip("/")
             try:
                 self._authorize()
                 if self.headers.get("Transfer-Encoding"):
@@ -151,18 +159,28 @@ def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
                 length = int(self.headers.get("Content-Length") or 0)
                 if length < 0:
                     raise ApiError(400, "negative Content-Length")  # read(-1) waited for the client to close
-                if length > 65536:
-                    raise ApiError(413, "body too large")
-                body = self.rfile.read(length) if length else b""
-                doc = orjson.loads(body) if body else {}
-                if not isinstance(doc, dict):
-                    raise ApiError(400, "body must be a JSON object")
-                # /api/baselines/<model>/<version>/<segment>[/query]/(promote|rollback|forget)
+                # /api/baselines/<model>/<version>/<segment>[/query]/(promote|rollback|forget|upload)
                 rest = path.removeprefix("/api/baselines/")
                 if rest == path or "/" not in rest:
                     raise ApiError(404, "not found")
                 stream_text, action = unquote(rest).rsplit("/", 1)
+                upload = action == "upload"
+                if upload and backend.upload is None:
+                    raise ApiError(404, "not found")
+                limit = MAX_UPLOAD_BODY if upload else MAX_JSON_BODY
+                if length > limit:
+                    raise ApiError(413, f"body too large (at most {limit} bytes)")
+                body = self.rfile.read(length) if length else b""
                 key = StreamKey.parse(stream_text)
+                if upload:
+                    assert backend.upload is not None
+                    if not body:
+                        raise ApiError(400, "no baseline in the body (the bytes `embedwatch baseline upload` sends)")
+                    self._json(200, backend.upload(key, body, _flag(url.query, "activate")))
+                    return
+                doc = orjson.loads(body) if body else {}
+                if not isinstance(doc, dict):
+                    raise ApiError(400, "body must be a JSON object")
                 if action == "promote":
                     bid = doc.get("baseline_id")
                     if bid is not None and not isinstance(bid, str):
@@ -200,6 +218,17 @@ def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
                 raise ApiError(403, "invalid token")
 
     return Handler
+
+
+def _flag(query: str, name: str) -> bool:
+    """A boolean query parameter (``true``/``false``, ``1``/``0``; absent: false)."""
+    values = parse_qs(query, keep_blank_values=True).get(name, [])
+    if not values:
+        return False
+    text = values[-1].lower()
+    if text not in ("true", "false", "1", "0"):
+        raise ApiError(400, f"{name} must be true or false, not {values[-1]!r}")
+    return text in ("true", "1")
 
 
 class _BoundedServer(ThreadingHTTPServer):

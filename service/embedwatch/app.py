@@ -30,13 +30,18 @@ import numpy as np
 import orjson
 
 from embedwatch import heap
-from embedwatch.baseline import Baseline
-from embedwatch.baseline_store import BaselineNotFoundError, BaselineRepository, MemoryBaselineStore
+from embedwatch.baseline import Baseline, usability_problem
+from embedwatch.baseline_store import (
+    BaselineNotFoundError,
+    BaselineRepository,
+    MemoryBaselineStore,
+    decode_baseline,
+)
 from embedwatch.config import Settings
 from embedwatch.events import DecodedBatch, DecodeLimits, Decoder, Kind, Message, Rejection, StreamKey
 from embedwatch.exporter import Exporter, LabelValues
 from embedwatch.metrics_catalog import METRICS
-from embedwatch.monitor import Alarm, StreamMonitor
+from embedwatch.monitor import Alarm, StreamMonitor, trial
 from embedwatch.router import RouteResult, StreamRouter, is_idle, last_activity
 from embedwatch.sources.base import (
     Committed,
@@ -138,6 +143,9 @@ def _stored(change: Callable[[], _T]) -> _T:
                             "nothing changed, retry") from e
 
 
+#: The most an uploaded baseline's arrays may unpack to (an upload's body is at most 64 MiB).
+MAX_UPLOAD_UNPACKED = 256 << 20
+
 _REBALANCE_ERRORS = ("CommitFailed", "IllegalGeneration", "UnknownMemberId", "RebalanceInProgress",
                      "ILLEGAL_GENERATION", "UNKNOWN_MEMBER_ID", "REBALANCE_IN_PROGRESS", "FencedInstanceId")
 
@@ -159,9 +167,9 @@ def _lost_assignment(e: BaseException) -> bool:
 class StreamNotHere(LookupError):
     """The API named a stream this replica does not monitor (API 404)."""
 
-    def __init__(self, key: StreamKey) -> None:
-        super().__init__(f"stream {key} is not monitored by this replica (with several replicas, send it "
-                         "to the one whose /api/streams lists the stream)")
+    def __init__(self, key: StreamKey, why: str = "") -> None:
+        super().__init__(f"stream {key} is not monitored by this replica{f' and {why}' if why else ''} (with "
+                         "several replicas, send it to the one whose /api/streams lists the stream)")
 
     def __str__(self) -> str:
         return str(self.args[0])
@@ -1395,6 +1403,46 @@ class Service:
             self.router.mark_saved(key, str(baseline.metadata["baseline_id"]))
             log.info("baseline of %s is now %s", key, baseline.metadata["baseline_id"])
             return {"status": "active", **baseline.metadata}
+
+    def upload_baseline(self, key: StreamKey, data: bytes, activate: bool) -> dict[str, Any]:
+        """Store a baseline built elsewhere (``embedwatch baseline build``: a record as
+        :func:`encode_baseline` writes it) as a version of ``key`` (a stream's, or its query
+        embeddings'), and with ``activate`` make it the active one: at once for a stream this
+        replica monitors, from its first event for a stream not live yet. A stream not monitored
+        here that has stored versions is refused (404), as a promotion is: with several replicas
+        another one may monitor it, and a second writer of its index would lose versions."""
+        from embedwatch.api import ApiError
+
+        # Decoded and tried before any lock is taken: a scrape does not wait for the scan fit.
+        baseline = decode_baseline(data, origin="the uploaded baseline", max_unpacked=MAX_UPLOAD_UNPACKED)
+        if baseline.key != key:
+            raise ApiError(400, f"the uploaded baseline is of stream {baseline.key}, not {key}: upload it to "
+                                f"/api/baselines/{baseline.key}/upload")
+        problem = usability_problem(baseline)
+        if problem is not None:
+            raise ApiError(400, f"the uploaded baseline cannot be used: {problem}")
+        try:
+            trial(baseline, self.settings.detection)
+        except Exception as e:
+            raise ApiError(400, f"the uploaded baseline fails in a monitor with this service's detection settings "
+                                f"({type(e).__name__}: {e})") from e
+        with self.exporter.lock:
+            mon = self.router.monitors.get(key.document_side())
+            if mon is None and self.baselines.list(key):
+                raise StreamNotHere(key, "has stored baselines: a stream let go as idle takes an upload once its "
+                                         "events come back, a retired one once its baselines are forgotten")
+            expected = self.router.expected_dim(key.document_side())
+            if expected is not None and baseline.dim != expected:
+                raise ApiError(400, f"the uploaded baseline is {baseline.dim}-d; stream {key.document_side()} "
+                                    f"has {expected}-d vectors")
+            stored = _stored(lambda: self.baselines.save(baseline, activate=activate))
+            bid = baseline.baseline_id
+            if activate and mon is not None:
+                self._activate(mon, key, self.baselines.get(key))
+                self.router.mark_saved(key, bid)
+            status = "active" if stored["active"] else "stored"
+            log.info("baseline %s of %s uploaded (%s)", bid, key, status)
+            return {"status": status, "monitored_here": mon is not None, **stored}
 
     def _activate(self, mon: StreamMonitor, key: StreamKey, baseline: Baseline) -> None:
         """Make the stored ``baseline`` of ``key`` (the stream's, or its query embeddings') active."""

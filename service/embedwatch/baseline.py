@@ -387,6 +387,42 @@ class Baseline:
                           self.arrays["norm_edges"], m.feature_sum, m.features)
 
 
+def usability_problem(b: Baseline) -> str | None:
+    """What makes ``b`` unusable by a monitor, or None. A baseline's hashes prove only that it is
+    the one written, not that its arrays fit together: one made by other code (or an edited copy
+    with hashes made again) could stop a monitor at its first evaluation, or hide every measure
+    behind NaN. Checks the shapes the monitor relies on and that every number is finite."""
+    a = b.arrays
+    if "sample" not in a and b.released_sample_rows is None:
+        return "it has no reference sample"
+    d = b.dim
+    if a["mean"].ndim != 1 or d < 1:
+        return "mean is not a vector"
+    sample_rows = b.sample_rows
+    freq = a["rff_normal"] if "rff_normal" in a else a["rff_weights"]
+    n_features = freq.shape[1] if freq.ndim == 2 else -1
+    shapes = {"var": (d,), "sample_sims": (sample_rows,), "sample_norms": (sample_rows,),
+              "sim_hist": (a["sim_edges"].shape[0] + 1,), "norm_hist": (a["norm_edges"].shape[0] + 1,),
+              "sim_moments": (2,), "rff_offsets": (n_features,), "rff_mean": (n_features,),
+              "rff_eigvals": (n_features,), "rff_bandwidth": (1,),
+              "rff_normal" if "rff_normal" in a else "rff_weights": (d, n_features)}
+    if b.released_sample_rows is None:
+        shapes["sample"] = (sample_rows, d)
+    for name, shape in shapes.items():
+        if a[name].shape != shape or (name != "sample" and 0 in shape):
+            return f"{name} has shape {a[name].shape}, expected {shape}"
+    if sample_rows < 2:
+        return f"its reference sample has {sample_rows} vectors (at least 2)"
+    for name, arr in a.items():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            return f"{name} holds NaN or infinite values"
+    if (a["var"] < 0).any() or (a["sim_hist"] < 0).any() or (a["norm_hist"] < 0).any():
+        return "a variance or a histogram count is negative"
+    if float(a["rff_bandwidth"][0]) <= 0:
+        return "rff_bandwidth is not positive"
+    return None
+
+
 def _created(ts: np.ndarray | float | None) -> float:
     arr = np.asarray(ts if ts is not None else [], dtype=np.float64)
     arr = arr[np.isfinite(arr)] if arr.ndim else arr.reshape(1)

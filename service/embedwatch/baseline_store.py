@@ -193,9 +193,15 @@ def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def _read_npz(data: bytes, origin: str) -> dict[str, np.ndarray]:
+def _read_npz(data: bytes, origin: str, max_unpacked: int | None = None) -> dict[str, np.ndarray]:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            if max_unpacked is not None:
+                # Sizes the archive declares, checked before anything is unpacked: a small
+                # compressed upload could otherwise unpack into gigabytes.
+                unpacked = sum(info.file_size for info in z.zip.infolist())
+                if unpacked > max_unpacked:
+                    raise ValueError(f"its arrays unpack to {unpacked} bytes, more than {max_unpacked}")
             return {name: z[name] for name in z.files}
     except Exception as e:  # ValueError, BadZipFile, zlib errors: a corrupt file, never a crash
         raise BaselineIntegrityError(f"{origin}: unreadable baseline arrays: {e}") from e
@@ -234,9 +240,9 @@ def encode_baseline(baseline: Baseline) -> bytes:
     return _npz_bytes({**arrays, _META_ARRAY: np.frombuffer(header, dtype=np.uint8)})
 
 
-def _read_record(data: bytes, origin: str) -> tuple[Any, dict[str, np.ndarray]]:
+def _read_record(data: bytes, origin: str, max_unpacked: int | None = None) -> tuple[Any, dict[str, np.ndarray]]:
     """The embedded JSON header and the arrays of an npz value (a baseline or its fits)."""
-    arrays = _read_npz(data, origin)
+    arrays = _read_npz(data, origin, max_unpacked)
     raw = arrays.pop(_META_ARRAY, None)
     if raw is None:
         raise BaselineIntegrityError(f"{origin}: no embedded header")
@@ -246,9 +252,10 @@ def _read_record(data: bytes, origin: str) -> tuple[Any, dict[str, np.ndarray]]:
         raise BaselineIntegrityError(f"{origin}: header is not JSON: {e}") from e
 
 
-def decode_baseline(data: bytes, origin: str = "<bytes>") -> Baseline:
-    """Inverse of :func:`encode_baseline`; :class:`BaselineIntegrityError` on any mismatch."""
-    header, arrays = _read_record(data, origin)
+def decode_baseline(data: bytes, origin: str = "<bytes>", max_unpacked: int | None = None) -> Baseline:
+    """Inverse of :func:`encode_baseline`; :class:`BaselineIntegrityError` on any mismatch, or
+    when its arrays would unpack to more than ``max_unpacked`` bytes."""
+    header, arrays = _read_record(data, origin, max_unpacked)
     return _verify(header, arrays, origin)
 
 

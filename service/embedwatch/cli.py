@@ -158,6 +158,9 @@ class _Views:
     def forget(self, key: StreamKey) -> dict[str, Any]:
         return self._started().forget_baselines(key)
 
+    def upload(self, key: StreamKey, data: bytes, activate: bool) -> dict[str, Any]:
+        return self._started().upload_baseline(key, data, activate)
+
     def monitors(self, key: StreamKey) -> bool:
         return self.service is not None and self.service.monitors_stream(key)
 
@@ -178,7 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     http = HttpServer(Backend(registry=make_registry(exporter), healthy=views.healthy, ready=views.ready,
                               streams=views.streams, baselines=views.baselines, promote=views.promote,
                               rollback=views.rollback, admin_token=token, forget=views.forget,
-                              monitors=views.monitors),
+                              monitors=views.monitors, upload=views.upload),
                       settings.http.host, settings.http.port)
     http.start()
     log.info("embedwatch %s listening on %s:%d", __version__, settings.http.host, http.port)
@@ -268,23 +271,25 @@ def cmd_baseline_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _http(method: str, url: str, token: str | None = None, body: dict[str, Any] | None = None) -> Any:
-    """The JSON answer of the service; :class:`_RemoteError` naming the status and the body."""
+def _http(method: str, url: str, token: str | None = None, body: dict[str, Any] | bytes | None = None,
+          timeout: float = 10.0) -> Any:
+    """The JSON answer of the service (``body``: a JSON object, or bytes sent as they are);
+    :class:`_RemoteError` naming the status and the body."""
     import http.client
     import urllib.error
     import urllib.request
 
     import orjson
 
+    data = body if isinstance(body, bytes) else orjson.dumps(body or {}) if method == "POST" else None
     try:
-        req = urllib.request.Request(url, method=method,
-                                     data=orjson.dumps(body or {}) if method == "POST" else None)
+        req = urllib.request.Request(url, method=method, data=data)
     except ValueError as e:  # e.g. no http:// scheme
         raise _RemoteError(f"bad --url {url}: {e}", 2) from None
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=10) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             data = r.read()
     except urllib.error.HTTPError as e:  # before URLError, its base class
         text = " ".join(e.read().decode("utf-8", "replace").split())[:500]
@@ -318,6 +323,36 @@ def cmd_baseline_remote(args: argparse.Namespace) -> int:
             path = f"{base}/api/baselines/{args.stream}/{args.action}"
             events = getattr(args, "events", None)
             doc = _http("POST", path, token, {"events": events} if events is not None else None)
+    except _RemoteError as e:
+        return _fail(str(e), e.status)
+    print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def cmd_baseline_upload(args: argparse.Namespace) -> int:
+    """Send a baseline file of ``baseline build`` to a running service, which stores it as a
+    version of its stream (and with ``--activate`` makes it the active one)."""
+    import urllib.parse
+
+    import orjson
+
+    from embedwatch.baseline_store import encode_baseline, load_file
+
+    base = args.url.rstrip("/")
+    url = urllib.parse.urlsplit(base)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        return _fail(f"bad --url {args.url}: expected http://host:port", 2)
+    try:
+        # Checked here first (its hashes): a file changed since it was built is not sent.
+        baseline = load_file(args.file)
+    except (OSError, LookupError, ValueError) as e:  # missing, unreadable, or changed since it was built
+        return _fail(f"cannot read baseline {args.file}: {e}", 2)
+    token = os.environ.get("EMBEDWATCH_HTTP__ADMIN_TOKEN", "").strip() or None
+    stream = urllib.parse.quote(str(baseline.key), safe="/")
+    path = f"{base}/api/baselines/{stream}/upload" + ("?activate=true" if args.activate else "")
+    try:
+        # The service tries the baseline in a monitor before storing it: seconds at large dims.
+        doc = _http("POST", path, token, encode_baseline(baseline), timeout=120.0)
     except _RemoteError as e:
         return _fail(str(e), e.status)
     print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
@@ -408,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--quiet", action="store_true")
     rp.set_defaults(func=cmd_replay)
 
-    b = sub.add_parser("baseline", help="build baselines from a file; list/promote/rollback/forget on a service")
+    b = sub.add_parser("baseline", help="build baselines from a file; list/promote/rollback/forget/upload on a "
+                       "service")
     bsub = b.add_subparsers(dest="action", required=True)
     bb = bsub.add_parser("build", help="build a baseline from the first events of each stream of a file")
     bb.add_argument("events")
@@ -435,6 +471,14 @@ def build_parser() -> argparse.ArgumentParser:
             ba.add_argument("--events", type=int, default=None,
                             help="events of the new baseline (default: detection.reference_size)")
         ba.set_defaults(func=cmd_baseline_remote)
+    bu = bsub.add_parser("upload", help="store a baseline file of `baseline build` as a version of its stream on a "
+                         "running service (token from EMBEDWATCH_HTTP__ADMIN_TOKEN)")
+    bu.add_argument("--url", default="http://127.0.0.1:9108")
+    bu.add_argument("file", help="X.npz, X.json or X (the pair X.npz + X.json `baseline build` wrote)")
+    bu.add_argument("--activate", action="store_true",
+                    help="make it the stream's active baseline: at once if the stream is live, from its first "
+                    "event if not yet")
+    bu.set_defaults(func=cmd_baseline_upload)
 
     w = sub.add_parser("watch", help="live terminal summary of a running service")
     w.add_argument("--url", default="http://127.0.0.1:9108")

@@ -1157,3 +1157,16 @@ class StreamMonitor:
                                    "promotion": q.promotion,
                                    "alarms": [a.to_dict() for a in self._as_query(q._alarms)]}
         return st
+
+
+def trial(baseline: Baseline, settings: DetectionSettings) -> None:
+    """Run a throw-away monitor of ``baseline`` over its own reference sample (up to one window
+    of events, so every detector evaluates), raising what a stream activating it would raise at
+    its first evaluations. For a baseline made elsewhere, checked before it is stored: a baseline
+    that fails in a stream's update costs the stream its block, then fails again each time the
+    stream loads it. Its scan fit (for ``settings``) is kept on ``baseline``, so the stream that
+    activates it does not fit it again."""
+    mon = StreamMonitor(baseline.key, settings, baseline)
+    rows = np.asarray(baseline.sample[: settings.window_events], dtype=np.float32)
+    mon.update_embeddings(rows, np.full(rows.shape[0], baseline.created_at))
+

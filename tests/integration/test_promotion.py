@@ -227,3 +227,65 @@ def test_a_retired_stream_is_forgotten_by_the_cli_through_a_replica_that_does_no
     # What stays: each side's index, saying it was forgotten (for replicas that read it later).
     assert {k for k in live if k.startswith("baseline-index/")} == {
         "baseline-index/m+v1+default", "baseline-index/m+v1+default%2Fquery"}
+
+
+def test_a_baseline_built_offline_and_uploaded_before_the_rollout_watches_the_stream_from_its_first_event(
+        kafka_bootstrap: str, unique_topics: Any, fresh_topic_prefix: str, tmp_path: Path) -> None:
+    """The rollout path of a validated baseline: `embedwatch baseline build` on a file of good
+    events, `embedwatch baseline upload --activate` to the running service before the stream has
+    any event, kept in the state topic across a restart, and the stream's first events compared
+    with it: a shift from the first live event alarms before `reference_size` events, where the
+    stream would otherwise have taken the shifted events as its reference."""
+    import os
+    import subprocess
+
+    from service_proc import BIN
+
+    emb, qry = unique_topics("embeddings", "queries")
+    state = {"backend": "kafka", "topic": f"{fresh_topic_prefix}-state", "checkpoint_interval_s": 1.0}
+    cfg = _config(kafka_bootstrap, fresh_topic_prefix, emb, qry, state)
+    cfg["detection"] = {"reference_size": 1000, "window_events": 200}
+    # The file's events are the generator's first 300; the live ones follow, shifted from the first.
+    gen = EventGenerator(GeneratorConfig(streams=1, dim=DIM, seed=8,
+                                         faults=[Fault("shift", at=300, stream=0, magnitude=1.0)]))
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(b"\n".join(value for _key, value in gen.messages(300)) + b"\n")
+    built = subprocess.run([BIN, "baseline", "build", str(good), "-o", str(tmp_path / "base"), "--stream", STREAM],
+                           capture_output=True, text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    env = {**os.environ, "EMBEDWATCH_HTTP__ADMIN_TOKEN": TOKEN}
+
+    def stream(svc: ServiceProcess) -> dict[str, Any]:
+        st: dict[str, Any] = json.loads(svc.get("/api/streams")[1])["streams"][STREAM]
+        return st
+
+    first = ServiceProcess(tmp_path, cfg, name="first").start()
+    try:
+        up = subprocess.run([BIN, "baseline", "upload", str(tmp_path / "base.npz"), "--activate",
+                             "--url", f"http://127.0.0.1:{first.port}"], capture_output=True, text=True, env=env,
+                            timeout=120)
+        assert up.returncode == 0, up.stderr
+        done = json.loads(up.stdout)
+        assert done["status"] == "active" and done["stream"] == STREAM and done["monitored_here"] is False
+        assert done["source"] == "file:good.jsonl" and done["count"] == 300
+        code, _ = first.terminate()
+        assert code == 0, first.tail()
+    finally:
+        first.close()
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=10)
+    try:
+        for key, value in gen.messages(400):
+            producer.send(emb, key=key, value=value)
+        producer.flush(timeout=60)
+    finally:
+        producer.close()
+    again = ServiceProcess(tmp_path, cfg, name="again").start()
+    try:
+        listed = json.loads(again.get(f"/api/baselines/{STREAM}")[1])["baselines"]
+        assert [(b["baseline_id"], b["active"]) for b in listed] == [(done["baseline_id"], True)]
+        st = until(lambda: stream(again), lambda s: s["events"] == 400, "the live events", again)
+        assert st["baseline"]["baseline_id"] == done["baseline_id"], st["baseline"]
+        assert st["drifting"] and [a["kind"] for a in st["alarms"]] == ["start"], st["alarms"]
+        assert st["alarms"][0]["index"] < 400
+    finally:
+        again.close()

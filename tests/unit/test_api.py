@@ -101,7 +101,7 @@ def test_forget_needs_the_token_and_takes_either_side_of_a_stream(server: tuple[
     assert calls == [("forget", key), ("forget", key.query_side())]
 
 
-def test_forget_is_not_found_without_a_backend_for_it() -> None:
+def test_forget_and_upload_are_not_found_without_a_backend_for_them() -> None:
     backend = Backend(registry=make_registry(Exporter(), process_metrics=False), healthy=lambda: True,
                       ready=lambda: True, streams=dict, baselines=lambda s: [], promote=lambda k, b, n: {},
                       rollback=lambda k: {}, admin_token=TOKEN)
@@ -109,6 +109,8 @@ def test_forget_is_not_found_without_a_backend_for_it() -> None:
     srv.start()
     try:
         assert req(srv, "POST", "/api/baselines/m/1/default/forget", token=TOKEN)[0] == 404
+        # Not read as JSON either (a 400): a baseline's bytes are no JSON object.
+        assert req(srv, "POST", "/api/baselines/m/1/default/upload", token=TOKEN, body=b"\x93NUMPY")[0] == 404
     finally:
         srv.stop()
 
