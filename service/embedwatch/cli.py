@@ -286,6 +286,8 @@ def _http(method: str, url: str, token: str | None = None, body: dict[str, Any] 
         req = urllib.request.Request(url, method=method, data=data)
     except ValueError as e:  # e.g. no http:// scheme
         raise _RemoteError(f"bad --url {url}: {e}", 2) from None
+    if isinstance(body, bytes):
+        req.add_header("Content-Type", "application/octet-stream")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
