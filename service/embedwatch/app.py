@@ -285,6 +285,9 @@ class Service:
         # A read of the state topic at an assignment failed after consuming part of it: the next
         # one reads it whole, or the checkpoints it had consumed would be missed.
         self._reread_state = False
+        # Streams without a monitor for which the state was read (_read_stored_baselines), and when.
+        self._looked_up: set[StreamKey] = set()
+        self._last_lookup = -math.inf
         # Without durable state: the last batch's commit, sent asynchronously, until its landing is
         # confirmed (positions, and the ledgers they carry).
         self._unconfirmed: tuple[dict[PartitionId, Committed], dict[PartitionId, Ledger]] | None = None
@@ -305,6 +308,7 @@ class Service:
         """:meth:`process`, returning what the router did."""
         now = time.time() if now is None else now
         batch = self.decoder.decode(messages, now=now)
+        self._read_stored_baselines(batch)
         # The lock per stream, not around the batch: a scrape must not wait for every baseline
         # the batch builds (see StreamRouter.route).
         result = self.router.route(batch, guard=self.exporter.lock)
@@ -312,6 +316,41 @@ class Service:
             self._observe(batch, result, messages, now)
             self._record_alarms(result.alarms)
         return batch, result
+
+    def _read_stored_baselines(self, batch: DecodedBatch) -> None:
+        """Before streams new to this replica get their monitors, read what the other replicas
+        stored since this one last read the state: a baseline uploaded through another replica
+        for a stream with no events yet is then this stream's from its first event. Without it,
+        the replica read the state only at an assignment or a restart, and a stream that started
+        in between built its baseline from its first events (and its index, written then, dropped
+        the upload). Once per stream not seen before, and at most once a second."""
+        if not isinstance(self.baselines, DurableBaselineStore):
+            return
+        monitors = self.router.monitors
+        new = {b.stream for b in batch.blocks if b.stream not in monitors and b.stream not in self._looked_up}
+        now = time.monotonic()
+        if not new or now - self._last_lookup < 1.0:
+            return
+        self._last_lookup = now
+        try:
+            fresh = self.baselines.read(self.state_backend.read_new)
+        except Exception as e:
+            log.warning("cannot read the state before monitoring new streams %s (%s): those without a "
+                        "baseline in this replica's store build one from their first events",
+                        ", ".join(sorted(map(str, new))[:5]), e)
+            self._reread_state = True  # part of it may be consumed: the next assignment reads it whole
+            return
+        # Streams that got their monitors need no entry: the set holds those refused one (the
+        # stream cap), so that they do not read the state at every batch.
+        self._looked_up = {k for k in self._looked_up if k not in monitors} | new
+        for (topic, partition), record in checkpoints_in(fresh, self.settings.kafka.group_id).items():
+            if PartitionId(topic, partition) in self._assigned:
+                # This replica's own checkpoint, read back: its state is in memory, and keeping the
+                # record held it twice. Were the partition to come back after a revocation, its
+                # newest checkpoint is read again by the next assignment's whole read.
+                self._reread_state = True
+            else:
+                self._state_records[(topic, partition)] = record  # for an assignment to come
 
     def _record_alarms(self, alarms: Iterable[Alarm], why: str = "") -> None:
         """Keep the latest 1000 alarms (the API's view) and log each one (under the lock)."""
@@ -653,6 +692,7 @@ class Service:
         self.router.remove(key)
         self.stream_home.pop(key, None)
         self._seen.pop(key, None)
+        self._looked_up.discard(key)  # coming back, it is a new stream again
         s = tuple(key)
         n = len(s)
         ex = self.exporter

@@ -229,6 +229,31 @@ def test_a_retired_stream_is_forgotten_by_the_cli_through_a_replica_that_does_no
         "baseline-index/m+v1+default", "baseline-index/m+v1+default%2Fquery"}
 
 
+def _produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=10)
+    try:
+        for key, value in messages:
+            producer.send(topic, key=key, value=value)
+        producer.flush(timeout=60)
+    finally:
+        producer.close()
+
+
+def _upload(svc: ServiceProcess, file: Path) -> dict[str, Any]:
+    """`embedwatch baseline upload FILE --activate` to ``svc``: its answer."""
+    import os
+    import subprocess
+
+    from service_proc import BIN
+
+    up = subprocess.run([BIN, "baseline", "upload", str(file), "--activate", "--url", f"http://127.0.0.1:{svc.port}"],
+                        capture_output=True, text=True, env={**os.environ, "EMBEDWATCH_HTTP__ADMIN_TOKEN": TOKEN},
+                        timeout=120)
+    assert up.returncode == 0, up.stderr
+    doc: dict[str, Any] = json.loads(up.stdout)
+    return doc
+
+
 def test_a_baseline_built_offline_and_uploaded_before_the_rollout_watches_the_stream_from_its_first_event(
         kafka_bootstrap: str, unique_topics: Any, fresh_topic_prefix: str, tmp_path: Path) -> None:
     """The rollout path of a validated baseline: `embedwatch baseline build` on a file of good
@@ -236,7 +261,6 @@ def test_a_baseline_built_offline_and_uploaded_before_the_rollout_watches_the_st
     any event, kept in the state topic across a restart, and the stream's first events compared
     with it: a shift from the first live event alarms before `reference_size` events, where the
     stream would otherwise have taken the shifted events as its reference."""
-    import os
     import subprocess
 
     from service_proc import BIN
@@ -253,7 +277,6 @@ def test_a_baseline_built_offline_and_uploaded_before_the_rollout_watches_the_st
     built = subprocess.run([BIN, "baseline", "build", str(good), "-o", str(tmp_path / "base"), "--stream", STREAM],
                            capture_output=True, text=True, timeout=60)
     assert built.returncode == 0, built.stderr
-    env = {**os.environ, "EMBEDWATCH_HTTP__ADMIN_TOKEN": TOKEN}
 
     def stream(svc: ServiceProcess) -> dict[str, Any]:
         st: dict[str, Any] = json.loads(svc.get("/api/streams")[1])["streams"][STREAM]
@@ -261,31 +284,60 @@ def test_a_baseline_built_offline_and_uploaded_before_the_rollout_watches_the_st
 
     first = ServiceProcess(tmp_path, cfg, name="first").start()
     try:
-        up = subprocess.run([BIN, "baseline", "upload", str(tmp_path / "base.npz"), "--activate",
-                             "--url", f"http://127.0.0.1:{first.port}"], capture_output=True, text=True, env=env,
-                            timeout=120)
-        assert up.returncode == 0, up.stderr
-        done = json.loads(up.stdout)
+        done = _upload(first, tmp_path / "base.npz")
         assert done["status"] == "active" and done["stream"] == STREAM and done["monitored_here"] is False
         assert done["source"] == "file:good.jsonl" and done["count"] == 300
         code, _ = first.terminate()
         assert code == 0, first.tail()
     finally:
         first.close()
-    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=10)
-    try:
-        for key, value in gen.messages(400):
-            producer.send(emb, key=key, value=value)
-        producer.flush(timeout=60)
-    finally:
-        producer.close()
+    _produce(kafka_bootstrap, emb, gen.messages(400))
     again = ServiceProcess(tmp_path, cfg, name="again").start()
     try:
         listed = json.loads(again.get(f"/api/baselines/{STREAM}")[1])["baselines"]
         assert [(b["baseline_id"], b["active"]) for b in listed] == [(done["baseline_id"], True)]
         st = until(lambda: stream(again), lambda s: s["events"] == 400, "the live events", again)
-        assert st["baseline"]["baseline_id"] == done["baseline_id"], st["baseline"]
+        assert (st["baseline"] or {}).get("baseline_id") == done["baseline_id"], st["baseline"]
         assert st["drifting"] and [a["kind"] for a in st["alarms"]] == ["start"], st["alarms"]
         assert st["alarms"][0]["index"] < 400
     finally:
         again.close()
+
+
+def test_a_baseline_uploaded_through_one_replica_is_taken_by_the_replica_that_gets_the_stream(
+        kafka_bootstrap: str, unique_topics: Any, fresh_topic_prefix: str, tmp_path: Path) -> None:
+    """Two services on one state topic, both running before the upload: the one that answers the
+    upload does not get the stream's events; the one that does reads the state topic when the
+    stream's first events come, and compares them with the upload from the first."""
+    from embedwatch.baseline import Baseline
+    from embedwatch.baseline_store import save_file
+    from embedwatch.config import DetectionSettings
+    from embedwatch.events import StreamKey
+
+    state = {"backend": "kafka", "topic": f"{fresh_topic_prefix}-state", "checkpoint_interval_s": 1.0}
+    emb, qry = unique_topics("embeddings", "queries")
+    cfg = _config(kafka_bootstrap, fresh_topic_prefix, emb, qry, state)
+    cfg["detection"] = {"reference_size": 1000, "window_events": 200}
+    other_emb, other_qry = unique_topics("other-embeddings", "other-queries")
+    other_cfg = {**_config(kafka_bootstrap, f"{fresh_topic_prefix}-other", other_emb, other_qry, state),
+                 "detection": cfg["detection"]}
+    gen = EventGenerator(GeneratorConfig(streams=1, dim=DIM, seed=9,
+                                         faults=[Fault("shift", at=300, stream=0, magnitude=1.0)]))
+    x = np.stack([orjson.loads(v)["embedding"] for _k, v in gen.messages(300)])
+    b = Baseline.from_vectors(StreamKey.parse(STREAM), x, ts=time.time(), source="file:good.jsonl",
+                              settings=DetectionSettings(**cfg["detection"]))
+    npz, _js = save_file(b, tmp_path / "base")
+
+    owner = ServiceProcess(tmp_path, cfg, name="owner").start()
+    answering = ServiceProcess(tmp_path, other_cfg, name="answering").start()
+    try:
+        assert _upload(answering, npz)["monitored_here"] is False
+        _produce(kafka_bootstrap, emb, gen.messages(400))
+        st = until(lambda: json.loads(owner.get("/api/streams")[1])["streams"].get(STREAM),
+                   lambda s: s is not None and s["events"] == 400, "the live events", owner)
+        # Without the upload it would still collect its reference (1000 events): no baseline yet.
+        assert (st["baseline"] or {}).get("baseline_id") == b.baseline_id, st["baseline"]
+        assert st["drifting"] and [a["kind"] for a in st["alarms"]] == ["start"], st["alarms"]
+    finally:
+        answering.close()
+        owner.close()

@@ -32,9 +32,9 @@ DETECTION = {"reference_size": 200, "window_events": 200, "baseline_sample": 100
 TOKEN = "upload-test-token"
 
 
-def _settings(tmp_path: Path | None = None) -> Settings:
+def _settings(tmp_path: Path | None = None, max_streams: int = 10_000) -> Settings:
     state = {"backend": "file", "directory": str(tmp_path)} if tmp_path is not None else {"backend": "none"}
-    return Settings(detection=DETECTION, state=state)  # type: ignore[arg-type]
+    return Settings(detection=DETECTION, state=state, limits={"max_streams": max_streams})  # type: ignore[arg-type]
 
 
 def _vectors(seed: int, n: int, shift: float = 0.0, dim: int = DIM) -> np.ndarray:
@@ -327,3 +327,86 @@ def test_the_cli_sends_a_built_file_and_refuses_one_changed_since(tmp_path: Path
         assert len(svc.list_baselines(None)) == 1
     finally:
         srv.stop()
+
+
+# ------------------------------------------------------------------------- several replicas
+
+
+def _replica(tmp_path: Path, max_streams: int = 10_000) -> Service:
+    """A replica on the state directory ``tmp_path`` shared with the others, having read it."""
+    backend = FileStateBackend(tmp_path)
+    return Service(_settings(tmp_path, max_streams), baselines=DurableBaselineStore(backend, backend.read_all()),
+                   state_backend=backend)
+
+
+def test_a_baseline_uploaded_through_another_replica_is_a_new_stream_s_from_its_first_event(tmp_path: Path) -> None:
+    """The replica that gets a new stream's events reads the state before it monitors the stream:
+    it read it only at an assignment or a restart, so an upload through another replica after
+    that was missed, and the stream built its baseline from its first (shifted) events."""
+    answering, owner = _replica(tmp_path), _replica(tmp_path)
+    b = _baseline()
+    assert answering.upload_baseline(KEY, encode_baseline(b), activate=True)["status"] == "active"
+    owner.process(_events(_vectors(7, 200, shift=0.8)), now=1.7e9 + 200)
+    mon = owner.router.monitors[KEY]
+    assert mon.baseline is not None and mon.baseline.baseline_id == b.baseline_id and mon.drifting
+    # Its own saves list the upload: the index it writes keeps the version.
+    assert [v["baseline_id"] for v in owner.list_baselines(str(KEY))] == [b.baseline_id]
+
+
+def test_new_streams_read_the_state_once_and_not_for_every_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                  ) -> None:
+    owner = _replica(tmp_path, max_streams=2)
+    reads: list[int] = []
+    read_new = owner.state_backend.read_new
+    monkeypatch.setattr(owner.state_backend, "read_new", lambda take=None: reads.append(1) or read_new(take))
+    clock = [100.0]
+    monkeypatch.setattr("embedwatch.app.time.monotonic", lambda: clock[0])
+    owner.process(_events(_vectors(1, 50)), now=1.7e9 + 50)
+    assert len(reads) == 1
+    owner.process(_events(_vectors(2, 50), first=50), now=1.7e9 + 100)  # a stream it monitors now
+    other = StreamKey("enc", "v3", "web")
+    clock[0] += 0.5
+    owner.process(_events(_vectors(3, 50), key=other), now=1.7e9 + 150)  # within the second: no read
+    assert len(reads) == 1
+    owner._forget_stream(KEY)  # let go as idle: new again when it comes back
+    clock[0] += 1.0
+    owner.process(_events(_vectors(4, 50), first=100), now=1.7e9 + 200)
+    assert len(reads) == 2
+    # Beyond limits.max_streams: refused a monitor at every batch, but the state is read once for it.
+    capped = StreamKey("enc", "v4", "web")
+    for i in range(3):
+        clock[0] += 1.0
+        owner.process(_events(_vectors(5 + i, 50), key=capped), now=1.7e9 + 300 + i)
+    assert capped not in owner.router.monitors and len(reads) == 3
+
+
+def test_a_replica_does_not_hold_its_own_checkpoints_read_back_and_reads_them_again_at_its_next_assignment(
+        tmp_path: Path) -> None:
+    """The read for new streams also brings back this replica's own checkpoints: not kept (its
+    state is in memory; kept, a 768-d stream's state was held twice), so the next assignment
+    reads the state whole, and a partition that comes back later, its checkpoint unchanged,
+    is restored from it."""
+    from test_state import _NoSink, _Source
+
+    from embedwatch.sources.base import PartitionId
+
+    owner = _replica(tmp_path)
+    p0, p1 = PartitionId("embeddings", 0), PartitionId("embeddings", 1)
+    source = _Source(owner, [])
+    source.first = False
+    owner.on_assigned([p0, p1])
+    owner._load_assignment(source)
+    owner._handle_batch(_events(_vectors(1, 300)), source, _NoSink())
+    assert owner._checkpoint([p0, p1], commit=source)
+    other = StreamKey("enc", "v3", "web")
+    later = [Message(m.value, "embeddings", 1, m.offset) for m in _events(_vectors(2, 50), key=other)]
+    owner._last_lookup -= 1.0  # a second later
+    owner._handle_batch(later, source, _NoSink())  # a new stream: the state is read, own checkpoints too
+    assert (p0.topic, p0.partition) not in owner._state_records and owner._reread_state
+    owner.on_revoked([p0])  # unchanged since its checkpoint: not written again
+    owner.on_assigned([])
+    owner._load_assignment(source)  # a rebalance without it: its streams go
+    assert KEY not in owner.router.monitors
+    owner.on_assigned([p0])
+    owner._load_assignment(source)
+    assert owner.router.monitors[KEY].events == 300
