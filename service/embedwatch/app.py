@@ -60,6 +60,7 @@ from embedwatch.state import (
     StateBackend,
     StateError,
     StreamCheckpoint,
+    Take,
     build_checkpoint,
     checkpoint_key,
     checkpoints_in,
@@ -332,25 +333,39 @@ class Service:
         if not new or now - self._last_lookup < 1.0:
             return
         self._last_lookup = now
+        group = self.settings.kafka.group_id
+        # This replica's own checkpoints, read back: dropped as they come (their state is in
+        # memory, and a 768-d stream's record is about 0.5 MB). Were such a partition to come
+        # back after a revocation, its newest checkpoint is read again by the next assignment,
+        # which then reads the state whole.
+        own = {checkpoint_key(group, p.topic, p.partition) for p in self._assigned}
+        dropped = False
+
+        def read(take: Take | None) -> dict[str, bytes]:
+            def take_or_drop(key: str, value: bytes) -> bool:
+                nonlocal dropped
+                if take is not None and take(key, value):
+                    return True
+                if key in own:
+                    dropped = True
+                    return True
+                return False
+
+            return self.state_backend.read_new(take_or_drop)
+
         try:
-            fresh = self.baselines.read(self.state_backend.read_new)
+            fresh = self.baselines.read(read)
         except Exception as e:
             log.warning("cannot read the state before monitoring new streams %s (%s): those without a "
                         "baseline in this replica's store build one from their first events",
                         ", ".join(sorted(map(str, new))[:5]), e)
             self._reread_state = True  # part of it may be consumed: the next assignment reads it whole
             return
+        self._reread_state |= dropped
         # Streams that got their monitors need no entry: the set holds those refused one (the
         # stream cap), so that they do not read the state at every batch.
         self._looked_up = {k for k in self._looked_up if k not in monitors} | new
-        for (topic, partition), record in checkpoints_in(fresh, self.settings.kafka.group_id).items():
-            if PartitionId(topic, partition) in self._assigned:
-                # This replica's own checkpoint, read back: its state is in memory, and keeping the
-                # record held it twice. Were the partition to come back after a revocation, its
-                # newest checkpoint is read again by the next assignment's whole read.
-                self._reread_state = True
-            else:
-                self._state_records[(topic, partition)] = record  # for an assignment to come
+        self._state_records.update(checkpoints_in(fresh, group))  # other replicas': for an assignment to come
 
     def _record_alarms(self, alarms: Iterable[Alarm], why: str = "") -> None:
         """Keep the latest 1000 alarms (the API's view) and log each one (under the lock)."""
