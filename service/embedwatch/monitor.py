@@ -1169,4 +1169,3 @@ def trial(baseline: Baseline, settings: DetectionSettings) -> None:
     mon = StreamMonitor(baseline.key, settings, baseline)
     rows = np.asarray(baseline.sample[: settings.window_events], dtype=np.float32)
     mon.update_embeddings(rows, np.full(rows.shape[0], baseline.created_at))
-
