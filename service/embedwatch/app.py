@@ -1492,6 +1492,9 @@ class Service:
                                     f"has {expected}-d vectors")
             stored = _stored(lambda: self.baselines.save(baseline, activate=activate))
             bid = baseline.baseline_id
+            # Stored (or, without durable state, never to be): held without its sample, which only
+            # the scan fit reads, made by the trial run and carried over (1.5 MiB at 768-d).
+            self.baselines.hold(baseline.without_sample(self.settings.detection))
             if activate and mon is not None:
                 self._activate(mon, key, self.baselines.get(key))
                 self.router.mark_saved(key, bid)

@@ -65,8 +65,10 @@ def test_an_uploaded_baseline_is_a_new_stream_s_from_its_first_event() -> None:
             out = svc.upload_baseline(KEY, encode_baseline(b), activate=True)
             assert out["status"] == "active" and out["baseline_id"] == b.baseline_id
             assert out["monitored_here"] is False and out["active"] is True
-            # Its scan was fitted by the trial run: the stream's first batch does not fit it again.
-            assert svc.baselines.get(KEY).mean_shift_fits()
+            # Its scan was fitted by the trial run: the stream's first batch does not fit it again,
+            # and the store holds it without the sample only that fit reads.
+            held = svc.baselines.get(KEY)
+            assert held.mean_shift_fits() and held.released_sample_rows == b.sample_rows
         svc.process(_events(_vectors(7, 200, shift=0.8)), now=1.7e9 + 200)
         mon = svc.router.monitors[KEY]
         if upload:
@@ -87,6 +89,7 @@ def test_an_upload_to_a_monitored_stream_is_stored_and_activated_only_when_asked
     other = _baseline(seed=2)
     stored = svc.upload_baseline(KEY, encode_baseline(other), activate=False)
     assert stored["status"] == "stored" and stored["active"] is False and stored["monitored_here"] is True
+    assert svc.baselines.get(KEY, other.baseline_id).released_sample_rows == other.sample_rows
     assert mon.baseline.baseline_id == own
     assert [(v["baseline_id"], v["active"]) for v in svc.list_baselines(str(KEY))] == [
         (own, True), (other.baseline_id, False)]
