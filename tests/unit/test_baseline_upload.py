@@ -161,7 +161,7 @@ def test_a_baseline_whose_arrays_do_not_fit_together_is_refused_before_it_is_sto
     assert svc.list_baselines(None) == []
 
 
-def test_every_shape_check_is_needed_for_some_baseline() -> None:
+def test_a_built_baseline_is_usable_with_or_without_its_sample_and_one_of_a_single_vector_is_not() -> None:
     b = _baseline()
     assert usability_problem(b) is None
     assert usability_problem(b.without_sample(DetectionSettings(**DETECTION))) is None
