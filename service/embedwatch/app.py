@@ -30,7 +30,7 @@ import numpy as np
 import orjson
 
 from embedwatch import heap
-from embedwatch.baseline import Baseline, usability_problem
+from embedwatch.baseline import Baseline
 from embedwatch.baseline_store import (
     BaselineNotFoundError,
     BaselineRepository,
@@ -1468,14 +1468,12 @@ class Service:
         another one may monitor it, and a second writer of its index would lose versions."""
         from embedwatch.api import ApiError
 
-        # Decoded and tried before any lock is taken: a scrape does not wait for the scan fit.
+        # Decoded (hashes, shapes, finite values) and tried before any lock is taken: a scrape does
+        # not wait for the scan fit.
         baseline = decode_baseline(data, origin="the uploaded baseline", max_unpacked=MAX_UPLOAD_UNPACKED)
         if baseline.key != key:
             raise ApiError(400, f"the uploaded baseline is of stream {baseline.key}, not {key}: upload it to "
                                 f"/api/baselines/{baseline.key}/upload")
-        problem = usability_problem(baseline)
-        if problem is not None:
-            raise ApiError(400, f"the uploaded baseline cannot be used: {problem}")
         try:
             trial(baseline, self.settings.detection)
         except Exception as e:

@@ -390,8 +390,10 @@ class Baseline:
 def usability_problem(b: Baseline) -> str | None:
     """What makes ``b`` unusable by a monitor, or None. A baseline's hashes prove only that it is
     the one written, not that its arrays fit together: one made by other code (or an edited copy
-    with hashes made again) could stop a monitor at its first evaluation, or hide every measure
-    behind NaN. Checks the shapes the monitor relies on and that every number is finite."""
+    with hashes made again) could stop a monitor at its first evaluation (its events then
+    dead-lettered each time the stream loads it), or hide every measure behind NaN. Checks the
+    shapes the monitor relies on and that every number is finite; every baseline read from bytes
+    goes through it (:func:`embedwatch.baseline_store.decode_baseline`, ``load_file``)."""
     a = b.arrays
     if "sample" not in a and b.released_sample_rows is None:
         return "it has no reference sample"

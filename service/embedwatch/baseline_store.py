@@ -49,7 +49,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from embedwatch.baseline import Baseline, MeanShiftKey
+from embedwatch.baseline import Baseline, MeanShiftKey, usability_problem
 from embedwatch.detectors.mean_shift import MeanShiftTest
 from embedwatch.events import DEFAULT_SEGMENT, StreamKey
 
@@ -223,6 +223,11 @@ def _verify(header: Any, arrays: dict[str, np.ndarray], origin: str) -> Baseline
         baseline = Baseline.from_arrays(md, arrays)
     except (KeyError, ValueError, TypeError) as e:
         raise BaselineIntegrityError(f"{origin}: invalid baseline: {e}") from e
+    # Every baseline read from bytes (a restore, a file given to replay, an upload): its hashes
+    # prove it is the one written, not that a monitor can use it.
+    problem = usability_problem(baseline)
+    if problem is not None:
+        raise BaselineIntegrityError(f"{origin}: unusable baseline: {problem}")
     return baseline
 
 

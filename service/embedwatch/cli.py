@@ -306,29 +306,46 @@ def _http(method: str, url: str, token: str | None = None, body: dict[str, Any] 
         raise _RemoteError(f"{method} {url}: the answer is not JSON: {data[:200]!r}") from None
 
 
-def cmd_baseline_remote(args: argparse.Namespace) -> int:
+def _service_url(text: str) -> str:
+    """``--url`` without its trailing slash; :class:`_RemoteError` (status 2) unless it is
+    ``http(s)://host[:port]``."""
     import urllib.parse
 
-    import orjson
-
-    base = args.url.rstrip("/")
+    base = text.rstrip("/")
     url = urllib.parse.urlsplit(base)
     if url.scheme not in ("http", "https") or not url.netloc:
-        return _fail(f"bad --url {args.url}: expected http://host:port", 2)
+        raise _RemoteError(f"bad --url {text}: expected http://host:port", 2)
+    return base
+
+
+def _admin_token() -> str | None:
+    # The same variable the service reads its token from, so one Secret serves both; stripped as
+    # the service strips it (a Secret file ends with a newline).
+    return os.environ.get("EMBEDWATCH_HTTP__ADMIN_TOKEN", "").strip() or None
+
+
+def _print_answer(call: Callable[[], Any]) -> int:
+    """Print the service's JSON answer to ``call``, or fail with its error; the exit status."""
+    import orjson
+
     try:
-        if args.action == "list":
-            doc = _http("GET", f"{base}/api/baselines")
-        else:
-            # The same variable the service reads its token from, so one Secret serves both;
-            # stripped as the service strips it (a Secret file ends with a newline).
-            token = os.environ.get("EMBEDWATCH_HTTP__ADMIN_TOKEN", "").strip() or None
-            path = f"{base}/api/baselines/{args.stream}/{args.action}"
-            events = getattr(args, "events", None)
-            doc = _http("POST", path, token, {"events": events} if events is not None else None)
+        doc = call()
     except _RemoteError as e:
         return _fail(str(e), e.status)
     print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
     return 0
+
+
+def cmd_baseline_remote(args: argparse.Namespace) -> int:
+    def call() -> Any:
+        base = _service_url(args.url)
+        if args.action == "list":
+            return _http("GET", f"{base}/api/baselines")
+        events = getattr(args, "events", None)
+        return _http("POST", f"{base}/api/baselines/{args.stream}/{args.action}", _admin_token(),
+                     {"events": events} if events is not None else None)
+
+    return _print_answer(call)
 
 
 def cmd_baseline_upload(args: argparse.Namespace) -> int:
@@ -336,30 +353,22 @@ def cmd_baseline_upload(args: argparse.Namespace) -> int:
     version of its stream (and with ``--activate`` makes it the active one)."""
     import urllib.parse
 
-    import orjson
-
     from embedwatch.baseline_store import encode_baseline, load_file
 
-    base = args.url.rstrip("/")
-    url = urllib.parse.urlsplit(base)
-    if url.scheme not in ("http", "https") or not url.netloc:
-        return _fail(f"bad --url {args.url}: expected http://host:port", 2)
     try:
-        # Checked here first (its hashes): a file changed since it was built is not sent.
-        baseline = load_file(args.file)
-    except (OSError, LookupError, ValueError) as e:  # missing, unreadable, or changed since it was built
-        return _fail(f"cannot read baseline {args.file}: {e}", 2)
-    token = os.environ.get("EMBEDWATCH_HTTP__ADMIN_TOKEN", "").strip() or None
-    stream = urllib.parse.quote(str(baseline.key), safe="/")
-    path = f"{base}/api/baselines/{stream}/upload" + ("?activate=true" if args.activate else "")
-    try:
-        # The service tries the baseline in a monitor before storing it: 0.1-0.2 s at 384-1,536-d,
-        # longer at larger dims or on a busy service.
-        doc = _http("POST", path, token, encode_baseline(baseline), timeout=120.0)
+        base = _service_url(args.url)
     except _RemoteError as e:
         return _fail(str(e), e.status)
-    print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
-    return 0
+    try:
+        # Checked here first (hashes, shapes): a file changed since it was built is not sent.
+        baseline = load_file(args.file)
+    except (OSError, LookupError, ValueError) as e:  # missing, unreadable, changed or unusable
+        return _fail(f"cannot read baseline {args.file}: {e}", 2)
+    stream = urllib.parse.quote(str(baseline.key), safe="/")
+    path = f"{base}/api/baselines/{stream}/upload" + ("?activate=true" if args.activate else "")
+    # The service tries the baseline in a monitor before storing it: 0.1-0.2 s at 384-1,536-d,
+    # longer at larger dims or on a busy service.
+    return _print_answer(lambda: _http("POST", path, _admin_token(), encode_baseline(baseline), timeout=120.0))
 
 
 def cmd_watch(args: argparse.Namespace) -> int:

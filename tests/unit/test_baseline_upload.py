@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -20,7 +21,7 @@ import pytest
 from embedwatch.api import MAX_UPLOAD_BODY, ApiError, Backend, HttpServer
 from embedwatch.app import Service, StreamNotHere
 from embedwatch.baseline import Baseline, content_hash, usability_problem
-from embedwatch.baseline_store import BaselineIntegrityError, decode_baseline, encode_baseline, save_file
+from embedwatch.baseline_store import BaselineIntegrityError, decode_baseline, encode_baseline, safe_name, save_file
 from embedwatch.config import DetectionSettings, Settings
 from embedwatch.events import Message, StreamKey
 from embedwatch.exporter import Exporter, make_registry
@@ -135,11 +136,15 @@ def test_the_query_embeddings_take_an_upload_under_their_own_key() -> None:
     assert e.value.status == 400 and "not enc/v2/web/query" in e.value.message
 
 
-def _forged(b: Baseline, **arrays: np.ndarray) -> bytes:
+def _forged_baseline(b: Baseline, **arrays: np.ndarray) -> Baseline:
     """``b`` with some arrays replaced and every hash made again: what other code could write."""
     frozen = {**b.arrays, **arrays}
-    return encode_baseline(Baseline(key=b.key, created_at=b.created_at, count=b.count, source=b.source,
-                                    arrays=frozen, content_hash=content_hash(frozen)))
+    return Baseline(key=b.key, created_at=b.created_at, count=b.count, source=b.source, arrays=frozen,
+                    content_hash=content_hash(frozen))
+
+
+def _forged(b: Baseline, **arrays: np.ndarray) -> bytes:
+    return encode_baseline(_forged_baseline(b, **arrays))
 
 
 @pytest.mark.parametrize("change, why", [
@@ -150,15 +155,25 @@ def _forged(b: Baseline, **arrays: np.ndarray) -> bytes:
     (lambda a: {"sample": a["sample"][:, :-1]}, "sample has shape"),
     (lambda a: {"rff_bandwidth": -a["rff_bandwidth"]}, "rff_bandwidth is not positive"),
 ])
-def test_a_baseline_whose_arrays_do_not_fit_together_is_refused_before_it_is_stored(change: Any, why: str) -> None:
+def test_a_baseline_whose_arrays_do_not_fit_together_is_refused_wherever_it_is_read(
+        change: Any, why: str, tmp_path: Path) -> None:
     """Hashes prove a baseline is the one written, not that a monitor can use it: one that does
-    not fit would fail the stream's updates (its events dead-lettered) each time it is loaded."""
+    not fit would fail the stream's updates (its events dead-lettered) each time it is loaded. So
+    every read of a baseline from bytes refuses it: an upload (a 400: a ValueError), a file given
+    to replay, a stored record at a restore."""
+    from embedwatch.replay import ReplayError, load_baselines
+
+    forged = _forged_baseline(_baseline(), **change(_baseline().arrays))
     svc = Service(_settings())
-    data = _forged(_baseline(), **change(_baseline().arrays))
-    with pytest.raises(ApiError) as e:
-        svc.upload_baseline(KEY, data, activate=True)
-    assert e.value.status == 400 and why in e.value.message, e.value.message
+    with pytest.raises(BaselineIntegrityError, match="unusable baseline: " + re.escape(why)):
+        svc.upload_baseline(KEY, encode_baseline(forged), activate=True)
     assert svc.list_baselines(None) == []
+    npz, _js = save_file(forged, tmp_path / "forged")
+    with pytest.raises(ReplayError, match=re.escape(why)):
+        load_baselines([npz])
+    backend = FileStateBackend(tmp_path / "state")
+    backend.write({f"baseline/{safe_name(KEY)}/{forged.baseline_id}": encode_baseline(forged)})
+    assert DurableBaselineStore(backend, backend.read_all()).held()[0] == 0  # skipped, with an error
 
 
 def test_a_built_baseline_is_usable_with_or_without_its_sample_and_one_of_a_single_vector_is_not() -> None:
@@ -167,7 +182,8 @@ def test_a_built_baseline_is_usable_with_or_without_its_sample_and_one_of_a_sing
     assert usability_problem(b.without_sample(DetectionSettings(**DETECTION))) is None
     one = _forged(b, sample=b.arrays["sample"][:1], sample_sims=b.arrays["sample_sims"][:1],
                   sample_norms=b.arrays["sample_norms"][:1])
-    assert usability_problem(decode_baseline(one)) == "its reference sample has 1 vectors (at least 2)"
+    with pytest.raises(BaselineIntegrityError, match=re.escape("its reference sample has 1 vectors (at least 2)")):
+        decode_baseline(one)
 
 
 def test_a_baseline_a_monitor_cannot_run_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
