@@ -199,7 +199,7 @@ class _Prepared:
                 mon = self.service.router.monitor_for(StreamKey(spec.model, spec.model_version, spec.segment))
                 assert mon is not None
                 x, _ = gen.vectors(s, np.arange(warm))
-                mon.update_embeddings(x, np.full(warm, 1.69e9))
+                mon.update_embeddings(x, np.full(warm, 1.7e9 - 1.0))
                 self.service.router._persist(mon.key, mon)  # as the router does after an update
             gen.index[:] = warm
         self.gen = gen

@@ -192,6 +192,10 @@ class StreamMonitor:
         self._scan_loud = False
         self._scan_segments = np.zeros(0, dtype=np.int64)
         self._scan_thresholds = np.zeros((3, 0))
+        self._scan_sizes = np.zeros(0)  # events per window size
+        self._scan_longest = 0  # segments of the longest window
+        # (points, windows) of a one-point scan: point 0, every window
+        self._scan_one_point = (np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.intp))
         self._alarm_detector = "mmd"  # the detector that started the current alarm (its end says the same)
         self._newest_ts = -math.inf
         self._expire_mark = -1  # events at the last expire call (see expire)
@@ -246,6 +250,10 @@ class StreamMonitor:
             self._scan_segments = np.array(self.settings.scan_windows, dtype=np.int64) // self.settings.scan_every
             # rows: threshold, relaxed threshold, null mean; one column per window size
             self._scan_thresholds = np.array([self._scan_threshold(w) for w in self.settings.scan_windows]).T
+            self._scan_sizes = (self._scan_segments * self.settings.scan_every).astype(np.float64)
+            self._scan_longest = int(self._scan_segments.max())
+            n_windows = self._scan_segments.size
+            self._scan_one_point = (np.zeros(n_windows, dtype=np.intp), np.arange(n_windows))
         self._reset_scan()
         self.drifting = False
         self._end_streak = 0
@@ -471,8 +479,8 @@ class StreamMonitor:
 
         A scan point is an event ``i`` with ``(i + 1) % scan_every == 0``. The monitor keeps the
         running sums (and counts) of the stream at its last ``max(scan_windows) / scan_every + 1``
-        scan points, relative to the oldest of them (re-based every batch, so magnitudes stay
-        bounded and nothing drifts); events after the last scan point wait in an open sum. The
+        scan points (:class:`PrefixSums`, re-based so magnitudes stay bounded and nothing
+        drifts); events after the last scan point wait in an open sum. The
         window of size ``W`` at a scan point is the difference of two of these running sums ``W /
         scan_every`` scan points apart, tested once that many scan points passed since the baseline
         was activated. Returned: the scan points where some window rejects at the relaxed level
@@ -502,21 +510,26 @@ class StreamMonitor:
         cnt[0] = head + self._open_n
         self._open_n = n - last
         pre = self._pre
-        r = pre.append(seg, cnt)  # row of the first new scan point
+        p0 = pre.append(seg, cnt)  # number of the first new scan point
         ks = self._scan_segments
-        hi = (r + np.arange(c))[:, None]  # row of each new scan point
-        lo = hi - ks[None, :]  # (points, windows)
-        pt, wi = np.nonzero(lo >= 0)
-        if pt.size == 0:
-            pre.settle()
-            return []
-        hi_a, lo_a = hi[pt, 0], lo[pt, wi]
-        sums, counts, proj = pre.sums, pre.counts, pre.projections
-        m = counts[hi_a] - counts[lo_a]
-        z = (sums[hi_a] - sums[lo_a]) / m[:, None] - ms.mean
-        stat = ms.statistic_of(np.einsum("ij,ij->i", z, z), (proj[hi_a] - proj[lo_a]) / m[:, None])
+        if c == 1 and p0 >= self._scan_longest:  # a few events per update: every window, one point
+            pt, wi = self._scan_one_point
+            diff = pre.differences(p0, p0 - ks)
+        else:
+            hi = p0 + np.arange(c)[:, None]  # number of each new scan point
+            lo = hi - ks[None, :]  # (points, windows)
+            pt, wi = np.nonzero(lo >= 0)
+            if pt.size == 0:
+                pre.settle()
+                return []
+            diff = pre.differences(hi[pt, 0], lo[pt, wi])
+        m = pre.count_of(diff)
+        inv = 1.0 / m[:, None]
+        z = pre.sum_of(diff) * inv
+        z -= ms.mean
+        stat = ms.statistic_of(np.einsum("ij,ij->i", z, z), pre.projection_of(diff) * inv)
         pre.settle()
-        if (m == ks[wi] * e).all():  # the usual case: thresholds per window size, cached
+        if (m == self._scan_sizes[wi]).all():  # the usual case: thresholds per window size, cached
             thr, thr_relaxed, null = self._scan_thresholds[:, wi]
         else:
             thr, thr_relaxed, null = np.array([self._scan_threshold(int(v)) for v in m.tolist()]).T
@@ -525,9 +538,12 @@ class StreamMonitor:
         big = effect >= st.scan_effect_floor
         loud = (stat > thr_relaxed) & big
         # Measures: the last scan point's most significant window.
-        at_last = np.flatnonzero(pt == c - 1)
-        if at_last.size:
-            j = int(at_last[np.argmax(ratio[at_last])])
+        if c == 1:  # every row is the one point's
+            j = int(np.argmax(ratio))
+        else:
+            at_last = np.flatnonzero(pt == c - 1)
+            j = int(at_last[np.argmax(ratio[at_last])]) if at_last.size else -1
+        if j >= 0:
             self._measures["mean_shift_threshold_ratio"] = float(ratio[j])
             self._measures["mean_shift_score"] = float(effect[j])
         if not loud.any():

@@ -685,25 +685,29 @@ def _total(parts: Sequence[np.ndarray]) -> np.ndarray:
 class PrefixSums:
     """Running sums of a stream's vectors at its most recent scan points (pure numpy, no I/O).
 
-    Row ``i`` holds the float64 sum and the count of the stream's events from a base point up to
-    scan point ``i``; the sum over the events between two kept points is the difference of their
-    rows. With a ``basis`` ``(d, k)``, each row's projection ``row @ basis`` is kept as well, so
-    the projection of a windowed mean is a difference of two ``k``-vectors, not a ``(d, k)``
-    product per window.
+    Point ``t`` (numbered from 0, the base point) holds the float64 sum and the count of the
+    stream's events from the base point up to scan point ``t``; the sum over the events between
+    two kept points is the difference of their rows. With a ``basis`` ``(d, k)``, each row's
+    projection ``row @ basis`` is kept as well, so the projection of a windowed mean is a
+    difference of two ``k``-vectors, not a ``(d, k)`` product per window. Sum, projection and
+    count share one row (``d + k + 1`` float64s; counts are exact far beyond any window): a
+    window is one row difference, one fancy index for all its parts.
 
-    Appends write in place. The buffer holds ``keep + spare`` rows at rest (``spare`` is a tenth
-    of ``keep``); an append that does not fit first compacts it: the last ``keep`` rows move to
-    the front, re-based on the first of them so magnitudes stay bounded. For a stream fed a few
-    events at a time that is once every ``spare`` points; before, every append copied every kept
-    row twice, which cost more than the test itself. A longer append grows the buffer, and
-    :meth:`settle` (called once the rows were read) shrinks it back.
+    The rows are a ring of ``keep + spare`` (``spare`` is a tenth of ``keep``): point ``t`` is row
+    ``t % capacity``, so an append writes its rows and moves nothing. Every ``keep`` points the
+    rows are re-based on the oldest point a window may still reach, so magnitudes stay bounded
+    (sums of at most ``2 keep`` segments, as when the rows were compacted at each wrap). Before the
+    ring, a stream fed ``spare`` or more points per update (a 100-event poll at the default
+    ``scan_every``) compacted every kept row at every update, 29 of the scan's 166 µs. A longer
+    append widens the ring, and :meth:`settle` (called once the rows were read) narrows it back.
 
     >>> p = PrefixSums(dim=2, keep=2)
     >>> p.append(np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]]), np.array([1, 1, 1]))
     1
-    >>> (p.sums[3] - p.sums[1]).tolist(), int(p.counts[3] - p.counts[1])
-    ([3.0, 5.0], 2)
-    >>> sums, counts = p.tail()  # the last two rows, re-based on the first of them
+    >>> d = p.differences(np.array([3]), np.array([1]))  # points 2 and 3: the last two segments
+    >>> d[0, :2].tolist(), p.count_of(d).tolist()
+    ([3.0, 5.0], [2.0])
+    >>> sums, counts = p.tail()  # the last two points, re-based on the first of them
     >>> sums.tolist(), counts.tolist()
     ([[0.0, 0.0], [3.0, 3.0]], [0, 1])
     """
@@ -712,84 +716,110 @@ class PrefixSums:
         self.keep = max(1, int(keep))
         self.spare = max(2, self.keep // 10)
         self.basis = None if basis is None else np.ascontiguousarray(basis, dtype=np.float64)
-        self._dim = int(dim)
-        self._k = 0 if self.basis is None else int(self.basis.shape[1])
-        self._sums, self._counts, self._proj = self._buffers(self.keep + self.spare)
-        self.rows = 1  # row 0: the base point
+        self.dim = int(dim)
+        self.components = 0 if self.basis is None else int(self.basis.shape[1])
+        self._rows = np.zeros((self.keep + self.spare, self.dim + self.components + 1))
+        self.points = 1  # point 0: the base point, all zeros
+        self._since_base = 0  # points appended since the last re-basing
 
     @classmethod
     def restore(cls, sums: np.ndarray, counts: np.ndarray, keep: int,
                 basis: np.ndarray | None = None) -> PrefixSums:
-        """Rows saved from :meth:`tail` (``ValueError`` if they do not fit each other)."""
+        """Points saved from :meth:`tail` (``ValueError`` if they do not fit each other); they
+        become points ``0 .. len(sums) - 1``, of which the last ``keep`` are held."""
         sums = np.asarray(sums, dtype=np.float64)
         counts = np.asarray(counts, dtype=np.int64)
         if sums.ndim != 2 or sums.shape[0] < 1 or counts.shape != (sums.shape[0],):
             raise ValueError("prefix sums and counts do not fit each other")
         p = cls(sums.shape[1], keep, basis)
         r = sums.shape[0]
-        if r > p._sums.shape[0]:
-            p._sums, p._counts, p._proj = p._buffers(r)
-        p._sums[:r] = sums
-        p._counts[:r] = counts
+        t = np.arange(max(0, r - p.keep), r)
+        rows = np.empty((t.size, p._rows.shape[1]))
+        rows[:, : p.dim] = sums[t]
         if p.basis is not None:
-            np.matmul(p._sums[:r], p.basis, out=p._proj[:r])
-        p.rows = r
-        p.settle()
+            np.matmul(sums[t], p.basis, out=rows[:, p.dim : p.dim + p.components])
+        rows[:, -1] = counts[t]
+        p._rows[t % p.capacity] = rows
+        p.points = r
         return p
 
     @property
-    def sums(self) -> np.ndarray:
-        return self._sums[: self.rows]
+    def capacity(self) -> int:
+        return int(self._rows.shape[0])
 
-    @property
-    def counts(self) -> np.ndarray:
-        return self._counts[: self.rows]
+    def held(self) -> np.ndarray:
+        """Numbers of the points still held (the last ``keep``, or all since the base point)."""
+        return np.arange(max(0, self.points - self.keep), self.points)
 
-    @property
-    def projections(self) -> np.ndarray:
-        """``sums @ basis`` (``(rows, 0)`` without a basis)."""
-        return self._proj[: self.rows]
+    def differences(self, hi: np.ndarray | int, lo: np.ndarray) -> np.ndarray:
+        """Rows ``(r, d + k + 1)``: point ``hi`` minus point ``lo`` (each of ``lo`` against ``hi``,
+        an int or an array of the same shape): the window's sum, its projection and its count
+        (:meth:`sum_of`, :meth:`projection_of`, :meth:`count_of`). Every ``lo`` must be at most
+        ``keep`` points before the newest point that preceded the last append."""
+        cap = self.capacity
+        out: np.ndarray = self._rows[hi % cap] - self._rows[lo % cap]
+        return out
+
+    def sum_of(self, diff: np.ndarray) -> np.ndarray:
+        return diff[:, : self.dim]
+
+    def projection_of(self, diff: np.ndarray) -> np.ndarray:
+        return diff[:, self.dim : self.dim + self.components]
+
+    @staticmethod
+    def count_of(diff: np.ndarray) -> np.ndarray:
+        return diff[:, -1]
 
     def tail(self) -> tuple[np.ndarray, np.ndarray]:
-        """Copies of the last ``keep`` rows (sums, counts), re-based: what a checkpoint needs."""
-        k0 = max(0, self.rows - self.keep)
-        return self.sums[k0:] - self.sums[k0], self.counts[k0:] - self.counts[k0]
+        """The last ``keep`` points' sums and counts, re-based on the first of them: what a
+        checkpoint needs."""
+        rows = self._rows[self.held() % self.capacity]
+        rows -= rows[0]
+        return np.ascontiguousarray(rows[:, : self.dim]), rows[:, -1].astype(np.int64)
 
     def append(self, seg: np.ndarray, cnt: np.ndarray) -> int:
         """Add the sums ``seg`` ``(c, d)`` and counts ``cnt`` of ``c`` new segments; return the
-        row of the first new point. At least the ``keep`` rows before it are still held."""
+        number of the first new point. The ``keep`` points before it are still held."""
         c = int(seg.shape[0])
-        if self.rows + c > self._sums.shape[0]:
-            self._compact(self.keep + max(c, self.spare))
-        start = self.rows
-        s = self._sums
-        # A loop of vector adds: numpy's cumsum along rows is latency-bound and slower here.
-        for i in range(c):
-            np.add(s[start + i - 1], seg[i], out=s[start + i])
-        self._counts[start : start + c] = self._counts[start - 1] + np.cumsum(cnt)
+        if self._since_base >= self.keep:
+            self._rebase()
+        if self.keep + c > self.capacity:
+            self._resize(self.keep + max(c, self.spare))
+        d, k = self.dim, self.components
+        new = np.empty((c, d + k + 1))
+        new[:, :d] = seg
         if self.basis is not None:
-            np.matmul(s[start : start + c], self.basis, out=self._proj[start : start + c])
-        self.rows += c
+            np.matmul(seg, self.basis, out=new[:, d : d + k])
+        new[:, -1] = cnt
+        rows, cap = self._rows, self.capacity
+        start = self.points
+        prev = rows[(start - 1) % cap]
+        # A loop of row adds: numpy's cumsum along rows is latency-bound and slower here.
+        for i in range(c):
+            row = rows[(start + i) % cap]
+            np.add(prev, new[i], out=row)
+            prev = row
+        self.points += c
+        self._since_base += c
         return start
 
     def settle(self) -> None:
-        """Shrink a buffer grown by a long append back to ``keep + spare`` rows."""
-        if self._sums.shape[0] > self.keep + self.spare:
-            self._compact(self.keep + self.spare)
+        """Narrow a ring widened by a long append back to ``keep + spare`` rows."""
+        if self.capacity > self.keep + self.spare:
+            self._resize(self.keep + self.spare)
 
-    def _buffers(self, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return np.zeros((rows, self._dim)), np.zeros(rows, dtype=np.int64), np.zeros((rows, self._k))
+    def _resize(self, capacity: int) -> None:
+        """The held points in a ring of ``capacity`` rows."""
+        t = self.held()
+        rows = np.zeros((capacity, self._rows.shape[1]))
+        rows[t % capacity] = self._rows[t % self.capacity]
+        self._rows = rows
 
-    def _compact(self, capacity: int) -> None:
-        """Keep the last ``keep`` rows, re-based on the first of them, in ``capacity`` rows."""
-        k0 = max(0, self.rows - self.keep)
-        n = self.rows - k0
-        parts = [a[k0 : self.rows] - a[k0] for a in (self._sums, self._counts, self._proj)]
-        if capacity != self._sums.shape[0]:
-            self._sums, self._counts, self._proj = self._buffers(capacity)
-        for dst, src in zip((self._sums, self._counts, self._proj), parts, strict=True):
-            dst[:n] = src
-        self.rows = n
+    def _rebase(self) -> None:
+        """Subtract the oldest held point from every row (the others are never read again)."""
+        oldest = max(0, self.points - self.keep)
+        self._rows -= self._rows[oldest % self.capacity].copy()
+        self._since_base = 0
 
 
 class ScalarWindow:

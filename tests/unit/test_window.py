@@ -405,41 +405,60 @@ def test_recycled_bucket_arrays_start_clean() -> None:
 @given(st.lists(st.integers(0, 40), min_size=1, max_size=30), st.integers(1, 12), st.integers(0, 2**16))
 def test_prefix_sums_windows_match_a_brute_force_sum(appends: list[int], keep: int, seed: int) -> None:
     """Every window the scan may ask for (at most ``keep`` points back) sums the right segments,
-    through compactions, growth, settling and a checkpoint round trip."""
+    through wraps of the ring, re-basings, widening, settling and a checkpoint round trip."""
     rng = np.random.default_rng(seed)
     d, k = 5, 3
     basis = rng.normal(size=(d, k))
     p = PrefixSums(d, keep, basis)
     segs: list[np.ndarray] = []
     cnts: list[int] = []
+    shift = 0  # the stream's point t is p's point t - shift (a restore renumbers from 0)
     for i, c in enumerate(appends):
         seg = rng.normal(size=(c, d)) * 10.0 ** rng.integers(-2, 3)
         cnt = rng.integers(1, 50, size=c)
-        first = p.append(seg, cnt)
+        first = p.append(seg, cnt) + shift
         segs.extend(seg)
         cnts.extend(cnt.tolist())
         total = len(segs)
-        assert p.rows == first + c
-        for j in range(c):  # new point j is the stream's point total - c + j (1-based: its row)
-            point = total - c + j + 1
-            for w in range(1, keep + 1):
-                if point - w < 0:
-                    continue
-                want = np.sum(segs[point - w : point], axis=0)
-                got = p.sums[first + j] - p.sums[first + j - w]
+        assert first == total - c + 1 and p.points + shift == total + 1  # point t: after segment t
+        for j in range(c):
+            point = first + j
+            back = np.array([point - w for w in range(1, keep + 1) if point - w >= 0], dtype=np.int64)
+            if back.size == 0:
+                continue
+            diff = p.differences(point - shift, back - shift)
+            for row, lo in zip(diff, back.tolist(), strict=True):
+                want = np.sum(segs[lo:point], axis=0)
+                got = p.sum_of(row[None])[0]
                 np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * max(1.0, np.abs(want).max()))
-                assert int(p.counts[first + j] - p.counts[first + j - w]) == sum(cnts[point - w : point])
-                np.testing.assert_allclose(p.projections[first + j] - p.projections[first + j - w],
-                                           want @ basis, rtol=1e-8, atol=1e-8 * max(1.0, np.abs(want).max()))
+                assert p.count_of(row[None])[0] == sum(cnts[lo:point])
+                np.testing.assert_allclose(p.projection_of(row[None])[0], want @ basis, rtol=1e-8,
+                                           atol=1e-8 * max(1.0, np.abs(want).max()))
         p.settle()
-        assert p._sums.shape[0] == keep + p.spare
-        if i % 3 == 2:  # checkpoint round trip: the restored rows answer the same windows
+        assert p.capacity == keep + p.spare
+        if i % 3 == 2:  # checkpoint round trip: the restored points answer the same windows
             sums, counts = p.tail()
             q = PrefixSums.restore(sums, counts, keep, basis)
-            r = min(keep, p.rows)
-            np.testing.assert_allclose(q.sums[-r:] - q.sums[-r], p.sums[-r:] - p.sums[-r], atol=1e-9)
-            np.testing.assert_array_equal(q.counts[-r:] - q.counts[-r], p.counts[-r:] - p.counts[-r])
+            ph, qh = p.held(), q.held()
+            assert ph.size == qh.size == min(keep, p.points)
+            np.testing.assert_allclose(q.differences(qh, np.full(qh.size, qh[0])),
+                                       p.differences(ph, np.full(ph.size, ph[0])), atol=1e-9)
+            shift += p.points - q.points
             p = q
+
+
+def test_prefix_sums_stay_bounded_on_a_long_stream() -> None:
+    """Rows hold sums since a recent base point, not since the stream began: a stream of
+    segments with a mean away from zero (as embeddings have) keeps its windows exact."""
+    keep = 5
+    p = PrefixSums(2, keep, np.eye(2))
+    seg = np.array([[1000.0, -3.0]])
+    for _ in range(20_000):
+        first = p.append(seg, np.array([20]))
+        assert np.abs(p._rows).max() <= 2 * keep * 1000.0 + 1000.0
+    diff = p.differences(first, np.array([first - keep]))
+    np.testing.assert_array_equal(p.sum_of(diff), [[keep * 1000.0, keep * -3.0]])
+    assert p.count_of(diff).tolist() == [keep * 20]
 
 
 def test_prefix_sums_restore_rejects_rows_that_do_not_fit() -> None:
