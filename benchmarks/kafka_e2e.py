@@ -34,18 +34,19 @@ import numpy as np
 from _util import Broker, Service, figure, metric_sum, metric_values, scrape_text, service_config
 
 HERE = Path(__file__).resolve().parent
+ONE_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 DIM = 384
 STREAMS = 3
 PARTITIONS = 3
 
 
-def produce_flat_out(broker: Broker, topic: str, n: int, encoding: str) -> dict[str, Any]:
+def produce_flat_out(broker: Broker, topic: str, n: int, encoding: str, streams: int = STREAMS) -> dict[str, Any]:
     from confluent_kafka import Producer
 
     from embedwatch.produce import EventGenerator, GeneratorConfig
 
     broker.create_topic(topic, PARTITIONS)
-    gen = EventGenerator(GeneratorConfig(streams=STREAMS, dim=DIM, encoding=encoding, seed=3))
+    gen = EventGenerator(GeneratorConfig(streams=streams, dim=DIM, encoding=encoding, seed=3))
     p = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 20, "acks": 1,
                   "queue.buffering.max.messages": 2_000_000, "queue.buffering.max.kbytes": 2_000_000,
                   "batch.size": 1 << 20, "compression.type": "none"})
@@ -72,9 +73,12 @@ def produce_flat_out(broker: Broker, topic: str, n: int, encoding: str) -> dict[
 
 
 def consume_throughput(broker: Broker, topic: str, n: int, backend: str, workdir: Path,
-                       env: dict[str, str] | None = None, timeout: float = 150.0) -> dict[str, Any]:
+                       env: dict[str, str] | None = None, timeout: float = 150.0,
+                       warm_share: float = 0.25, **extra: Any) -> dict[str, Any]:
+    """``warm_share``: steady state counts from the first scrape past this share of the events;
+    ``extra``: settings sections merged into the service's configuration."""
     group = f"bench-{uuid.uuid4().hex[:8]}"
-    svc = Service(service_config(broker.bootstrap, topic, group, backend), workdir, env=env)
+    svc = Service(service_config(broker.bootstrap, topic, group, backend, **extra), workdir, env=env)
     svc.start()
     try:
         svc.wait_http()
@@ -114,12 +118,12 @@ def consume_throughput(broker: Broker, topic: str, n: int, backend: str, workdir
     # Steady state: from the first scrape past a quarter of the events. By then every stream's
     # baseline is built and its window full (STREAMS * (reference 1000 + window 1000) = 6,000
     # events), one-off costs the whole-run rate above includes.
-    warm = next((smp for smp in samples if smp[1] >= n / 4 and smp[0] < last[0]), None)
+    warm = next((smp for smp in samples if smp[1] >= n * warm_share and smp[0] < last[0]), None)
     steady = ((last[1] - warm[1]) / (last[0] - warm[0])) if warm is not None else None
     accepted = sum(v for lab, v in metric_values(text, "embedwatch_consumed_events_total") if "accepted" in lab)
     return {
         "rate": figure(events / wall if wall > 0 else None, "events/s"),
-        "rate_steady": figure(steady, "events/s", note="from the first scrape past n/4 consumed events"),
+        "rate_steady": figure(steady, "events/s", note=f"from the first scrape past {warm_share:g} n consumed events"),
         "cpu_cores_steady": figure((last[2] - warm[2]) / (last[0] - warm[0]) if warm is not None else None,
                                    "cores"),
         "cpu_cores": figure((last[2] - first[2]) / wall if wall > 0 else None, "cores",
@@ -227,6 +231,38 @@ def bench_e2e(broker: Broker, n_json: int, n_b64: int, backends: list[str], work
                       f"{r['cpu_cores']['value']:.2f} cores{' (INCOMPLETE)' if r.get('incomplete') else ''}",
                       flush=True)
         broker.delete_topics()
+    return out
+
+
+def bench_many_streams(broker: Broker, streams: int, per_stream: int, workdir: Path,
+                       backend: str = "confluent", rounds: int = 2) -> dict[str, Any]:
+    """A b64 backlog of ``streams`` streams, consumed with the poll bound fixed at
+    ``kafka.max_poll_records`` (``poll_events_per_stream: 0``) and raised (the default), alternating,
+    ``rounds`` times each, one BLAS thread. Steady state from two thirds of the events: by then every
+    stream has built its baseline (after 1,000 events) and filled its window (after 2,000), given
+    ``per_stream`` >= 3,000."""
+    n = streams * per_stream
+    topic = f"bench-many-{streams}-{uuid.uuid4().hex[:6]}"
+    prod = produce_flat_out(broker, topic, n, "b64", streams=streams)
+    print(f"  produced {n} b64 events of {streams} streams ({prod['bytes'] / 2**20:.0f} MiB) in {prod['seconds']} s",
+          flush=True)
+    variants = {"fixed": {"poll_events_per_stream": 0}, "raised": {}}
+    out: dict[str, Any] = {"streams": streams, "events": n, "backend": backend, "produce": prod,
+                           **{v: [] for v in variants}}
+    for _ in range(rounds):
+        for name, kafka in variants.items():
+            try:
+                r = consume_throughput(broker, topic, n, backend, workdir, env=ONE_THREAD_ENV,
+                                       timeout=900.0, warm_share=2 / 3, kafka=kafka,
+                                       limits={"max_streams": max(200, streams)})
+            except Exception as e:
+                out[name].append({"error": str(e)[:500]})
+                print(f"  many streams {streams} {name}: FAILED: {str(e)[:300]}", flush=True)
+                continue
+            out[name].append(r)
+            print(f"  many streams {streams} {name}: steady {r['rate_steady']['value'] or 0:.0f} events/s, "
+                  f"{r['cpu_cores_steady']['value'] or 0:.2f} cores, RSS {r['rss_mb']['value']:.0f} MiB", flush=True)
+    broker.delete_topics()
     return out
 
 

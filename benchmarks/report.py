@@ -376,12 +376,33 @@ def render(r: dict[str, Any]) -> str:
             "With many streams a poll batch holds few events per stream, and each stream's fixed cost per "
             f"update, small numpy calls, dominates (at {_n(most)} streams an update of {per_update:g} events "
             f"takes {_n(per_update / _v(most_row, 'core') * 1e6)} µs). A service catching up on a "
-            "backlog with many streams gains from a larger `kafka.max_poll_records` (default 2,000); in steady "
-            "state at moderate rates a poll returns fewer events than either bound, so nothing changes there. "
-            "Each batch is held in memory while it is processed (a 384-d event is about 2 KB as b64 and 1.5 KB "
-            "decoded; JSON several times that).\n\n"
+            "backlog with many streams gains from larger batches, and the service asks for them: after a batch "
+            "of S streams a poll asks for up to `kafka.poll_events_per_stream` x S events (100 x S) when that "
+            "is more than `kafka.max_poll_records` (2,000), within `kafka.max_poll_bytes` (16 MiB) of messages "
+            "of the batch's mean size; at 384-d b64 that is about 7,600 events. In steady state at moderate "
+            "rates a poll returns fewer events than either bound, so nothing changes there. Each batch is held "
+            "in memory while it is processed (a 384-d event is about 2 KB as b64 and 1.5 KB decoded; JSON "
+            "several times that).\n\n"
             + _table(["Streams", "Core events/s, 2,000-event batches", f"Core events/s, {_n(size)}-event batches",
                       "Gain"], rows))
+    ms = r.get("many_streams")
+    if isinstance(ms, dict) and ms.get("streams"):
+        rows = []
+        for name, label in (("fixed", "fixed at `kafka.max_poll_records` (2,000)"),
+                            ("raised", "raised (the defaults)")):
+            for i, e in enumerate(ms.get(name) or []):
+                if "error" in e:
+                    rows.append([label, str(i + 1), f"failed: {e['error'][:120]}", "", ""])
+                    continue
+                rows.append([label, str(i + 1), _n(_v(e, "rate_steady", "value")),
+                             _n(_v(e, "cpu_cores_steady", "value"), 2), _n(_v(e, "rss_mb", "value"))])
+        parts.append(
+            f"### A backlog of {_n(ms['streams'])} streams end to end (b64, 384-d, confluent, one BLAS thread)\n\n"
+            f"{_n(ms.get('events'))} events, {_n(_v(ms, 'events') / ms['streams'])} per stream, pre-produced over "
+            "3 partitions, consumed by `embedwatch run` (no durable state) with the poll bound fixed and "
+            "raised, alternating. Steady state from two thirds of the events: every stream has built its "
+            "baseline and filled its window by then.\n\n"
+            + _table(["Poll bound", "Run", "Events/s, steady", "CPU (cores)", "RSS at the end (MiB)"], rows))
 
     # ---- comparison
     comp = r.get("comparison") or {}

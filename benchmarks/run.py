@@ -45,10 +45,12 @@ def _sizes(quick: bool) -> dict[str, Any]:
     if quick:
         return {"decode_n": 6_000, "core_n": 20_000, "scale_n": 10_000, "streams": [1, 10, 100],
                 "dims": [128, 384, 768, 1536], "e2e_json": 30_000, "e2e_b64": 60_000, "latency_s": 8.0,
-                "mem_streams": 50, "mem_steady_streams": (2, 4), "min_per_stream": 120}
+                "mem_streams": 50, "mem_steady_streams": (2, 4), "min_per_stream": 120,
+                "many_streams": 30, "many_per_stream": 3000, "many_rounds": 1}
     return {"decode_n": 20_000, "core_n": 40_000, "scale_n": 20_000, "streams": [1, 10, 100, 1000],
             "dims": [128, 384, 768, 1536, 3072], "e2e_json": 180_000, "e2e_b64": 360_000, "latency_s": 15.0,
-            "mem_streams": 200, "mem_steady_streams": (4, 16), "min_per_stream": 60}
+            "mem_streams": 200, "mem_steady_streams": (4, 16), "min_per_stream": 60,
+            "many_streams": 100, "many_per_stream": 3000, "many_rounds": 2}
 
 
 def _timed(name: str, fn: Any, results: dict[str, Any]) -> None:
@@ -179,6 +181,9 @@ def run_kafka(sz: dict[str, Any], sections: set[str], bootstrap: str | None, bac
         if "e2e" in sections:
             _timed("e2e", lambda: kafka_e2e.bench_e2e(broker, sz["e2e_json"], sz["e2e_b64"], backends, workdir,
                                                       {"as_shipped": None, "blas_1_thread": ONE_THREAD}), results)
+            if "confluent" in backends:
+                _timed("many_streams", lambda: kafka_e2e.bench_many_streams(
+                    broker, sz["many_streams"], sz["many_per_stream"], workdir, rounds=sz["many_rounds"]), results)
         if "latency" in sections:
             _timed("latency", lambda: {
                 "as_shipped": kafka_e2e.bench_latency_all(broker, backends, ["b64"], workdir, sz["latency_s"]),

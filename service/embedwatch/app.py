@@ -52,6 +52,7 @@ from embedwatch.sources.base import (
     UnknownTopicError,
     dead_letter_limit,
     fit_dead_letter,
+    poll_records,
 )
 from embedwatch.state import (
     Checkpoint,
@@ -292,7 +293,10 @@ class Service:
         # Without durable state: the last batch's commit, sent asynchronously, until its landing is
         # confirmed (positions, and the ledgers they carry).
         self._unconfirmed: tuple[dict[PartitionId, Committed], dict[PartitionId, Ledger]] | None = None
+        # Records the next poll asks for at most (poll_records: raised after a batch of many streams).
+        self.poll_max_records = settings.kafka.max_poll_records
         starting_metrics(self.exporter)
+        self.exporter.set_gauge("embedwatch_poll_max_records", (), float(self.poll_max_records))
         # From now on embedwatch_up is read at each scrape (_liveness): the constant 1 of a starting
         # process stayed 1 while a stuck loop turned /healthz 503.
         self.exporter.gauges["embedwatch_up"].pop((), None)
@@ -317,6 +321,18 @@ class Service:
             self._observe(batch, result, messages, now)
             self._record_alarms(result.alarms)
         return batch, result
+
+    def _size_next_poll(self, batch: DecodedBatch, messages: Sequence[Message]) -> None:
+        """Raise (or lower back) the next poll's bound from this batch's streams and message size
+        (:func:`embedwatch.sources.base.poll_records`)."""
+        k = self.settings.kafka
+        streams = len({b.stream for b in batch.blocks})
+        mean_bytes = sum(len(m.value) for m in messages) / max(1, len(messages))
+        n = poll_records(k.max_poll_records, k.poll_events_per_stream, k.max_poll_bytes, streams, mean_bytes)
+        if n != self.poll_max_records:
+            self.poll_max_records = n
+            with self.exporter.lock:
+                self.exporter.set_gauge("embedwatch_poll_max_records", (), float(n))
 
     def _read_stored_baselines(self, batch: DecodedBatch) -> None:
         """Before streams new to this replica get their monitors, read what the other replicas
@@ -1000,7 +1016,7 @@ class Service:
             while not self.stop_requested.is_set():
                 self._heartbeat = time.monotonic()
                 try:
-                    messages = source.poll(k.max_poll_records, k.poll_timeout_ms)
+                    messages = source.poll(self.poll_max_records, k.poll_timeout_ms)
                 except Exception as e:
                     # A client's error (confluent-kafka raises its transport errors from consume):
                     # the service stays up, not ready, and polls again after a backoff.
@@ -1159,6 +1175,7 @@ class Service:
         inflight = self._inflight_marker(parts)
         source.commit(inflight, asynchronous=True)
         batch, result = self._route(messages)
+        self._size_next_poll(batch, messages)
         rejections = result.rejections
         if not self._confirm_commit(source) and self.stop_requested.is_set():
             return  # nothing of this batch but its marker left the process: the next owner processes it

@@ -56,10 +56,27 @@ class KafkaSettings(_Section):
     )
     max_poll_records: int = Field(
         2000, ge=1, le=100_000,
-        description="Upper bound of one poll batch. A larger bound can speed up catching up on a backlog (each batch "
-        "has a fixed cost: each stream's update and confirming a commit; docs/benchmarks.md measures it: with 3 "
-        "streams, 10000 gave JSON 47-50k against 30-44k events/s end to end, b64 63-72k against 55-69k, within "
-        "this machine's run-to-run spread) at the memory of a larger batch (30-120 MiB more at 384-d).",
+        description="Upper bound of one poll batch (raised after a batch of many streams: poll_events_per_stream). "
+        "A larger bound can speed up catching up on a backlog (each batch has a fixed cost: each stream's update "
+        "and confirming a commit; docs/benchmarks.md measures it: with 3 streams, 10000 gave JSON 47-50k against "
+        "30-44k events/s end to end, b64 63-72k against 55-69k, within this machine's run-to-run spread) at the "
+        "memory of a larger batch (30-120 MiB more at 384-d).",
+    )
+    poll_events_per_stream: int = Field(
+        100, ge=0, le=100_000,
+        description="When a poll batch spread over many streams, the next poll asks for up to this many events per "
+        "stream of that batch, if that is more than max_poll_records (within max_poll_bytes and 100000 "
+        "records). Each stream's update has a fixed cost, so a batch of a few events per stream is mostly "
+        "overhead: a b64 backlog of 100 streams was consumed at 36-40k against 19-27k events/s (docs/benchmarks.md). "
+        "Only a service "
+        "that is behind fills such batches; in steady state a poll returns what has arrived. 0: always "
+        "max_poll_records.",
+    )
+    max_poll_bytes: int = Field(
+        16 << 20, ge=1 << 20, le=1 << 30,
+        description="Bound of a batch raised by poll_events_per_stream, in message bytes (the previous batch's "
+        "mean message size times the records asked); never below max_poll_records. A batch is held in "
+        "memory while it is processed, about twice its message bytes once decoded.",
     )
     poll_timeout_ms: int = Field(200, ge=1, le=60_000, description="How long one poll waits for data.")
     session_timeout_ms: int = Field(

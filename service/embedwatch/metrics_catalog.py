@@ -51,6 +51,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("embedwatch_events_replayed_total", "counter",
            "Events processed again after a restart or rebalance (at-least-once replay).", ("topic",)),
     Metric("embedwatch_batches_total", "counter", "Poll batches processed."),
+    Metric("embedwatch_poll_max_records", "gauge",
+           "Records the next poll asks for at most: kafka.max_poll_records, raised after a batch spread over "
+           "many streams (kafka.poll_events_per_stream per stream, within kafka.max_poll_bytes)."),
     Metric("embedwatch_checkpoints_total", "counter",
            "State checkpoints made (state.backend kafka or file): each partition's state written, or "
            "found unchanged since its last checkpoint."),

@@ -275,3 +275,31 @@ def test_a_single_replica_keeps_its_first_assignment(kafka_bootstrap: str, uniqu
         assert "revoked [PartitionId" not in log, log
     finally:
         svc.close()
+
+
+@pytest.mark.parametrize("backend", ["kafka-python", "confluent"])
+def test_a_backlog_of_many_streams_is_read_in_raised_batches(backend: str, kafka_bootstrap: str, unique_topics,
+                                                             fresh_topic_prefix: str, tmp_path: Path) -> None:
+    """After a batch of 40 streams the next polls ask for 40 x poll_events_per_stream records, and
+    the client hands them over: the same backlog takes a fraction of the batches of a fixed bound."""
+    (emb,) = unique_topics("embeddings", partitions=1)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=10)
+    try:
+        _send(producer, emb, EventGenerator(GeneratorConfig(streams=40, dim=DIM, seed=11)).messages(8000))
+    finally:
+        producer.close()
+    seen: dict[str, tuple[float, float]] = {}
+    for name, per_stream in (("fixed", 0), ("raised", 50)):
+        cfg = _config(kafka_bootstrap, fresh_topic_prefix, limits={"max_streams": 40},
+                      kafka={"group_id": f"{fresh_topic_prefix}-{name}", "queries_topic": "", "backend": backend,
+                             "max_poll_records": 100, "poll_events_per_stream": per_stream})
+        svc = ServiceProcess(tmp_path, cfg, name=name).start()
+        try:
+            m = svc.wait_for(_drained(8000), what=f"the backlog consumed ({name})")
+            assert _ledger(m, "accepted") == 8000
+            seen[name] = (metric_sum(m, "embedwatch_batches_total"), metric_sum(m, "embedwatch_poll_max_records"))
+        finally:
+            svc.close()
+    assert seen["fixed"][0] >= 80 and seen["fixed"][1] == 100
+    assert seen["raised"][1] == 40 * 50
+    assert seen["raised"][0] <= 20, seen

@@ -284,7 +284,7 @@ def test_covariance_eigvals_match_numpy_in_both_regimes() -> None:
 @pytest.mark.parametrize("module", [
     "embedwatch.detectors.mmd", "embedwatch.detectors.page_hinkley", "embedwatch.detectors.dimensions",
     "embedwatch.detectors.distribution", "embedwatch.detectors.duplicates", "embedwatch.window",
-    "embedwatch.stats",
+    "embedwatch.stats", "embedwatch.sources.base",
 ])
 def test_docstring_examples_run(module: str) -> None:
     import doctest
