@@ -67,7 +67,8 @@ class KafkaSettings(_Section):
         description="When a poll batch spread over many streams, the next poll asks for up to this many events per "
         "stream of that batch, if that is more than max_poll_records (within max_poll_bytes and 100000 "
         "records). Each stream's update has a fixed cost, so a batch of a few events per stream is mostly "
-        "overhead: a b64 backlog of 100 streams was consumed at 36-40k against 19-27k events/s (docs/benchmarks.md). "
+        "overhead: a b64 backlog of 100 streams was consumed at 28-40k against 19-30k events/s, 1.38x on average "
+        "(docs/benchmarks.md). "
         "Only a service "
         "that is behind fills such batches; in steady state a poll returns what has arrived. 0: always "
         "max_poll_records.",
