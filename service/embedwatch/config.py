@@ -68,16 +68,15 @@ class KafkaSettings(_Section):
         "stream of that batch, if that is more than max_poll_records (within max_poll_bytes and 100000 "
         "records). Each stream's update has a fixed cost, so a batch of a few events per stream is mostly "
         "overhead: a b64 backlog of 100 streams was consumed at 28-40k against 19-30k events/s, 1.38x on average "
-        "(docs/benchmarks.md). "
-        "Only a service "
-        "that is behind fills such batches; in steady state a poll returns what has arrived. 0: always "
-        "max_poll_records.",
+        "(docs/benchmarks.md). Only a service that is behind fills such batches; otherwise the confluent client "
+        "waits up to poll_timeout_ms for a batch it cannot fill, where a smaller one might have returned sooner "
+        "(events then reach the metrics up to that much later). 0: always max_poll_records.",
     )
     max_poll_bytes: int = Field(
         16 << 20, ge=1 << 20, le=1 << 30,
         description="Bound of a batch raised by poll_events_per_stream, in message bytes (the previous batch's "
-        "mean message size times the records asked); never below max_poll_records. A batch is held in "
-        "memory while it is processed, about twice its message bytes once decoded.",
+        "mean message size times the records asked); it never holds the bound below max_poll_records. A batch "
+        "is held in memory while it is processed, about twice its message bytes once decoded.",
     )
     poll_timeout_ms: int = Field(200, ge=1, le=60_000, description="How long one poll waits for data.")
     session_timeout_ms: int = Field(
