@@ -29,6 +29,8 @@ KAFKA_LOCAL = ROOT / "scripts" / "kafka-local"
 #: A settings file measured beside the defaults: its memory by `make bench`, its detection by
 #: `make bench-quality`.
 LOW_MEMORY_PROFILE = ROOT / "profiles" / "low-memory.yaml"
+#: The environment of a subprocess with one BLAS thread (see run.py's docstring).
+ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def profile_detection(path: Path) -> dict[str, Any]:

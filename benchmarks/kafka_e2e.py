@@ -31,10 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from _util import Broker, Service, figure, metric_sum, metric_values, scrape_text, service_config
+from _util import ONE_THREAD, Broker, Service, figure, metric_sum, metric_values, scrape_text, service_config
 
 HERE = Path(__file__).resolve().parent
-ONE_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 DIM = 384
 STREAMS = 3
 PARTITIONS = 3
@@ -252,7 +251,7 @@ def bench_many_streams(broker: Broker, streams: int, per_stream: int, workdir: P
     for _ in range(rounds):
         for name, kafka in variants.items():
             try:
-                r = consume_throughput(broker, topic, n, backend, workdir, env=ONE_THREAD_ENV,
+                r = consume_throughput(broker, topic, n, backend, workdir, env=ONE_THREAD,
                                        timeout=900.0, warm_share=2 / 3, kafka=kafka,
                                        limits={"max_streams": max(200, streams)})
             except Exception as e:

@@ -32,13 +32,21 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _util import LOW_MEMORY_PROFILE, ROOT, figure, kafka_broker, loadavg, machine_info, profile_detection  # noqa: E402
+from _util import (  # noqa: E402
+    LOW_MEMORY_PROFILE,
+    ONE_THREAD,
+    ROOT,
+    figure,
+    kafka_broker,
+    loadavg,
+    machine_info,
+    profile_detection,
+)
 from embedwatch.config import Settings, load_settings  # noqa: E402
 
 RESULTS = HERE / "results.json"
 DOC = ROOT / "docs" / "benchmarks.md"
 ALL = ("decode", "core", "scaling", "memory", "e2e", "latency")
-ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _sizes(quick: bool) -> dict[str, Any]:

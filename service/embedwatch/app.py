@@ -327,8 +327,10 @@ class Service:
         (:func:`embedwatch.sources.base.poll_records`)."""
         k = self.settings.kafka
         streams = len({b.stream for b in batch.blocks})
-        mean_bytes = sum(len(m.value) for m in messages) / max(1, len(messages))
-        n = poll_records(k.max_poll_records, k.poll_events_per_stream, k.max_poll_bytes, streams, mean_bytes)
+        n = k.max_poll_records
+        if streams * k.poll_events_per_stream > n:  # the bound may rise: only then are the bytes summed
+            mean_bytes = sum(len(m.value) for m in messages) / max(1, len(messages))
+            n = poll_records(n, k.poll_events_per_stream, k.max_poll_bytes, streams, mean_bytes)
         if n != self.poll_max_records:
             self.poll_max_records = n
             with self.exporter.lock:
