@@ -458,6 +458,7 @@ class StreamMonitor:
         alarms: list[Alarm] = []
         pos = 0
         k = 0
+        last = int(due[-1]) if due.size else -1
         for i in due.tolist():
             while k < len(scans) and scans[k].index <= i:
                 self._scan_policy(scans[k], alarms)
@@ -465,7 +466,7 @@ class StreamMonitor:
             end = i - first + 1
             w.add(x[pos:end], ts[pos:end], first + pos, s.slice(pos, end))
             pos = end
-            alarm = self._evaluate(i, float(ts[end - 1]))
+            alarm = self._evaluate(i, float(ts[end - 1]), snapshot=i == last)
             if alarm is not None:
                 alarms.append(alarm)
         for sp in scans[k:]:
@@ -613,18 +614,22 @@ class StreamMonitor:
                       float(self.settings.changepoint_threshold), None, "start"))
         self._measures["changepoint_score"] = self._ph.statistic
 
-    def _evaluate(self, index: int, ts: float) -> Alarm | None:
+    def _evaluate(self, index: int, ts: float, snapshot: bool = True) -> Alarm | None:
         """Run the alarm decision on the window after event ``index``.
 
-        Only what the decision needs is computed here: the merged window statistics and the MMD^2
-        statistic, compared with the threshold cached per window size (``p <= alpha`` exactly when
-        ``score >= threshold(alpha)``: the null tail is monotone). The descriptive measures and the
-        p-values are derived lazily from this snapshot when :meth:`measures` is read.
+        Only what the decision needs is computed here: the MMD^2 statistic, compared with the
+        threshold cached per window size (``p <= alpha`` exactly when ``score >= threshold(alpha)``:
+        the null tail is monotone). With ``snapshot`` the window's merged statistics are kept, and
+        the descriptive measures and the p-values are derived from them when :meth:`measures` is
+        read; without it (an evaluation followed by another in the same update, which replaces
+        the snapshot before anyone can read it) only the decision's totals are merged.
         """
         assert self._window is not None and self._mmd is not None
         s = self.settings
-        tot = self._window.totals()
-        if tot.count < s.min_window_events:
+        tot = self._window.totals() if snapshot else None
+        count, sample_n, feature_sum = ((tot.count, tot.sample_n, tot.feature_sum) if tot is not None
+                                        else self._window.decision_totals())
+        if count < s.min_window_events:
             # Too few events in the time bound (a low-rate stream): no MMD test, and its measures
             # describe events the window no longer holds.
             self._clear_window_measures()
@@ -640,14 +645,15 @@ class StreamMonitor:
                 return self._end_alarm(index, ts, math.nan, None)
             return None
         self._last_eval = (index, ts)
-        self._snapshot = tot
-        self._derived_for = None
-        if tot.feature_sum is None or tot.sample_n < 2:
+        if tot is not None:
+            self._snapshot = tot
+            self._derived_for = None
+        if feature_sum is None or sample_n < 2:
             self._mmd_last = None
             return None
         mmd = self._mmd
-        m = tot.sample_n
-        diff = tot.feature_sum / m - mmd.reference_mean
+        m = sample_n
+        diff = feature_sum / m - mmd.reference_mean
         stat = float(diff @ diff)
         score = stat - mmd.null_mean(m)
         self._mmd_last = (stat, m)

@@ -863,3 +863,39 @@ def test_a_silence_inside_a_batch_restarts_the_scan_as_one_between_batches(batch
     between = ends(False)
     assert len(between) == 1 and between[0] < 2000
     assert ends(True) == between
+
+
+class _SnapshotsEveryEvaluation(StreamMonitor):
+    """Every evaluation merges the whole window, as before evaluations followed by another in the
+    same update merged only what the alarm decision reads."""
+
+    def _evaluate(self, index: int, ts: float, snapshot: bool = True) -> Alarm | None:
+        return super()._evaluate(index, ts, snapshot=True)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_evaluations_without_a_snapshot_change_no_alarm_and_no_measure(seed: int) -> None:
+    """Updates of 1 to 700 events (up to 14 evaluations each) over a stream that drifts and comes
+    back, with silences that leave fewer than min_window_events in the window: the same alarms,
+    and after every update the same measures, as a monitor that keeps every evaluation's totals."""
+    rng = np.random.default_rng(seed)
+    s = det(window_seconds=300.0, scan_windows=[100, 200])
+    a, b = StreamMonitor(KEY, s), _SnapshotsEveryEvaluation(KEY, s)
+    t, n = 0.0, 0
+    for part, shift in ((1500, 0.0), (900, 1.5), (900, 0.0)):
+        x = draw(rng, part, shift)
+        pos = 0
+        while pos < part:
+            k = int(rng.choice([1, 7, 60, 130, 700]))
+            xs = x[pos:pos + k]
+            t += 400.0 if rng.random() < 0.02 else 0.0  # a silence longer than the window
+            ts = t + np.arange(xs.shape[0], dtype=np.float64)
+            t = float(ts[-1]) + 1.0
+            assert a.update_embeddings(xs, ts) == b.update_embeddings(xs, ts)
+            ma, mb = a.measures(), b.measures()
+            assert ma.keys() == mb.keys()
+            for key in ma:
+                assert ma[key] == mb[key] or (math.isnan(ma[key]) and math.isnan(mb[key])), key
+            pos += xs.shape[0]
+            n += xs.shape[0]
+    assert a.counters()["drift_alarms"] >= 1  # the drift was seen: alarms were compared

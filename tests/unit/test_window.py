@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections import deque
 
 import numpy as np
 import pytest
@@ -486,3 +487,42 @@ def test_batches_of_a_lagging_partition_do_not_shrink_the_window(lag: float) -> 
     assert all(b.count == cap for b in list(w.buckets)[:-1])
     tot = w.totals(with_features=False)
     np.testing.assert_allclose(tot.sum, x[6000 - tot.count :].astype(np.float64).sum(0), rtol=1e-9)
+
+
+class _LooksEveryTime(Window):
+    """:meth:`Window.evict` as it was before it kept a lower bound of the buckets' ``max_ts``:
+    every bucket looked at on every call."""
+
+    def evict(self, now: float | None = None) -> None:
+        ref = self.newest_ts if now is None else max(now, self.newest_ts)
+        limit = ref - self.window_seconds
+        while self.buckets and self.buckets[0].max_ts < limit:
+            self._spare = self.buckets.popleft()
+        if any(b.max_ts < limit for b in self.buckets):
+            self.buckets = deque(b for b in self.buckets if b.max_ts >= limit)
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 10**6), steps=st.lists(st.tuples(st.integers(1, 30), st.floats(0.0, 60.0),
+                                                           st.booleans()), min_size=1, max_size=60),
+       jitter=st.sampled_from([0.0, 5.0, 40.0, 120.0]))
+def test_eviction_with_late_events_equals_looking_at_every_bucket(
+        seed: int, steps: list[tuple[int, float, bool]], jitter: float) -> None:
+    """Out-of-order timestamps, batches of 1-30 events, evictions at a later ``now`` between them:
+    the window keeps exactly the buckets that looking at every bucket each time keeps."""
+    s = settings_(window_seconds=100.0, window_events=100, buckets=10)
+    a, b = Window(DIM, s, PROJ, seed), _LooksEveryTime(DIM, s, PROJ, seed)
+    rng = np.random.default_rng(seed)
+    t, i = 0.0, 0
+    for n, gap, evict_later in steps:
+        x, _ = data(seed + i, n)
+        t += gap
+        ts = np.maximum(t + rng.normal(0.0, jitter, n) if jitter else np.full(n, t), 0.0)
+        a.add(x, ts, i)
+        b.add(x, ts, i)
+        i += n
+        if evict_later:
+            a.evict(now=t + gap)
+            b.evict(now=t + gap)
+        assert [(c.count, c.max_ts) for c in a.buckets] == [(c.count, c.max_ts) for c in b.buckets]
+        assert all(c.max_ts >= max(a.newest_ts, t + gap if evict_later else -np.inf) - 100.0 for c in a.buckets)
