@@ -113,6 +113,14 @@ def _per_cpu(f: Any) -> float | None:
     return float(f["value"]) / float(f["cpu_cores"])
 
 
+def _rounds(f: Any) -> str:
+    """A figure's value, with the range of its rounds when it has several (``runs``)."""
+    runs = f.get("runs") if isinstance(f, dict) else None
+    if not runs or len(runs) < 2:
+        return _n(_v(f))
+    return f"{_n(_v(f))} ({_n(min(runs))}-{_n(max(runs))})"
+
+
 def _met(x: Any) -> str:
     return {True: "yes", False: "**no**", None: "n/a"}.get(x, "n/a")
 
@@ -357,12 +365,13 @@ def render(r: dict[str, Any]) -> str:
                             ("dims", "Scaling with the dimension (10 streams)", "Dimension")):
         rows = []
         for k, e in (sc.get(key) or {}).items():
-            rows.append([k, _n(e.get("events")), _n(_v(e, "core")), _n(_per_cpu(e.get("core"))),
-                         _n(_v(e, "decode_core")), _n(_per_cpu(e.get("decode_core")))])
+            rows.append([k, _n(e.get("events")), _rounds(e.get("core")), _n(_per_cpu(e.get("core"))),
+                         _rounds(e.get("decode_core")), _n(_per_cpu(e.get("decode_core")))])
         if rows:
             parts.append(f"### {title}, one BLAS thread\n\n" + _table(
-                [col, "Events timed", "Core events/s (router.route)", "Core events per CPU-second",
-                 "Decode+core events/s (Service.process, b64)", "Decode+core events per CPU-second"], rows))
+                [col, "Events timed per round", "Core events/s (router.route): median (range)",
+                 "Core events per CPU-second", "Decode+core events/s (Service.process, b64): median (range)",
+                 "Decode+core events per CPU-second"], rows))
 
     big = [(k, e) for k, e in (sc.get("streams") or {}).items() if e.get("core_big_batch")]
     if big:

@@ -51,11 +51,11 @@ ALL = ("decode", "core", "scaling", "memory", "e2e", "latency")
 
 def _sizes(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"decode_n": 6_000, "core_n": 20_000, "scale_n": 10_000, "streams": [1, 10, 100],
+        return {"decode_n": 6_000, "core_n": 20_000, "scale_n": 20_000, "streams": [1, 10, 100],
                 "dims": [128, 384, 768, 1536], "e2e_json": 30_000, "e2e_b64": 60_000, "latency_s": 8.0,
                 "mem_streams": 50, "mem_steady_streams": (2, 4), "min_per_stream": 120,
                 "many_streams": 30, "many_per_stream": 3000, "many_rounds": 1}
-    return {"decode_n": 20_000, "core_n": 40_000, "scale_n": 20_000, "streams": [1, 10, 100, 1000],
+    return {"decode_n": 20_000, "core_n": 40_000, "scale_n": 60_000, "streams": [1, 10, 100, 1000],
             "dims": [128, 384, 768, 1536, 3072], "e2e_json": 180_000, "e2e_b64": 360_000, "latency_s": 15.0,
             "mem_streams": 200, "mem_steady_streams": (4, 16), "min_per_stream": 60,
             "many_streams": 100, "many_per_stream": 3000, "many_rounds": 2}
