@@ -678,6 +678,15 @@ def service_health() -> dict[str, Any]:
     processing = timeseries(
         "Batch processing time", "Time to decode and process one poll batch (p50 / p90 / p99).",
         targets(*quantiles("embedwatch_processing_seconds", inst)), "s", min_=0)
+    batch_size = timeseries(
+        "Events per batch and poll bound", "Events per poll batch, and the records a poll asks for at most "
+        "(embedwatch_poll_max_records: kafka.max_poll_records, raised after a batch of many streams within "
+        "kafka.max_poll_bytes). Batches as large as the bound: the replica is behind and reads as fast as it can.",
+        targets((f"sum by (instance) (rate(embedwatch_consumed_events_total{{{inst}}}[{RATE}])) / "
+                 f"sum by (instance) (rate(embedwatch_batches_total{{{inst}}}[{RATE}]))",
+                 "events per batch {{instance}}"),
+                (f"embedwatch_poll_max_records{{{inst}}}", "poll bound {{instance}}")),
+        "short", min_=0, overrides=[dashed("^poll bound .*")])
     lag = timeseries(
         "Consumer lag by partition", "Log end offset minus position, per topic and partition.",
         targets(("max by (topic, partition) (embedwatch_consumer_lag_messages)", "{{topic}}/{{partition}}")),
@@ -734,7 +743,7 @@ def service_health() -> dict[str, Any]:
     panels = layout([
         [(up, 4, 4), (ready, 4, 4), (kafka, 4, 4), (partitions, 4, 4), (streams, 4, 4), (build, 4, 4)],
         [(throughput, 12, 8), (batches, 12, 8)],
-        [(processing, 12, 8), (lag, 12, 8)],
+        [(processing, 8, 8), (batch_size, 8, 8), (lag, 8, 8)],
         [(event_lag, 12, 8), (rebalances, 12, 8)],
         [(dlq, 12, 8), (dlq_reason, 12, 8)],
         [(memory, 8, 8), (stored, 8, 8), (cpu, 8, 8)],
