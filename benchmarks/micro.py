@@ -4,9 +4,9 @@ Every function returns plain dicts of figures (``_util.figure``); run.py assembl
 
 Events come from :class:`embedwatch.produce.EventGenerator` (seeded, drift-free unit vectors around
 per-stream centres), encoded the way producers send them. Streams are warmed up (reference
-collected, baseline built, window filled) outside the timed region, so the timed region is the
-steady state: every event updates the window and every ``evaluate_every`` events of a stream run
-all detectors.
+collected, baseline built, window filled; for the router, duplicate-id memories full too) outside
+the timed region, so the timed region is the steady state: every event updates the window and
+every ``evaluate_every`` events of a stream run all detectors.
 """
 
 from __future__ import annotations
