@@ -619,16 +619,14 @@ class StreamMonitor:
 
         Only what the decision needs is computed here: the MMD^2 statistic, compared with the
         threshold cached per window size (``p <= alpha`` exactly when ``score >= threshold(alpha)``:
-        the null tail is monotone). With ``snapshot`` the window's merged statistics are kept, and
-        the descriptive measures and the p-values are derived from them when :meth:`measures` is
-        read; without it (an evaluation followed by another in the same update, which replaces
-        the snapshot before anyone can read it) only the decision's totals are merged.
+        the null tail is monotone). With ``snapshot`` the window's other merged statistics are
+        kept as well, and the descriptive measures and the p-values are derived from them when
+        :meth:`measures` is read; an evaluation followed by another in the same update skips them,
+        as the next one replaces the snapshot before anyone can read it.
         """
         assert self._window is not None and self._mmd is not None
         s = self.settings
-        tot = self._window.totals() if snapshot else None
-        count, sample_n, feature_sum = ((tot.count, tot.sample_n, tot.feature_sum) if tot is not None
-                                        else self._window.decision_totals())
+        count, sample_n, feature_sum = self._window.decision_totals()
         if count < s.min_window_events:
             # Too few events in the time bound (a low-rate stream): no MMD test, and its measures
             # describe events the window no longer holds.
@@ -645,8 +643,8 @@ class StreamMonitor:
                 return self._end_alarm(index, ts, math.nan, None)
             return None
         self._last_eval = (index, ts)
-        if tot is not None:
-            self._snapshot = tot
+        if snapshot:
+            self._snapshot = self._window.totals(with_features=False)  # the feature sum is above
             self._derived_for = None
         if feature_sum is None or sample_n < 2:
             self._mmd_last = None

@@ -661,8 +661,8 @@ class Window:
     def decision_totals(self) -> tuple[int, int, np.ndarray | None]:
         """``count``, ``sample_n`` and ``feature_sum`` of :meth:`totals`, without merging the rest:
         what an alarm decision reads. The sums, histograms and per-event scalars only feed the
-        descriptive measures, which read the last evaluation's totals, so earlier evaluations of
-        the same update skip them (10 buckets' merge and two 1,000-value joins each)."""
+        descriptive measures, so only an update's last evaluation merges them
+        (``totals(with_features=False)``: 10 buckets' merge and two 1,000-value joins)."""
         bs = list(self.buckets)
         if not bs:
             return 0, 0, None
