@@ -227,6 +227,10 @@ def test_duplicate_ids_match_a_brute_force_reference(batches: list[list[str | No
     try:
         d = DuplicateIds(capacity)
         got = [d.update(b) for b in batches]
+        # The same ids as 64-bit hashes (update_hashes, each path of its own) count the same.
+        by_hash = DuplicateIds(capacity)
+        hashes = [np.array([hash(i) for i in b if i is not None], dtype=np.int64) for b in batches]
+        assert [by_hash.update_hashes(h) if h.shape[0] else 0 for h in hashes] == got
         seg = d.segment
         size = d.size
         d._merge()

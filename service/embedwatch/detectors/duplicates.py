@@ -108,8 +108,13 @@ class DuplicateIds:
         present = [i for i in ids if i is not None]
         if not present:
             return 0
-        h = np.fromiter(map(hash, present), dtype=np.int64, count=len(present))
-        n = self.update_hashes(h)
+        if len(present) <= _SMALL:
+            # A few ids: their fingerprints in Python (``hash >> 32`` is the high half, as in
+            # :func:`fingerprints`); three numpy calls on a 2-element array cost more.
+            n = self._update_small([hash(i) >> 32 for i in present])
+        else:
+            self._merge()
+            n = self._update_bulk(fingerprints(np.fromiter(map(hash, present), dtype=np.int64, count=len(present))))
         self.total += n
         return n
 
@@ -117,7 +122,7 @@ class DuplicateIds:
         """Same as :meth:`update` on 64-bit hashes of the ids (does not add to :attr:`total`)."""
         f = fingerprints(h)
         if f.shape[0] <= _SMALL:
-            return self._update_small(f)
+            return self._update_small(f.tolist())
         self._merge()
         return self._update_bulk(f)
 
@@ -131,12 +136,24 @@ class DuplicateIds:
                 found |= keys[pos] == f
         return found
 
-    def _update_small(self, f: np.ndarray) -> int:
-        """A short batch without rebuilding the open segment: additions wait in a small dict,
-        merged every :data:`_MERGE_EVERY` ids or when the segment is full."""
+    def _found_few(self, fs: list[int]) -> list[bool]:
+        """:meth:`_in_memory` of a few fingerprints, with fewer numpy calls (each costs about a
+        microsecond whatever its size, and a stream of many gets a few ids per batch)."""
+        found = [False] * len(fs)
+        q = None
+        for keys in (self._sealed, self._open):
+            if keys.shape[0]:
+                q = np.array(fs, dtype=np.int32) if q is None else q
+                # Past the end (a key above every stored one) is clipped to the last, which differs.
+                at = keys.take(keys.searchsorted(q), mode="clip").tolist()
+                found = [hit or k == x for hit, k, x in zip(found, at, fs, strict=True)]
+        return found
+
+    def _update_small(self, fs: list[int]) -> int:
+        """A short batch (fingerprints) without rebuilding the open segment: additions wait in a
+        small dict, merged every :data:`_MERGE_EVERY` ids or when the segment is full."""
         pending = self._pending
-        found = self._in_memory(f).tolist()
-        fs: list[int] = f.tolist()
+        found = self._found_few(fs)
         dups = 0
         seen: set[int] = set()
         for x, hit in zip(fs, found, strict=True):
