@@ -373,9 +373,9 @@ def overview() -> dict[str, Any]:
                 targets(("sum(embedwatch_streams)", "")), "none", base="blue")
     eps = stat("Accepted events/s", "Accepted events per second for the selected streams.",
                targets((f"sum(rate(embedwatch_events_total{{{SEL}}}[{RATE}]))", "")), "eps", base="blue")
-    dlq = stat("Dead-lettered share", "Rejected / consumed events over all topics (alert: 5%).",
+    dlq = stat("Dead-lettered share", "Rejected / processed events over all topics (alert: 5%).",
                targets((f"sum(rate(embedwatch_events_rejected_total[{RATE}])) / "
-                        f"sum(rate(embedwatch_consumed_events_total[{RATE}]))", "")),
+                        f"sum(rate(embedwatch_processed_events_total[{RATE}]))", "")),
                "percentunit", steps=((0.01, "orange"), (0.05, "red")))
     lag = stat("Consumer lag", "Messages behind the log end, all topics (alert: 10k per topic).",
                targets(("sum(max by (topic, partition) (embedwatch_consumer_lag_messages))", "")),
@@ -666,8 +666,9 @@ def service_health() -> dict[str, Any]:
                   targets((f"embedwatch_build_info{{{inst}}}", ""), instant=True, fmt="table"), "none",
                   hide=("Time", "Value", "__name__"))
     throughput = timeseries(
-        "Consumed events/s by topic and outcome", "Events read from Kafka: accepted or dead-lettered.",
-        targets((f"sum by (topic, outcome) (rate(embedwatch_consumed_events_total{{{inst}}}[{RATE}]))",
+        "Consumed events/s by topic and outcome", "Events read from Kafka and processed: accepted or "
+        "dead-lettered (embedwatch_processed_events_total, counted by each process from its start).",
+        targets((f"sum by (topic, outcome) (rate(embedwatch_processed_events_total{{{inst}}}[{RATE}]))",
                  "{{topic}} {{outcome}}")),
         "eps", min_=0, stack=True)
     batches = timeseries(
@@ -682,7 +683,7 @@ def service_health() -> dict[str, Any]:
         "Events per batch and poll bound", "Events per poll batch, and the records a poll asks for at most "
         "(embedwatch_poll_max_records: kafka.max_poll_records, raised after a batch of many streams within "
         "kafka.max_poll_bytes). Batches as large as the bound: the replica is behind and reads as fast as it can.",
-        targets((f"sum by (instance) (rate(embedwatch_consumed_events_total{{{inst}}}[{RATE}])) / "
+        targets((f"sum by (instance) (rate(embedwatch_processed_events_total{{{inst}}}[{RATE}])) / "
                  f"sum by (instance) (rate(embedwatch_batches_total{{{inst}}}[{RATE}]))",
                  "events per batch {{instance}}"),
                 (f"embedwatch_poll_max_records{{{inst}}}", "poll bound {{instance}}")),
@@ -710,9 +711,9 @@ def service_health() -> dict[str, Any]:
                    {"matcher": {"id": "byRegexp", "options": "^rebalances .*"},
                     "properties": [{"id": "custom.drawStyle", "value": "bars"}]}])
     dlq = timeseries(
-        "Dead-letter rate", "Rejected / consumed events per topic (DeadLetterRateHigh: > 5% for 10m).",
+        "Dead-letter rate", "Rejected / processed events per topic (DeadLetterRateHigh: > 5% for 10m).",
         targets((f"sum by (topic) (rate(embedwatch_events_rejected_total{{{inst}}}[{RATE}])) / "
-                 f"sum by (topic) (rate(embedwatch_consumed_events_total{{{inst}}}[{RATE}]))", "{{topic}}")),
+                 f"sum by (topic) (rate(embedwatch_processed_events_total{{{inst}}}[{RATE}]))", "{{topic}}")),
         "percentunit", min_=0, steps=((0.05, "red"),))
     dlq_reason = timeseries(
         "Dead-lettered events/s by reason", "Rejected events per second by reason, and failures to "

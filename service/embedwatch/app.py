@@ -1227,11 +1227,17 @@ class Service:
         if rejections:
             rej += np.bincount(msg_part[[r.message_index for r in rejections]], minlength=len(parts))
         replayed = 0
+        counters = self.exporter.counters
         with self.exporter.lock:
             for p, i in pidx.items():
                 led = self.ledgers[p]
                 led.accepted += int(acc[i])
                 led.dead_lettered += int(rej[i])
+                # The same counts in a counter of this process alone: the ledger resumes from the
+                # commit, so after a restart it can read lower than its last scrape (a counter reset
+                # to Prometheus, whose rate() then counts the whole ledger again).
+                counters.inc("embedwatch_processed_events_total", (p.topic, "accepted"), int(acc[i]))
+                counters.inc("embedwatch_processed_events_total", (p.topic, "dead_lettered"), int(rej[i]))
                 self._positions[p] = parts[p][1] + 1
                 until = self.replay_until.get(p)
                 if until is not None:

@@ -47,7 +47,13 @@ METRICS: tuple[Metric, ...] = (
            ("topic", "partition")),
     Metric("embedwatch_consumed_events_total", "counter",
            "Events read per partition by outcome (accepted, dead_lettered); restored from committed "
-           "offsets' metadata so it reconciles across restarts.", ("topic", "partition", "outcome")),
+           "offsets' metadata so it reconciles across restarts. A ledger: rates come from "
+           "embedwatch_processed_events_total.", ("topic", "partition", "outcome")),
+    Metric("embedwatch_processed_events_total", "counter",
+           "Events this process read and processed, per topic by outcome (accepted, dead_lettered), replays "
+           "included. Starts at 0 with the process, so rate() of it is throughput; the ledger "
+           "embedwatch_consumed_events_total resumes from the committed offsets' metadata, and a restart "
+           "or a partition coming back makes it jump.", ("topic", "outcome")),
     Metric("embedwatch_events_replayed_total", "counter",
            "Events processed again after a restart or rebalance (at-least-once replay).", ("topic",)),
     Metric("embedwatch_batches_total", "counter", "Poll batches processed."),

@@ -221,7 +221,7 @@ def test_required_content() -> None:
                    "embedwatch_query_latency_seconds_bucket"):
         assert needle in queries, f"queries: {needle}"
     health = _exprs("service-health.json")
-    for needle in ("embedwatch_consumed_events_total", "embedwatch_processing_seconds_bucket",
+    for needle in ("embedwatch_processed_events_total", "embedwatch_processing_seconds_bucket",
                    "embedwatch_consumer_lag_messages", "embedwatch_rebalances_total",
                    "embedwatch_events_rejected_total", "process_resident_memory_bytes"):
         assert needle in health, f"service-health: {needle}"

@@ -448,3 +448,25 @@ def test_a_partition_given_back_after_an_abandoned_batch_resumes_from_its_checkp
     assert ledger(svc) == (99, 1) and broker.committed[P].offset == 100
     assert svc.router.monitors[KEY].events == 99  # the batch read again is applied once
     assert [h["embedwatch-source-offset"] for _, _, h in broker.dlq] == [b"99"]
+
+
+def test_the_ledger_resumes_from_the_commit_and_the_process_counter_starts_at_zero() -> None:
+    """After a restart the ledger goes on from the committed metadata (it reconciles with the
+    offsets), while embedwatch_processed_events_total counts only what this process read: the
+    counter rate() is taken of, since a ledger that resumes below its last scrape is a reset."""
+    broker = Broker()
+    for i in range(12):
+        broker.append(BAD if i % 4 == 0 else good())
+    first = Service(settings())
+    first.run(Source(first, broker), Sink(broker))
+    for i in range(8):
+        broker.append(BAD if i % 4 == 0 else good())
+    second = Service(settings())
+    second.run(Source(second, broker), Sink(broker))
+    assert ledger(first) == (9, 3) and ledger(second) == (15, 5)
+    assert second.exporter.counters.series("embedwatch_consumed_events_total") == {
+        ("embeddings", "0", "accepted"): 15.0, ("embeddings", "0", "dead_lettered"): 5.0}
+    assert first.exporter.counters.series("embedwatch_processed_events_total") == {
+        ("embeddings", "accepted"): 9.0, ("embeddings", "dead_lettered"): 3.0}
+    assert second.exporter.counters.series("embedwatch_processed_events_total") == {
+        ("embeddings", "accepted"): 6.0, ("embeddings", "dead_lettered"): 2.0}
