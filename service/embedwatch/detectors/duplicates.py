@@ -113,8 +113,7 @@ class DuplicateIds:
             # :func:`fingerprints`); three numpy calls on a 2-element array cost more.
             n = self._update_small([hash(i) >> 32 for i in present])
         else:
-            self._merge()
-            n = self._update_bulk(fingerprints(np.fromiter(map(hash, present), dtype=np.int64, count=len(present))))
+            n = self.update_hashes(np.fromiter(map(hash, present), dtype=np.int64, count=len(present)))
         self.total += n
         return n
 
