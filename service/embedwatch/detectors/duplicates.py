@@ -130,9 +130,8 @@ class DuplicateIds:
         found = np.zeros(f.shape[0], dtype=bool)
         for keys in (self._sealed, self._open):
             if keys.shape[0]:
-                pos = np.searchsorted(keys, f)
-                np.minimum(pos, keys.shape[0] - 1, out=pos)
-                found |= keys[pos] == f
+                # Past the end (a key above every stored one) is clipped to the last, which differs.
+                found |= keys.take(keys.searchsorted(f), mode="clip") == f
         return found
 
     def _found_few(self, fs: list[int]) -> list[bool]:
@@ -143,8 +142,7 @@ class DuplicateIds:
         for keys in (self._sealed, self._open):
             if keys.shape[0]:
                 q = np.array(fs, dtype=np.int32) if q is None else q
-                # Past the end (a key above every stored one) is clipped to the last, which differs.
-                at = keys.take(keys.searchsorted(q), mode="clip").tolist()
+                at = keys.take(keys.searchsorted(q), mode="clip").tolist()  # as in _in_memory
                 found = [hit or k == x for hit, k, x in zip(found, at, fs, strict=True)]
         return found
 
