@@ -123,13 +123,14 @@ class StreamKey(NamedTuple):
         return cls(*parts)
 
 
-@dataclass(slots=True)
-class Message:
+class Message(msgspec.Struct, gc=False):
     """A source-agnostic message: what a Kafka record or a file line gives the decoder.
 
-    Treat it as read-only. It is not ``frozen``: a frozen dataclass sets each field through
-    ``object.__setattr__``, three times the cost of this one per record (about 1.5 of the 50 µs an
-    event takes end to end).
+    Treat it as read-only. A msgspec struct, not a dataclass: one is made per Kafka record, and
+    its constructor runs in C, 60 ns against 200 for a slotted dataclass's generated ``__init__``
+    (a frozen one is three times that again), about a sixtieth of a b64 event's whole cost. The
+    annotations are not checked when one is made. ``gc=False``: it holds only strings, bytes,
+    numbers and tuples of them, so it can never be part of a reference cycle.
     """
 
     value: bytes
@@ -668,12 +669,18 @@ class Decoder:
         max_bytes, max_id, max_message = 4 * lim.max_dim, 4 * lim.max_label_length, lim.max_message_bytes
         query_topics = self.query_topics
         by_fields = self.kind_by_fields
+        embedding = Kind.EMBEDDING
+        # Per stream: (size, the appends of its group's columns). Six list appends per event
+        # looked up through the group, and a (stream, kind, dim) key built and hashed per event,
+        # cost about 0.2 µs of an event's 3.7 here; the key is built once per stream and size.
+        appends: dict[StreamKey, tuple[Any, ...]] = {}
         for mi, msg in enumerate(messages):
             value = msg.value
-            # b"[": a number list (or some other array), left to the simdjson path; memchr stops at
+            # "[": a number list (or some other array), left to the simdjson path; memchr stops at
             # the first one, where a search for "embedding_b64" would read a JSON event to its end.
+            # find, not ``in``: 0.15 against 0.25 µs on a 2 KB message (``in`` takes another path).
             if (not value or len(value) > max_message or msg.topic in query_topics
-                    or b"[" in value or not value.isascii()):
+                    or value.find(b"[") >= 0 or not value.isascii()):
                 rest.append(mi)
                 continue
             try:
@@ -710,16 +717,21 @@ class Decoder:
             elif ident is not None and len(ident) > max_id:
                 rest.append(mi)
                 continue
-            gkey = (stream, Kind.EMBEDDING, -(size >> 2))
-            g = groups.get(gkey)
-            if g is None:
-                g = groups[gkey] = _Group()
-            g.raw.append(text)
-            g.ts.append(ts)
-            g.lat.append(_NAN if lat is None else lat / 1000.0)
-            g.ids.append(ident)
-            g.msg.append(mi)
-            g.payloads.append(value)
+            at = appends.get(stream)
+            if at is None or at[0] != size:
+                gkey = (stream, embedding, -(size >> 2))
+                g = groups.get(gkey)
+                if g is None:
+                    g = groups[gkey] = _Group()
+                at = appends[stream] = (size, g.raw.append, g.ts.append, g.lat.append, g.ids.append,
+                                        g.msg.append, g.payloads.append)
+            _, add_raw, add_ts, add_lat, add_id, add_msg, add_payload = at
+            add_raw(text)
+            add_ts(ts)
+            add_lat(_NAN if lat is None else lat / 1000.0)
+            add_id(ident)
+            add_msg(mi)
+            add_payload(value)
         bad: list[int] = []
         for group_key, g in list(groups.items()):
             bad += self._decode_texts(g)
