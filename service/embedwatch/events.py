@@ -128,9 +128,10 @@ class Message(msgspec.Struct, gc=False):
 
     Treat it as read-only. A msgspec struct, not a dataclass: one is made per Kafka record, and
     its constructor runs in C, 60 ns against 200 for a slotted dataclass's generated ``__init__``
-    (a frozen one is three times that again), about a sixtieth of a b64 event's whole cost. The
-    annotations are not checked when one is made. ``gc=False``: it holds only strings, bytes,
-    numbers and tuples of them, so it can never be part of a reference cycle.
+    (a frozen one is three times that again): the difference is about 1.2% of the 11.5 µs a b64
+    event costs end to end. The annotations are not checked when one is made. ``gc=False``: it
+    holds only strings, bytes, numbers and tuples of them, so it can never be part of a reference
+    cycle.
     """
 
     value: bytes
