@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from itertools import pairwise
 from typing import Any, NamedTuple
 
 import msgspec
@@ -63,6 +64,10 @@ MAX_MAGNITUDE = 1e30
 #: A vector whose components are all smaller is refused as zero: its pairwise distances would give
 #: a kernel bandwidth whose inverse overflows float32.
 MIN_MAGNITUDE = 1e-30
+#: A group of at most this many rows is checked in Python (:meth:`Decoder._finish`): with many
+#: streams a poll batch gives each a few events, and a numpy call's fixed cost is several times a
+#: short list's comparisons.
+_FEW_ROWS = 16
 
 
 class Reason(StrEnum):
@@ -546,7 +551,10 @@ class _Group:
         group that both fed (a stream whose events are not all in the common form) is out of
         order; a stable sort keeps an event array's rows in their order.
         """
-        msg = np.asarray(self.msg, dtype=np.int64)
+        rows = self.msg
+        if len(rows) <= _FEW_ROWS and all(a <= b for a, b in pairwise(rows)):
+            return np.array(rows, dtype=np.int64)  # in order (the usual case), seen without numpy
+        msg = np.asarray(rows, dtype=np.int64)
         if msg.shape[0] > 1 and (msg[1:] < msg[:-1]).any():
             order = np.argsort(msg, kind="stable")
             self.take(order.tolist())
@@ -985,9 +993,13 @@ class Decoder:
             # features of a baseline fit (every later batch of the stream raised) or underflowed
             # its kernel bandwidth.
             peak = np.abs(vectors).max(axis=1)
-            finite = peak <= MAX_MAGNITUDE
-            nonzero = peak >= MIN_MAGNITUDE
-            if not (finite.all() and nonzero.all()):  # rare: name each bad row's reason
+            if n <= _FEW_ROWS:  # NaN fails both comparisons, as it does the array's below
+                ok = all(MIN_MAGNITUDE <= p <= MAX_MAGNITUDE for p in peak.tolist())
+            else:
+                ok = bool(((peak >= MIN_MAGNITUDE) & (peak <= MAX_MAGNITUDE)).all())
+            if not ok:  # rare: name each bad row's reason
+                finite = peak <= MAX_MAGNITUDE
+                nonzero = peak >= MIN_MAGNITUDE
                 for i in np.flatnonzero(~finite & ~bad):
                     reasons[int(i)] = (Reason.NON_FINITE, "embedding holds NaN or Inf" if not np.isfinite(
                         peak[i]) else f"embedding holds a value beyond {MAX_MAGNITUDE:g} in magnitude")
@@ -1013,7 +1025,7 @@ class Decoder:
             block.top1, block.n_results, block.precision_at_k, block.recall_at_k = (
                 qa[:, 0], qa[:, 1], qa[:, 2], qa[:, 3]
             )
-        if bad.any():
+        if reasons:  # every bad row has its reason (here or in _list_block)
             block = block.take(~bad)
         if block.n:
             out.blocks.append(block)
