@@ -322,16 +322,16 @@ def render(r: dict[str, Any]) -> str:
         every = _v(c, "blas_1_thread", "update_embeddings_every_due_evaluation")
         per = (c.get("blas_1_thread") or {}).get("update_embeddings") or {}
         if capped is not None and every is not None and per.get("evaluations_per_event"):
-            runs = round(per["evaluations_per_event"] * 2000)
+            ran = round(per["evaluations_per_event"] * 2000)
             due = round(((c.get("blas_1_thread") or {}).get("update_embeddings_every_due_evaluation") or {})
                         .get("evaluations_per_event", 0) * 2000)
-            text += (f"\n\nA 2,000-event update of one stream runs `max_evaluations_per_update` ({runs}) of its {due} "
+            text += (f"\n\nA 2,000-event update of one stream runs `max_evaluations_per_update` ({ran}) of its {due} "
                      f"due evaluations, one per {_n(1 / per['evaluations_per_event'])} events, as the service "
                      "does with a poll batch of one stream. With every due evaluation run (one per "
                      f"{_n(2000 / due) if due else '?'} events; one BLAS thread) `update_embeddings` measured "
                      f"{_n(every)} events/s, against {_n(capped)} with the cap. At 3 streams "
                      "(`StreamRouter.route`) each stream's update of about 667 events runs up to "
-                     f"{runs} of its due evaluations.")
+                     f"{ran} of its due evaluations.")
         parts.append(text)
 
     # ---- latency

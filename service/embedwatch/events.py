@@ -552,10 +552,11 @@ class _Group:
         order; a stable sort keeps an event array's rows in their order.
         """
         rows = self.msg
-        if len(rows) <= _FEW_ROWS and all(a <= b for a, b in pairwise(rows)):
-            return np.array(rows, dtype=np.int64)  # in order (the usual case), seen without numpy
-        msg = np.asarray(rows, dtype=np.int64)
-        if msg.shape[0] > 1 and (msg[1:] < msg[:-1]).any():
+        msg = np.array(rows, dtype=np.int64)
+        # A few rows are seen in order without numpy's fixed costs; either way the check runs once.
+        ordered = (all(a <= b for a, b in pairwise(rows)) if len(rows) <= _FEW_ROWS
+                   else not (msg[1:] < msg[:-1]).any())
+        if not ordered:
             order = np.argsort(msg, kind="stable")
             self.take(order.tolist())
             msg = msg[order]

@@ -376,6 +376,24 @@ def test_msgspec_pass_decodes_exactly_like_the_general_path(raws: list[bytes]) -
     assert _outcome(fast.decode(msgs)) == _outcome(general.decode(msgs))
 
 
+@pytest.mark.parametrize("n", [6, 40])  # a few rows (checked in Python) and many (with numpy)
+def test_a_group_fed_by_both_paths_comes_out_in_message_order(n: int) -> None:
+    # Every other event holds an array field, so the general path takes it after the b64 pass
+    # took the rest: the stream's one group gets its rows out of order and must sort them.
+    rows = np.arange(n * 3, dtype="<f4").reshape(n, 3) + 1
+    msgs = [msg(ev(embedding=None, embedding_b64=_b64(r.tolist()), id=f"i{k}", **({"extra": [k]} if k % 2 else {})))
+            for k, r in enumerate(rows)]
+    d = Decoder(clock=_clock)
+    d.decode(_PRIME)
+    groups: dict = {}
+    assert d._b64_pass(msgs, None, groups) == list(range(1, n, 2))
+    out = d.decode(msgs)
+    (b,) = out.blocks
+    assert b.message_index.tolist() == list(range(n)) and b.ids == [f"i{k}" for k in range(n)]
+    np.testing.assert_array_equal(b.vectors, rows)
+    assert _outcome(out) == _outcome(_general_only().decode(msgs))
+
+
 @pytest.mark.parametrize(("width", "pad"), [(3, 0), (2, 1), (1, 2), (6, 0), (5, 1), (4, 2)])
 def test_b64_rows_are_decoded_together_and_a_bad_one_is_judged_alone(width: int, pad: int) -> None:
     d = Decoder()
