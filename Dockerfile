@@ -5,10 +5,11 @@
 #   docker build -t embedwatch:0.1.0 .
 #   docker run --rm -p 9108:9108 -v $PWD/config.yaml:/etc/embedwatch/config.yaml:ro --read-only embedwatch:0.1.0
 #
-# Two stages: `build` turns the project and every runtime dependency into wheels; the runtime stage
-# installs only those wheels (no compiler, no build tools, no torch) and runs as uid 10001 under
-# tini. Nothing secret is baked in: the Kafka SASL password and the admin token arrive as env vars
-# (EMBEDWATCH_KAFKA__SASL_PASSWORD, EMBEDWATCH_HTTP__ADMIN_TOKEN) at run time. The process writes
+# Two stages: `build` compiles the project (its C extension) and turns it and every runtime
+# dependency into wheels; the runtime stage installs only those wheels (no compiler, no build tools,
+# no torch) and runs as uid 10001 under tini. Nothing secret is baked in: the Kafka SASL password
+# and the admin token arrive as env vars (EMBEDWATCH_KAFKA__SASL_PASSWORD,
+# EMBEDWATCH_HTTP__ADMIN_TOKEN) at run time. The process writes
 # only to /tmp (HOME) and, with state.backend=file, to /var/lib/embedwatch (mount a volume there),
 # so the image runs with a read-only root filesystem.
 #
@@ -22,8 +23,16 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
+# A C compiler for embedwatch's one C extension (the decoder's b64 pass, setup.py); the runtime
+# stage installs the built wheels only. gcc is pinned; libc6-dev must be the version of the base
+# image's own libc6, which the pinned base already fixes.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc=4:12.2.0-3 libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY service ./service
 
 # The project wheel plus a wheel of every runtime dependency (all ship manylinux wheels), with the

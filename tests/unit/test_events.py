@@ -292,6 +292,19 @@ def _general_only() -> Decoder:
     return d
 
 
+# The b64 pass in C (embedwatch._b64scan, what the service runs) and the msgspec pass (where no C
+# compiler built it): each is held to the general path.
+B64_PASSES = ["c", "msgspec"]
+
+
+def _with_pass(d: Decoder, which: str) -> Decoder:
+    if which == "msgspec":
+        d._b64_scan = None
+    else:
+        assert d._b64_scan is not None, "embedwatch._b64scan is not built (pip install -e . with a C compiler)"
+    return d
+
+
 def _b64(values: list[float]) -> str:
     return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode()
 
@@ -300,8 +313,9 @@ _PRIME = [msg(ev(model=m, model_version=v, segment=s, embedding=[1.0]))
           for m in ("m", "n") for v in ("1", "2") for s in ("a", "default")]
 
 
-def test_common_b64_events_of_known_streams_take_the_msgspec_pass() -> None:
-    d = Decoder()
+@pytest.mark.parametrize("which", B64_PASSES)
+def test_common_b64_events_of_known_streams_take_the_b64_pass(which: str) -> None:
+    d = _with_pass(Decoder(), which)
     assert d._b64_event is not None, "msgspec is a dependency"
     common = [msg(ev(embedding=None, embedding_b64=_b64([0.5, -1.0]), ts=1.7e9 + i, latency_ms=3.25, id=f"d{i}"))
               for i in range(3)]
@@ -368,22 +382,113 @@ plausible_b64_events = st.fixed_dictionaries(
            b'{"model":"m","model_version":"1","embedding_b64":"AACAPwAAAEAAAEB\\u0041"}',
            b'{"model":"m","model_version":"1","embedding_b64":"AACAPwAAAEAAAEB\\u00e9"}',
            b'{"model":"m","model_version":"1","embedding_b64":"AACAPwAAAEAAAE\\/A"}'])), max_size=12))
-def test_msgspec_pass_decodes_exactly_like_the_general_path(raws: list[bytes]) -> None:
+@pytest.mark.parametrize("which", B64_PASSES)
+def test_b64_pass_decodes_exactly_like_the_general_path(which: str, raws: list[bytes]) -> None:
     msgs = [msg(None, raw=r) for r in raws]
-    fast, general = Decoder(clock=_clock), _general_only()
+    fast, general = _with_pass(Decoder(clock=_clock), which), _general_only()
     fast.decode(_PRIME)
     general.decode(_PRIME)
     assert _outcome(fast.decode(msgs)) == _outcome(general.decode(msgs))
 
 
+def test_the_c_pass_takes_every_common_spelling_of_a_b64_event() -> None:
+    # Whitespace anywhere JSON allows it, any key order, segment null, an integer id, no ts (the
+    # Kafka timestamp), null fields, fields the checks ignore: all taken, with the general path's values.
+    d = _with_pass(Decoder(clock=_clock), "c")
+    d.decode([*_PRIME, msg(ev(model="n", model_version="2", segment=None))])
+    text = _b64([0.5, -1.0])
+    raws = [b' \t{ "model" :\n"m" ,\r"model_version":"1","embedding_b64" : "%s" } \n' % text.encode(),
+            b'{"embedding_b64":"%s","segment":null,"model_version":"2","model":"n","id":-42,"ts":1700000000}'
+            % text.encode(),
+            b'{"model":"m","model_version":"1","embedding_b64":"%s","segment":"a","id":null,"ts":null,'
+            b'"latency_ms":0,"query_id":null,"results":null,"relevant_ids":null,"embedding":null}' % text.encode(),
+            b'{"model":"m","model_version":"1","embedding_b64":"%s","note":"x y","n":-1.5e-3,"ok":true,'
+            b'"no":false,"id":"d-1","latency_ms":2.5E+1,"ts":1.7e9}' % text.encode()]
+    msgs = [msg(None, raw=r) for r in raws]
+    assert d._b64_pass(msgs, None, {}) == []
+    assert _outcome(d.decode(msgs)) == _outcome(_general_only().decode(msgs))
+
+
+def test_the_c_pass_joins_a_stream_spelled_two_ways_in_message_order() -> None:
+    # segment null and "default" name one stream: two classes of the scan, one group, rows in order.
+    d = _with_pass(Decoder(clock=_clock), "c")
+    d.decode([*_PRIME, msg(ev(segment=None))])
+    rows = np.arange(12, dtype="<f4").reshape(6, 2) + 1
+    msgs = [msg({"model": "m", "model_version": "1", "embedding_b64": _b64(r.tolist()), "id": f"i{k}",
+                 **({"segment": None} if k in (1, 2, 4) else {"segment": "default"} if k == 5 else {})})
+            for k, r in enumerate(rows)]
+    groups: dict = {}
+    assert d._b64_pass(msgs, None, groups) == []
+    (g,) = groups.values()
+    assert g.msg == list(range(6)) and g.ids == [f"i{k}" for k in range(6)]
+    (b,) = d.decode(msgs).blocks
+    np.testing.assert_array_equal(b.vectors, rows)
+    assert _outcome(d.decode(msgs)) == _outcome(_general_only().decode(msgs))
+
+
+# JSON whitespace, JSON escapes and the bytes of its grammar: what a hand-written parser can get wrong.
+_JSON_BYTES = b' \t\n\r{}[]":,\\/-+.0123456789eEtrufalsnAQ=\x00\x1f\x7f\xc3\xa9'
+
+
+def _spelled(fields: dict[str, object], seps: list[str], escaped: set[str], again: tuple[str, object] | None) -> bytes:
+    """``fields`` as one JSON object, with ``seps`` (cycled) as its whitespace, the letters of the
+    string values of the ``escaped`` fields written as \\u escapes, and ``again`` a key given twice."""
+    def value(v: object, escape: bool = False) -> str:
+        out = json.dumps(v)
+        return "".join(f"\\u{ord(c):04x}" if c.isalpha() and escape else c for c in out) if isinstance(v, str) else out
+    ws = (seps[i % len(seps)] for i in range(10**6))
+    items = [*fields.items(), *([again] if again is not None else [])]
+    body = ",".join(f"{next(ws)}{value(k)}{next(ws)}:{next(ws)}{value(v, k in escaped)}{next(ws)}" for k, v in items)
+    return f"{next(ws)}{{{body}}}{next(ws)}".encode()
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(
+    st.fixed_dictionaries(
+        {"model": st.sampled_from(["m", "n"]), "model_version": st.sampled_from(["1", "2"]),
+         "embedding_b64": vectors_b64 | b64_values},
+        optional={"segment": st.sampled_from(["a", "default", None]),
+                  "ts": st.sampled_from([1.7e9, 1_700_000_000, 0, -0.0, None, CLOCK + 300, 1e-320]),
+                  "latency_ms": st.sampled_from([0, 2.5, None, -0.0, 1e308]),
+                  "id": st.sampled_from(["a", "", None, 0, -7, 10**17, 10**18, 2**63, "x" * 600]),
+                  "query_id": st.sampled_from([None, "q"]), "extra": st.sampled_from([None, True, 1.5, "s"])}),
+    st.lists(st.sampled_from(["", " ", "\n", "\t", "\r", "  "]), min_size=1, max_size=3),
+    st.sets(st.sampled_from(["model", "segment", "id", "extra"])),
+    st.none() | st.tuples(st.sampled_from(["model", "segment", "ts", "id", "latency_ms", "embedding_b64"]),
+                          st.sampled_from([None, 5, "a", "n"])),
+    # A byte of the JSON grammar put in, or one taken out, at some place: the parser must leave
+    # whatever is no longer a well-formed event to the general path.
+    st.none() | st.tuples(st.integers(0, 2**16), st.sampled_from([bytes([b]) for b in _JSON_BYTES] + [b""]))),
+    max_size=8))
+@example([({"model": "m", "model_version": "1", "embedding_b64": "AACAPw==", "id": 0}, [""], set(), None, (65, b"-"))])
+@pytest.mark.parametrize("by_fields", [False, True])  # the service tells a query by topic, replay by its fields
+def test_the_c_pass_decodes_any_spelling_exactly_like_the_general_path(
+        by_fields: bool, events: list[tuple[dict[str, object], list[str], set[str], tuple[str, object] | None,
+                                            tuple[int, bytes] | None]]) -> None:
+    raws = []
+    for fields, seps, escaped, again, edit in events:
+        raw = _spelled(fields, seps, escaped, again)
+        if edit is not None:
+            at, put = edit[0] % (len(raw) + 1), edit[1]
+            raw = raw[:at] + put + raw[at + (not put):]
+        raws.append(raw)
+    msgs = [msg(None, raw=r) for r in raws]
+    fast, general = _with_pass(Decoder(clock=_clock), "c"), _general_only()
+    fast.kind_by_fields = general.kind_by_fields = by_fields
+    fast.decode(_PRIME + [msg(ev(model=m, segment=None)) for m in ("m", "n")])
+    general.decode(_PRIME + [msg(ev(model=m, segment=None)) for m in ("m", "n")])
+    assert _outcome(fast.decode(msgs)) == _outcome(general.decode(msgs))
+
+
+@pytest.mark.parametrize("which", B64_PASSES)
 @pytest.mark.parametrize("n", [6, 40])  # a few rows (checked in Python) and many (with numpy)
-def test_a_group_fed_by_both_paths_comes_out_in_message_order(n: int) -> None:
+def test_a_group_fed_by_both_paths_comes_out_in_message_order(n: int, which: str) -> None:
     # Every other event holds an array field, so the general path takes it after the b64 pass
     # took the rest: the stream's one group gets its rows out of order and must sort them.
     rows = np.arange(n * 3, dtype="<f4").reshape(n, 3) + 1
     msgs = [msg(ev(embedding=None, embedding_b64=_b64(r.tolist()), id=f"i{k}", **({"extra": [k]} if k % 2 else {})))
             for k, r in enumerate(rows)]
-    d = Decoder(clock=_clock)
+    d = _with_pass(Decoder(clock=_clock), which)
     d.decode(_PRIME)
     groups: dict = {}
     assert d._b64_pass(msgs, None, groups) == list(range(1, n, 2))
@@ -394,9 +499,10 @@ def test_a_group_fed_by_both_paths_comes_out_in_message_order(n: int) -> None:
     assert _outcome(out) == _outcome(_general_only().decode(msgs))
 
 
+@pytest.mark.parametrize("which", B64_PASSES)
 @pytest.mark.parametrize(("width", "pad"), [(3, 0), (2, 1), (1, 2), (6, 0), (5, 1), (4, 2)])
-def test_b64_rows_are_decoded_together_and_a_bad_one_is_judged_alone(width: int, pad: int) -> None:
-    d = Decoder()
+def test_b64_rows_are_decoded_together_and_a_bad_one_is_judged_alone(width: int, pad: int, which: str) -> None:
+    d = _with_pass(Decoder(), which)
     d.decode(_PRIME)
     rows = np.arange(4 * width, dtype="<f4").reshape(4, width) + 1
     texts = [_b64(r.tolist()) for r in rows]
@@ -405,7 +511,8 @@ def test_b64_rows_are_decoded_together_and_a_bad_one_is_judged_alone(width: int,
     groups: dict = {}
     assert d._b64_pass(good, None, groups) == []
     (g,) = groups.values()
-    assert g.block.tobytes() == rows.tobytes() and g.raw == texts  # one block, its rows' text kept
+    # One block; the msgspec pass keeps its rows' text, the C pass has them joined and keeps none.
+    assert g.block.tobytes() == rows.tobytes() and g.raw == (texts if which == "msgspec" else [])
     (b,) = d.decode(good).blocks
     np.testing.assert_array_equal(b.vectors, rows)
     assert b.vectors.flags.writeable and b.ids == ["i0", "i1", "i2", "i3"]
@@ -419,7 +526,11 @@ def test_b64_rows_are_decoded_together_and_a_bad_one_is_judged_alone(width: int,
         groups = {}
         assert d._b64_pass(bad, None, groups) == [2], wrong
         (g,) = groups.values()
-        assert g.msg == [0, 1, 3, 4] and g.raw == texts and g.block.tobytes() == rows.tobytes()
+        # The C pass keeps the rows' text only when the bad row was among them (its length the
+        # rows'), and so decoded row by row.
+        with_bad = 3 * len(wrong) // 4 - (2 if wrong.endswith("==") else wrong.endswith("=")) == 4 * width
+        kept = texts if which == "msgspec" or with_bad else []
+        assert g.msg == [0, 1, 3, 4] and g.raw == kept and g.block.tobytes() == rows.tobytes()
         out = d.decode(bad)
         assert _outcome(out) == _outcome(_general_only().decode(bad))
         assert [r.message_index for r in out.rejections] == [2]
