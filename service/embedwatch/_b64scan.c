@@ -39,6 +39,7 @@ typedef struct {
     int has_ts, has_lat;
     double ts, lat;
     int id_kind; /* 0 absent or null, 1 string, 2 integer */
+    Py_ssize_t guess; /* in: where the base64 text's closing quote may be */
 } fields_t;
 
 /* The messages of one (model, model_version, segment, base64 length): one group in Python. */
@@ -160,7 +161,9 @@ static int key_of(span_t k) {
 /* Parse one message; 1: its fields are in f, 0: leave it to the general path. */
 static int parse(const char *p, const char *end, fields_t *f) {
     unsigned seen = 0;
+    Py_ssize_t guess = f->guess;
     memset(f, 0, sizeof(*f));
+    f->guess = guess;
     p = skip_ws(p, end);
     if (p >= end || *p != '{') return 0;
     p = skip_ws(p + 1, end);
@@ -186,8 +189,17 @@ static int parse(const char *p, const char *end, fields_t *f) {
         case K_B64:
             if (*p != '"') return 0;
             if (key == K_B64) {
-                /* Up to the first quote; the base64 check refuses whatever should not be there. */
-                const char *q = memchr(p + 1, '"', (size_t)(end - p - 1));
+                /* Up to its closing quote, looked for where the last message's was first: a b64
+                 * event's text is about all of its bytes, and this way they are read once, by the
+                 * copy, not twice. A wrong guess is harmless: the text up to the first quote is then
+                 * shorter and this span holds that quote (or a backslash escaping the guessed one),
+                 * which the base64 check refuses, so the message goes to the general path. */
+                const char *s = p + 1, *q;
+                if (f->guess > 0 && f->guess < end - s && s[f->guess] == '"') {
+                    q = s + f->guess;
+                } else {
+                    q = memchr(s, '"', (size_t)(end - s));
+                }
                 if (q == NULL) return 0;
                 f->b64.p = p + 1;
                 f->b64.n = q - p - 1;
@@ -406,7 +418,7 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     table_t t = {0};
     PyObject *rest = PyList_New(0), *out = NULL, *classes = NULL;
     /* Each taken message's class and base64 text, for the copy into its class's joined text. */
-    Py_ssize_t count = PyList_GET_SIZE(messages), taken = 0;
+    Py_ssize_t count = PyList_GET_SIZE(messages), taken = 0, guess = 0;
     Py_ssize_t *row_class = PyMem_Malloc((size_t)(count ? count : 1) * sizeof(Py_ssize_t));
     const char **row_text = PyMem_Malloc((size_t)(count ? count : 1) * sizeof(char *));
     if (row_class == NULL || row_text == NULL) {
@@ -442,7 +454,9 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         }
         if (take) {
             const char *p = PyBytes_AS_STRING(value);
+            f.guess = guess;
             take = parse(p, p + PyBytes_GET_SIZE(value), &f);
+            if (take) guess = f.b64.n;
         }
         if (take) {
             Py_ssize_t n = f.b64.n, size = 3 * n >> 2;

@@ -426,6 +426,28 @@ def test_the_c_pass_joins_a_stream_spelled_two_ways_in_message_order() -> None:
     assert _outcome(d.decode(msgs)) == _outcome(_general_only().decode(msgs))
 
 
+def test_the_c_pass_looks_for_the_base64_end_where_the_last_one_was_and_is_not_fooled() -> None:
+    # The scan looks for a text's closing quote first where the last message's was (16 characters
+    # in). The second event's text is 8, and a quote of a later field stands at 16: the span it
+    # then reads holds quotes, which no base64 is, so the event goes to the general path, which
+    # takes it. A third with the first one's length is taken again by the pass.
+    d = _with_pass(Decoder(clock=_clock), "c")
+    d.decode(_PRIME)
+    three, one = _b64([1.0, 2.0, 3.0]), _b64([4.0])
+    assert (len(three), len(one)) == (16, 8)
+    raws = [b'{"model":"m","model_version":"1","embedding_b64":"%s"}' % three.encode(),
+            b'{"model":"m","model_version":"1","embedding_b64":"%s","i":"x"}' % one.encode(),
+            b'{"model":"m","model_version":"1","embedding_b64":"%s","i":"xyzw"}' % three.encode()]
+    assert raws[1][raws[1].index(b"AAC") + 16 : raws[1].index(b"AAC") + 17] == b'"'
+    msgs = [msg(None, raw=r) for r in raws]
+    assert d._b64_pass(msgs, None, {}) == [1]
+    out = d.decode(msgs)
+    assert out.rejections == []
+    assert [(b.message_index.tolist(), b.vectors.tolist()) for b in out.blocks] == [
+        ([0, 2], [[1.0, 2.0, 3.0]] * 2), ([1], [[4.0]])]
+    assert _outcome(out) == _outcome(_general_only().decode(msgs))
+
+
 # JSON whitespace, JSON escapes and the bytes of its grammar: what a hand-written parser can get wrong.
 _JSON_BYTES = b' \t\n\r{}[]":,\\/-+.0123456789eEtrufalsnAQ=\x00\x1f\x7f\xc3\xa9'
 
