@@ -502,6 +502,18 @@ def test_the_c_pass_decodes_any_spelling_exactly_like_the_general_path(
     assert _outcome(fast.decode(msgs)) == _outcome(general.decode(msgs))
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=80) | st.binary(max_size=40).map(
+    lambda b: b'{"model":"m","model_version":"1","embedding_b64":"AACAPw=="' + b), max_size=10))
+def test_the_c_pass_takes_arbitrary_bytes_like_the_general_path(raws: list[bytes]) -> None:
+    # Whatever the bytes, the C pass neither raises nor crashes, and the outcome is the general path's.
+    msgs = [msg(None, raw=r) for r in raws]
+    fast, general = _with_pass(Decoder(clock=_clock), "c"), _general_only()
+    fast.decode(_PRIME)
+    general.decode(_PRIME)
+    assert _outcome(fast.decode(msgs)) == _outcome(general.decode(msgs))
+
+
 @pytest.mark.parametrize("which", B64_PASSES)
 @pytest.mark.parametrize("n", [6, 40])  # a few rows (checked in Python) and many (with numpy)
 def test_a_group_fed_by_both_paths_comes_out_in_message_order(n: int, which: str) -> None:
