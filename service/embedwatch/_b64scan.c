@@ -39,7 +39,6 @@ typedef struct {
     int has_ts, has_lat;
     double ts, lat;
     int id_kind; /* 0 absent or null, 1 string, 2 integer */
-    Py_ssize_t guess; /* in: where the base64 text's closing quote may be */
 } fields_t;
 
 /* The messages of one (model, model_version, segment, base64 length): one group in Python. */
@@ -47,6 +46,7 @@ typedef struct {
     span_t model, version, segment;
     int segment_null;
     Py_ssize_t n; /* base64 characters per row */
+    int pad;      /* its trailing "=": one value only leaves a whole number of float32s */
     uint64_t hash;
     Py_ssize_t rows;
     /* The rows' base64 joined, made once every row is known: one copy of each (growing a buffer as
@@ -158,12 +158,11 @@ static int key_of(span_t k) {
     return K_OTHER;
 }
 
-/* Parse one message; 1: its fields are in f, 0: leave it to the general path. */
-static int parse(const char *p, const char *end, fields_t *f) {
+/* Parse one message; 1: its fields are in f, 0: leave it to the general path. ``guess``: where
+ * the base64 text's closing quote may be (the last taken text's length). */
+static int parse(const char *p, const char *end, Py_ssize_t guess, fields_t *f) {
     unsigned seen = 0;
-    Py_ssize_t guess = f->guess;
     memset(f, 0, sizeof(*f));
-    f->guess = guess;
     p = skip_ws(p, end);
     if (p >= end || *p != '{') return 0;
     p = skip_ws(p + 1, end);
@@ -195,8 +194,8 @@ static int parse(const char *p, const char *end, fields_t *f) {
                  * shorter and this span holds that quote (or a backslash escaping the guessed one),
                  * which the base64 check refuses, so the message goes to the general path. */
                 const char *s = p + 1, *q;
-                if (f->guess > 0 && f->guess < end - s && s[f->guess] == '"') {
-                    q = s + f->guess;
+                if (guess > 0 && guess < end - s && s[guess] == '"') {
+                    q = s + guess;
                 } else {
                     q = memchr(s, '"', (size_t)(end - s));
                 }
@@ -324,7 +323,7 @@ static int table_grow(table_t *t) {
 }
 
 /* The class of f's labels and base64 length, made if new; NULL on a memory error. */
-static class_t *class_of(table_t *t, const fields_t *f, span_t segment) {
+static class_t *class_of(table_t *t, const fields_t *f, span_t segment, int pad) {
     uint64_t h = 14695981039346656037ULL;
     h = fnv(h, f->model.p, f->model.n);
     h = fnv(h ^ 0xff, f->version.p, f->version.n);
@@ -355,6 +354,7 @@ static class_t *class_of(table_t *t, const fields_t *f, span_t segment) {
     c->segment = segment;
     c->segment_null = f->segment_null;
     c->n = f->b64.n;
+    c->pad = pad;
     c->hash = h;
     c->msgs = PyList_New(0);
     c->ts = PyList_New(0);
@@ -395,10 +395,10 @@ PyDoc_STRVAR(scan_doc,
 "--\n\n"
 "The b64 pass over ``messages`` (a list of Message): ``(rest, classes)``. ``rest``: the indices of\n"
 "the messages left to the general path, in order. ``classes``: one tuple per (labels, base64\n"
-"length) taken, ``((model, model_version, segment), n, text, msgs, ts, lat, ids, payloads)``:\n"
-"``text`` the rows' base64 joined (``n`` characters each, undecoded), ``lat`` in seconds (NaN:\n"
-"none), ``ids`` strings or None. ``default_ts(message, now)`` gives the time of an event without\n"
-"``ts``.");
+"length) taken, ``((model, model_version, segment), n, pad, text, msgs, ts, lat, ids, payloads)``:\n"
+"``text`` the rows' base64 joined (``n`` characters each, undecoded, each ending in ``pad`` \"=\"),\n"
+"``lat`` in seconds (NaN: none), ``ids`` strings or None. ``default_ts(message, now)`` gives the\n"
+"time of an event without ``ts``.");
 
 static PyObject *scan(PyObject *self, PyObject *args) {
     (void)self;
@@ -434,6 +434,7 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         fields_t f;
         int take = 0;
         double ts = 0.0, lat = NAN;
+        int pad = 0;
         if (value == NULL) goto done;
         if (PyBytes_CheckExact(value) && PyBytes_GET_SIZE(value) > 0 && PyBytes_GET_SIZE(value) <= max_message) {
             take = 1;
@@ -454,13 +455,13 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         }
         if (take) {
             const char *p = PyBytes_AS_STRING(value);
-            f.guess = guess;
-            take = parse(p, p + PyBytes_GET_SIZE(value), &f);
+            take = parse(p, p + PyBytes_GET_SIZE(value), guess, &f);
             if (take) guess = f.b64.n;
         }
         if (take) {
-            Py_ssize_t n = f.b64.n, size = 3 * n >> 2;
-            if (n > 0 && (n & 3) == 0 && f.b64.p[n - 1] == '=') size -= f.b64.p[n - 2] == '=' ? 2 : 1;
+            Py_ssize_t n = f.b64.n;
+            pad = n > 0 && (n & 3) == 0 && f.b64.p[n - 1] == '=' ? (f.b64.p[n - 2] == '=' ? 2 : 1) : 0;
+            Py_ssize_t size = (3 * n >> 2) - pad;
             take = n > 0 && (n & 3) == 0 && (size & 3) == 0 && size <= max_bytes
                    && (f.id_kind != 1 || f.id.n <= max_id) && (!f.has_lat || (f.lat >= 0.0 && f.lat < INFINITY));
             if (f.has_lat) lat = f.lat / 1000.0;
@@ -484,7 +485,8 @@ static PyObject *scan(PyObject *self, PyObject *args) {
             take = ts >= 0.0 && ts <= ts_max; /* a time ahead of ts_max: the general path words it */
         }
         if (take) {
-            class_t *c = class_of(&t, &f, f.has_segment ? (f.segment_null ? (span_t){"", 0} : f.segment) : default_seg);
+            span_t segment = f.has_segment ? (f.segment_null ? (span_t){"", 0} : f.segment) : default_seg;
+            class_t *c = class_of(&t, &f, segment, pad);
             if (c == NULL || add(c, mi, ts, lat, &f, value) < 0) {
                 if (!PyErr_Occurred()) PyErr_NoMemory();
                 Py_DECREF(value);
@@ -516,7 +518,7 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         PyObject *labels = seg == NULL ? NULL : Py_BuildValue("(s#s#N)", c->model.p, c->model.n, c->version.p,
                                                               c->version.n, seg);
         PyObject *item = labels == NULL ? NULL : Py_BuildValue(
-            "(NnOOOOOO)", labels, c->n, c->text, c->msgs, c->ts, c->lat,
+            "(NniOOOOOO)", labels, c->n, c->pad, c->text, c->msgs, c->ts, c->lat,
             c->ids, c->payloads);
         if (item == NULL) goto done;
         PyList_SET_ITEM(classes, i, item);

@@ -493,8 +493,6 @@ def _decode_rows(texts: Sequence[str], n: int, pad: int) -> np.ndarray:
     >>> _decode_rows(["AACAPw==", "AAAAQA=="], 8, 2).view("<f4").tolist()
     [[1.0], [2.0]]
     """
-    if _pybase64 is None:
-        raise ValueError("no pybase64: row by row")
     if not pad:
         return _decode_joined("".join(texts), len(texts), n, pad)
     # One (rows, n) array of the texts' characters (ASCII, or UnicodeEncodeError). Its width is
@@ -671,6 +669,7 @@ class Decoder:
                   groups: dict[tuple[StreamKey, Kind, int | str], _Group], ts_max: float | None = None) -> list[int]:
         """Add the batch's well-formed b64 embedding events to their groups, one msgspec decode
         each; return the indices of the other messages, for the general path to judge in order.
+        Where the C extension is built, :meth:`_scan_pass` does this instead.
 
         msgspec parses the JSON and types the fields in C. An event is taken only when the
         general path would reach the same values: the stream's labels already passed their checks
@@ -781,9 +780,10 @@ class Decoder:
                    groups: dict[tuple[StreamKey, Kind, int | str], _Group], ts_max: float) -> list[int]:
         """:meth:`_b64_pass` with its per-message loop in C (``_b64scan.scan``), which returns the
         taken messages grouped by labels and base64 length: Python then works per group, not per
-        event. It takes a subset of what the msgspec pass takes (its comment in ``_b64scan.c``
-        lists what), with the same values. Decoder alone, 384-d, alternating runs of 40,000
-        events: 3 streams 3.52-3.77 -> 1.51-1.57 µs per event, 1,000 streams 9.53-10.2 -> 7.76-8.18."""
+        event. It takes an event only in the forms its comment in ``_b64scan.c`` lists, with the
+        values the general path reads; anything else goes to the general path. Decoder alone,
+        384-d, alternating runs of 40,000 events: 3 streams 3.52-3.77 -> 1.51-1.57 µs per event,
+        1,000 streams 9.53-10.2 -> 7.76-8.18."""
         lim = self.limits
         assert self._b64_scan is not None
         rest, classes = self._b64_scan(
@@ -793,36 +793,24 @@ class Decoder:
         embedding = Kind.EMBEDDING
         bad: list[int] = []
         unsorted = False
-        taken: dict[tuple[StreamKey, Kind, int | str], list[tuple[Any, ...]]] = {}
-        for c in classes:
-            stream = keys.get(c[0])
-            if stream is None:  # labels not yet validated: the general path checks them once
-                rest += c[3]
+        for labels, n, pad, text, *cols in classes:
+            stream = keys.get(labels)
+            # Labels not yet validated (the general path checks them once), or a stream's second
+            # spelling in this batch (segment null and "default"): left to the general path, which
+            # adds to the group the first made, in message order.
+            if stream is None or (gkey := (stream, embedding, -(((3 * n >> 2) - pad) >> 2))) in groups:
+                rest += cols[0]
                 unsorted = True
                 continue
-            n, text = c[1], c[2]
-            # Every row of a class has the same padding: only one of 0, 1, 2 "=" leaves whole float32s.
-            pad = 0 if text[n - 1] != 61 else 2 if text[n - 2] == 61 else 1  # 61: "="
-            taken.setdefault((stream, embedding, -(((3 * n >> 2) - pad) >> 2)), []).append((*c, pad))
-        for gkey, parts in taken.items():
             g = groups[gkey] = _Group()
-            if len(parts) == 1:
-                _, n, text, g.msg, g.ts, g.lat, g.ids, g.payloads, pad = parts[0]
-                try:
-                    g.block = _decode_joined(text, len(g.msg), n, pad)
-                    continue
-                except (binascii.Error, ValueError):
-                    texts = [text[i : i + n].decode("latin-1") for i in range(0, len(text), n)]
-            else:
-                # One stream under two spellings of its labels (segment null and "default"): rare,
-                # so its rows are joined in message order through their texts.
-                rows = sorted(
-                    (m, t, la, i, p, text[j * n : (j + 1) * n].decode("latin-1"))
-                    for _, n, text, msgs, ts, lat, ids, payloads, _ in parts
-                    for j, (m, t, la, i, p) in enumerate(zip(msgs, ts, lat, ids, payloads, strict=True)))
-                g.msg, g.ts, g.lat, g.ids, g.payloads, texts = (list(col) for col in zip(*rows, strict=True))
-            g.raw = texts
-            bad += self._decode_texts(g)
+            g.msg, g.ts, g.lat, g.ids, g.payloads = cols
+            try:
+                g.block = _decode_joined(text, len(g.msg), n, pad)
+                continue
+            except (binascii.Error, ValueError):
+                pass
+            g.raw = [text[i : i + n].decode("latin-1") for i in range(0, len(text), n)]
+            bad += self._decode_texts(g, joined_failed=True)
             if not g.msg:
                 del groups[gkey]
         if unsorted or bad:
@@ -830,24 +818,26 @@ class Decoder:
         return rest
 
     @staticmethod
-    def _decode_texts(g: _Group) -> list[int]:
+    def _decode_texts(g: _Group, joined_failed: bool = False) -> list[int]:
         """Decode the base64 rows of ``g`` (texts of one length) into :attr:`_Group.block`, in
         one call (:func:`_decode_rows`); return the message indices of rows that are not valid
         base64 (dropped from ``g``, which may be left empty).
 
-        When the joined rows do not decode (a bad row), the group is decoded again in runs of
-        :data:`_RUN_ROWS` rows, and only the rows of a run that does not decode are judged one by
-        one; the bad ones are left to the general path. A stream whose producer sends a bad row
-        in every batch then pays about a run of single decodes per bad row, not one per row.
+        When the joined rows do not decode (a bad row; ``joined_failed``: the caller tried them),
+        the group is decoded again in runs of :data:`_RUN_ROWS` rows, and only the rows of a run
+        that does not decode are judged one by one; the bad ones are left to the general path. A
+        stream whose producer sends a bad row in every batch then pays about a run of single
+        decodes per bad row, not one per row.
         """
         texts = g.raw
         k, n = len(texts), len(texts[0])
         pad = 0 if texts[0][-1] != "=" else 2 if texts[0][-2] == "=" else 1
-        try:
-            g.block = _decode_rows(texts, n, pad)
-            return []
-        except (binascii.Error, ValueError):
-            pass
+        if not joined_failed:
+            try:
+                g.block = _decode_rows(texts, n, pad)
+                return []
+            except (binascii.Error, ValueError):
+                pass
         size = (3 * n >> 2) - pad
         parts: list[np.ndarray] = []
         keep: list[int] = []

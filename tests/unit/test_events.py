@@ -409,8 +409,10 @@ def test_the_c_pass_takes_every_common_spelling_of_a_b64_event() -> None:
     assert _outcome(d.decode(msgs)) == _outcome(_general_only().decode(msgs))
 
 
-def test_the_c_pass_joins_a_stream_spelled_two_ways_in_message_order() -> None:
-    # segment null and "default" name one stream: two classes of the scan, one group, rows in order.
+def test_a_stream_spelled_two_ways_keeps_message_order_in_the_c_pass() -> None:
+    # segment null and "default" (or none) name one stream: two classes of the scan. The first
+    # makes the stream's group, the second is left to the general path, which adds its rows to
+    # that group; the block comes out in message order.
     d = _with_pass(Decoder(clock=_clock), "c")
     d.decode([*_PRIME, msg(ev(segment=None))])
     rows = np.arange(12, dtype="<f4").reshape(6, 2) + 1
@@ -418,10 +420,11 @@ def test_the_c_pass_joins_a_stream_spelled_two_ways_in_message_order() -> None:
                  **({"segment": None} if k in (1, 2, 4) else {"segment": "default"} if k == 5 else {})})
             for k, r in enumerate(rows)]
     groups: dict = {}
-    assert d._b64_pass(msgs, None, groups) == []
+    assert d._b64_pass(msgs, None, groups) == [1, 2, 4]
     (g,) = groups.values()
-    assert g.msg == list(range(6)) and g.ids == [f"i{k}" for k in range(6)]
+    assert g.msg == [0, 3, 5] and g.ids == ["i0", "i3", "i5"]
     (b,) = d.decode(msgs).blocks
+    assert b.message_index.tolist() == list(range(6)) and b.ids == [f"i{k}" for k in range(6)]
     np.testing.assert_array_equal(b.vectors, rows)
     assert _outcome(d.decode(msgs)) == _outcome(_general_only().decode(msgs))
 
