@@ -23,9 +23,9 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-# A C compiler for embedwatch's one C extension (the decoder's b64 pass, setup.py); the runtime
-# stage installs the built wheels only. gcc is pinned; libc6-dev must be the version of the base
-# image's own libc6, which the pinned base already fixes.
+# A C compiler for embedwatch's two C extensions (the decoder's b64 pass, the statistics' row
+# sums; setup.py); the runtime stage installs the built wheels only. gcc is pinned; libc6-dev must
+# be the version of the base image's own libc6, which the pinned base already fixes.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc=4:12.2.0-3 libc6-dev \

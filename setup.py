@@ -1,7 +1,8 @@
-"""The one part of embedwatch's build that pyproject.toml cannot declare: its C extension.
+"""The one part of embedwatch's build that pyproject.toml cannot declare: its C extensions.
 
-``embedwatch._b64scan`` is optional: without a C compiler the install goes on and the decoder runs
-its pure-Python b64 pass (same outcome, about 2 µs more per b64 event).
+Both are optional: without a C compiler the install goes on and embedwatch runs their pure-Python
+and numpy versions (same outcome; about 2 µs more per b64 event without ``embedwatch._b64scan``,
+about 0.4 µs more per 384-d event without ``embedwatch._rowsums``).
 """
 
 from setuptools import Extension, setup
@@ -13,6 +14,12 @@ setup(
             sources=["service/embedwatch/_b64scan.c"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
             optional=True,
-        )
+        ),
+        Extension(
+            "embedwatch._rowsums",
+            sources=["service/embedwatch/_rowsums.c"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+            optional=True,
+        ),
     ]
 )

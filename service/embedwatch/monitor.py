@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from embedwatch import rowsums
 from embedwatch.baseline import Baseline
 from embedwatch.config import DetectionSettings
 from embedwatch.detectors import DimensionMeanShift, DistributionShift, DuplicateIds, PageHinkley
@@ -495,18 +496,21 @@ class StreamMonitor:
         n = x.shape[0]
         ends = np.arange(((first + e) // e) * e - 1 - first, n, e)
         if ends.size == 0:
-            self._open_sum += x.sum(axis=0, dtype=np.float64)
+            rowsums.add_rows(x, self._open_sum)
             self._open_n += n
             return []
         c = ends.size
         head = int(ends[0]) + 1
         last = int(ends[-1]) + 1
-        seg = np.empty((c, x.shape[1]))
-        seg[0] = x[:head].sum(axis=0, dtype=np.float64)
-        seg[0] += self._open_sum
-        if c > 1:  # whole segments in between: one reshaped reduction
-            seg[1:] = x[head:last].reshape(c - 1, e, x.shape[1]).sum(axis=1, dtype=np.float64)
-        self._open_sum = x[last:].sum(axis=0, dtype=np.float64)
+        # Segment 0 adds the batch's first rows to the open sum, in order; the whole segments in
+        # between are one pass.
+        first_seg = self._open_sum
+        rowsums.add_rows(x[:head], first_seg)
+        seg = first_seg[None, :]
+        if c > 1:
+            seg = np.concatenate([seg, rowsums.segment_sums(x[head:last], e)])
+        self._open_sum = np.zeros(x.shape[1])
+        rowsums.add_rows(x[last:], self._open_sum)
         cnt = np.full(c, e, dtype=np.int64)
         cnt[0] = head + self._open_n
         self._open_n = n - last

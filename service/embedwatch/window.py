@@ -30,8 +30,8 @@ buckets`` once warm).
 Buckets whose newest event is older than ``newest_ts - window_seconds`` are evicted (time bound).
 
 Cost. An update is a handful of vectorised numpy calls per batch plus a few per bucket touched:
-O(d) per event, float64 work done in cache-sized chunks of the float32 batch (no float64 copy of
-the whole batch). Evaluation (:meth:`Window.totals`) is O(buckets * d + window events) plus the
+O(d) per event, its float64 passes over the float32 rows in :mod:`embedwatch.rowsums` (no float64
+copy of the whole batch). Evaluation (:meth:`Window.totals`) is O(buckets * d + window events) plus the
 random-feature map of the reservoir rows that changed since the last evaluation: with a
 :attr:`Projection.features` map, the features of every stale bucket are computed in one matrix
 product, and a bucket still open keeps the feature rows of its reservoir slots, so a later
@@ -43,7 +43,6 @@ feature map, see :meth:`embedwatch.detectors.mmd.RFFMMD.features`).
 from __future__ import annotations
 
 import math
-import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -51,29 +50,18 @@ from typing import NamedTuple
 
 import numpy as np
 
+from embedwatch import rowsums
 from embedwatch.config import DetectionSettings
 
 FeatureSum = Callable[[np.ndarray], np.ndarray]
-#: Rows of the batch processed at once in float64 (a 256 x 768 float64 chunk is 1.5 MiB).
-_CHUNK = 256
 #: Up to this many events, a loop over them costs less than numpy's fixed cost per call (a
 #: bucket's reservoir sampling, a batch's timestamp range): many streams, a few events each per poll.
 _FEW = 16
-_tls = threading.local()
 #: What a released bucket holds instead of its reservoir (read-only, shared).
 _NO_ROWS = np.zeros((0, 0), dtype=np.float32)
 _NO_ROWS.flags.writeable = False
 _NO_DIRTY = np.zeros(0, dtype=bool)
 _NO_DIRTY.flags.writeable = False
-
-
-def _ones(n: int) -> np.ndarray:
-    """A read-only float64 vector of ``n`` ones (``n <= _CHUNK``), shared: row sums as one BLAS call."""
-    return _ONES[:n]
-
-
-_ONES = np.ones(_CHUNK)
-_ONES.flags.writeable = False
 
 
 def ts_range(ts: np.ndarray) -> tuple[float, float]:
@@ -88,26 +76,6 @@ def ts_range(ts: np.ndarray) -> tuple[float, float]:
 def ts_max(ts: np.ndarray) -> float:
     """``max`` of a non-empty float64 array, as :func:`ts_range` (one reduction, not two)."""
     return max(ts.tolist()) if ts.shape[0] <= _FEW else float(ts.max())
-
-
-def _float64_rows(x: np.ndarray) -> np.ndarray:
-    """``x`` (at most :data:`_CHUNK` rows) converted into a reused per-thread float64 buffer.
-
-    A fresh array of this size is a fresh mmap (above glibc's threshold): its page faults cost
-    more than the conversion itself. The result is overwritten by the next call.
-    """
-    n, d = x.shape
-    bufs: dict[int, np.ndarray] | None = getattr(_tls, "bufs", None)
-    if bufs is None:
-        bufs = _tls.bufs = {}
-    buf = bufs.get(d)
-    if buf is None:
-        if len(bufs) >= 8:
-            bufs.clear()
-        buf = bufs[d] = np.empty((_CHUNK, d), dtype=np.float64)
-    out = buf[:n]
-    out[...] = x
-    return out
 
 
 class Summary(NamedTuple):
@@ -143,7 +111,6 @@ class Projection:
     def __post_init__(self) -> None:
         c64 = np.asarray(self.centroid_unit, dtype=np.float64).ravel()
         object.__setattr__(self, "_centroid64", c64)
-        object.__setattr__(self, "_ones", np.ones(c64.shape[0]))
 
     @property
     def sim_bins(self) -> int:
@@ -154,22 +121,11 @@ class Projection:
         return int(self.norm_edges.shape[0] + 1)
 
     def summarise(self, x: np.ndarray) -> Summary:
-        """Norms, similarities and bin indices of a ``(n, d)`` float32 batch: a few BLAS calls.
-
-        Computed in float64 over chunks of :data:`_CHUNK` rows (each converted in cache: a float64
-        copy of the whole batch costs a memory pass and ``n * d * 8`` bytes for nothing).
-        """
+        """Norms, similarities and bin indices of a ``(n, d)`` float32 batch, in float64
+        (:func:`embedwatch.rowsums.dots_and_squares`)."""
         x = np.asarray(x)
         n = x.shape[0]
-        c: np.ndarray = self._centroid64  # type: ignore[attr-defined]
-        ones: np.ndarray = self._ones  # type: ignore[attr-defined]
-        sq_norms = np.empty(n)
-        dots = np.empty(n)
-        for a in range(0, n, _CHUNK):
-            c64 = _float64_rows(x[a : a + _CHUNK])
-            dots[a : a + _CHUNK] = c64 @ c
-            np.multiply(c64, c64, out=c64)  # exact: a float32 squared fits a float64
-            sq_norms[a : a + _CHUNK] = c64 @ ones
+        dots, sq_norms = rowsums.dots_and_squares(x, self._centroid64)  # type: ignore[attr-defined]
         norms = np.sqrt(sq_norms, out=sq_norms)
         # A masked divide, not errstate + where: entering np.errstate costs more than the rest of
         # a few-event batch's summary (many streams, a few events each per poll).
@@ -334,12 +290,7 @@ class Bucket:
             raise ValueError("bucket overflow")
         if self.count == 0:
             self.start_ts = float(ts[0])
-        for a in range(0, n, _CHUNK):
-            c64 = _float64_rows(x[a : a + _CHUNK])
-            ones = _ones(c64.shape[0])
-            self.sum += ones @ c64
-            np.multiply(c64, c64, out=c64)  # exact: a float32 squared fits a float64
-            self.sumsq += ones @ c64
+        rowsums.add_rows(x, self.sum, self.sumsq)
         self.sim_hist += np.bincount(s.sim_bins, minlength=self.sim_hist.shape[0])
         self.norm_hist += np.bincount(s.norm_bins, minlength=self.norm_hist.shape[0])
         lo, hi = ts_range(ts)

@@ -215,11 +215,12 @@ def test_image_install_and_entrypoint_in_fresh_venv(stages: list[Stage], tmp_pat
     assert exe.exists(), "the console script `embedwatch` (the ENTRYPOINT) was not installed"
     proc = subprocess.run([str(exe), "--help"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "run" in proc.stdout, proc.stdout + proc.stderr
-    # The wheel carries the C extension (an optional build: without setup.py or a compiler it
-    # would install without it, and the image would run the slower msgspec pass unnoticed).
-    proc = subprocess.run([str(venv / "bin" / "python"), "-c", "import embedwatch._b64scan"], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, "the image's wheel has no embedwatch._b64scan: " + proc.stderr
+    # The wheel carries the C extensions (an optional build: without setup.py or a compiler it
+    # would install without them, and the image would run the slower Python and numpy passes unnoticed).
+    for ext in ("embedwatch._b64scan", "embedwatch._rowsums"):
+        proc = subprocess.run([str(venv / "bin" / "python"), "-c", f"import {ext}"], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"the image's wheel has no {ext}: " + proc.stderr
 
     # `embedwatch config check` (when the CLI has it) accepts the image's default config and the
     # chart's default `config` block.

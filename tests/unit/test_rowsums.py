@@ -1,0 +1,211 @@
+"""embedwatch.rowsums: the C loops of ``_rowsums.c`` and the numpy versions, against float64 references."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from embedwatch import rowsums
+from embedwatch.window import Bucket, Summary
+
+PATHS = ["c", "numpy"]
+
+
+@contextlib.contextmanager
+def _on(path: str) -> Iterator[None]:
+    """The C loops ("c") or the numpy versions ("numpy") for the block (a context manager, not a
+    fixture: hypothesis runs a test's examples within one fixture)."""
+    saved = rowsums._rowsums
+    if path == "numpy":
+        rowsums._rowsums = None
+    try:
+        yield
+    finally:
+        rowsums._rowsums = saved
+
+
+def test_the_extension_is_built_here() -> None:
+    # Without it every "c" case below would run the numpy versions and prove nothing about the C.
+    assert rowsums._rowsums is not None
+
+
+def _rows(draw: st.DrawFn, max_rows: int = 600) -> np.ndarray:
+    n = draw(st.integers(0, max_rows))
+    d = draw(st.integers(1, 19))
+    scale = draw(st.sampled_from([1e-30, 1e-3, 1.0, 1e3, 1e30]))
+    values = hnp.arrays(np.float32, (n, d), elements=st.floats(-1, 1, width=32))
+    return draw(values) * np.float32(scale)
+
+
+@st.composite
+def rows(draw: st.DrawFn) -> np.ndarray:
+    return _rows(draw)
+
+
+@st.composite
+def rows_and_segment(draw: st.DrawFn) -> tuple[np.ndarray, int]:
+    x = _rows(draw, max_rows=60)
+    e = draw(st.integers(1, 7))
+    return x[: x.shape[0] - x.shape[0] % e], e
+
+
+def _in_order(x: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows (and their squares) added to ``start`` one at a time, in order, in float64."""
+    s, q = start.copy(), start.copy()
+    for r in x.astype(np.float64):
+        s = s + r
+        q = q + r * r
+    return s, q
+
+
+def _assert_sum(path: str, got: np.ndarray, want: np.ndarray, terms: np.ndarray) -> None:
+    """``got`` is ``want`` (the terms added in order) to the bit from the C loops; from numpy, whose
+    reductions add in an order of their own, within twice the error bound of a sum of ``terms``."""
+    if path == "c":
+        assert np.array_equal(got, want)
+    else:
+        bound = 2 * terms.shape[0] * np.finfo(np.float64).eps * np.abs(terms).sum(axis=0)
+        assert (np.abs(got - want) <= bound).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=150, deadline=None)
+@given(x=rows(), seed=st.integers(0, 2**32 - 1))
+def test_add_rows_adds_each_row_in_order(path: str, x: np.ndarray, seed: int) -> None:
+    with _on(path):
+        start = np.random.default_rng(seed).normal(size=x.shape[1])
+        sums, squares = start.copy(), start.copy()
+        rowsums.add_rows(x, sums, squares)
+        want_s, want_q = _in_order(x, start)
+        x64 = x.astype(np.float64)
+        _assert_sum(path, sums, want_s, np.vstack([start, x64]))
+        _assert_sum(path, squares, want_q, np.vstack([start, x64 * x64]))
+        only = start.copy()
+        rowsums.add_rows(x, only)
+        assert np.array_equal(only, sums)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=150, deadline=None)
+@given(xe=rows_and_segment())
+def test_segment_sums_are_each_segment_added_in_order(path: str, xe: tuple[np.ndarray, int]) -> None:
+    with _on(path):
+        x, e = xe
+        out = rowsums.segment_sums(x, e)
+        assert out.shape == (x.shape[0] // e, x.shape[1])
+        for k in range(out.shape[0]):
+            seg = x[k * e : (k + 1) * e]
+            _assert_sum(path, out[k], _in_order(seg, np.zeros(x.shape[1]))[0], seg.astype(np.float64))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=150, deadline=None)
+@given(x=rows(), seed=st.integers(0, 2**32 - 1))
+def test_dots_and_squares_against_exactly_rounded_sums(path: str, x: np.ndarray, seed: int) -> None:
+    with _on(path):
+        c = np.random.default_rng(seed).normal(size=x.shape[1])
+        dots, squares = rowsums.dots_and_squares(x, c)
+        x64 = x.astype(np.float64)
+        for i, r in enumerate(x64):
+            # Error bound of a float64 sum of d products in any order: d ulps of the sum of |terms|.
+            bound = 2 * x.shape[1] * np.finfo(np.float64).eps
+            terms = r * c
+            assert abs(dots[i] - math.fsum(terms.tolist())) <= bound * np.abs(terms).sum()
+            assert abs(squares[i] - math.fsum((r * r).tolist())) <= bound * (r * r).sum()
+
+
+def test_the_c_and_numpy_dots_agree_on_real_sized_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(700, 384)).astype(np.float32)
+    c = rng.normal(size=384)
+    c_dots, c_sq = rowsums.dots_and_squares(x, c)
+    monkeypatch.setattr(rowsums, "_rowsums", None)
+    n_dots, n_sq = rowsums.dots_and_squares(x, c)
+    np.testing.assert_allclose(c_dots, n_dots, rtol=0, atol=1e-12 * np.abs(x.astype(np.float64) @ np.abs(c)).max())
+    np.testing.assert_allclose(c_sq, n_sq, rtol=1e-14)
+
+
+def test_other_dtypes_and_strided_rows_take_the_numpy_versions() -> None:
+    rng = np.random.default_rng(3)
+    x64 = rng.normal(size=(40, 12))
+    wide = rng.normal(size=(40, 24)).astype(np.float32)[:, ::2]  # float32, not C-contiguous
+    c = rng.normal(size=12)
+    for x in (x64, wide):
+        dots, squares = rowsums.dots_and_squares(x, c)
+        np.testing.assert_allclose(dots, np.asarray(x, np.float64) @ c, rtol=1e-12)
+        np.testing.assert_allclose(squares, (np.asarray(x, np.float64) ** 2).sum(axis=1), rtol=1e-12)
+        s = np.zeros(12)
+        rowsums.add_rows(x, s)
+        np.testing.assert_allclose(s, np.asarray(x, np.float64).sum(axis=0), rtol=1e-12)
+        want = np.asarray(x[4:8], np.float64).sum(axis=0)
+        np.testing.assert_allclose(rowsums.segment_sums(x, 4)[1], want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_segment_sums_refuses_a_partial_segment(path: str) -> None:
+    with _on(path), pytest.raises(ValueError, match="whole number of segments"):
+        rowsums.segment_sums(np.zeros((7, 3), np.float32), 2)
+
+
+def test_the_c_loops_refuse_buffers_that_do_not_fit_and_write_nothing() -> None:
+    c_ext = rowsums._rowsums
+    assert c_ext is not None
+    x = np.ones((4, 3), np.float32)
+    sums = np.full(3, 5.0)
+    with pytest.raises(ValueError, match="columns"):
+        c_ext.add_rows(x, np.zeros(4), None)
+    with pytest.raises(ValueError, match="columns"):
+        c_ext.add_rows(x, sums, np.zeros(2))
+    assert sums.tolist() == [5.0, 5.0, 5.0]
+    with pytest.raises(TypeError, match="format 'f'"):
+        c_ext.add_rows(x.astype(np.float64), sums, None)
+    with pytest.raises(TypeError, match="2-d"):
+        c_ext.add_rows(np.ones(3, np.float32), sums, None)
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        c_ext.add_rows(x[:, ::2], sums, None)
+    frozen = np.zeros(3)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        c_ext.add_rows(x, frozen, None)
+    with pytest.raises(ValueError, match="rows"):
+        c_ext.dots_and_squares(x, np.zeros(3), np.zeros(3), np.zeros(4))
+    with pytest.raises(ValueError, match="columns"):
+        c_ext.dots_and_squares(x, np.zeros(2), np.zeros(4), np.zeros(4))
+    out = np.full((3, 3), 9.0)
+    with pytest.raises(ValueError, match="divide"):
+        c_ext.segment_sums(x, out)
+    assert (out == 9.0).all()
+    with pytest.raises(ValueError, match="divide"):
+        c_ext.segment_sums(x, np.zeros((0, 3)))
+    c_ext.segment_sums(np.zeros((0, 3), np.float32), np.zeros((0, 3)))  # no rows, no segments: nothing to do
+
+
+@settings(max_examples=40, deadline=None)
+@given(cuts=st.lists(st.integers(1, 99), max_size=6, unique=True), seed=st.integers(0, 2**32 - 1))
+def test_a_buckets_sums_do_not_depend_on_how_its_events_were_split(cuts: list[int], seed: int) -> None:
+    with _on("c"):
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(100, 16)).astype(np.float32)
+        ts = np.arange(100.0)
+        whole = Bucket(16, 4, 4, 8, 100, np.random.default_rng(0))
+        parts = Bucket(16, 4, 4, 8, 100, np.random.default_rng(0))
+        summary = _summary(100)
+        whole.add(x, summary, ts, 0)
+        bounds = [0, *sorted(cuts), 100]
+        for a, b in itertools.pairwise(bounds):
+            parts.add(x[a:b], summary.slice(a, b), ts[a:b], a)
+        # The C loop adds each row into the running sums in turn, whatever the batches were.
+        assert np.array_equal(whole.sum, parts.sum) and np.array_equal(whole.sumsq, parts.sumsq)
+
+
+def _summary(n: int) -> Summary:
+    z = np.zeros(n)
+    return Summary(z, z, np.zeros(n, np.int64), np.zeros(n, np.int64))
