@@ -31,8 +31,8 @@ Buckets whose newest event is older than ``newest_ts - window_seconds`` are evic
 
 Cost. An update is a handful of vectorised numpy calls per batch plus a few per bucket touched:
 O(d) per event, its float64 passes over the float32 rows in :mod:`embedwatch.rowsums` (no float64
-copy of the whole batch). Evaluation (:meth:`Window.totals`) is O(buckets * d + window events) plus the
-random-feature map of the reservoir rows that changed since the last evaluation: with a
+copy of the whole batch). Evaluation (:meth:`Window.totals`) is O(buckets * d + window events)
+plus the random-feature map of the reservoir rows that changed since the last evaluation: with a
 :attr:`Projection.features` map, the features of every stale bucket are computed in one matrix
 product, and a bucket still open keeps the feature rows of its reservoir slots, so a later
 evaluation maps only the slots overwritten since (the sum is then re-added from the kept rows,
