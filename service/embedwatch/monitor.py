@@ -519,7 +519,7 @@ class StreamMonitor:
         ks = self._scan_segments
         if c == 1 and p0 >= self._scan_longest:  # a few events per update: every window, one point
             pt, wi = self._scan_one_point
-            diff = pre.differences(p0, p0 - ks)
+            m, sq, proj = pre.windows(p0, p0 - ks, ms.mean)
         else:
             hi = p0 + np.arange(c)[:, None]  # number of each new scan point
             lo = hi - ks[None, :]  # (points, windows)
@@ -527,12 +527,8 @@ class StreamMonitor:
             if pt.size == 0:
                 pre.settle()
                 return []
-            diff = pre.differences(hi[pt, 0], lo[pt, wi])
-        m = pre.count_of(diff)
-        inv = 1.0 / m[:, None]
-        z = pre.sum_of(diff) * inv
-        z -= ms.mean
-        stat = ms.statistic_of(np.einsum("ij,ij->i", z, z), pre.projection_of(diff) * inv)
+            m, sq, proj = pre.windows(hi[pt, 0], lo[pt, wi], ms.mean)
+        stat = ms.statistic_of(sq, proj)
         pre.settle()
         if (m == self._scan_sizes[wi]).all():  # the usual case: thresholds per window size, cached
             thr, thr_relaxed, null = self._scan_thresholds[:, wi]

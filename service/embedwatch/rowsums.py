@@ -6,11 +6,14 @@ sums of the rows and of their squares (:meth:`embedwatch.window.Bucket.add`) and
 ``scan_every`` rows (:meth:`embedwatch.monitor.StreamMonitor._scan`). With the C extension
 ``embedwatch._rowsums`` (built by setup.py when a C compiler is there) a float32 batch takes one
 loop per pass that converts as it reads: about 0.4 µs of a 384-d event for the three, against 0.8 in
-numpy, which first converts the rows to a float64 buffer and then runs BLAS on it. Anything else (no
-extension, another dtype) takes the numpy versions below, which agree with the C loops to
-rounding. The C loops add a batch's rows into column and segment sums one at a time, in order, so
-those sums do not depend on how a stream's events were split into batches (numpy's reductions add
-in an order of their own).
+numpy, which first converts the rows to a float64 buffer and then runs BLAS on it. A fourth loop
+gives the mean-shift scan the squared distance of each window's mean to the baseline mean from two
+running sums (:func:`pair_distances`), without numpy's temporaries.
+
+Anything else (no extension, another dtype) takes the numpy versions below, which agree with the C
+loops to rounding. The C loops add a batch's rows into column and segment sums one at a time, in
+order, so those sums do not depend on how a stream's events were split into batches (numpy's
+reductions add in an order of their own).
 
 >>> x = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]], dtype=np.float32)
 >>> dots, squares = dots_and_squares(x, np.array([1.0, 0.5]))
@@ -111,3 +114,25 @@ def segment_sums(x: np.ndarray, e: int) -> np.ndarray:
         return out
     np.add.reduce(x.reshape(n // e, e, d), axis=1, dtype=np.float64, out=out)
     return out
+
+
+def pair_distances(rows: np.ndarray, a: np.ndarray, b: np.ndarray, scale: np.ndarray,
+                   center: np.ndarray) -> np.ndarray:
+    """``|| (rows[a, :d] - rows[b, :d]) * scale - center ||^2`` for each pair ``(a[i], b[i])`` of row
+    numbers, ``d = len(center)``, in float64: the squared distance of each window mean (a difference
+    of two running sums times one over its count) to a point, without the ``(pairs, d)``
+    temporaries of the numpy version (the gathered rows, their difference, the scaled difference)."""
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    scale = np.ascontiguousarray(scale, dtype=np.float64)
+    center = np.ascontiguousarray(center, dtype=np.float64)
+    if _rowsums is not None and rows.dtype == np.float64 and rows.flags.c_contiguous:
+        out = np.empty(a.shape[0])
+        _rowsums.pair_distances(rows, np.ascontiguousarray(a), np.ascontiguousarray(b), scale, center, out)
+        return out
+    d = center.shape[0]
+    z = (rows[a, :d] - rows[b, :d]) * scale[:, None]
+    z -= center
+    dist: np.ndarray = np.einsum("ij,ij->i", z, z)
+    return dist
+

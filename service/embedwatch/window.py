@@ -740,6 +740,22 @@ class PrefixSums:
         out: np.ndarray = self._rows[hi % cap] - self._rows[lo % cap]
         return out
 
+    def windows(self, hi: np.ndarray | int, lo: np.ndarray,
+                center: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The windows from point ``lo`` to point ``hi`` (as in :meth:`differences`): their event
+        counts ``(r,)``, the squared distance of each window's mean to ``center`` ``(r,)`` and each
+        mean's projection on the basis ``(r, k)``, what :meth:`differences` gives divided by the
+        count, without its ``(r, d)`` rows (:func:`embedwatch.rowsums.pair_distances`)."""
+        cap = self.capacity
+        lo_rows = np.asarray(lo, dtype=np.int64) % cap
+        hi_rows = np.broadcast_to(np.asarray(hi, dtype=np.int64) % cap, lo_rows.shape)
+        rows, d, k = self._rows, self.dim, self.components
+        m = rows[hi_rows, -1] - rows[lo_rows, -1]
+        inv = 1.0 / m
+        sq = rowsums.pair_distances(rows, hi_rows, lo_rows, inv, center)
+        proj = (rows[hi_rows, d : d + k] - rows[lo_rows, d : d + k]) * inv[:, None]
+        return m, sq, proj
+
     def sum_of(self, diff: np.ndarray) -> np.ndarray:
         return diff[:, : self.dim]
 

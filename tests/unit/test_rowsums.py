@@ -155,6 +155,41 @@ def test_segment_sums_refuses_a_partial_segment(path: str) -> None:
         rowsums.segment_sums(np.zeros((7, 3), np.float32), 2)
 
 
+@st.composite
+def row_pairs(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    r = draw(st.integers(1, 30))
+    w = draw(st.integers(1, 21))
+    d = draw(st.integers(0, w))
+    p = draw(st.integers(0, 40))
+    scale = draw(st.sampled_from([1e-6, 1.0, 1e6]))
+    rows = draw(hnp.arrays(np.float64, (r, w), elements=st.floats(-1e3, 1e3))) * scale
+    a = draw(hnp.arrays(np.int64, p, elements=st.integers(0, r - 1)))
+    b = draw(hnp.arrays(np.int64, p, elements=st.integers(0, r - 1)))
+    inv = draw(hnp.arrays(np.float64, p, elements=st.floats(1e-4, 1.0)))
+    center = draw(hnp.arrays(np.float64, d, elements=st.floats(-1e3, 1e3))) * scale
+    return rows, a, b, inv, center
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=150, deadline=None)
+@given(case=row_pairs())
+def test_pair_distances_against_exactly_rounded_sums(
+    path: str, case: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+) -> None:
+    with _on(path):
+        rows, a, b, inv, center = case
+        got = rowsums.pair_distances(rows, a, b, inv, center)
+        d = center.shape[0]
+        assert got.shape == a.shape
+        for i in range(a.shape[0]):
+            # Each term as both versions form it (difference, times the scale, minus the center),
+            # then an exactly rounded sum: only the order of the additions may differ.
+            z = (rows[a[i], :d] - rows[b[i], :d]) * inv[i] - center
+            terms = z * z
+            bound = 2 * max(d, 1) * np.finfo(np.float64).eps * terms.sum()
+            assert abs(got[i] - math.fsum(terms.tolist())) <= bound
+
+
 def test_the_c_loops_refuse_buffers_that_do_not_fit_and_write_nothing() -> None:
     c_ext = rowsums._rowsums
     assert c_ext is not None
@@ -186,6 +221,19 @@ def test_the_c_loops_refuse_buffers_that_do_not_fit_and_write_nothing() -> None:
     with pytest.raises(ValueError, match="divide"):
         c_ext.segment_sums(x, np.zeros((0, 3)))
     c_ext.segment_sums(np.zeros((0, 3), np.float32), np.zeros((0, 3)))  # no rows, no segments: nothing to do
+    rows = np.arange(12.0).reshape(4, 3)
+    dist = np.full(2, 9.0)
+    with pytest.raises(IndexError, match="out of range"):
+        c_ext.pair_distances(rows, np.array([0, 4]), np.array([1, 2]), np.ones(2), np.zeros(3), dist)
+    with pytest.raises(IndexError, match="out of range"):
+        c_ext.pair_distances(rows, np.array([0, 1]), np.array([-1, 2]), np.ones(2), np.zeros(3), dist)
+    with pytest.raises(ValueError, match="one length"):
+        c_ext.pair_distances(rows, np.array([0, 1]), np.array([1]), np.ones(2), np.zeros(3), dist)
+    with pytest.raises(ValueError, match="at most"):
+        c_ext.pair_distances(rows, np.array([0, 1]), np.array([1, 2]), np.ones(2), np.zeros(4), dist)
+    with pytest.raises(TypeError, match="int64"):
+        c_ext.pair_distances(rows, np.array([0, 1], np.int32), np.array([1, 2]), np.ones(2), np.zeros(3), dist)
+    assert dist.tolist() == [9.0, 9.0]
 
 
 @settings(max_examples=40, deadline=None)

@@ -411,6 +411,7 @@ def test_prefix_sums_windows_match_a_brute_force_sum(appends: list[int], keep: i
     d, k = 5, 3
     basis = rng.normal(size=(d, k))
     p = PrefixSums(d, keep, basis)
+    center = rng.normal(size=d)
     segs: list[np.ndarray] = []
     cnts: list[int] = []
     shift = 0  # the stream's point t is p's point t - shift (a restore renumbers from 0)
@@ -428,13 +429,19 @@ def test_prefix_sums_windows_match_a_brute_force_sum(appends: list[int], keep: i
             if back.size == 0:
                 continue
             diff = p.differences(point - shift, back - shift)
-            for row, lo in zip(diff, back.tolist(), strict=True):
+            m, sq, proj = p.windows(point - shift, back - shift, center)
+            for i, (row, lo) in enumerate(zip(diff, back.tolist(), strict=True)):
                 want = np.sum(segs[lo:point], axis=0)
                 got = p.sum_of(row[None])[0]
                 np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * max(1.0, np.abs(want).max()))
-                assert p.count_of(row[None])[0] == sum(cnts[lo:point])
+                assert p.count_of(row[None])[0] == m[i] == sum(cnts[lo:point])
                 np.testing.assert_allclose(p.projection_of(row[None])[0], want @ basis, rtol=1e-8,
                                            atol=1e-8 * max(1.0, np.abs(want).max()))
+                # The window's mean: its squared distance to a point and its projection.
+                mean = want / m[i]
+                scale = max(1.0, np.abs(mean).max(), np.abs(center).max())
+                np.testing.assert_allclose(sq[i], np.sum((mean - center) ** 2), rtol=1e-8, atol=1e-8 * scale**2)
+                np.testing.assert_allclose(proj[i], mean @ basis, rtol=1e-8, atol=1e-8 * scale)
         p.settle()
         assert p.capacity == keep + p.spare
         if i % 3 == 2:  # checkpoint round trip: the restored points answer the same windows
