@@ -135,4 +135,3 @@ def pair_distances(rows: np.ndarray, a: np.ndarray, b: np.ndarray, scale: np.nda
     z -= center
     dist: np.ndarray = np.einsum("ij,ij->i", z, z)
     return dist
-
