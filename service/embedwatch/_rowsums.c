@@ -43,23 +43,39 @@ static inline v2d load2d(const double *p) {
 
 static inline void store2d(double *p, v2d v) { memcpy(p, &v, sizeof v); }
 
-/* A C-contiguous buffer of format fmt and ndim dimensions; 0, or -1 with an exception set. */
-static int get_buffer(PyObject *o, Py_buffer *b, const char *fmt, int ndim, int writable, const char *name) {
-    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
-    if (PyObject_GetBuffer(o, b, flags) < 0)
-        return -1;
-    if (strcmp(b->format, fmt) != 0 || b->ndim != ndim) {
-        PyErr_Format(PyExc_TypeError, "%s: expected a %d-d buffer of format '%s', got %d-d '%s'", name, ndim,
-                     fmt, b->ndim, b->format);
-        PyBuffer_Release(b);
-        return -1;
-    }
-    return 0;
-}
+/* What an argument must be: a C-contiguous buffer of ndim dimensions and format fmt ("f" float32,
+ * "d" float64, "int64": "q", or "l" where long is 64 bits), writable if asked. */
+typedef struct {
+    const char *name, *fmt;
+    int ndim, writable;
+} spec_t;
 
 static void release(Py_buffer *b, int n) {
     for (int i = 0; i < n; i++)
         PyBuffer_Release(&b[i]);
+}
+
+/* The buffers of the n objects o, as spec says; 0, or -1 with an exception set and none held. */
+static int get_buffers(PyObject *const *o, const spec_t *spec, int n, Py_buffer *b) {
+    for (int i = 0; i < n; i++) {
+        int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (spec[i].writable ? PyBUF_WRITABLE : 0);
+        if (PyObject_GetBuffer(o[i], &b[i], flags) < 0) {
+            release(b, i);
+            return -1;
+        }
+        const char *f = b[i].format;
+        int ok = b[i].ndim == spec[i].ndim
+                 && (strcmp(spec[i].fmt, "int64") == 0
+                         ? b[i].itemsize == 8 && (strcmp(f, "q") == 0 || strcmp(f, "l") == 0)
+                         : strcmp(f, spec[i].fmt) == 0);
+        if (!ok) {
+            PyErr_Format(PyExc_TypeError, "%s: expected a %d-d buffer of format '%s', got %d-d '%s'", spec[i].name,
+                         spec[i].ndim, spec[i].fmt, b[i].ndim, f);
+            release(b, i + 1);
+            return -1;
+        }
+    }
+    return 0;
 }
 
 /* Add row r (d float32s) into s, and its squares into q when q is not NULL. */
@@ -90,24 +106,11 @@ PyDoc_STRVAR(dots_and_squares_doc,
 
 static PyObject *dots_and_squares(PyObject *self, PyObject *args) {
     (void)self;
+    static const spec_t spec[] = {{"x", "f", 2, 0}, {"c", "d", 1, 0}, {"dots", "d", 1, 1}, {"squares", "d", 1, 1}};
     PyObject *o[4];
-    if (!PyArg_ParseTuple(args, "OOOO", &o[0], &o[1], &o[2], &o[3]))
-        return NULL;
     Py_buffer b[4];
-    if (get_buffer(o[0], &b[0], "f", 2, 0, "x") < 0)
+    if (!PyArg_ParseTuple(args, "OOOO", &o[0], &o[1], &o[2], &o[3]) || get_buffers(o, spec, 4, b) < 0)
         return NULL;
-    if (get_buffer(o[1], &b[1], "d", 1, 0, "c") < 0) {
-        release(b, 1);
-        return NULL;
-    }
-    if (get_buffer(o[2], &b[2], "d", 1, 1, "dots") < 0) {
-        release(b, 2);
-        return NULL;
-    }
-    if (get_buffer(o[3], &b[3], "d", 1, 1, "squares") < 0) {
-        release(b, 3);
-        return NULL;
-    }
     Py_ssize_t n = b[0].shape[0], d = b[0].shape[1];
     if (b[1].shape[0] != d || b[2].shape[0] != n || b[3].shape[0] != n) {
         release(b, 4);
@@ -150,24 +153,14 @@ PyDoc_STRVAR(add_rows_doc,
 
 static PyObject *add_rows(PyObject *self, PyObject *args) {
     (void)self;
+    static const spec_t spec[] = {{"x", "f", 2, 0}, {"sums", "d", 1, 1}, {"squares", "d", 1, 1}};
     PyObject *o[3];
+    Py_buffer b[3];
     if (!PyArg_ParseTuple(args, "OOO", &o[0], &o[1], &o[2]))
         return NULL;
-    Py_buffer b[3];
-    int nb = 2;
-    if (get_buffer(o[0], &b[0], "f", 2, 0, "x") < 0)
+    int nb = o[2] == Py_None ? 2 : 3; /* no squares: the sums only */
+    if (get_buffers(o, spec, nb, b) < 0)
         return NULL;
-    if (get_buffer(o[1], &b[1], "d", 1, 1, "sums") < 0) {
-        release(b, 1);
-        return NULL;
-    }
-    if (o[2] != Py_None) {
-        if (get_buffer(o[2], &b[2], "d", 1, 1, "squares") < 0) {
-            release(b, 2);
-            return NULL;
-        }
-        nb = 3;
-    }
     Py_ssize_t n = b[0].shape[0], d = b[0].shape[1];
     if (b[1].shape[0] != d || (nb == 3 && b[2].shape[0] != d)) {
         release(b, nb);
@@ -191,16 +184,11 @@ PyDoc_STRVAR(segment_sums_doc,
 
 static PyObject *segment_sums(PyObject *self, PyObject *args) {
     (void)self;
+    static const spec_t spec[] = {{"x", "f", 2, 0}, {"out", "d", 2, 1}};
     PyObject *o[2];
-    if (!PyArg_ParseTuple(args, "OO", &o[0], &o[1]))
-        return NULL;
     Py_buffer b[2];
-    if (get_buffer(o[0], &b[0], "f", 2, 0, "x") < 0)
+    if (!PyArg_ParseTuple(args, "OO", &o[0], &o[1]) || get_buffers(o, spec, 2, b) < 0)
         return NULL;
-    if (get_buffer(o[1], &b[1], "d", 2, 1, "out") < 0) {
-        release(b, 1);
-        return NULL;
-    }
     Py_ssize_t n = b[0].shape[0], d = b[0].shape[1], c = b[1].shape[0];
     if (b[1].shape[1] != d || (c == 0 ? n != 0 : n % c != 0)) {
         release(b, 2);
@@ -221,19 +209,6 @@ static PyObject *segment_sums(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* An index buffer: int64 ("q", or "l" where long is 64 bits), 1-d, C-contiguous. */
-static int get_index(PyObject *o, Py_buffer *b, const char *name) {
-    if (PyObject_GetBuffer(o, b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
-        return -1;
-    int ok = b->ndim == 1 && b->itemsize == 8 && (strcmp(b->format, "q") == 0 || strcmp(b->format, "l") == 0);
-    if (!ok) {
-        PyErr_Format(PyExc_TypeError, "%s: expected a 1-d buffer of int64, got %d-d '%s'", name, b->ndim, b->format);
-        PyBuffer_Release(b);
-        return -1;
-    }
-    return 0;
-}
-
 PyDoc_STRVAR(pair_distances_doc,
              "pair_distances(rows, a, b, scale, center, out)\n--\n\n"
              "out[i] = || (rows[a[i], :d] - rows[b[i], :d]) * scale[i] - center ||^2 for rows (r, w) float64, "
@@ -241,34 +216,17 @@ PyDoc_STRVAR(pair_distances_doc,
 
 static PyObject *pair_distances(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *o[6];
-    if (!PyArg_ParseTuple(args, "OOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5]))
-        return NULL;
+    static const spec_t spec[] = {{"rows", "d", 2, 0},  {"a", "int64", 1, 0},  {"b", "int64", 1, 0},
+                                  {"scale", "d", 1, 0}, {"center", "d", 1, 0}, {"out", "d", 1, 1}};
+    PyObject *o[6], *result = NULL;
     Py_buffer b[6];
-    int nb = 0;
-    if (get_buffer(o[0], &b[0], "d", 2, 0, "rows") < 0)
-        goto fail;
-    nb = 1;
-    if (get_index(o[1], &b[1], "a") < 0)
-        goto fail;
-    nb = 2;
-    if (get_index(o[2], &b[2], "b") < 0)
-        goto fail;
-    nb = 3;
-    if (get_buffer(o[3], &b[3], "d", 1, 0, "scale") < 0)
-        goto fail;
-    nb = 4;
-    if (get_buffer(o[4], &b[4], "d", 1, 0, "center") < 0)
-        goto fail;
-    nb = 5;
-    if (get_buffer(o[5], &b[5], "d", 1, 1, "out") < 0)
-        goto fail;
-    nb = 6;
+    if (!PyArg_ParseTuple(args, "OOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5]) || get_buffers(o, spec, 6, b) < 0)
+        return NULL;
     Py_ssize_t r = b[0].shape[0], w = b[0].shape[1], p = b[1].shape[0], d = b[4].shape[0];
     if (b[2].shape[0] != p || b[3].shape[0] != p || b[5].shape[0] != p || d > w) {
         PyErr_SetString(PyExc_ValueError, "pair_distances: a, b, scale and out must have one length, center at "
                                           "most rows' columns");
-        goto fail;
+        goto done;
     }
     const double *rows = b[0].buf, *scale = b[3].buf, *center = b[4].buf;
     const int64_t *ia = b[1].buf, *ib = b[2].buf;
@@ -276,7 +234,7 @@ static PyObject *pair_distances(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < p; i++) {
         if (ia[i] < 0 || ia[i] >= r || ib[i] < 0 || ib[i] >= r) {
             PyErr_SetString(PyExc_IndexError, "pair_distances: a row number is out of range");
-            goto fail;
+            goto done;
         }
     }
     Py_BEGIN_ALLOW_THREADS
@@ -298,11 +256,10 @@ static PyObject *pair_distances(PyObject *self, PyObject *args) {
         out[i] = acc;
     }
     Py_END_ALLOW_THREADS
-    release(b, nb);
-    Py_RETURN_NONE;
-fail:
-    release(b, nb);
-    return NULL;
+    result = Py_NewRef(Py_None);
+done:
+    release(b, 6);
+    return result;
 }
 
 static PyMethodDef methods[] = {

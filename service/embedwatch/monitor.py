@@ -503,12 +503,11 @@ class StreamMonitor:
         head = int(ends[0]) + 1
         last = int(ends[-1]) + 1
         # Segment 0 adds the batch's first rows to the open sum, in order; the whole segments in
-        # between are one pass.
-        first_seg = self._open_sum
-        rowsums.add_rows(x[:head], first_seg)
-        seg = first_seg[None, :]
-        if c > 1:
-            seg = np.concatenate([seg, rowsums.segment_sums(x[head:last], e)])
+        # between are one pass, written in place.
+        seg = np.empty((c, x.shape[1]))
+        seg[0] = self._open_sum
+        rowsums.add_rows(x[:head], seg[0])
+        rowsums.segment_sums(x[head:last], e, out=seg[1:])
         self._open_sum = np.zeros(x.shape[1])
         rowsums.add_rows(x[last:], self._open_sum)
         cnt = np.full(c, e, dtype=np.int64)

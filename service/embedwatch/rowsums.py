@@ -102,13 +102,14 @@ def add_rows(x: np.ndarray, sums: np.ndarray, squares: np.ndarray | None = None)
             squares += np.add.reduce(c64, axis=0)
 
 
-def segment_sums(x: np.ndarray, e: int) -> np.ndarray:
+def segment_sums(x: np.ndarray, e: int, out: np.ndarray | None = None) -> np.ndarray:
     """``(n / e, d)`` float64: the sums of rows ``k e .. k e + e - 1`` of ``x`` (``n`` a multiple of
-    ``e``)."""
+    ``e``), into ``out`` when given (C-contiguous float64 of that shape)."""
     n, d = x.shape
     if n % e:
         raise ValueError(f"segment_sums: {n} rows are not a whole number of segments of {e}")
-    out = np.empty((n // e, d))
+    if out is None:
+        out = np.empty((n // e, d))
     if _compiled(x):
         _rowsums.segment_sums(x, out)
         return out
@@ -122,13 +123,13 @@ def pair_distances(rows: np.ndarray, a: np.ndarray, b: np.ndarray, scale: np.nda
     numbers, ``d = len(center)``, in float64: the squared distance of each window mean (a difference
     of two running sums times one over its count) to a point, without the ``(pairs, d)``
     temporaries of the numpy version (the gathered rows, their difference, the scaled difference)."""
-    a = np.asarray(a, dtype=np.int64)
-    b = np.asarray(b, dtype=np.int64)
+    a = np.ascontiguousarray(a, dtype=np.int64)
+    b = np.ascontiguousarray(b, dtype=np.int64)
     scale = np.ascontiguousarray(scale, dtype=np.float64)
     center = np.ascontiguousarray(center, dtype=np.float64)
     if _rowsums is not None and rows.dtype == np.float64 and rows.flags.c_contiguous:
         out = np.empty(a.shape[0])
-        _rowsums.pair_distances(rows, np.ascontiguousarray(a), np.ascontiguousarray(b), scale, center, out)
+        _rowsums.pair_distances(rows, a, b, scale, center, out)
         return out
     d = center.shape[0]
     z = (rows[a, :d] - rows[b, :d]) * scale[:, None]

@@ -101,6 +101,10 @@ def test_segment_sums_are_each_segment_added_in_order(path: str, xe: tuple[np.nd
         x, e = xe
         out = rowsums.segment_sums(x, e)
         assert out.shape == (x.shape[0] // e, x.shape[1])
+        # Into rows of a caller's array (the scan's segment 0 is the row before them): nothing else written.
+        buf = np.full((out.shape[0] + 1, x.shape[1]), 7.0)
+        assert rowsums.segment_sums(x, e, out=buf[1:]) is not None
+        assert (buf[0] == 7.0).all() and np.array_equal(buf[1:], out)
         for k in range(out.shape[0]):
             seg = x[k * e : (k + 1) * e]
             _assert_sum(path, out[k], _in_order(seg, np.zeros(x.shape[1]))[0], seg.astype(np.float64))
