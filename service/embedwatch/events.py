@@ -45,6 +45,8 @@ import msgspec
 import numpy as np
 import orjson
 
+from embedwatch import rowsums
+
 _simdjson: Any
 try:
     import simdjson as _simdjson
@@ -1061,7 +1063,7 @@ class Decoder:
             # statistics' float32 arithmetic resolves. Beyond it, one vector overflowed the random
             # features of a baseline fit (every later batch of the stream raised) or underflowed
             # its kernel bandwidth.
-            peak = np.abs(vectors).max(axis=1)
+            peak = rowsums.row_peaks(vectors)
             if n <= _FEW_ROWS:  # NaN fails both comparisons, as it does the array's below
                 ok = all(MIN_MAGNITUDE <= p <= MAX_MAGNITUDE for p in peak.tolist())
             else:

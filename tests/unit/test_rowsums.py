@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import platform
 from collections.abc import Iterator
 
 import numpy as np
@@ -16,30 +17,56 @@ from hypothesis.extra import numpy as hnp
 from embedwatch import rowsums
 from embedwatch.window import Bucket, Summary
 
-PATHS = ["c", "numpy"]
+# "c": the C loops as the extension picked them for this CPU (AVX2 where it has it); "c-baseline":
+# the loops of the build's baseline instruction set, which every other CPU runs.
+PATHS = ["c", "c-baseline", "numpy"]
 
 
 @contextlib.contextmanager
 def _on(path: str) -> Iterator[None]:
-    """The C loops ("c") or the numpy versions ("numpy") for the block (a context manager, not a
-    fixture: hypothesis runs a test's examples within one fixture)."""
+    """The C loops ("c", "c-baseline") or the numpy versions ("numpy") for the block (a context
+    manager, not a fixture: hypothesis runs a test's examples within one fixture)."""
     saved = rowsums._rowsums
+    isa = saved.isa() if saved is not None else None
     if path == "numpy":
         rowsums._rowsums = None
+    elif path == "c-baseline" and saved is not None:
+        saved.use_isa("baseline")
     try:
         yield
     finally:
         rowsums._rowsums = saved
+        if saved is not None:
+            saved.use_isa(isa)
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx2" in line for line in f)
+    except OSError:
+        return False
 
 
 def test_the_extension_is_built_here() -> None:
     # Without it every "c" case below would run the numpy versions and prove nothing about the C.
     assert rowsums._rowsums is not None
+    # And where the CPU has AVX2 the extension takes those loops, so "c" and "c-baseline" differ.
+    assert rowsums._rowsums.isa() == ("avx2" if platform.machine() == "x86_64" and _cpu_has_avx2() else "baseline")
+
+
+def test_use_isa_refuses_what_it_does_not_have() -> None:
+    c_ext = rowsums._rowsums
+    assert c_ext is not None
+    with pytest.raises(ValueError, match="no 'avx512' loops"):
+        c_ext.use_isa("avx512")
+    with _on("c-baseline"):
+        assert c_ext.isa() == "baseline"
 
 
 def _rows(draw: st.DrawFn, max_rows: int = 600) -> np.ndarray:
     n = draw(st.integers(0, max_rows))
-    d = draw(st.integers(1, 19))
+    d = draw(st.integers(1, 40))  # across blocks of 8 and 16 columns and their remainders
     scale = draw(st.sampled_from([1e-30, 1e-3, 1.0, 1e3, 1e30]))
     values = hnp.arrays(np.float32, (n, d), elements=st.floats(-1, 1, width=32))
     return draw(values) * np.float32(scale)
@@ -124,6 +151,39 @@ def test_dots_and_squares_against_exactly_rounded_sums(path: str, x: np.ndarray,
             terms = r * c
             assert abs(dots[i] - math.fsum(terms.tolist())) <= bound * np.abs(terms).sum()
             assert abs(squares[i] - math.fsum((r * r).tolist())) <= bound * (r * r).sum()
+            if path != "numpy":  # the C loops' own order, to the bit, whichever instruction set
+                assert dots[i] == _in_c_order(terms.tolist())
+                assert squares[i] == _in_c_order((r * r).tolist())
+
+
+def _in_c_order(terms: list[float]) -> float:
+    """The C loops' sum of a row's terms: term j into partial sum j mod 8 (over whole blocks of 8),
+    the 8 combined as ((p0 + p4) + (p2 + p6)) + ((p1 + p5) + (p3 + p7)), then the rest in order."""
+    m = len(terms) - len(terms) % 8
+    p = [0.0] * 8
+    for j in range(m):
+        p[j % 8] += terms[j]
+    total = ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]))
+    for t in terms[m:]:
+        total += t
+    return total
+
+
+@pytest.mark.skipif(rowsums._rowsums is None or rowsums._rowsums.isa() != "avx2", reason="no AVX2 loops here")
+@settings(max_examples=150, deadline=None)
+@given(x=rows(), seed=st.integers(0, 2**32 - 1), e=st.integers(1, 7))
+def test_the_avx2_and_baseline_loops_give_the_same_bits(x: np.ndarray, seed: int, e: int) -> None:
+    rng = np.random.default_rng(seed)
+    c, start = rng.normal(size=x.shape[1]), rng.normal(size=x.shape[1])
+    got = {}
+    for path in ("c", "c-baseline"):
+        with _on(path):
+            s, q = start.copy(), start.copy()
+            rowsums.add_rows(x, s, q)
+            segments = rowsums.segment_sums(x[: x.shape[0] - x.shape[0] % e], e)
+            got[path] = (*rowsums.dots_and_squares(x, c), s, q, segments)
+    for a, b in zip(got["c"], got["c-baseline"], strict=True):
+        assert np.array_equal(a, b)
 
 
 def test_the_c_and_numpy_dots_agree_on_real_sized_rows(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -194,6 +254,29 @@ def test_pair_distances_against_exactly_rounded_sums(
             assert abs(got[i] - math.fsum(terms.tolist())) <= bound
 
 
+_SPECIAL = st.sampled_from([np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, -3.4e38, 3.4e38])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=150, deadline=None)
+@given(x=rows(), data=st.data())
+def test_row_peaks_are_each_rows_largest_magnitude_or_nan(path: str, x: np.ndarray, data: st.DataObject) -> None:
+    # Some rows get NaNs, infinities, signed zeros, subnormals and float32's extremes at drawn places.
+    for _ in range(data.draw(st.integers(0, 6))):
+        if x.size:
+            i = data.draw(st.integers(0, x.shape[0] - 1))
+            j = data.draw(st.integers(0, x.shape[1] - 1))
+            x[i, j] = data.draw(_SPECIAL)
+    with _on(path):
+        got = rowsums.row_peaks(x)
+    assert got.dtype == np.float32 and got.shape == (x.shape[0],)
+    for r, p in zip(x.tolist(), got.tolist(), strict=True):
+        if any(math.isnan(v) for v in r):
+            assert math.isnan(p)
+        else:
+            assert p == max(abs(v) for v in r)
+
+
 def test_the_c_loops_refuse_buffers_that_do_not_fit_and_write_nothing() -> None:
     c_ext = rowsums._rowsums
     assert c_ext is not None
@@ -238,6 +321,12 @@ def test_the_c_loops_refuse_buffers_that_do_not_fit_and_write_nothing() -> None:
     with pytest.raises(TypeError, match="int64"):
         c_ext.pair_distances(rows, np.array([0, 1], np.int32), np.array([1, 2]), np.ones(2), np.zeros(3), dist)
     assert dist.tolist() == [9.0, 9.0]
+    peaks = np.full(3, 9.0, np.float32)
+    with pytest.raises(ValueError, match="rows"):
+        c_ext.row_peaks(x, peaks)
+    with pytest.raises(TypeError, match="format 'f'"):
+        c_ext.row_peaks(x, np.zeros(4))
+    assert peaks.tolist() == [9.0, 9.0, 9.0]
 
 
 @settings(max_examples=40, deadline=None)
