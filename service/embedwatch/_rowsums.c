@@ -8,8 +8,9 @@
  * 0.5 us together with SSE2, 0.2 us with AVX2 (each loop is built for both; the module takes the
  * AVX2 ones when the CPU has it). A fourth loop, pair_distances, gives the scan the squared distance
  * of each window's mean (a difference of two running sums, scaled) to a point, where numpy made three
- * (windows, d) temporaries. embedwatch.rowsums holds the numpy versions, used without a C compiler,
- * and the tests hold these to them.
+ * (windows, d) temporaries; a fifth, row_peaks, gives the decoder each row's largest magnitude.
+ * embedwatch.rowsums holds the numpy versions, used without a C compiler, and the tests hold these
+ * to them.
  *
  * Order of additions, which decides the rounding (the same for either instruction set):
  * - column sums and segment sums add the rows in order, one at a time, into each column, so a sum
@@ -49,7 +50,8 @@ static inline void store2d(double *p, v2d v) { memcpy(p, &v, sizeof v); }
  * or clang on x86-64, for AVX2, taken when the CPU has it (twice the lanes). Both add the same terms
  * in the same order, so they give the same bits (the tests hold them to it): column and segment sums
  * add the rows in order into each column, a dot product adds term j into partial sum j mod 8 and
- * combines the 8 in a fixed order. AVX2 without FMA, whose fused multiply-add would round differently. */
+ * combines the 8 in a fixed order. AVX2 without FMA, and setup.py builds with -ffp-contract=off: a
+ * fused multiply-add would round differently. */
 typedef struct {
     const char *name;
     void (*dots)(const float *x, Py_ssize_t n, Py_ssize_t d, const double *c, double *dots, double *squares);

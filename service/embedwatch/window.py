@@ -380,15 +380,14 @@ class Bucket:
         """
         if self._feat_rows is None:
             if self.final:
-                total: np.ndarray = feats.sum(axis=0, dtype=np.float64)
-                self._feat_sum = total
+                self._feat_sum = rowsums.column_sums(feats)
             else:
                 self._feat_rows = np.empty((self.reservoir_size, feats.shape[1]), dtype=np.float32)
                 self._feat_rows[: self.res_n] = feats
         else:
             self._feat_rows[slots] = feats
         if self._feat_rows is not None:
-            self._feat_sum = self._feat_rows[: self.res_n].sum(axis=0, dtype=np.float64)
+            self._feat_sum = rowsums.column_sums(self._feat_rows[: self.res_n])
             if self.final:
                 self._feat_rows = None
         self._dirty[:] = False

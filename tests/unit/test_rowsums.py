@@ -122,6 +122,17 @@ def test_add_rows_adds_each_row_in_order(path: str, x: np.ndarray, seed: int) ->
 
 @pytest.mark.parametrize("path", PATHS)
 @settings(max_examples=150, deadline=None)
+@given(x=rows())
+def test_column_sums_are_numpys_sum_over_the_rows_to_the_bit(path: str, x: np.ndarray) -> None:
+    # The windows' random-feature sums were numpy's; the C loop must not change a bit of them.
+    with _on(path):
+        got = rowsums.column_sums(x)
+    assert got.dtype == np.float64 and np.array_equal(got, x.sum(axis=0, dtype=np.float64))
+    assert np.array_equal(got, _in_order(x, np.zeros(x.shape[1]))[0])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=150, deadline=None)
 @given(xe=rows_and_segment())
 def test_segment_sums_are_each_segment_added_in_order(path: str, xe: tuple[np.ndarray, int]) -> None:
     with _on(path):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from embedwatch import rowsums
 from embedwatch.stats import TwoSampleNull, median_pairwise_distance
 
 
@@ -167,8 +168,7 @@ class RFFMMD:
         """Sum of the feature vectors of the rows of ``x`` (float64, mergeable)."""
         if x.shape[0] == 0:
             return np.zeros(self.n_features, dtype=np.float64)
-        out: np.ndarray = self.features(x).sum(axis=0, dtype=np.float64)
-        return out
+        return rowsums.column_sums(self.features(x))
 
     def null_mean(self, m: int) -> float:
         """Expected raw statistic under H0 for a window of ``m`` sampled vectors."""
