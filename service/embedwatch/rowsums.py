@@ -106,8 +106,9 @@ def add_rows(x: np.ndarray, sums: np.ndarray, squares: np.ndarray | None = None)
 
 
 def column_sums(x: np.ndarray) -> np.ndarray:
-    """``(d,)`` float64: the rows of ``(n, d)`` ``x`` added in order, ``x.sum(axis=0, dtype=np.float64)``
-    to the bit (numpy adds the rows of a C-contiguous array in order too, 3-5x slower here)."""
+    """``(d,)`` float64: the rows of ``(n, d)`` ``x`` added in order. For ``d >= 2`` that is
+    ``x.sum(axis=0, dtype=np.float64)`` to the bit (numpy adds the rows of a C-contiguous array in
+    order too, 3-5x slower here; a single column it sums pairwise)."""
     if _compiled(x):
         out = np.zeros(x.shape[1])
         _rowsums.add_rows(x, out, None)

@@ -375,7 +375,8 @@ class Bucket:
         """Take the feature rows of ``slots`` (from :meth:`stale_slots`); return the feature sum.
 
         The sum is always the float64 sum of the rows of slots ``0..res_n-1`` in slot order, so it
-        equals ``features(sample).sum(axis=0, dtype=np.float64)`` exactly. The rows are kept only
+        equals ``features(sample).sum(axis=0, dtype=np.float64)`` exactly (numpy adds the rows of
+        two or more columns in order; a feature map has at least 16). The rows are kept only
         while the bucket can still change (:attr:`final` is false).
         """
         if self._feat_rows is None:
