@@ -749,11 +749,12 @@ class PrefixSums:
         cap = self.capacity
         lo_rows = np.asarray(lo, dtype=np.int64) % cap
         hi_rows = np.broadcast_to(np.asarray(hi, dtype=np.int64) % cap, lo_rows.shape)
-        rows, d, k = self._rows, self.dim, self.components
-        m = rows[hi_rows, -1] - rows[lo_rows, -1]
+        rows, d = self._rows, self.dim
+        tail = rows[hi_rows, d:] - rows[lo_rows, d:]  # the projection and the count, as differences gives them
+        m = self.count_of(tail)
         inv = 1.0 / m
         sq = rowsums.pair_distances(rows, hi_rows, lo_rows, inv, center)
-        proj = (rows[hi_rows, d : d + k] - rows[lo_rows, d : d + k]) * inv[:, None]
+        proj = tail[:, : self.components] * inv[:, None]
         return m, sq, proj
 
     def sum_of(self, diff: np.ndarray) -> np.ndarray:
